@@ -1,0 +1,59 @@
+"""autoprobe: architecture-agnostic deep supervision for PyTorch.
+
+``inspect`` previews the points a model would be supervised at; ``instrument``
+returns a trainable model with adapters and loss taps at those points; its
+``strip()`` gives back the plain model. torch and timm are imported on first
+use, so the CLI starts fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__all__ = [
+    "inspect",
+    "instrument",
+    "Probed",
+    "ProbedOutput",
+    "Selection",
+    "Point",
+    "RulePack",
+    "load_rules",
+    "AutoprobeError",
+    "ModelSpecError",
+    "InputSizeError",
+    "TraceError",
+    "RuleError",
+    "SelectionError",
+    "InstrumentError",
+    "LockError",
+]
+__version__ = "0.1.0"
+
+# Public name -> the module that defines it; resolved lazily (PEP 562).
+_HOME = {
+    "inspect": "api",
+    "instrument": "rewrite",
+    "Probed": "rewrite",
+    "ProbedOutput": "rewrite",
+    "Selection": "select",
+    "Point": "select",
+    "RulePack": "rules",
+    "load_rules": "rules",
+    **dict.fromkeys(
+        ("AutoprobeError", "ModelSpecError", "InputSizeError", "TraceError", "RuleError", "SelectionError",
+         "InstrumentError", "LockError"),
+        "errors",
+    ),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOME:
+        return getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
+    raise AttributeError(f"module 'autoprobe' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,62 @@
+"""downsampling: the feature just before (or after) spatial or token-count reduction.
+
+Fires where a node's feature has at least ``min_factor`` times fewer positions
+(H*W, or tokens) than the feature entering it: strided convs, pooling, patch
+merging. Global pooling (down to one position) is a read-out, not a
+downsampling, and is skipped. With ``snap`` the point moves to the network's
+spine (the nodes every path passes through), so a stride inside a residual
+branch marks the block input, not a branch-internal tensor.
+
+Passing example (fires)::
+
+    Conv2d(3, 8, 3, padding=1) -> ReLU -> MaxPool2d(2)   # before: the ReLU, 16x16 -> 8x8
+
+Failing example (does not fire)::
+
+    Conv2d(3, 8, 3, padding=1) -> ReLU -> Conv2d(8, 8, 3, padding=1)   # resolution never drops
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ..graph import LayerGraph
+from . import Candidate, Option
+from ._walk import has_spatial, nearest
+
+ID = "downsampling"
+SUMMARY = "before or after a drop in spatial size or token count (strided conv, pooling, patch merging)"
+OPTIONS = {
+    "position": Option(str, "before", "where the point goes relative to the reduction", ("before", "after", "both")),
+    "min_factor": Option(float, 2.0, "minimum ratio of positions in to positions out"),
+    "snap": Option(bool, True, "move the point to the nearest spine node (block input or output)"),
+}
+
+
+def detect(graph: LayerGraph, options: Mapping[str, Any]) -> tuple[Candidate, ...]:
+    found: dict[tuple[str, str], Candidate] = {}
+    for info in graph:
+        reshape = info.kind == "reshape" and info.spatial is not None
+        if not (has_spatial(info) or reshape) or info.positions <= 1 or info.kind in ("input", "output"):
+            continue
+        for source in nearest(graph, info.name, upstream=True, accept=has_spatial):
+            factor = source.positions / info.positions
+            if factor < options["min_factor"]:
+                continue
+            if (source.positions, source.channels) == (info.channels, info.positions):
+                continue  # tokens and channels swapped places (MLP-Mixer's token mixing): a transpose
+            if reshape and info.channels != source.channels * factor:
+                continue  # only a space-to-depth reshape (patch merging) trades positions for channels
+            change = f"{_size(source)} -> {_size(info)} at {info.name} ({info.module_type or info.target})"
+            if options["position"] in ("before", "both"):
+                node = graph.spine_before(source.name) if options["snap"] else source.name
+                found.setdefault((node, "before"), Candidate(node, ID, f"before downsampling {change}"))
+            if options["position"] in ("after", "both"):
+                node = graph.spine_after(info.name) if options["snap"] else info.name
+                found.setdefault((node, "after"), Candidate(node, ID, f"after downsampling {change}"))
+    return tuple(found.values())
+
+
+def _size(info) -> str:  # noqa: ANN001
+    return "x".join(str(s) for s in info.spatial)

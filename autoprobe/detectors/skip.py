@@ -1,0 +1,63 @@
+"""skip: long-range encoder-decoder skip connections (U-Net), not short residuals.
+
+A merge (add or concat of two or more inputs) is an encoder-decoder skip when
+its inputs lie at least ``min_span`` weight layers apart in depth and, with
+``require_round_trip``, the long branch went down to a lower resolution and
+came back up: the join of high- and low-resolution context. A residual add
+(``x + f(x)``, a few layers, same resolution) is not one.
+
+Passing example (fires at the concat)::
+
+    e = conv(x); d = up(conv(pool(conv(e)))); y = cat([e, d])
+
+Failing example (a residual block)::
+
+    y = x + conv(relu(conv(x)))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import networkx as nx
+
+from ..graph import LayerGraph
+from . import Candidate, Option
+from ._walk import has_spatial, merges
+
+ID = "skip"
+SUMMARY = "long-range add/concat joining encoder and decoder (U-Net skips)"
+OPTIONS = {
+    "min_span": Option(int, 3, "minimum depth difference (weight layers) between the joined inputs"),
+    "require_round_trip": Option(bool, True, "the long branch must pass through a lower resolution"),
+}
+
+
+def detect(graph: LayerGraph, options: Mapping[str, Any]) -> tuple[Candidate, ...]:
+    found = []
+    for merge, inputs in merges(graph):
+        shallow = min(inputs, key=lambda n: (n.depth, n.order))
+        deep = max(inputs, key=lambda n: (n.depth, n.order))
+        span = deep.depth - shallow.depth
+        if span < options["min_span"]:
+            continue
+        low = None
+        if shallow.positions is not None:
+            between = nx.descendants(graph.nx_graph, shallow.name) & nx.ancestors(graph.nx_graph, merge.name)
+            low = min(
+                (graph[n] for n in between if has_spatial(graph[n]) and graph[n].positions > 1),
+                key=lambda n: (n.positions, n.order),
+                default=None,
+            )
+        round_trip = low is not None and low.positions < shallow.positions
+        if options["require_round_trip"] and not round_trip:
+            continue
+        via = f" via {'x'.join(map(str, low.spatial))} at {low.name}" if round_trip else ""
+        found.append(
+            Candidate(
+                merge.name, ID,
+                f"skip joins {shallow.name} (depth {shallow.depth}) with {deep.name} (depth {deep.depth}){via}",
+            )
+        )
+    return tuple(found)

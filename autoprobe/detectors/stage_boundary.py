@@ -1,0 +1,89 @@
+"""stage-boundary: the last node of a run of blocks before the representation changes.
+
+Walks the spine (nodes every input-to-output path passes through: the block
+outputs of a residual network, every layer of a plain one) and groups it into
+runs of equal representation (channels, positions). The last spine node of
+each run holding at least ``min_depth`` weight layers is a stage boundary: the
+end of a ResNet stage, a Swin stage, a ViT's patch embedding.
+
+Block ends (the last spine node of a module that contains a residual merge,
+e.g. each transformer layer) are emitted too, with strength ``block_weight``,
+so that architectures with one long stage (ViT) still have candidates spread
+over their depth.
+
+Passing example (fires at the second ReLU, the end of the 16x16 stage)::
+
+    Conv2d(3,8,3,p=1) -> ReLU -> Conv2d(8,8,3,p=1) -> ReLU -> Conv2d(8,16,3,s=2,p=1) -> ReLU
+
+Failing example (no representation change, no block structure)::
+
+    Conv2d(3,8,3,p=1) -> ReLU     # one run that ends at the output
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ..graph import LayerGraph, LayerInfo
+from . import Candidate, Option
+from ._walk import is_feature
+
+ID = "stage-boundary"
+SUMMARY = "end of a stage (the representation changes next) or, weaker, end of a residual block"
+OPTIONS = {
+    "min_depth": Option(int, 2, "weight layers a run must contain to count as a stage"),
+    "block_weight": Option(float, 0.4, "strength of a block end relative to a stage end; 0 turns block ends off"),
+}
+
+
+def _rep(info: LayerInfo) -> tuple[int | None, int | None]:
+    return info.channels, info.positions
+
+
+def detect(graph: LayerGraph, options: Mapping[str, Any]) -> tuple[Candidate, ...]:
+    spine = [graph[n] for n in graph.spine if is_feature(graph[n]) and graph[n].spatial is not None]
+    found: list[Candidate] = []
+    run_start = 0
+    for i, info in enumerate(spine):
+        last = i + 1 == len(spine)
+        if not last and _rep(spine[i + 1]) == _rep(info):
+            continue
+        run = spine[run_start : i + 1]
+        entry_depth = spine[run_start - 1].depth if run_start else 0
+        if info.kind != "input" and info.depth - entry_depth >= options["min_depth"]:
+            nxt = f"{_describe(spine[i + 1])} next" if not last else "the head next"
+            found.append(
+                Candidate(
+                    info.name, ID,
+                    f"end of stage {run[0].name}..{info.name} ({_describe(info)}, {len(run)} spine nodes); {nxt}",
+                )
+            )
+        run_start = i + 1
+    if options["block_weight"] > 0:
+        stage_ends = {c.node for c in found}
+        found.extend(_block_ends(graph, spine, stage_ends, options["block_weight"]))
+    return tuple(found)
+
+
+def _block_ends(graph: LayerGraph, spine: list[LayerInfo], skip: set[str], strength: float) -> list[Candidate]:
+    """Last spine node of each module whose spine run contains a residual merge."""
+    found = []
+    for i, info in enumerate(spine):
+        block = _block(info)
+        if not block or (i + 1 < len(spine) and _block(spine[i + 1]) == block):
+            continue
+        run = [s for s in spine[: i + 1] if _block(s) == block]
+        merged = any(s.kind in ("add", "cat") and len(graph.predecessors(s.name)) >= 2 for s in run)
+        if merged and info.name not in skip:
+            found.append(Candidate(info.name, ID, f"end of residual block {block} ({_describe(info)})", strength))
+    return found
+
+
+def _block(info: LayerInfo) -> str:
+    return info.name.rsplit(".", 1)[0] if "." in info.name else ""
+
+
+def _describe(info: LayerInfo) -> str:
+    where = "x".join(map(str, info.spatial)) if info.spatial else "vector"
+    return f"{info.channels} ch @ {where}"

@@ -1,0 +1,451 @@
+"""Stage 2: the layer graph, a networkx DiGraph of frozen ``LayerInfo`` records.
+
+One graph node per fx node that carries data from the model's input to its
+output: parameters, constants and dead branches (``torch._assert``) are left
+out, so every edge is a tensor flowing through the network. Node keys are the
+module-qualified names from ``trace`` (``layer1.0.act3``).
+
+Depth counts weight layers (conv, linear, attention projections, any module
+owning a matrix-shaped parameter) on the longest path from the input to a
+node, the node itself included; ``D`` is the depth of the output.
+
+Layouts are inferred from the producing op, not guessed per model: conv,
+pooling, BatchNorm and GroupNorm produce channels-first tensors, Linear and
+LayerNorm channels-last; other ops inherit from a same-shaped input and fall
+back to the shape itself (``(B, H, W, C)`` when ``H == W != C``).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import networkx as nx
+from torch import fx, nn
+from torch.fx.passes.shape_prop import TensorMetadata
+
+from .errors import TraceError
+from .trace import Traced
+
+__all__ = ["LayerInfo", "LayerGraph", "build_layer_graph"]
+
+# Coarse op kinds; detectors match on these, never on model-specific names.
+_FUNCTION_KINDS: dict[str, str] = {
+    **dict.fromkeys(("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"), "conv"),
+    "linear": "linear",
+    **dict.fromkeys(("batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm"), "norm"),
+    **dict.fromkeys(
+        ("relu", "relu_", "relu6", "gelu", "silu", "hardswish", "mish", "leaky_relu", "elu", "selu", "celu",
+         "softplus", "tanh", "prelu", "quick_gelu", "gelu_tanh", "swish", "hard_swish", "star_relu"),
+        "act",
+    ),
+    **dict.fromkeys(("sigmoid", "hardsigmoid", "hard_sigmoid", "sigmoid_"), "gate"),
+    **dict.fromkeys(
+        ("max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
+         "adaptive_avg_pool2d", "adaptive_max_pool2d", "adaptive_avg_pool3d", "lp_pool2d", "max_pool2d_with_indices"),
+        "pool",
+    ),
+    **dict.fromkeys(("scaled_dot_product_attention", "multi_head_attention_forward"), "attention"),
+    **dict.fromkeys(("softmax", "log_softmax"), "softmax"),
+    **dict.fromkeys(("add", "iadd", "add_", "sub"), "add"),
+    **dict.fromkeys(("mul", "imul", "mul_"), "mul"),
+    **dict.fromkeys(("cat", "concat", "concatenate", "stack"), "cat"),
+    **dict.fromkeys(("matmul", "bmm", "einsum", "baddbmm", "mm"), "matmul"),
+    **dict.fromkeys(("interpolate", "upsample", "upsample_bilinear", "upsample_nearest", "pixel_shuffle"), "resize"),
+    **dict.fromkeys(
+        ("getitem", "getattr", "flatten", "reshape", "view", "permute", "transpose", "unbind", "chunk", "split",
+         "squeeze", "unsqueeze", "contiguous", "expand", "roll", "pad", "narrow", "unflatten", "movedim", "t",
+         "repeat", "tensor_split", "select", "index_select"),
+        "reshape",
+    ),
+    **dict.fromkeys(("dropout", "dropout1d", "dropout2d", "drop_path", "identity", "clone"), "identity"),
+}
+_CHANNELS_FIRST_KINDS = frozenset({"conv", "pool", "input"})
+_NORM_FAMILIES = (("batch", "batch"), ("layer", "layer"), ("group", "group"), ("instance", "instance"), ("rms", "rms"))
+_WEIGHT_FUNCTIONS = frozenset({"conv", "linear"})
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """What autoprobe knows about one node of the layer graph.
+
+    Attributes:
+        name: module-qualified node name, unique in the graph (``layer1.0.act3``).
+        fx_name: the fx node's own name (``layer1_0_act3``), for rewriting.
+        op: fx op (``placeholder``, ``call_module``, ``call_function``, ``call_method``, ``output``).
+        target: the called module path, function or method name.
+        module_path: the module this node belongs to (``layer1.0``); ``""`` for the top level.
+        module_type: class name of the called module (call_module) or of the owning module.
+        kind: coarse op kind: input, output, conv, linear, weight, norm, act, gate, pool, attention,
+            softmax, add, mul, cat, matmul, resize, reshape, identity (dropout, drop-path), other.
+        norm: normalization family applied here (batch, layer, group, instance, rms) or ``""``.
+        act: activation family applied here (relu, gelu, silu, ...) or ``""``.
+        weight: whether this node is a weight layer (counts towards depth).
+        shape: output shape, batch included, or ``None`` for non-tensor outputs.
+        layout: ``NC``, ``NCL``, ``NLC``, ``NCHW``, ``NHWC``, ``NCDHW`` or ``""``.
+        channels: feature width, or ``None``.
+        spatial: spatial extent (``(H, W)``), ``(N,)`` for tokens, or ``None``.
+        depth: weight layers on the longest path from the input to here, this node included.
+        order: position in topological (execution) order.
+    """
+
+    name: str
+    fx_name: str
+    op: str
+    target: str
+    module_path: str
+    module_type: str
+    kind: str
+    norm: str
+    act: str
+    weight: bool
+    shape: tuple[int, ...] | None
+    layout: str
+    channels: int | None
+    spatial: tuple[int, ...] | None
+    depth: int
+    order: int
+
+    @property
+    def positions(self) -> int | None:
+        """Spatial positions or tokens: ``H * W`` for a map, ``N`` for tokens."""
+        return None if self.spatial is None else math.prod(self.spatial)
+
+    @property
+    def volume(self) -> int | None:
+        """Feature volume per example: ``channels * positions``."""
+        if self.channels is None:
+            return None
+        return self.channels * (self.positions or 1)
+
+
+@dataclass(frozen=True)
+class LayerGraph:
+    """A model's data-flow graph with typed per-node info.
+
+    Attributes:
+        nx_graph: ``networkx.DiGraph`` keyed by node name; attribute ``info`` holds the ``LayerInfo``.
+        input: name of the input node.
+        output: name of the output node.
+        input_shape: the traced input shape, batch included.
+        mode: ``train`` or ``eval``.
+        backend: the tracing backend (``fx``).
+    """
+
+    nx_graph: nx.DiGraph
+    input: str
+    output: str
+    input_shape: tuple[int, ...]
+    mode: str
+    backend: str
+
+    def __getitem__(self, name: str) -> LayerInfo:
+        return self.nx_graph.nodes[name]["info"]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.nx_graph
+
+    def __len__(self) -> int:
+        return self.nx_graph.number_of_nodes()
+
+    def __iter__(self) -> Iterator[LayerInfo]:
+        """Nodes in topological (execution) order."""
+        return iter(self.ordered)
+
+    @cached_property
+    def ordered(self) -> tuple[LayerInfo, ...]:
+        return tuple(sorted((d["info"] for _, d in self.nx_graph.nodes(data=True)), key=operator.attrgetter("order")))
+
+    @property
+    def depth(self) -> int:
+        """D: weight layers on the longest input-to-output path."""
+        return self[self.output].depth
+
+    def predecessors(self, name: str) -> list[LayerInfo]:
+        return sorted((self[p] for p in self.nx_graph.predecessors(name)), key=operator.attrgetter("order"))
+
+    def successors(self, name: str) -> list[LayerInfo]:
+        return sorted((self[s] for s in self.nx_graph.successors(name)), key=operator.attrgetter("order"))
+
+    @cached_property
+    def dominators(self) -> dict[str, str]:
+        """Immediate dominator of every node, from the input."""
+        return nx.immediate_dominators(self.nx_graph, self.input)
+
+    @cached_property
+    def post_dominators(self) -> dict[str, str]:
+        """Immediate post-dominator of every node, towards the output."""
+        return nx.immediate_dominators(self.nx_graph.reverse(copy=False), self.output)
+
+    @cached_property
+    def spine(self) -> tuple[str, ...]:
+        """Nodes every input-to-output path passes through, in order.
+
+        In a residual network these are the block outputs; in a plain chain, every node.
+        """
+        chain = [self.output]
+        idom = self.dominators
+        while chain[-1] != self.input:
+            chain.append(idom[chain[-1]])
+        return tuple(reversed(chain))
+
+    def spine_before(self, name: str) -> str:
+        """The nearest spine node that dominates ``name`` (``name`` itself if it is on the spine)."""
+        spine, idom = set(self.spine), self.dominators
+        while name not in spine:
+            name = idom[name]
+        return name
+
+    def spine_after(self, name: str) -> str:
+        """The nearest spine node that post-dominates ``name`` (``name`` itself if it is on the spine)."""
+        spine, ipdom = set(self.spine), self.post_dominators
+        while name not in spine:
+            name = ipdom[name]
+        return name
+
+
+def _callable_name(target: Any) -> str:
+    name = getattr(target, "__name__", None) or str(target)
+    return name.rsplit(".", 1)[-1]
+
+
+def _family(class_or_function: str, table: tuple[tuple[str, str], ...]) -> str:
+    lowered = class_or_function.lower()
+    for needle, family in table:
+        if needle in lowered:
+            return family
+    return lowered
+
+
+def _act_family(name: str) -> str:
+    lowered = name.lower().replace("_", "")
+    lowered = lowered.removesuffix("inplace")
+    if lowered in ("swish",):
+        return "silu"
+    if lowered.startswith("gelu") or lowered == "quickgelu":
+        return "gelu"
+    if lowered in ("hardswish", "hswish"):
+        return "hardswish"
+    return lowered
+
+
+def _module_kind(module: nn.Module) -> tuple[str, str, str]:
+    """(kind, norm family, act family) of a called module, from its class alone."""
+    cls = type(module).__name__
+    lowered = cls.lower()
+    if isinstance(module, nn.modules.conv._ConvNd) or "conv" in lowered and _owns_matrix(module):
+        return "conv", "", ""
+    if isinstance(module, nn.Linear) or "linear" in lowered and _owns_matrix(module):
+        return "linear", "", ""
+    if isinstance(module, (nn.Identity, nn.modules.dropout._DropoutNd)) or lowered.startswith("drop"):
+        return "identity", "", ""
+    if isinstance(module, nn.MultiheadAttention) or "attention" in lowered:
+        return "attention", "", ""
+    if "norm" in lowered and "normal" not in lowered:
+        act = getattr(module, "act", None)
+        act_family = _act_family(type(act).__name__) if isinstance(act, nn.Module) and not isinstance(act, nn.Identity) else ""
+        return "norm", _family(cls, _NORM_FAMILIES), act_family
+    if isinstance(module, (nn.Sigmoid, nn.Hardsigmoid)) or "sigmoid" in lowered:
+        return "gate", "", ""
+    if isinstance(module, (nn.Softmax, nn.LogSoftmax)):
+        return "softmax", "", ""
+    if "pool" in lowered:
+        return "pool", "", ""
+    if isinstance(module, (nn.Upsample, nn.PixelShuffle)) or "upsample" in lowered:
+        return "resize", "", ""
+    if module.__class__.__module__.startswith("torch.nn.modules.activation") or _act_family(cls) in _KNOWN_ACTS:
+        return "act", "", _act_family(cls)
+    if _owns_matrix(module, recurse=True):
+        return "weight", "", ""
+    return "other", "", ""
+
+
+_KNOWN_ACTS = frozenset(
+    {"relu", "relu6", "gelu", "silu", "hardswish", "mish", "leakyrelu", "elu", "selu", "celu", "prelu", "tanh",
+     "softplus", "starrelu", "squaredrelu"}
+)
+
+
+def _owns_matrix(module: nn.Module, recurse: bool = False) -> bool:
+    return any(p.dim() >= 2 for p in module.parameters(recurse=recurse))
+
+
+def _first_tensor_meta(meta: Any) -> TensorMetadata | None:
+    if isinstance(meta, TensorMetadata):
+        return meta
+    if isinstance(meta, (list, tuple)):
+        for value in meta:
+            found = _first_tensor_meta(value)
+            if found is not None:
+                return found
+    if isinstance(meta, dict):
+        for key in sorted(meta, key=str):
+            found = _first_tensor_meta(meta[key])
+            if found is not None:
+                return found
+    return None
+
+
+def _layout(kind: str, norm: str, shape: tuple[int, ...], inherited: str | None, width: int | None) -> str:
+    rank = len(shape)
+    if rank < 2:
+        return ""
+    if rank == 2:
+        return "NC"
+    channels_first = kind in _CHANNELS_FIRST_KINDS or norm in ("batch", "group", "instance")
+    channels_last = kind in ("linear",) or norm in ("layer", "rms")
+    if not (channels_first or channels_last) and not inherited and width:
+        # A reshape keeps the channel count: find where it went.
+        channels_first = shape[1] == width and shape[-1] != width
+        channels_last = shape[-1] == width
+    if rank == 3:
+        if channels_first and not channels_last:
+            return "NCL"
+        if channels_last:
+            return "NLC"
+        return inherited or "NLC"
+    if rank == 4:
+        if channels_first and not channels_last:
+            return "NCHW"
+        if channels_last:
+            return "NHWC"
+        if inherited:
+            return inherited
+        _, a, b, c = shape
+        return "NHWC" if a == b != c else "NCHW"
+    if rank == 5:
+        return inherited or "NCDHW"
+    return ""
+
+
+def _features(layout: str, shape: tuple[int, ...]) -> tuple[int | None, tuple[int, ...] | None]:
+    if layout == "NC":
+        return shape[1], None
+    if layout in ("NCL", "NCHW", "NCDHW"):
+        return shape[1], tuple(shape[2:])
+    if layout in ("NLC", "NHWC"):
+        return shape[-1], tuple(shape[1:-1])
+    return None, None
+
+
+def build_layer_graph(traced: Traced) -> LayerGraph:
+    """Turn a traced model into a ``LayerGraph``.
+
+    Args:
+        traced: the result of ``trace.trace_model``.
+
+    Returns:
+        The layer graph; every node reachable from the input that reaches the output.
+
+    Example:
+        >>> import torch
+        >>> from autoprobe.trace import trace_model
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
+        >>> g = build_layer_graph(trace_model(net, (3, 16, 16)))
+        >>> g.depth, [n.name for n in g if n.weight]
+        (2, ['0', '2'])
+    """
+    gm = traced.graph_module
+    nodes = list(gm.graph.nodes)
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    outputs = [n for n in nodes if n.op == "output"]
+    if not placeholders or not outputs:
+        raise TraceError("the traced graph has no input or no output. Hint: the model's forward must take a tensor.")
+    source, sink = placeholders[0], outputs[0]
+
+    full = nx.DiGraph()
+    full.add_nodes_from(n.name for n in nodes)
+    full.add_edges_from((arg.name, n.name) for n in nodes for arg in n.all_input_nodes)
+    keep = (nx.descendants(full, source.name) | {source.name}) & (nx.ancestors(full, sink.name) | {sink.name})
+    if sink.name not in keep:
+        raise TraceError("the model's output does not depend on its input. Hint: check the model's forward.")
+    modules = dict(gm.named_modules())
+
+    graph = nx.DiGraph()
+    infos: dict[str, LayerInfo] = {}
+    for order, node in enumerate(n for n in nodes if n.name in keep):
+        data_inputs = [infos[a.name] for a in node.all_input_nodes if a.name in infos]
+        info = _layer_info(
+            node, order, traced.qualnames, modules, data_inputs, len(node.all_input_nodes), traced.input_shape[0]
+        )
+        infos[node.name] = info
+        graph.add_node(info.name, info=info)
+        graph.add_edges_from((p.name, info.name) for p in data_inputs)
+    return LayerGraph(
+        nx_graph=graph,
+        input=infos[source.name].name,
+        output=infos[sink.name].name,
+        input_shape=traced.input_shape,
+        mode=traced.mode,
+        backend=traced.backend,
+    )
+
+
+def _layer_info(
+    node: fx.Node,
+    order: int,
+    qualnames: dict[str, str],
+    modules: dict[str, nn.Module],
+    data_inputs: list[LayerInfo],
+    n_inputs: int,
+    batch: int,
+) -> LayerInfo:
+    qualname = qualnames.get(node.name, node.name)
+    norm = act = ""
+    if node.op == "placeholder":
+        kind, target, module_type, module_path = "input", node.name, "", ""
+    elif node.op == "output":
+        kind, target, module_type, module_path = "output", "output", "", ""
+    elif node.op == "call_module":
+        module = modules[str(node.target)]
+        kind, norm, act = _module_kind(module)
+        target, module_type, module_path = str(node.target), type(module).__name__, str(node.target)
+    else:
+        target = _callable_name(node.target)
+        kind = _FUNCTION_KINDS.get(target, "reshape" if node.op == "call_method" else "other")
+        if kind == "norm":
+            norm = _family(target, _NORM_FAMILIES)
+        elif kind == "act":
+            act = _act_family(target)
+        module_path = qualname.rsplit(".", 1)[0] if "." in qualname else ""
+        owner = modules.get(module_path)
+        module_type = type(owner).__name__ if owner is not None else ""
+    if kind == "matmul" and len(data_inputs) == 1 and n_inputs > 1:
+        kind = "linear"  # x @ W with W a parameter: a weight layer written as a function
+    weight = (node.op == "call_module" and kind in ("conv", "linear", "weight")) or (
+        node.op != "call_module" and kind in _WEIGHT_FUNCTIONS and n_inputs > len(data_inputs)
+    )
+    if node.op == "call_module" and kind == "attention":
+        weight = _owns_matrix(modules[str(node.target)], recurse=True)
+
+    meta = _first_tensor_meta(node.meta.get("tensor_meta"))
+    shape = tuple(int(s) for s in meta.shape) if meta is not None else None
+    inherited = next((p.layout for p in data_inputs if p.shape == shape and p.layout), None)
+    width = next((p.channels for p in data_inputs if p.channels), None)
+    layout = _layout(kind, norm, shape, inherited, width) if shape is not None else ""
+    # Window attention folds positions into the batch (Swin): such tensors are not per-example features.
+    per_example = shape is not None and len(shape) >= 2 and shape[0] == batch
+    channels, spatial = _features(layout, shape) if per_example else (None, None)
+    depth = max((p.depth for p in data_inputs), default=0) + int(weight)
+    return LayerInfo(
+        name=qualname,
+        fx_name=node.name,
+        op=node.op,
+        target=target,
+        module_path=module_path,
+        module_type=module_type,
+        kind=kind,
+        norm=norm,
+        act=act,
+        weight=weight,
+        shape=shape,
+        layout=layout,
+        channels=channels,
+        spatial=spatial,
+        depth=depth,
+        order=order,
+    )

@@ -1,0 +1,147 @@
+"""Resolve a model spec to an ``nn.Module`` built on the meta device.
+
+Specs:
+    ``resnet50``               a timm model name (``timm.list_models()``);
+    ``tv:resnet50``            a torchvision model (``torchvision.models.list_models()``),
+                               classification or segmentation;
+    ``package.module:factory`` a callable returning an ``nn.Module``, called with no arguments.
+
+Models named by spec are built with ``pretrained=False`` under
+``torch.device("meta")``: no weights are allocated or downloaded, so even
+billion-parameter models are inspected in seconds.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import ModelSpecError
+
+__all__ = ["ResolvedModel", "resolve_model", "DEFAULT_INPUT_SIZE"]
+
+DEFAULT_INPUT_SIZE = (3, 224, 224)
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model ready for tracing.
+
+    Attributes:
+        module: the model (on meta when built from a name).
+        label: the spec or class name, for reports.
+        input_size: the input size (C, H, W) the model was built for; the feeding detail
+            only, detectors never see it.
+        task: ``classification`` or ``dense`` when the source says so, else ``""``.
+    """
+
+    module: nn.Module
+    label: str
+    input_size: tuple[int, ...]
+    task: str
+
+
+def _suggest(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=5, cutoff=0.6)
+    return f" Did you mean: {', '.join(close)}?" if close else ""
+
+
+def _timm(name: str, num_classes: int | None) -> ResolvedModel:
+    import timm
+
+    if name not in timm.list_models():
+        raise ModelSpecError(
+            f"unknown model {name!r}: not a timm model name.{_suggest(name, timm.list_models())}\n"
+            "Hint: use a name from `timm.list_models()`, `tv:NAME` for torchvision, or `package.module:factory`."
+        )
+    extra = {} if num_classes is None else {"num_classes": num_classes}
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False, **extra)
+    input_size = tuple(model.pretrained_cfg.get("input_size", DEFAULT_INPUT_SIZE))
+    return ResolvedModel(model, name, input_size, "classification")
+
+
+def _torchvision(name: str, num_classes: int | None) -> ResolvedModel:
+    import torchvision.models as tvm
+
+    names = tvm.list_models()
+    if name not in names:
+        raise ModelSpecError(
+            f"unknown torchvision model {name!r}.{_suggest(name, names)}\n"
+            "Hint: `torchvision.models.list_models()` lists them; write it as `tv:NAME`."
+        )
+    segmentation = name in tvm.list_models(module=tvm.segmentation)
+    kwargs: dict[str, object] = {"weights": None}
+    if segmentation:
+        kwargs.update(weights_backbone=None, aux_loss=False)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    with torch.device("meta"):
+        model = tvm.get_model(name, **kwargs)
+    if name.startswith("inception"):
+        size = (3, 299, 299)
+    elif segmentation:
+        size = (3, 256, 256)
+    else:
+        size = DEFAULT_INPUT_SIZE
+    return ResolvedModel(model, f"tv:{name}", size, "dense" if segmentation else "classification")
+
+
+def _callable(spec: str) -> ResolvedModel:
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # an import runs arbitrary code; report whatever it raised
+        raise ModelSpecError(
+            f"cannot import {module_name!r} from model spec {spec!r}: {type(exc).__name__}: {exc}\n"
+            "Hint: the module must be importable from the current directory or the installed packages."
+        ) from exc
+    factory = module
+    for part in attr.split("."):
+        if not hasattr(factory, part):
+            raise ModelSpecError(
+                f"{module_name!r} has no attribute {attr!r} (model spec {spec!r}). "
+                f"Hint: write it as `package.module:factory`, where factory returns an nn.Module."
+            )
+        factory = getattr(factory, part)
+    if not callable(factory):
+        raise ModelSpecError(f"{spec!r} is not callable. Hint: point to a function or class returning an nn.Module.")
+    try:
+        with torch.device("meta"):
+            model = factory()
+    except Exception as exc:
+        raise ModelSpecError(f"calling {spec!r} failed: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise ModelSpecError(f"{spec!r} returned a {type(model).__name__}, not an nn.Module.")
+    return ResolvedModel(model, spec, DEFAULT_INPUT_SIZE, "")
+
+
+def resolve_model(spec: str, *, num_classes: int | None = None) -> ResolvedModel:
+    """Build the model a spec names, on the meta device.
+
+    Args:
+        spec: a timm name, ``tv:NAME``, or ``package.module:factory``.
+        num_classes: override the classifier width (timm and torchvision only).
+
+    Returns:
+        The ``ResolvedModel``.
+
+    Raises:
+        ModelSpecError: unknown name (with close matches), failing import or factory.
+
+    Example:
+        >>> resolve_model("resnet18").module.fc.weight.device.type
+        'meta'
+    """
+    spec = spec.strip()
+    if not spec:
+        raise ModelSpecError("empty model spec. Hint: give a timm name such as `resnet50`.")
+    if spec.startswith("tv:"):
+        return _torchvision(spec[3:], num_classes)
+    if ":" in spec:
+        return _callable(spec)
+    return _timm(spec, num_classes)

@@ -1,0 +1,223 @@
+"""Render a selection: a rich table, versioned JSON, and an SVG picture of the layer graph.
+
+The JSON is described by ``autoprobe/inspect.schema.json`` (JSON Schema,
+draft 2020-12). ``SCHEMA_VERSION`` changes whenever a field changes meaning
+or disappears; adding a field does not change it. Floats are rounded to six
+decimals and keys are sorted, so the same selection always prints the same
+bytes (the lockfile builds on this).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from importlib import resources
+from typing import Any
+
+import networkx as nx
+
+from .graph import LayerGraph, LayerInfo
+from .select import Fired, Selection
+
+__all__ = ["SCHEMA_VERSION", "selection_to_dict", "to_json", "render_table", "render_svg", "json_schema"]
+
+SCHEMA_VERSION = 1
+
+
+def _fired(fired: tuple[Fired, ...]) -> list[dict[str, Any]]:
+    return [{"detector": f.detector, "reason": f.reason, "score": round(f.score, 6)} for f in fired]
+
+
+def selection_to_dict(selection: Selection, graph: LayerGraph | None = None) -> dict[str, Any]:
+    """The selection as plain JSON-able data (schema version ``SCHEMA_VERSION``).
+
+    Args:
+        selection: the selection.
+        graph: its layer graph; adds module paths, depths and shapes to the candidates.
+
+    Returns:
+        A dict that validates against ``json_schema()``.
+    """
+    chosen = set(selection.names)
+    candidates = []
+    for c in selection.candidates:
+        entry: dict[str, Any] = {"name": c.node, "score": c.score, "chosen": c.node in chosen, "rules": _fired(c.fired)}
+        if graph is not None:
+            info = graph[c.node]
+            entry.update(module_path=info.module_path, depth=info.depth, shape=list(info.shape or ()))
+        candidates.append(entry)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "model": selection.model,
+        "backend": selection.backend,
+        "mode": selection.mode,
+        "input_shape": list(selection.input_shape),
+        "depth": selection.depth,
+        "num_points": len(selection.points),
+        "min_distance": selection.min_distance,
+        "rules": {"name": selection.rules, "sha256": selection.rules_sha256},
+        "notes": list(selection.notes),
+        "points": [
+            {
+                "name": p.name,
+                "fx_name": p.fx_name,
+                "module_path": p.module_path,
+                "depth": p.depth,
+                "shape": list(p.shape),
+                "layout": p.layout,
+                "score": p.score,
+                "reason": p.reason,
+                "rules": _fired(p.fired),
+            }
+            for p in selection.points
+        ],
+        "candidates": candidates,
+    }
+
+
+def to_json(data: Any) -> str:
+    """Canonical JSON: sorted keys, two-space indent, trailing newline."""
+    return json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of ``selection_to_dict``'s output."""
+    return json.loads(resources.files("autoprobe").joinpath("inspect.schema.json").read_text(encoding="utf-8"))
+
+
+def render_table(selection: Selection, graph: LayerGraph, *, all_candidates: bool = False):  # noqa: ANN201
+    """A rich renderable: the header facts and one row per point (or per candidate).
+
+    Returns:
+        A ``rich.console.Group`` to print with a ``rich.console.Console``.
+    """
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    head = Text.assemble(
+        (selection.model or "model", "bold"),
+        f"  D={selection.depth}  M={len(selection.points)}  rules={selection.rules}  "
+        f"input={tuple(selection.input_shape[1:])}  mode={selection.mode}  backend={selection.backend}  "
+        f"min_distance={selection.min_distance}",
+    )
+    table = Table(show_lines=False, header_style="bold")
+    for column in ("#", "point", "depth", "shape", "score", "rules", "reason"):
+        table.add_column(column, overflow="fold", no_wrap=column in ("#", "depth", "score"))
+    chosen = {p.name: i for i, p in enumerate(selection.points, 1)}
+    rows = selection.candidates if all_candidates else [s for s in selection.candidates if s.node in chosen]
+    for s in rows:
+        info = graph[s.node]
+        mark = f"P{chosen[s.node]}" if s.node in chosen else ""
+        style = "bold" if mark else "dim"
+        table.add_row(
+            mark, s.node, str(info.depth), "x".join(map(str, info.shape or ())), f"{s.score:.2f}",
+            ", ".join(dict.fromkeys(f.detector for f in s.fired)), s.fired[0].reason, style=style,
+        )
+    parts = [head, table]
+    parts.extend(Text(f"note: {n}", style="yellow") for n in selection.notes)
+    return Group(*parts)
+
+
+_KIND_COLOURS = {
+    "input": "#e0e0e0", "output": "#e0e0e0", "conv": "#cfe2ff", "linear": "#cfe2ff", "weight": "#cfe2ff",
+    "norm": "#eeeeee", "act": "#d1f0d1", "gate": "#d1f0d1", "pool": "#c8ecec", "attention": "#e3d4f5",
+    "add": "#ffe0b3", "cat": "#ffe0b3", "mul": "#ffe0b3", "resize": "#c8ecec",
+}
+_SHOWN = frozenset(_KIND_COLOURS)
+
+
+def _contracted(graph: LayerGraph) -> nx.DiGraph:
+    """The graph over the nodes worth drawing; reshapes, dropouts and the like are contracted away."""
+    keep = {i.name for i in graph if i.kind in _SHOWN}
+    out = nx.DiGraph()
+    out.add_nodes_from(sorted(keep, key=lambda n: graph[n].order))
+    for name in out.nodes:
+        stack, seen = list(graph.nx_graph.successors(name)), set()
+        while stack:
+            nxt = stack.pop()
+            if nxt in seen:
+                continue
+            seen.add(nxt)
+            if nxt in keep:
+                out.add_edge(name, nxt)
+            else:
+                stack.extend(graph.nx_graph.successors(nxt))
+    return out
+
+
+def render_svg(selection: Selection, graph: LayerGraph) -> str:
+    """An SVG picture of the layer graph, top to bottom, with the chosen points highlighted.
+
+    Rows are topological generations of the graph (reshapes and dropouts
+    contracted away); chosen points are red with their number, other
+    candidates amber. Hovering a node shows its full record and the rules
+    that fired.
+
+    Returns:
+        The SVG document as a string.
+    """
+    drawn = _contracted(graph)
+    rows = [sorted(g, key=lambda n: graph[n].order) for g in nx.topological_generations(drawn)]
+    box_w, box_h, gap_x, gap_y, top = 210, 30, 20, 22, 110
+    width = max(len(r) for r in rows) * (box_w + gap_x) + gap_x
+    height = top + len(rows) * (box_h + gap_y) + 20
+    pos: dict[str, tuple[float, float]] = {}
+    for r, row in enumerate(rows):
+        offset = (width - len(row) * (box_w + gap_x) + gap_x) / 2
+        for c, name in enumerate(row):
+            pos[name] = (offset + c * (box_w + gap_x), top + r * (box_h + gap_y))
+    chosen = {p.name: i for i, p in enumerate(selection.points, 1)}
+    scored = {s.node: s for s in selection.candidates}
+
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'font-family="Helvetica, Arial, sans-serif" font-size="11">',
+        '<rect width="100%" height="100%" fill="white"/>',
+        f'<text x="{gap_x}" y="28" font-size="18" font-weight="bold">{html.escape(selection.model)}</text>',
+        f'<text x="{gap_x}" y="50" font-size="13">D = {selection.depth} weight layers, M = {len(selection.points)} '
+        f"points, rules = {html.escape(selection.rules)}, input {tuple(selection.input_shape[1:])}</text>",
+        f'<text x="{gap_x}" y="70" font-size="12"><tspan fill="#c62828" font-weight="bold">red: chosen point</tspan>'
+        '  <tspan fill="#b26a00">amber: candidate</tspan>  blue: weight layer  orange: merge  purple: attention'
+        "  (hover a node for details)</text>",
+    ]
+    for u, v in drawn.edges:
+        (x1, y1), (x2, y2) = pos[u], pos[v]
+        sx, sy, ex, ey = x1 + box_w / 2, y1 + box_h, x2 + box_w / 2, y2
+        out.append(
+            f'<path d="M{sx:.0f},{sy:.0f} C{sx:.0f},{sy + 14:.0f} {ex:.0f},{ey - 14:.0f} {ex:.0f},{ey:.0f}" '
+            'fill="none" stroke="#9e9e9e" stroke-width="1"/>'
+        )
+    for name in drawn.nodes:
+        info, (x, y) = graph[name], pos[name]
+        fill, stroke, sw = _KIND_COLOURS.get(info.kind, "#ffffff"), "#616161", 1
+        if name in scored:
+            fill, stroke, sw = "#ffe9a8", "#b26a00", 1.5
+        label = name if len(name) <= 30 else "…" + name[-29:]
+        if name in chosen:
+            fill, stroke, sw = "#ffcdd2", "#c62828", 3
+            label = f"P{chosen[name]} {label}"[:32]
+        out.append(f"<g><title>{html.escape(_tooltip(info, scored.get(name)))}</title>")
+        out.append(
+            f'<rect x="{x:.0f}" y="{y:.0f}" width="{box_w}" height="{box_h}" rx="5" fill="{fill}" '
+            f'stroke="{stroke}" stroke-width="{sw}"/>'
+        )
+        shape = "x".join(map(str, info.shape[1:])) if info.shape else ""
+        out.append(f'<text x="{x + 6:.0f}" y="{y + 13:.0f}">{html.escape(label)}</text>')
+        out.append(
+            f'<text x="{x + 6:.0f}" y="{y + 25:.0f}" fill="#555" font-size="9">'
+            f"{html.escape(info.kind)} d{info.depth} {html.escape(shape)}</text></g>"
+        )
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def _tooltip(info: LayerInfo, scored: Any) -> str:
+    lines = [
+        info.name, f"op: {info.op} {info.target}", f"kind: {info.kind}  depth: {info.depth}",
+        f"shape: {info.shape}  layout: {info.layout}",
+    ]
+    if scored is not None:
+        lines.append(f"score: {scored.score:.2f}")
+        lines.extend(f"{f.detector}: {f.reason}" for f in scored.fired)
+    return "\n".join(lines)

@@ -1,0 +1,245 @@
+"""Stage 4: score candidates by the rule pack and pick M points.
+
+Score of a node = sum over the detectors that flagged it of (rule weight x
+candidate strength), scaled by the position bias ``1 + s * b(t)`` where
+``t = depth / D`` and ``b`` is ``1 - 2t`` (input), ``2t - 1`` (output),
+``1 - 4|t - 1/2|`` (centre) or 0 (none).
+
+M defaults to ``round(ln D)`` clamped to ``[min_points, max_points]`` (the
+paper's M = O(log D), at most about 5 in practice). Points are picked
+greedily by score, ties broken by execution order, never by hash or dict
+order, keeping ``min_distance`` weight layers between adjacent points and
+none in the last ``exclude_output * D`` of the depth (the head). When the
+distance leaves fewer than M points it is halved, and that is recorded in
+``Selection.notes``: a relaxation is never silent.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+from .detectors import Candidate, run_detectors
+from .graph import LayerGraph, LayerInfo
+from .rules import Policy, RulePack
+
+__all__ = ["Fired", "Point", "Scored", "Selection", "select_points", "auto_points"]
+
+
+@dataclass(frozen=True)
+class Fired:
+    """One rule that fired on a node: detector ID, its reason and the score it added."""
+
+    detector: str
+    reason: str
+    score: float
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A candidate node with its total score and the rules that fired on it."""
+
+    node: str
+    score: float
+    fired: tuple[Fired, ...]
+
+
+@dataclass(frozen=True)
+class Point:
+    """A chosen supervision point.
+
+    Attributes:
+        name: layer graph node name (module-qualified).
+        fx_name: the fx node's name, for rewriting.
+        module_path: the module the node belongs to.
+        depth: weight layers from the input.
+        shape: the feature's shape (batch included).
+        layout: the feature's layout (``NCHW``, ``NLC``, ...).
+        score: the node's score.
+        fired: the rules that fired, strongest first.
+    """
+
+    name: str
+    fx_name: str
+    module_path: str
+    depth: int
+    shape: tuple[int, ...]
+    layout: str
+    score: float
+    fired: tuple[Fired, ...]
+
+    @property
+    def reason(self) -> str:
+        """The strongest rule's reason, one line."""
+        return self.fired[0].reason if self.fired else ""
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The points chosen for a model, and everything needed to explain and lock them.
+
+    Attributes:
+        model: the model's label (spec or class name).
+        depth: D.
+        points: the chosen points in execution order.
+        candidates: every scored candidate in execution order.
+        rules: the rule pack's name.
+        rules_sha256: the resolved pack's content hash.
+        min_distance: the distance actually used.
+        input_shape: the traced input shape.
+        mode: ``train`` or ``eval``.
+        backend: the tracing backend.
+        notes: relaxations and fallbacks, in plain words.
+    """
+
+    model: str
+    depth: int
+    points: tuple[Point, ...]
+    candidates: tuple[Scored, ...]
+    rules: str
+    rules_sha256: str
+    min_distance: int
+    input_shape: tuple[int, ...]
+    mode: str
+    backend: str
+    notes: tuple[str, ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.points)
+
+
+def auto_points(depth: int, policy: Policy) -> int:
+    """M = round(ln D) clamped to ``[min_points, max_points]`` unless the policy fixes it.
+
+    Example:
+        >>> auto_points(50, Policy())
+        4
+    """
+    if policy.points is not None:
+        return policy.points
+    m = round(math.log(depth)) if depth > 1 else 1
+    return max(policy.min_points, min(policy.max_points, m))
+
+
+def _bias(policy: Policy, t: float) -> float:
+    shape = {"input": 1 - 2 * t, "output": 2 * t - 1, "centre": 1 - 4 * abs(t - 0.5), "none": 0.0}[policy.position]
+    return 1 + policy.position_strength * shape
+
+
+def _score(graph: LayerGraph, candidates: tuple[Candidate, ...], pack: RulePack) -> list[Scored]:
+    fired: dict[str, list[Fired]] = defaultdict(list)
+    for c in candidates:
+        if c.node in (graph.input, graph.output):
+            continue  # the raw input and the model output are never intermediate points
+        fired[c.node].append(Fired(c.detector, c.reason, pack.detectors[c.detector].weight * c.strength))
+    scored = []
+    depth = max(graph.depth, 1)
+    for node, rules in fired.items():
+        info = graph[node]
+        rules.sort(key=lambda f: (-f.score, f.detector, f.reason))
+        raw = sum(f.score for f in rules)
+        scored.append(Scored(node, round(raw * _bias(pack.policy, info.depth / depth), 6), tuple(rules)))
+    scored.sort(key=lambda s: graph[s.node].order)
+    return scored
+
+
+def _eligible(graph: LayerGraph, info: LayerInfo, policy: Policy) -> bool:
+    limit = graph.depth - math.ceil(policy.exclude_output * graph.depth)
+    return 1 <= info.depth <= max(limit, 1) and info.kind != "output" and info.shape is not None
+
+
+def _fallback(graph: LayerGraph) -> list[Candidate]:
+    """Spine feature nodes, for a graph where no detector fired."""
+    return [
+        Candidate(n, "spine", "no detector fired; evenly spread spine node", 1.0)
+        for n in graph.spine
+        if graph[n].channels is not None and graph[n].kind not in ("input", "output")
+    ]
+
+
+def select_points(graph: LayerGraph, pack: RulePack, *, points: int | None = None, model: str = "") -> Selection:
+    """Run the pack's detectors on ``graph`` and choose the points.
+
+    Args:
+        graph: the layer graph.
+        pack: a loaded rule pack.
+        points: override M (``--points``).
+        model: a label for reports.
+
+    Returns:
+        The ``Selection``.
+
+    Example:
+        >>> import torch
+        >>> from autoprobe.trace import trace_model
+        >>> from autoprobe.graph import build_layer_graph
+        >>> from autoprobe.rules import load_rules
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        ...                           torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+        ...                           torch.nn.Linear(512, 10))
+        >>> select_points(build_layer_graph(trace_model(net, (3, 16, 16))), load_rules()).names
+        ('1',)
+    """
+    policy = pack.policy
+    options = {k: v.options for k, v in pack.detectors.items()}
+    candidates = run_detectors(graph, options)
+    notes: list[str] = []
+    scored = _score(graph, candidates, pack)
+    eligible = [s for s in scored if _eligible(graph, graph[s.node], policy) and s.score >= policy.min_score]
+    if not eligible:
+        notes.append("no detector fired inside the eligible depth range; fell back to evenly spread spine nodes")
+        fallback = [c for c in _fallback(graph) if _eligible(graph, graph[c.node], policy)]
+        eligible = [Scored(c.node, 1.0, (Fired(c.detector, c.reason, 1.0),)) for c in fallback]
+    m = points if points is not None else auto_points(graph.depth, policy)
+    usable = max(graph.depth - math.ceil(policy.exclude_output * graph.depth), 1)
+    distance = policy.min_distance if policy.min_distance is not None else max(1, math.floor(0.6 * usable / m))
+
+    ranked = sorted(eligible, key=lambda s: (-s.score, graph[s.node].order))
+    chosen = _greedy(graph, ranked, m, distance)
+    while len(chosen) < m and distance > 1:
+        distance = max(1, distance // 2)
+        chosen = _greedy(graph, ranked, m, distance)
+        notes.append(f"min_distance relaxed to {distance} to place {m} points")
+    if len(chosen) < m:
+        notes.append(f"only {len(chosen)} of {m} points could be placed: too few candidates at distinct depths")
+
+    picked = sorted(chosen, key=lambda s: graph[s.node].order)
+    return Selection(
+        model=model,
+        depth=graph.depth,
+        points=tuple(_point(graph[s.node], s) for s in picked),
+        candidates=tuple(scored),
+        rules=pack.name,
+        rules_sha256=pack.sha256,
+        min_distance=distance,
+        input_shape=graph.input_shape,
+        mode=graph.mode,
+        backend=graph.backend,
+        notes=tuple(notes),
+    )
+
+
+def _greedy(graph: LayerGraph, ranked: list[Scored], m: int, distance: int) -> list[Scored]:
+    chosen: list[Scored] = []
+    for s in ranked:
+        depth = graph[s.node].depth
+        if all(abs(depth - graph[c.node].depth) >= distance for c in chosen):
+            chosen.append(s)
+            if len(chosen) == m:
+                break
+    return chosen
+
+
+def _point(info: LayerInfo, scored: Scored) -> Point:
+    return Point(
+        name=info.name,
+        fx_name=info.fx_name,
+        module_path=info.module_path,
+        depth=info.depth,
+        shape=info.shape or (),
+        layout=info.layout,
+        score=scored.score,
+        fired=scored.fired,
+    )

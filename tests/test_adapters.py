@@ -1,0 +1,179 @@
+"""Dimension adapters: shapes and sizes for every layout x task, layout invariance, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from autoprobe.adapters import (
+    ClassificationAdapter,
+    DenseAdapter,
+    adapter_parameter_count,
+    make_adapter,
+)
+from autoprobe.errors import InstrumentError
+
+torch.set_num_threads(1)
+
+C, K, B = 64, 10, 2
+# One 4x4 grid of C channels, in every layout: (feature shape, spatial).
+LAYOUTS: dict[str, tuple[tuple[int, ...], tuple[int, ...] | None]] = {
+    "NC": ((B, C), None),
+    "NCL": ((B, C, 16), (16,)),
+    "NLC": ((B, 16, C), (16,)),
+    "NCHW": ((B, C, 4, 4), (4, 4)),
+    "NHWC": ((B, 4, 4, C), (4, 4)),
+}
+
+
+def _grid_in(layout: str, grid: torch.Tensor) -> torch.Tensor:
+    """The same (B, C, 4, 4) feature, written in ``layout``."""
+    return {
+        "NCHW": grid,
+        "NHWC": grid.permute(0, 2, 3, 1),
+        "NCL": grid.flatten(2),
+        "NLC": grid.flatten(2).transpose(1, 2),
+    }[layout]
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_classification_shape_and_size(layout: str) -> None:
+    shape, spatial = LAYOUTS[layout]
+    adapter = make_adapter(channels=C, layout=layout, spatial=spatial, task="classification", num_classes=K)
+    assert isinstance(adapter, ClassificationAdapter)
+    assert adapter(torch.randn(shape)).shape == (B, K)
+    assert adapter_parameter_count(adapter) == C * K + K == 650
+
+
+@pytest.mark.parametrize("layout", ["NCL", "NLC", "NCHW", "NHWC"])
+def test_dense_shape_and_size(layout: str) -> None:
+    shape, spatial = LAYOUTS[layout]
+    adapter = make_adapter(channels=C, layout=layout, spatial=spatial, task="dense", num_classes=K, out_size=(8, 12))
+    assert isinstance(adapter, DenseAdapter)
+    assert adapter(torch.randn(shape)).shape == (B, K, 8, 12)
+    assert adapter_parameter_count(adapter) == 650
+
+
+def test_classification_pools_every_position_whatever_the_layout() -> None:
+    grid = torch.randn(B, C, 4, 4)
+    reference = make_adapter(channels=C, layout="NCHW", spatial=(4, 4), task="classification", num_classes=K)
+    # By hand: mean over the 16 positions, then W x + b.
+    pooled = grid.sum(dim=(2, 3)) / 16
+    expected = pooled @ reference.linear.weight.T + reference.linear.bias
+    for layout in ("NCHW", "NHWC", "NCL", "NLC"):
+        adapter = make_adapter(channels=C, layout=layout, spatial=LAYOUTS[layout][1], task="classification", num_classes=K)
+        adapter.load_state_dict(reference.state_dict())
+        torch.testing.assert_close(adapter(_grid_in(layout, grid)), expected)
+
+
+def test_dense_is_the_same_map_in_every_layout() -> None:
+    grid = torch.randn(B, C, 4, 4)
+    reference = make_adapter(channels=C, layout="NCHW", spatial=(4, 4), task="dense", num_classes=K, out_size=(4, 4))
+    # At out_size == grid a 1x1 conv is a per-position linear map.
+    expected = torch.einsum("kc,bchw->bkhw", reference.conv.weight[:, :, 0, 0], grid)
+    expected = expected + reference.conv.bias.view(1, K, 1, 1)
+    for layout in ("NCHW", "NHWC", "NCL", "NLC"):
+        adapter = make_adapter(
+            channels=C, layout=layout, spatial=LAYOUTS[layout][1], task="dense", num_classes=K, out_size=(4, 4)
+        )
+        adapter.load_state_dict(reference.state_dict())
+        torch.testing.assert_close(adapter(_grid_in(layout, grid)), expected)
+
+
+def test_dense_upsamples_logits_bilinearly_to_label_size() -> None:
+    adapter = make_adapter(channels=C, layout="NCHW", spatial=(4, 4), task="dense", num_classes=K, out_size=(16, 16))
+    z = torch.randn(B, C, 4, 4)
+    small = adapter.conv(z)
+    expected = F.interpolate(small, size=(16, 16), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(adapter(z), expected)
+    # Upsampling a constant map keeps it constant: a quick check of the weights.
+    torch.nn.init.zeros_(adapter.conv.weight)
+    torch.testing.assert_close(adapter(z), adapter.conv.bias.view(1, K, 1, 1).expand(B, K, 16, 16))
+
+
+@pytest.mark.parametrize(("tokens", "prefix"), [(17, 1), (18, 2), (21, 5), (16, 0)])
+def test_dense_tokens_drop_prefix_tokens(tokens: int, prefix: int) -> None:
+    adapter = make_adapter(channels=C, layout="NLC", spatial=(tokens,), task="dense", num_classes=K, out_size=(4, 4))
+    assert (adapter.grid, adapter.prefix_tokens) == ((4, 4), prefix)
+    z = torch.randn(B, tokens, C)
+    plain = make_adapter(channels=C, layout="NLC", spatial=(16,), task="dense", num_classes=K, out_size=(4, 4))
+    plain.load_state_dict(adapter.state_dict())
+    torch.testing.assert_close(adapter(z), plain(z[:, prefix:]))
+
+
+def test_tokens_without_a_grid_raise() -> None:
+    # 35..27 holds no perfect square, so no prefix count of up to 8 gives a grid.
+    with pytest.raises(InstrumentError, match="35 tokens do not form a square grid"):
+        make_adapter(channels=C, layout="NLC", spatial=(35,), task="dense", num_classes=K, out_size=(8, 8))
+
+
+def test_token_count_differing_from_construction_raises() -> None:
+    adapter = make_adapter(channels=C, layout="NLC", spatial=(17,), task="dense", num_classes=K, out_size=(8, 8))
+    with pytest.raises(InstrumentError, match="built for 17 tokens"):
+        adapter(torch.randn(B, 26, C))
+
+
+def test_classification_with_cls_token_pools_all_tokens() -> None:
+    adapter = make_adapter(channels=C, layout="NLC", spatial=(17,), task="classification", num_classes=K)
+    z = torch.randn(B, 17, C)
+    torch.testing.assert_close(adapter(z), adapter.linear(z.mean(dim=1)))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"layout": "NCWH"}, "unknown feature layout 'NCWH'"),
+        ({"task": "detection"}, "unknown task 'detection'"),
+        ({"channels": 0}, "channels must be an int >= 1"),
+        ({"num_classes": 1}, "num_classes must be an int >= 2"),
+        ({"spatial": (4, 4, 4)}, r"spatial=\(4, 4, 4\) does not fit layout 'NCHW'"),
+        ({"task": "dense"}, r"dense adapters need out_size=\(H, W\)"),
+        ({"task": "dense", "out_size": (0, 8)}, "dense adapters need out_size"),
+        ({"out_size": (8, 8)}, "only applies to task='dense'"),
+        ({"task": "dense", "out_size": (8, 8), "layout": "NC", "spatial": None}, "'NC' feature has no 2-D grid"),
+        ({"task": "dense", "out_size": (8, 8), "layout": "NLC", "spatial": None}, r"need spatial=\(N,\)"),
+    ],
+)
+def test_bad_arguments_raise(options: dict[str, object], message: str) -> None:
+    arguments: dict[str, object] = {
+        "channels": C, "layout": "NCHW", "spatial": (4, 4), "task": "classification", "num_classes": K,
+    }
+    with pytest.raises(InstrumentError, match=message):
+        make_adapter(**{**arguments, **options})  # type: ignore[arg-type]
+
+
+def test_wrong_feature_rank_raises() -> None:
+    adapter = make_adapter(channels=C, layout="NCHW", spatial=(4, 4), task="classification", num_classes=K)
+    with pytest.raises(InstrumentError, match=r"expects a 4-D feature; got shape \(2, 64\)"):
+        adapter(torch.randn(B, C))
+
+
+@pytest.mark.parametrize("task", ["classification", "dense"])
+def test_gradient_reaches_adapter_and_feature(task: str) -> None:
+    out_size = (8, 8) if task == "dense" else None
+    adapter = make_adapter(channels=C, layout="NHWC", spatial=(4, 4), task=task, num_classes=K, out_size=out_size)  # type: ignore[arg-type]
+    z = torch.randn(B, 4, 4, C, requires_grad=True)
+    adapter(z).square().sum().backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter.parameters())
+
+
+def test_adapters_are_plain_deterministic_modules() -> None:
+    adapter = make_adapter(channels=C, layout="NLC", spatial=(17,), task="dense", num_classes=K, out_size=(8, 8))
+    z = torch.randn(B, 17, C)
+    assert torch.equal(adapter(z), adapter(z))
+    assert not adapter._forward_hooks and not adapter._forward_pre_hooks
+    assert "layout='NLC', grid=(4, 4), prefix_tokens=1, out_size=(8, 8)" in repr(adapter)
+    assert "layout='NCHW', pool='mean'" in repr(ClassificationAdapter(C, K, "NCHW"))
+
+
+def test_adapter_compiles_without_graph_breaks_and_runs_under_autocast() -> None:
+    adapter = make_adapter(channels=C, layout="NLC", spatial=(17,), task="dense", num_classes=K, out_size=(8, 8))
+    z = torch.randn(B, 17, C)
+    compiled = torch.compile(adapter, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(z), adapter(z))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = adapter(z)
+    assert logits.shape == (B, K, 8, 8)
+    torch.testing.assert_close(logits.float(), adapter(z), atol=0.1, rtol=0.05)
