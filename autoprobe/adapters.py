@@ -137,7 +137,7 @@ class DenseAdapter(nn.Module):
                 f"grid must be given for token layouts (NLC, NCL) and only for them; got layout {layout!r}, grid={grid}"
             )
         self.layout = layout
-        self.out_size = out_size
+        self.out_size = (int(out_size[0]), int(out_size[1]))
         self.grid = grid
         self.prefix_tokens = prefix_tokens
         self.conv = nn.Conv2d(channels, num_classes, kernel_size=1)
@@ -246,11 +246,11 @@ def make_adapter(
             "pick a point with layout NCHW, NHWC, NLC or NCL"
         )
     if layout in ("NCHW", "NHWC"):
-        return DenseAdapter(channels, num_classes, layout, tuple(out_size))
+        return DenseAdapter(channels, num_classes, layout, out_size)
     if spatial is None:
         raise InstrumentError(f"dense adapters on {layout!r} tokens need spatial=(N,), the token count")
     grid, prefix = _token_grid(spatial[0])
-    return DenseAdapter(channels, num_classes, layout, tuple(out_size), grid=grid, prefix_tokens=prefix)
+    return DenseAdapter(channels, num_classes, layout, out_size, grid=grid, prefix_tokens=prefix)
 
 
 def adapter_parameter_count(module: nn.Module) -> int:

@@ -60,6 +60,12 @@ __all__ = [
 Schedule = Literal["constant", "linear", "cosine"]
 ObjectiveName = Literal["imachsr", "dsn", "dks"]
 
+# The keyword options of make_objective each objective accepts.
+_OBJECTIVE_OPTIONS: dict[str, set[str]] = {
+    "imachsr": {"layouts", "alpha", "lam"},
+    "dsn": {"alpha"},
+    "dks": {"alpha", "beta", "temperature"},
+}
 _CHANNEL_DIMS: dict[str, int] = {"NC": 1, "NCL": 1, "NCHW": 1, "NCDHW": 1, "NLC": -1, "NHWC": -1}
 
 
@@ -100,7 +106,15 @@ class OutputCrossEntropy(nn.Module):
         self.ignore_index = _check_int("ignore_index", ignore_index)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        """Args: logits (B, K) or (B, K, H, W); target (B,) or (B, H, W). Returns: a float32 scalar."""
+        """Cross entropy of ``logits`` against ``target``.
+
+        Args:
+            logits: (B, K) or (B, K, H, W).
+            target: integer labels, (B,) or (B, H, W).
+
+        Returns:
+            A float32 scalar.
+        """
         _check_logits_and_target(logits, target, what="logits")
         _check_label_values(target, logits.shape[1], self.ignore_index, what="logits")
         return _cross_entropy(logits, target, self.ignore_index)
@@ -150,7 +164,15 @@ class MutualInformationLoss(nn.Module):
         self.ignore_index = _check_int("ignore_index", ignore_index)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        """Args: logits (B, K) or (B, K, H, W); target (B,) or (B, H, W). Returns: -I, a float32 scalar."""
+        """Negative MI between the classes ``logits`` predict and ``target``.
+
+        Args:
+            logits: (B, K) or (B, K, H, W), usually an adapter's output.
+            target: integer labels, (B,) or (B, H, W).
+
+        Returns:
+            -I, a float32 scalar in [-log K, 0].
+        """
         _check_logits_and_target(logits, target, what="logits")
         _check_label_values(target, logits.shape[1], self.ignore_index, what="logits")
         return -_mutual_information(logits, target, self.ignore_index, self.eps)
@@ -186,11 +208,25 @@ class NegativeEntropyLoss(nn.Module):
 
     @classmethod
     def for_layout(cls, layout: str) -> NegativeEntropyLoss:
-        """The loss for features of ``layout`` (``NC``, ``NCL``, ``NLC``, ``NCHW``, ``NHWC``, ``NCDHW``)."""
+        """The loss for features of one layout.
+
+        Args:
+            layout: ``NC``, ``NCL``, ``NLC``, ``NCHW``, ``NHWC`` or ``NCDHW``.
+
+        Returns:
+            A ``NegativeEntropyLoss`` softmaxing over that layout's channel dim.
+        """
         return cls(channel_dim_for(layout))
 
     def forward(self, z: Tensor) -> Tensor:
-        """Args: z, any feature with channels at ``channel_dim``. Returns: a float32 scalar."""
+        """Negative entropy of ``z`` over its channels.
+
+        Args:
+            z: a batched feature with channels at ``channel_dim``.
+
+        Returns:
+            A float32 scalar in [-log C, 0].
+        """
         if z.dim() < 2 or not -z.dim() <= self.channel_dim < z.dim():
             raise InstrumentError(
                 f"negative entropy needs a batched feature with channels at dim {self.channel_dim}; "
@@ -226,7 +262,11 @@ class DSNLoss(nn.Module):
         self.ignore_index = _check_int("ignore_index", ignore_index)
 
     def forward(self, heads: Mapping[str, Tensor], target: Tensor) -> dict[str, Tensor]:
-        """Args: heads, point name -> adapter logits; target: labels.
+        """Cross entropy of every head.
+
+        Args:
+            heads: point name -> adapter logits, (B, K) or (B, K, H, W).
+            target: integer labels, (B,) or (B, H, W).
 
         Returns:
             Point name -> unweighted CE of that point's head.
@@ -273,7 +313,11 @@ class DKSLoss(nn.Module):
         self.ignore_index = _check_int("ignore_index", ignore_index)
 
     def forward(self, logits: Sequence[Tensor], target: Tensor | None = None) -> Tensor:
-        """Args: logits, n >= 2 same-shaped branches; target, optional labels for masking.
+        """Synergy between all branches.
+
+        Args:
+            logits: n >= 2 branches of the same shape, (B, K) or (B, K, H, W).
+            target: optional labels; positions labelled ``ignore_index`` are left out.
 
         Returns:
             The synergy loss, a float32 scalar.
@@ -314,8 +358,17 @@ class Objective(nn.Module, abc.ABC):
         points: names of the supervised points, unique.
         schedule: how auxiliary weights change over training (``schedule_weight``).
         ignore_index: label value excluded from every term.
+
+    Example:
+        >>> import torch
+        >>> class OutputOnly(Objective):
+        ...     def _terms(self, output, heads, features, target):
+        ...         return []
+        >>> OutputOnly([])(torch.zeros(2, 3), {}, {}, torch.tensor([0, 1])).parts.keys()
+        dict_keys(['ce'])
     """
 
+    # Whether forward reads ``features``; only then are they checked against the points.
     uses_features: bool = False
 
     def __init__(self, points: Sequence[str], *, schedule: Schedule = "constant", ignore_index: int = -100) -> None:
@@ -599,27 +652,25 @@ def make_objective(
         >>> make_objective("dsn", ["layer1", "layer3"], alpha=0.4)
         DSN(points=['layer1', 'layer3'], schedule='constant', ignore_index=-100, alpha={'layer1': 0.4, 'layer3': 0.4})
     """
-    given = {
-        key
-        for key, value in {"layouts": layouts, "alpha": alpha, "lam": lam, "beta": beta, "temperature": temperature}.items()
-        if value is not None
-    }
-    accepted = {"imachsr": {"layouts", "alpha", "lam"}, "dsn": {"alpha"}, "dks": {"alpha", "beta", "temperature"}}
-    if name not in accepted:
+    options = {"layouts": layouts, "alpha": alpha, "lam": lam, "beta": beta, "temperature": temperature}
+    given = {key for key, option in options.items() if option is not None}
+    if name not in _OBJECTIVE_OPTIONS:
         raise InstrumentError(f"unknown objective {name!r}; expected one of {list(get_args(ObjectiveName))}")
-    if given - accepted[name]:
+    foreign = sorted(given - _OBJECTIVE_OPTIONS[name])
+    if foreign:
         raise InstrumentError(
-            f"objective {name!r} does not take {sorted(given - accepted[name])}; it takes {sorted(accepted[name])}"
+            f"objective {name!r} does not take {foreign}; it takes {sorted(_OBJECTIVE_OPTIONS[name])}"
         )
-    options = {key: value for key, value in (("alpha", alpha), ("lam", lam)) if value is not None}
+    # Pass only what was given, so the class defaults stay defined in one place.
+    weights = {key: option for key, option in (("alpha", alpha), ("lam", lam)) if option is not None}
+    synergy = {key: option for key, option in (("beta", beta), ("temperature", temperature)) if option is not None}
     if name == "imachsr":
         if layouts is None:
             raise InstrumentError("objective 'imachsr' needs layouts: point name -> feature layout, for NE")
-        return IMacHSR(points, layouts, schedule=schedule, ignore_index=ignore_index, **options)
+        return IMacHSR(points, layouts, schedule=schedule, ignore_index=ignore_index, **weights)
     if name == "dsn":
-        return DSN(points, schedule=schedule, ignore_index=ignore_index, **options)
-    synergy = {key: value for key, value in (("beta", beta), ("temperature", temperature)) if value is not None}
-    return DKS(points, schedule=schedule, ignore_index=ignore_index, **options, **synergy)
+        return DSN(points, schedule=schedule, ignore_index=ignore_index, **weights)
+    return DKS(points, schedule=schedule, ignore_index=ignore_index, **weights, **synergy)
 
 
 def channel_dim_for(layout: str) -> int:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from autoprobe.adapters import (
     ClassificationAdapter,
     DenseAdapter,
+    Task,
     adapter_parameter_count,
     make_adapter,
 )
@@ -62,7 +63,8 @@ def test_classification_pools_every_position_whatever_the_layout() -> None:
     pooled = grid.sum(dim=(2, 3)) / 16
     expected = pooled @ reference.linear.weight.T + reference.linear.bias
     for layout in ("NCHW", "NHWC", "NCL", "NLC"):
-        adapter = make_adapter(channels=C, layout=layout, spatial=LAYOUTS[layout][1], task="classification", num_classes=K)
+        spatial = LAYOUTS[layout][1]
+        adapter = make_adapter(channels=C, layout=layout, spatial=spatial, task="classification", num_classes=K)
         adapter.load_state_dict(reference.state_dict())
         torch.testing.assert_close(adapter(_grid_in(layout, grid)), expected)
 
@@ -150,9 +152,9 @@ def test_wrong_feature_rank_raises() -> None:
 
 
 @pytest.mark.parametrize("task", ["classification", "dense"])
-def test_gradient_reaches_adapter_and_feature(task: str) -> None:
+def test_gradient_reaches_adapter_and_feature(task: Task) -> None:
     out_size = (8, 8) if task == "dense" else None
-    adapter = make_adapter(channels=C, layout="NHWC", spatial=(4, 4), task=task, num_classes=K, out_size=out_size)  # type: ignore[arg-type]
+    adapter = make_adapter(channels=C, layout="NHWC", spatial=(4, 4), task=task, num_classes=K, out_size=out_size)
     z = torch.randn(B, 4, 4, C, requires_grad=True)
     adapter(z).square().sum().backward()
     assert z.grad is not None and z.grad.abs().sum() > 0
