@@ -245,7 +245,7 @@ def _module_kind(module: nn.Module) -> tuple[str, str, str]:
         return "identity", "", ""
     if isinstance(module, nn.MultiheadAttention) or "attention" in lowered:
         return "attention", "", ""
-    if "norm" in lowered and "normal" not in lowered:
+    if "norm" in lowered and "normal" not in lowered and not _owns_matrix(module, recurse=True):
         act = getattr(module, "act", None)
         act_family = _act_family(type(act).__name__) if isinstance(act, nn.Module) and not isinstance(act, nn.Identity) else ""
         return "norm", _family(cls, _NORM_FAMILIES), act_family
@@ -357,9 +357,14 @@ def build_layer_graph(traced: Traced) -> LayerGraph:
         raise TraceError("the traced graph has no input or no output. Hint: the model's forward must take a tensor.")
     source, sink = placeholders[0], outputs[0]
 
+    # Only tensors are data: `x.shape[-2:]` feeding a final resize would otherwise be a path around
+    # the whole network and leave the output with no dominators but the input.
+    carries = {n.name for n in nodes if n.op == "output" or _first_tensor_meta(n.meta.get("tensor_meta")) is not None}
     full = nx.DiGraph()
-    full.add_nodes_from(n.name for n in nodes)
-    full.add_edges_from((arg.name, n.name) for n in nodes for arg in n.all_input_nodes)
+    full.add_nodes_from(carries)
+    full.add_edges_from(
+        (arg.name, n.name) for n in nodes if n.name in carries for arg in n.all_input_nodes if arg.name in carries
+    )
     keep = (nx.descendants(full, source.name) | {source.name}) & (nx.ancestors(full, sink.name) | {sink.name})
     if sink.name not in keep:
         raise TraceError("the model's output does not depend on its input. Hint: check the model's forward.")

@@ -160,7 +160,7 @@ def render_svg(selection: Selection, graph: LayerGraph) -> str:
     drawn = _contracted(graph)
     rows = [sorted(g, key=lambda n: graph[n].order) for g in nx.topological_generations(drawn)]
     box_w, box_h, gap_x, gap_y, top = 210, 30, 20, 22, 110
-    width = max(len(r) for r in rows) * (box_w + gap_x) + gap_x
+    width = max(max(len(r) for r in rows) * (box_w + gap_x) + gap_x + 160, 900)
     height = top + len(rows) * (box_h + gap_y) + 20
     pos: dict[str, tuple[float, float]] = {}
     for r, row in enumerate(rows):
@@ -183,11 +183,17 @@ def render_svg(selection: Selection, graph: LayerGraph) -> str:
     ]
     for u, v in drawn.edges:
         (x1, y1), (x2, y2) = pos[u], pos[v]
-        sx, sy, ex, ey = x1 + box_w / 2, y1 + box_h, x2 + box_w / 2, y2
-        out.append(
-            f'<path d="M{sx:.0f},{sy:.0f} C{sx:.0f},{sy + 14:.0f} {ex:.0f},{ey - 14:.0f} {ex:.0f},{ey:.0f}" '
-            'fill="none" stroke="#9e9e9e" stroke-width="1"/>'
-        )
+        if y2 - y1 > box_h + gap_y:
+            # An edge that skips rows (a residual or U-Net skip) arcs around the boxes on the left.
+            sx, sy, ex, ey = x1, y1 + box_h / 2, x2, y2 + box_h / 2
+            bend = min(sx, ex) - 40 - min((y2 - y1) / 40, 60)
+            path = f"M{sx:.0f},{sy:.0f} C{bend:.0f},{sy:.0f} {bend:.0f},{ey:.0f} {ex:.0f},{ey:.0f}"
+            colour = "#ef8f00"
+        else:
+            sx, sy, ex, ey = x1 + box_w / 2, y1 + box_h, x2 + box_w / 2, y2
+            path = f"M{sx:.0f},{sy:.0f} C{sx:.0f},{sy + 14:.0f} {ex:.0f},{ey - 14:.0f} {ex:.0f},{ey:.0f}"
+            colour = "#9e9e9e"
+        out.append(f'<path d="{path}" fill="none" stroke="{colour}" stroke-width="1.2"/>')
     for name in drawn.nodes:
         info, (x, y) = graph[name], pos[name]
         fill, stroke, sw = _KIND_COLOURS.get(info.kind, "#ffffff"), "#616161", 1
