@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -93,6 +95,10 @@ def _torchvision(name: str, num_classes: int | None) -> ResolvedModel:
 
 def _callable(spec: str) -> ResolvedModel:
     module_name, _, attr = spec.partition(":")
+    # Like uvicorn and gunicorn: a user's own module in the working directory must resolve
+    # even when autoprobe runs as a console script (whose sys.path lacks the cwd).
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # an import runs arbitrary code; report whatever it raised

@@ -25,7 +25,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
-from .errors import InputSizeError, TraceError
+from .errors import AutoprobeError, InputSizeError, TraceError
 
 __all__ = ["Traced", "trace_model", "default_leaf_modules", "default_autowrap_functions"]
 
@@ -98,6 +98,7 @@ class _QualnameTracer(fx.Tracer):
         self._leaf_types = tuple(leaf_modules)
         self._leaf_paths = frozenset(leaf_paths)
         self.current_qualname = ""
+        self.failed_at: str | None = None
         self.node_to_qualname: dict[fx.Node, str] = {}
         self._name_counts: dict[str, int] = {}
 
@@ -111,6 +112,11 @@ class _QualnameTracer(fx.Tracer):
         try:
             self.current_qualname = self.path_of_module(m)
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            # Remember the innermost module that failed; `finally` unwinds the name below.
+            if self.failed_at is None:
+                self.failed_at = self.current_qualname
+            raise
         finally:
             self.current_qualname = previous
 
@@ -189,13 +195,19 @@ def _fx_trace(
     try:
         graph = tracer.trace(model, concrete_args=concrete or None)
     except Exception as exc:  # fx raises anything the model's Python raises on a Proxy
-        where = tracer.current_qualname or "<top level>"
-        module = model.get_submodule(tracer.current_qualname) if tracer.current_qualname else model
+        path = tracer.failed_at or ""
+        module = model.get_submodule(path) if path else model
+        cls = f"{type(module).__module__}.{type(module).__qualname__}"
+        hint = (
+            f"register it as a leaf so fx records it as one call: `--leaf {path}` on the CLI "
+            f"or `leaf_paths=[{path!r}]` in Python."
+            if path
+            else "the model's own forward cannot be traced; wrap the untraceable part in a submodule "
+            "and pass that submodule with `--leaf`."
+        )
         raise TraceError(
-            f"torch.fx could not trace module {where!r} ({type(module).__module__}.{type(module).__qualname__}) "
-            f"at {_user_frame(exc)}: {type(exc).__name__}: {exc}\n"
-            f"Hint: register it as a leaf so fx records it as one call: "
-            f"`--leaf {where}` on the CLI or `leaf_modules=[{type(module).__qualname__}]` in Python."
+            f"torch.fx could not trace module {path or '<top level>'!r} ({cls}) at {_user_frame(exc)}: "
+            f"{type(exc).__name__}: {exc}\nHint: {hint}"
         ) from exc
     graph_module = fx.GraphModule(tracer.root, graph, type(model).__name__)
     qualnames = {node.name: tracer.node_to_qualname.get(node, node.name) for node in graph.nodes}
@@ -217,6 +229,15 @@ class _ShapeProp(fx.Interpreter):
         try:
             result = super().run_node(n)
         except Exception as exc:
+            if _needs_values(exc):
+                error: AutoprobeError = TraceError(
+                    f"node {n.name} ({n.op} {_target_name(n)}) needs real tensor values "
+                    f"({type(exc).__name__}: {str(exc).splitlines()[0]}): autoprobe propagates shapes "
+                    "without computing anything.\nHint: make its control flow depend on shapes, not values, "
+                    "or give autoprobe a model without data-dependent branches."
+                )
+                error.message = error.args[0]
+                raise error from exc
             error = InputSizeError(
                 f"input size {self.input_shape[1:]} does not fit the model: node {n.name} "
                 f"({n.op} {_target_name(n)}) failed with {type(exc).__name__}: "
@@ -231,6 +252,12 @@ class _ShapeProp(fx.Interpreter):
         if _has_tensor(meta):
             n.meta["tensor_meta"] = meta
         return result
+
+
+def _needs_values(exc: BaseException) -> bool:
+    """An error from reading a value (``.item()``, ``bool(t)``) that a meta tensor does not have."""
+    text = str(exc)
+    return "meta tensors" in text or "data-dependent" in text.lower() or "Cannot access data pointer" in text
 
 
 def _target_name(n: fx.Node) -> str:
@@ -277,9 +304,9 @@ def propagate_shapes(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> None:
     }
     try:
         torch.func.functional_call(runner, twins, (torch.empty(input_shape, device="meta"),), strict=False)
-    except InputSizeError as exc:
+    except (InputSizeError, TraceError) as exc:
         # fx's Interpreter appends its own notes to the exception; re-raise with only our message.
-        raise InputSizeError(getattr(exc, "message", str(exc))) from exc.__cause__
+        raise type(exc)(getattr(exc, "message", str(exc))) from exc.__cause__
 
 
 def trace_model(
