@@ -12,7 +12,10 @@ node, the node itself included; ``D`` is the depth of the output.
 Layouts are inferred from the producing op, not guessed per model: conv,
 pooling, BatchNorm and GroupNorm produce channels-first tensors, Linear and
 LayerNorm channels-last; other ops inherit from a same-shaped input and fall
-back to the shape itself (``(B, H, W, C)`` when ``H == W != C``).
+back to the shape itself (``(B, H, W, C)`` when ``H == W != C``). A product of
+two activations (attention scores ``q @ k^T``, ``attn @ v``) and a reshape to
+five dims that no volume op made have no layout, hence no channels: they are
+attention internals, not features.
 """
 
 from __future__ import annotations
@@ -291,13 +294,18 @@ def _first_tensor_meta(meta: Any) -> TensorMetadata | None:
 
 
 def _layout(kind: str, norm: str, shape: tuple[int, ...], inherited: str | None, width: int | None) -> str:
+    """Layout of a node's output; ``inherited`` is a same-shaped data input's layout, ``None`` if there is none."""
     rank = len(shape)
     if rank < 2:
         return ""
-    if rank == 2:
-        return "NC"
     channels_first = kind in _CHANNELS_FIRST_KINDS or norm in ("batch", "group", "instance")
     channels_last = kind in ("linear",) or norm in ("layer", "rms")
+    if kind == "matmul" or (inherited == "" and not (channels_first or channels_last)):
+        # A product of two activations (q @ k^T, attn @ v) has head and token axes but no channel
+        # axis; the elementwise ops after it (scale, mask, softmax, dropout) keep it that way.
+        return ""
+    if rank == 2:
+        return "NC"
     if not (channels_first or channels_last) and not inherited and width:
         # A reshape keeps the channel count: find where it went.
         channels_first = shape[1] == width and shape[-1] != width
@@ -318,7 +326,10 @@ def _layout(kind: str, norm: str, shape: tuple[int, ...], inherited: str | None,
         _, a, b, c = shape
         return "NHWC" if a == b != c else "NCHW"
     if rank == 5:
-        return inherited or "NCDHW"
+        # Only a volume op makes a volume: a reshape to five dims (attention heads split per window) is no feature.
+        if channels_first and not channels_last:
+            return "NCDHW"
+        return inherited or ""
     return ""
 
 
@@ -375,7 +386,8 @@ def build_layer_graph(traced: Traced) -> LayerGraph:
     for order, node in enumerate(n for n in nodes if n.name in keep):
         data_inputs = [infos[a.name] for a in node.all_input_nodes if a.name in infos]
         info = _layer_info(
-            node, order, traced.qualnames, modules, data_inputs, len(node.all_input_nodes), traced.input_shape[0]
+            node, order, traced.qualnames, modules, traced.module_types, data_inputs, len(node.all_input_nodes),
+            traced.input_shape[0],
         )
         infos[node.name] = info
         graph.add_node(info.name, info=info)
@@ -395,6 +407,7 @@ def _layer_info(
     order: int,
     qualnames: dict[str, str],
     modules: dict[str, nn.Module],
+    module_types: dict[str, str],
     data_inputs: list[LayerInfo],
     n_inputs: int,
     batch: int,
@@ -417,8 +430,9 @@ def _layer_info(
         elif kind == "act":
             act = _act_family(target)
         module_path = qualname.rsplit(".", 1)[0] if "." in qualname else ""
+        # The graph module holds only called submodules (the rest are bare containers): ask the model's own tree.
         owner = modules.get(module_path)
-        module_type = type(owner).__name__ if owner is not None else ""
+        module_type = module_types.get(module_path) or (type(owner).__name__ if owner is not None else "")
     if kind == "matmul" and len(data_inputs) == 1 and n_inputs > 1:
         kind = "linear"  # x @ W with W a parameter: a weight layer written as a function
     weight = (node.op == "call_module" and kind in ("conv", "linear", "weight")) or (
@@ -429,7 +443,8 @@ def _layer_info(
 
     meta = _first_tensor_meta(node.meta.get("tensor_meta"))
     shape = tuple(int(s) for s in meta.shape) if meta is not None else None
-    inherited = next((p.layout for p in data_inputs if p.shape == shape and p.layout), None)
+    same = [p.layout for p in data_inputs if p.shape == shape]
+    inherited = next((layout for layout in same if layout), "" if same else None)
     width = next((p.channels for p in data_inputs if p.channels), None)
     layout = _layout(kind, norm, shape, inherited, width) if shape is not None else ""
     # Window attention folds positions into the batch (Swin): such tensors are not per-example features.

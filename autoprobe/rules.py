@@ -122,21 +122,28 @@ def builtin_packs() -> dict[str, str]:
     return packs
 
 
-def _read(spec: str, relative_to: Path | None) -> tuple[str, str, dict[str, Any]]:
-    """(name, source, parsed TOML) of a built-in name or a file path."""
+def _read(spec: str, relative_to: Path | None, extended_by: str = "") -> tuple[str, str, dict[str, Any]]:
+    """(name, source, parsed TOML) of a built-in name or a file path.
+
+    ``extended_by`` is the pack whose ``pack.extends`` names ``spec``; a missing pack is blamed on it.
+    """
+    where = f"{extended_by}: key 'pack.extends': " if extended_by else ""
     looks_like_path = spec.endswith(".toml") or "/" in spec or "\\" in spec
     if not looks_like_path:
         entry = resources.files("autoprobe.packs").joinpath(f"{spec}.toml")
         if not entry.is_file():
             raise RuleError(
-                f"no built-in rule pack {spec!r}. Built-in packs: {', '.join(builtin_packs())}. "
+                f"{where}no built-in rule pack {spec!r}. Built-in packs: {', '.join(builtin_packs())}. "
                 "Hint: pass a path ending in .toml to use your own file."
             )
         text, source = entry.read_text(encoding="utf-8"), f"builtin:{spec}"
     else:
         path = Path(spec) if relative_to is None or Path(spec).is_absolute() else relative_to / spec
         if not path.is_file():
-            raise RuleError(f"rules file {str(path)!r} does not exist. Hint: check the path, or use a built-in pack name.")
+            raise RuleError(
+                f"{where}rules file {str(path)!r} does not exist. Hint: check the path"
+                f"{' (relative to the extending pack)' if extended_by else ''}, or use a built-in pack name."
+            )
         text, source = path.read_text(encoding="utf-8"), str(path)
     try:
         data = tomllib.loads(text)
@@ -153,7 +160,7 @@ def _merge(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
 
 
 def _resolve(spec: str, relative_to: Path | None, chain: tuple[str, ...]) -> tuple[str, str, dict[str, Any]]:
-    name, source, data = _read(spec, relative_to)
+    name, source, data = _read(spec, relative_to, chain[-1] if chain else "")
     if source in chain:
         raise RuleError(f"{source}: `extends` forms a cycle: {' -> '.join((*chain, source))}. Hint: remove one link.")
     pack = data.get("pack", {})
@@ -187,7 +194,7 @@ def _unknown(keys: set[str], known: set[str], where: str, source: str) -> None:
     extra = sorted(keys - known)
     if extra:
         raise RuleError(
-            f"{source}: unknown key {where}{extra[0]!r}. Known keys there: {', '.join(sorted(known))}. "
+            f"{source}: unknown key {where + extra[0]!r}. Known keys there: {', '.join(sorted(known))}. "
             "Hint: `autoprobe rules` lists every detector and option."
         )
 
@@ -211,6 +218,9 @@ def load_rules(spec: str = "default") -> RulePack:
     """
     name, source, data = _resolve(spec, None, ())
     _unknown(set(data), {"pack", "detectors", "selection"}, "", source)
+    for key in ("pack", "detectors", "selection"):
+        if not isinstance(data.get(key, {}), dict):
+            raise RuleError(f"{source}: key {key!r} must be a table ([{key}]), not {data[key]!r}.")
     pack = data.get("pack", {})
     _unknown(set(pack), {"description", "extends"}, "pack.", source)
     tables = data.get("detectors", {})
@@ -247,7 +257,10 @@ def load_rules(spec: str = "default") -> RulePack:
     if not 0 <= policy.position_strength <= 1 or not 0 <= policy.exclude_output < 1:
         raise RuleError(f"{source}: 'selection.position_strength' must lie in [0, 1] and 'exclude_output' in [0, 1).")
     if not rules:
-        raise RuleError(f"{source}: the pack enables no detector. Hint: add a [detectors.<id>] table.")
+        raise RuleError(
+            f"{source}: the pack enables no detector: every 'detectors.<ID>' table is missing or has "
+            "enabled = false. Hint: add a [detectors.<ID>] table (`autoprobe rules` lists the IDs)."
+        )
 
     resolved = RulePack(name, source, str(pack.get("description", "")), rules, policy, "")
     digest = hashlib.sha256(json.dumps(resolved.canonical(), sort_keys=True).encode()).hexdigest()

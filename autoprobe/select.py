@@ -11,7 +11,9 @@ greedily by score, ties broken by execution order, never by hash or dict
 order, keeping ``min_distance`` weight layers between adjacent points and
 none in the last ``exclude_output * D`` of the depth (the head). When the
 distance leaves fewer than M points it is halved, and that is recorded in
-``Selection.notes``: a relaxation is never silent.
+``Selection.notes``: a relaxation is never silent. When no detector fires,
+the spine's feature nodes are the candidates, ``usable depth / M`` apart
+(unless the pack fixes ``min_distance``), and a note says so.
 """
 
 from __future__ import annotations
@@ -188,13 +190,17 @@ def select_points(graph: LayerGraph, pack: RulePack, *, points: int | None = Non
     notes: list[str] = []
     scored = _score(graph, candidates, pack)
     eligible = [s for s in scored if _eligible(graph, graph[s.node], policy) and s.score >= policy.min_score]
-    if not eligible:
+    fell_back = not eligible
+    if fell_back:
         notes.append("no detector fired inside the eligible depth range; fell back to evenly spread spine nodes")
         fallback = [c for c in _fallback(graph) if _eligible(graph, graph[c.node], policy)]
         eligible = [Scored(c.node, 1.0, (Fired(c.detector, c.reason, 1.0),)) for c in fallback]
+        scored = list(eligible)  # the spine nodes are this selection's candidates: reports list the points from them
     m = points if points is not None else auto_points(graph.depth, policy)
     usable = max(graph.depth - math.ceil(policy.exclude_output * graph.depth), 1)
-    distance = policy.min_distance if policy.min_distance is not None else max(1, math.floor(0.6 * usable / m))
+    # Equal-score spine nodes would otherwise bunch up at the input: spread them over the usable depth.
+    spread = usable / m if fell_back else 0.6 * usable / m
+    distance = policy.min_distance if policy.min_distance is not None else max(1, math.floor(spread))
 
     ranked = sorted(eligible, key=lambda s: (-s.score, graph[s.node].order))
     chosen = _greedy(graph, ranked, m, distance)

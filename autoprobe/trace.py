@@ -18,7 +18,7 @@ import inspect
 import re
 import traceback
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -43,6 +43,8 @@ class Traced:
         mode: ``"train"`` or ``"eval"``, the mode the graph was traced in.
         backend: how the graph was obtained; ``"fx"`` here.
         concrete_args: forward arguments fixed to their defaults while tracing.
+        module_types: module path -> class name of every submodule of the traced model
+            (``""`` is the model itself); the graph module keeps only the called ones.
     """
 
     graph_module: fx.GraphModule
@@ -51,6 +53,7 @@ class Traced:
     mode: str
     backend: str
     concrete_args: tuple[str, ...]
+    module_types: dict[str, str] = field(default_factory=dict)
 
 
 def default_leaf_modules() -> tuple[type[nn.Module], ...]:
@@ -350,4 +353,5 @@ def trace_model(
         mode="train" if train else "eval",
         backend="fx",
         concrete_args=tuple(sorted(concrete)),
+        module_types={name: type(module).__name__ for name, module in model.named_modules()},
     )

@@ -6,7 +6,8 @@ its inputs lie at least ``min_span`` weight layers apart in depth and, with
 came back up: the join of high- and low-resolution context. A residual add
 (``x + f(x)``, a few layers, same resolution) is not one.
 
-Passing example (fires at the concat)::
+Passing example (fires at the concat; ``up`` a stride-2 transposed conv, so the
+decoder side is 3 weight layers deeper than ``e``)::
 
     e = conv(x); d = up(conv(pool(conv(e)))); y = cat([e, d])
 

@@ -1,0 +1,179 @@
+"""``autoprobe inspect`` and ``autoprobe rules``: outputs that parse, and bad input that exits 2 with one message."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from autoprobe.cli import main
+from autoprobe.detectors import DETECTORS
+from autoprobe.report import json_schema
+from autoprobe.rules import load_rules
+from autoprobe.select import select_points
+from conftest import TESTS, Analysed, assert_user_error, graph_of, inspect_cli, run_autoprobe, write_module
+from toy_models import SHAPE_BRANCH_SOURCE, VALUE_BRANCH_SOURCE, ToyUNet
+
+SVG = "{http://www.w3.org/2000/svg}"
+UNET = ("toy_models:ToyUNet", "--input-size", "3,16,16")  # toy_models is importable: tests/ is on sys.path
+
+Capsys = pytest.CaptureFixture[str]
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def test_table_for_resnet50(capsys: Capsys, analysed: Analysed) -> None:
+    code, out, _ = inspect_cli(capsys, "resnet50")
+    assert code == 0
+    assert "D=50" in out and "M=4" in out
+    names = analysed("resnet50").selection.names
+    assert len(names) == 4
+    for i, name in enumerate(names, 1):
+        row = next(line for line in out.splitlines() if f" P{i} " in line)
+        assert f" {name} " in row
+
+
+def test_json_and_svg_for_resnet50(capsys: Capsys, tmp_path: Path, analysed: Analysed) -> None:
+    picture = tmp_path / "resnet50.svg"
+    code, out, _ = inspect_cli(capsys, "resnet50", "--format", "json", "--graph", str(picture))
+    assert code == 0
+    data = json.loads(out)
+    jsonschema.validate(data, json_schema())
+    names = [p["name"] for p in data["points"]]
+    assert (data["depth"], data["num_points"], names) == (50, 4, list(analysed("resnet50").selection.names))
+    assert {c["name"] for c in data["candidates"] if c["chosen"]} == set(names)
+
+    root = ET.parse(picture).getroot()
+    assert root.tag == f"{SVG}svg"
+    boxes = {g.find(f"{SVG}title").text.splitlines()[0]: g for g in root.iter(f"{SVG}g")}
+    for i, name in enumerate(names, 1):
+        assert boxes[name].find(f"{SVG}text").text.startswith(f"P{i} ")
+
+
+def test_json_schema_rejects_a_broken_document(capsys: Capsys) -> None:
+    code, out, _ = inspect_cli(capsys, *UNET, "--format", "json")
+    assert code == 0
+    data = json.loads(out)
+    jsonschema.validate(data, json_schema())
+    del data["points"][0]["depth"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(data, json_schema())
+
+
+def test_all_candidates_lists_every_candidate(capsys: Capsys) -> None:
+    candidates = select_points(graph_of(ToyUNet()), load_rules()).candidates
+    code, out, _ = inspect_cli(capsys, *UNET, "--all-candidates")
+    assert code == 0 and "D=14" in out
+    assert len(candidates) > 3  # more than the 3 points
+    for c in candidates:
+        assert f" {c.node} " in out
+
+
+def test_points_rules_and_square_input_size(capsys: Capsys) -> None:
+    args = ("--input-size", "16", "--points", "1", "--rules", "dense", "--format", "json")
+    code, out, _ = inspect_cli(capsys, "toy_models:ToyUNet", *args)
+    assert code == 0
+    data = json.loads(out)
+    assert (data["num_points"], data["rules"]["name"], data["input_shape"]) == (1, "dense", [2, 3, 16, 16])
+
+
+def test_train_mode_is_recorded(capsys: Capsys) -> None:
+    code, out, _ = inspect_cli(capsys, *UNET, "--mode", "train", "--format", "json")
+    assert code == 0 and json.loads(out)["mode"] == "train"
+
+
+def test_rules_lists_packs_and_detectors(capsys: Capsys) -> None:
+    assert main(["rules"]) == 0
+    out = capsys.readouterr().out
+    for word in ("default", "dense", *(d.ID for d in DETECTORS), "min_span"):
+        assert word in out
+
+
+def test_leaf_lets_a_shape_branch_through_fx(capsys: Capsys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_module(tmp_path, "shape_branch_net", SHAPE_BRANCH_SOURCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, out, _ = inspect_cli(capsys, "shape_branch_net:build", "--input-size", "3,16,16", "--leaf", "gate")
+    assert code == 0 and "backend=fx" in out
+    row = next(line for line in out.splitlines() if " P1 " in line)  # no detector fires: a spine node, listed
+    assert " conv " in row
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_unknown_model_suggests_close_names(capsys: Capsys) -> None:
+    code, _, err = inspect_cli(capsys, "resnet5")
+    assert_user_error(code, err, "unknown model 'resnet5'", "Did you mean", "resnet50")
+
+
+def test_unknown_torchvision_model(capsys: Capsys) -> None:
+    code, _, err = inspect_cli(capsys, "tv:resnet")
+    assert_user_error(code, err, "'resnet'", "resnet18")
+
+
+def test_module_that_does_not_import(capsys: Capsys) -> None:
+    code, _, err = inspect_cli(capsys, "no_such_pkg.models:build")
+    assert_user_error(code, err, "'no_such_pkg.models'", "ModuleNotFoundError")
+
+
+def test_factory_that_does_not_exist(capsys: Capsys) -> None:
+    code, _, err = inspect_cli(capsys, "toy_models:NoSuchNet")
+    assert_user_error(code, err, "'NoSuchNet'")
+
+
+def test_factory_that_returns_no_module(capsys: Capsys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_module(tmp_path, "not_a_model", "def build():\n    return 42\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, _, err = inspect_cli(capsys, "not_a_model:build")
+    assert_user_error(code, err, "not an nn.Module")
+
+
+def test_input_size_that_does_not_fit(capsys: Capsys) -> None:
+    code, _, err = inspect_cli(capsys, "vit_base_patch16_224", "--input-size", "3,100,100")
+    assert_user_error(code, err, "(3, 100, 100)", "does not fit", "--input-size")
+
+
+@pytest.mark.parametrize("size", ["abc", "3,0,16", "-4"])
+def test_input_size_that_is_not_a_size(capsys: Capsys, size: str) -> None:
+    code, _, err = inspect_cli(capsys, "toy_models:ToyUNet", "--input-size", size)
+    assert_user_error(code, err, repr(size))
+
+
+def test_points_below_one(capsys: Capsys) -> None:
+    code, _, err = inspect_cli(capsys, *UNET, "--points", "0")
+    assert_user_error(code, err, "--points 0")
+
+
+def test_invalid_rules_file(capsys: Capsys) -> None:
+    code, _, err = inspect_cli(capsys, *UNET, "--rules", str(TESTS / "rule_cases" / "unknown_key.toml"))
+    assert_user_error(code, err, "unknown_key.toml", "selection.min_distanse")
+
+
+def test_missing_rules_file(capsys: Capsys, tmp_path: Path) -> None:
+    code, _, err = inspect_cli(capsys, *UNET, "--rules", str(tmp_path / "nope.toml"))
+    assert_user_error(code, err, "nope.toml", "does not exist")
+
+
+def test_unwritable_graph_file(capsys: Capsys, tmp_path: Path) -> None:
+    code, _, err = inspect_cli(capsys, *UNET, "--graph", str(tmp_path / "missing-folder" / "g.svg"))
+    assert_user_error(code, err, "--graph", "missing-folder")
+
+
+def test_bad_option_value_is_a_usage_error(capsys: Capsys) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["inspect", "resnet50", "--format", "xml"])
+    assert caught.value.code == 2
+    assert "invalid choice: 'xml'" in capsys.readouterr().err
+
+
+def test_untraceable_model_names_module_and_line(tmp_path: Path) -> None:
+    """In a fresh process, as a user runs it: the model's file sits in the working directory."""
+    path = write_module(tmp_path, "value_branch_net", VALUE_BRANCH_SOURCE)
+    args = ["inspect", "value_branch_net:build", "--input-size", "3,16,16"]
+    result = run_autoprobe(args, cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)})
+    assert_user_error(result.returncode, result.stderr, "'gate'", f"{path}:6", "`if x.sum() > 0:`", "--leaf")
+    assert result.stdout == ""

@@ -1,0 +1,140 @@
+"""Tracing and the layer graph: depth D, layouts, names, and a live model left untouched."""
+
+from __future__ import annotations
+
+import resource
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
+from torchvision.models import resnet18
+from torchvision.models.feature_extraction import get_graph_node_names
+
+from autoprobe.models import resolve_model
+from autoprobe.trace import trace_model
+from conftest import graph_of, snapshot
+from toy_models import ATTENTIONS, Branchy, ChannelsLast, ToyTransformer, ToyUNet, TrainOnlyScale, conv_chain
+
+
+# ----------------------------------------------------------------------------- depth
+
+
+def test_depth_of_three_convs_and_a_linear() -> None:
+    g = graph_of(conv_chain(), (3, 8, 8))
+    assert g.depth == 4
+    assert [n.name for n in g if n.weight] == ["0", "2", "4", "6"]
+
+
+@pytest.mark.parametrize(("spec", "depth"), [("resnet18", 18), ("tv:resnet18", 18), ("resnet50", 50)])
+def test_depth_of_resnets(spec: str, depth: int) -> None:
+    model = resolve_model(spec).module
+    assert graph_of(model, (3, 64, 64)).depth == depth
+
+
+def test_depth_counts_attention_projections() -> None:
+    # patch conv + 2 x (qkv, proj, fc1, fc2) + head
+    for kind in ("sdpa", "explicit"):
+        assert graph_of(ToyTransformer(ATTENTIONS[kind])).depth == 10, kind
+
+
+def test_depth_is_the_longest_path() -> None:
+    g = graph_of(ToyUNet())
+    # enc1 3 (conv + residual 2), enc2 3, bottom 3, up2 1, dec2 1, up1 1, dec1 1, head 1
+    assert g.depth == 14
+    assert g["join1.add"].depth == 12  # max of its inputs, not of the shallow skip (depth 3)
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+def test_layouts_nchw_nhwc_nlc() -> None:
+    g = graph_of(ChannelsLast())
+    assert (g["conv"].layout, g["conv"].channels, g["conv"].spatial) == ("NCHW", 8, (16, 16))
+    assert (g["norm"].layout, g["norm"].channels, g["norm"].spatial) == ("NHWC", 8, (16, 16))
+    assert (g["fc"].layout, g["fc"].channels, g["fc"].spatial) == ("NLC", 8, (256,))
+
+
+def test_tokens_are_nlc() -> None:
+    g = graph_of(ToyTransformer(ATTENTIONS["sdpa"]))
+    assert (g["transpose"].layout, g["transpose"].channels, g["transpose"].positions) == ("NLC", 32, 16)
+    assert (g["blocks.0.mlp.1"].layout, g["blocks.0.mlp.1"].channels) == ("NLC", 128)
+
+
+def test_attention_scores_have_no_channel_axis() -> None:
+    g = graph_of(ToyTransformer(ATTENTIONS["explicit"]))
+    for name in ("blocks.0.attn.matmul", "blocks.0.attn.mul", "blocks.0.attn.softmax", "blocks.0.attn.matmul_1"):
+        assert (g[name].layout, g[name].channels, g[name].spatial) == ("", None, None), name
+
+
+# ----------------------------------------------------------------------------- names
+
+
+@pytest.mark.parametrize("build", [resnet18, ToyUNet, lambda: ToyTransformer(ATTENTIONS["explicit"])])
+def test_names_match_torchvision_feature_extraction(build: Callable[[], nn.Module]) -> None:
+    model = build()
+    expected = get_graph_node_names(model)[1]  # eval-mode names, without the output node
+    traced = trace_model(model, (3, 32, 32))
+    assert list(traced.qualnames.values()) == [*expected, "output"]
+
+
+def test_graph_nodes_are_keyed_by_qualified_name() -> None:
+    g = graph_of(ToyUNet())
+    assert g["join2.cat"].kind == "cat"
+    assert (g["join2.cat"].module_path, g["join2.cat"].module_type) == ("join2", "CatJoin")
+    assert (g["enc1.1.conv1"].module_path, g["enc1.1.conv1"].module_type) == ("enc1.1.conv1", "Conv2d")
+
+
+def test_spine_of_a_residual_block_skips_the_branch() -> None:
+    g = graph_of(Branchy())
+    assert "block.conv1" not in g.spine and "block.add" in g.spine and "bn" in g.spine
+
+
+# ----------------------------------------------------------------------------- the user's model
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_live_model_is_not_mutated(train: bool) -> None:
+    model = Branchy()
+    model.train()
+    model.block.eval()  # mixed flags must come back exactly
+    with torch.no_grad():
+        model.bn.running_mean.uniform_()
+    before = snapshot(model)
+    traced = trace_model(model, (3, 16, 16), train=train)
+    assert traced.mode == ("train" if train else "eval")
+    assert snapshot(model) == before
+    assert int(model.bn.num_batches_tracked) == 0
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_train_flag_selects_the_traced_graph() -> None:
+    model = TrainOnlyScale().eval()
+    assert "mul" in graph_of(model, (3, 8, 8), train=True)
+    assert "mul" not in graph_of(model, (3, 8, 8), train=False)
+    assert model.training is False
+
+
+def test_live_model_sees_no_real_tensor() -> None:
+    model = Branchy()
+    seen = []
+    model.stem.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    trace_model(model, (3, 16, 16))
+    assert seen and all(t.device.type == "meta" or isinstance(t, FakeTensor) for t in seen)
+
+
+def test_meta_model_allocates_no_real_memory() -> None:
+    width = 1 << 14  # two 16384x16384 layers: 2 GiB of float32 if they were ever materialised
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    g = graph_of(model, (width,))
+    assert g.depth == 2 and g["2"].shape == (2, width)
+    assert all(t.device.type == "meta" for t in (*model.parameters(), *model.buffers()))
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 256 * 1024
+
+
+def test_model_built_from_a_name_is_on_meta() -> None:
+    model = resolve_model("resnet50").module
+    assert {t.device.type for t in (*model.parameters(), *model.buffers())} == {"meta"}
