@@ -263,7 +263,9 @@ def _module_kind(module: nn.Module) -> tuple[str, str, str]:
     if module.__class__.__module__.startswith("torch.nn.modules.activation") or _act_family(cls) in _KNOWN_ACTS:
         return "act", "", _act_family(cls)
     if _owns_matrix(module, recurse=True):
-        return "weight", "", ""
+        # A leaf block (a timm notrace module): it makes channels-first maps when a conv is inside.
+        has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
+        return ("conv" if has_conv else "weight"), "", ""
     return "other", "", ""
 
 
@@ -303,6 +305,10 @@ def _layout(kind: str, norm: str, shape: tuple[int, ...], inherited: str | None,
     if kind == "matmul" or (inherited == "" and not (channels_first or channels_last)):
         # A product of two activations (q @ k^T, attn @ v) has head and token axes but no channel
         # axis; the elementwise ops after it (scale, mask, softmax, dropout) keep it that way.
+        return ""
+    if width is None and not (channels_first or channels_last) and rank > 3:
+        # Reshaping a tensor that has no channel axis (heads split off, windows cut out) does not
+        # make one: only a conv, linear or norm re-establishes features.
         return ""
     if rank == 2:
         return "NC"

@@ -57,20 +57,17 @@ class Traced:
 
 
 def default_leaf_modules() -> tuple[type[nn.Module], ...]:
-    """Module classes fx must not trace through: timm's registry plus torchvision.ops."""
+    """Module classes fx must not trace through: timm's registry.
+
+    torchvision's feature extractor also keeps every ``torchvision.ops`` module whole; autoprobe
+    does not, because ``Conv2dNormActivation`` and ``SqueezeExcitation`` are plain, traceable
+    blocks whose insides (the conv, the norm, the activation) are exactly what detectors read.
+    """
     leaves: list[type[nn.Module]] = []
     with contextlib.suppress(ImportError):
         from timm.layers import get_notrace_modules
 
         leaves.extend(get_notrace_modules())
-    with contextlib.suppress(ImportError):
-        import torchvision.ops
-
-        leaves.extend(
-            obj
-            for _, obj in sorted(vars(torchvision.ops).items())
-            if isinstance(obj, type) and issubclass(obj, nn.Module)
-        )
     return tuple(dict.fromkeys(leaves))
 
 
