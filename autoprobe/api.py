@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
-from .errors import InputSizeError
-from .graph import LayerGraph, build_layer_graph
+from .backends import LADDER, trace_with_fallbacks
+from .errors import AutoprobeError, InputSizeError
+from .graph import LayerGraph
 from .models import DEFAULT_INPUT_SIZE, ResolvedModel, resolve_model
 from .rules import RulePack, load_rules
 from .select import Selection, select_points
-from .trace import trace_model
 
 __all__ = ["Analysis", "analyze", "inspect"]
 
@@ -51,8 +51,23 @@ def analyze(
 ) -> Analysis:
     """Trace, detect and select for a model; see ``inspect`` for the arguments.
 
+    Tracing climbs the fallback ladder of ``backends.py``: fx, then ``torch.export``, then
+    forward hooks, the first that yields a layer graph wins. When the winner's graph gives no
+    eligible point (a leaf module can hide every feature), the finer backends below it are tried
+    too. Every fallback is written into ``Selection.notes`` and the backend used is
+    ``Selection.backend`` and ``LayerGraph.backend``.
+
     Returns:
         The ``Analysis`` holding the resolved model, its layer graph, the pack and the selection.
+
+    Raises:
+        TraceError: no backend could trace the model; the message has each backend's reason.
+        InputSizeError: the size is invalid, or every backend failed and fx failed on the size.
+
+    Example:
+        >>> analysis = analyze("resnet18")
+        >>> analysis.selection.backend, analysis.graph.depth
+        ('fx', 18)
     """
     if isinstance(model, str):
         resolved = resolve_model(model, num_classes=num_classes)
@@ -62,9 +77,29 @@ def analyze(
         raise TypeError(f"model must be an nn.Module or a model spec string, not {type(model).__name__}")
     size = _input_size(resolved.module, input_size, resolved.input_size)
     pack = rules if isinstance(rules, RulePack) else load_rules(rules)
-    traced = trace_model(resolved.module, size, train=train, leaf_modules=leaf_modules, leaf_paths=leaf_paths)
-    graph = build_layer_graph(traced)
+    # The fallback ladder (fx -> export -> hooks) lives in backends.py; every rung it skips is noted.
+    trace_options = dict(train=train, leaf_modules=leaf_modules, leaf_paths=leaf_paths)
+    ladder = trace_with_fallbacks(resolved.module, size, **trace_options)
+    graph = ladder.graph
     selection = select_points(graph, pack, points=points, model=resolved.label)
+    notes = list(ladder.notes)
+    remaining = LADDER[LADDER.index(ladder.backend) + 1 :]
+    if not selection.points and remaining:
+        # A leaf module can hide every feature inside it; a finer backend may expose them.
+        try:
+            finer = trace_with_fallbacks(resolved.module, size, backends=remaining, **trace_options)
+        except AutoprobeError as exc:
+            notes.append(f"backend {ladder.backend} gave no point and no finer backend worked: {exc}".splitlines()[0])
+        else:
+            finer_selection = select_points(finer.graph, pack, points=points, model=resolved.label)
+            if finer_selection.points:
+                notes.append(f"backend {ladder.backend} gave no eligible point; retried with {list(remaining)}")
+                notes.extend(finer.notes)
+                graph, selection = finer.graph, finer_selection
+            else:
+                notes.append(f"backend {finer.backend} gave no eligible point either; kept {ladder.backend}")
+    if notes:
+        selection = replace(selection, notes=(*notes, *selection.notes))
     return Analysis(resolved, graph, pack, selection)
 
 

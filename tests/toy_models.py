@@ -480,3 +480,39 @@ def build():
 """
 # The same net branching on a shape: fx still cannot trace it, but as a leaf it runs on meta.
 SHAPE_BRANCH_SOURCE = VALUE_BRANCH_SOURCE.replace("if x.sum() > 0:", "if x.shape[-1] > 4:")
+
+
+def _conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class _Residual(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.body = _conv_bn_relu(width, width)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x + self.body(x))
+
+
+class BranchyNet(nn.Module):
+    """A small residual CNN; ``branch`` picks the control flow fx cannot trace."""
+
+    def __init__(self, branch: str = "none") -> None:
+        super().__init__()
+        self.branch = branch
+        self.stem = _conv_bn_relu(3, 16)
+        self.stage1 = nn.Sequential(_Residual(16), _Residual(16))
+        self.down = _conv_bn_relu(16, 32, stride=2)
+        self.stage2 = nn.Sequential(_Residual(32), _Residual(32))
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.branch == "ndim" and x.ndim == 3:  # shape-dependent: export can decide it, fx cannot
+            x = x.unsqueeze(0)
+        x = self.stage1(self.stem(x))
+        if self.branch == "value" and x.sum() > 0:  # value-dependent: only a real run can decide it
+            x = x * 0.5
+        x = self.stage2(self.down(x))
+        return self.head(x.mean((2, 3)))

@@ -1,0 +1,187 @@
+"""The tracing fallback ladder: fx -> torch.export -> forward hooks.
+
+Each model here is one fx cannot trace, for a reason users' models really have
+(a branch on ``x.ndim``, a branch on tensor values). The ladder must pick the
+next backend that works, still produce a selection with at least one point,
+and say which backend it used and why it fell back.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from autoprobe import api
+from autoprobe.api import analyze
+from autoprobe.backends import ATEN_KIND_NAMES, LADDER, trace_export, trace_hooks, trace_with_fallbacks
+from autoprobe.errors import InputSizeError, TraceError
+from autoprobe.graph import _FUNCTION_KINDS, build_layer_graph
+from autoprobe.report import selection_to_dict
+from autoprobe.trace import trace_model
+from toy_models import BranchyNet as Net
+
+SIZE = (3, 32, 32)
+
+
+def _on_meta(branch: str) -> Net:
+    with torch.device("meta"):
+        return Net(branch)
+
+
+def test_ladder_order_is_fx_export_hooks():
+    assert LADDER == ("fx", "export", "hooks")
+
+
+def test_traceable_model_stays_on_fx_without_notes():
+    selection = analyze(_on_meta("none"), input_size=SIZE).selection
+    assert selection.backend == "fx"
+    assert not any(n.startswith("backend ") for n in selection.notes)
+
+
+def test_shape_branch_falls_back_to_export():
+    analysis = analyze(_on_meta("ndim"), input_size=SIZE)
+    selection = analysis.selection
+    assert selection.backend == "export"
+    assert analysis.graph.backend == "export"
+    assert len(selection.points) >= 1
+    assert any("backend fx failed" in n and "x.ndim == 3" in n for n in selection.notes), selection.notes
+    assert "fell back to backend export" in selection.notes
+    assert selection_to_dict(selection, analysis.graph)["backend"] == "export"
+
+
+def test_export_graph_matches_fx_graph_on_a_traceable_model():
+    model = _on_meta("none")
+    fx_graph = build_layer_graph(trace_model(model, SIZE))
+    export_graph = build_layer_graph(trace_export(model, SIZE))
+    assert export_graph.depth == fx_graph.depth == 7
+    weights = lambda g: [n.name for n in g if n.weight]  # noqa: E731
+    assert weights(export_graph) == weights(fx_graph)
+    # torch.nn leaves keep their paths and functions their module scope, as under fx.
+    for name in ("stem.0", "stem.1", "stem.2", "stage1.0.add", "stage1.0.act", "down.0", "head"):
+        assert name in export_graph and name in fx_graph
+        assert export_graph[name].kind == fx_graph[name].kind
+        assert export_graph[name].shape == fx_graph[name].shape
+    assert export_graph["stem.1"].norm == "batch"
+    assert export_graph["stem.2"].act == "relu"
+
+
+def test_export_selection_matches_fx_on_a_real_model(analysed):
+    from autoprobe.models import resolve_model
+    from autoprobe.rules import load_rules
+    from autoprobe.select import select_points
+
+    resolved = resolve_model("tv:resnet18")
+    via_export = trace_with_fallbacks(resolved.module, resolved.input_size, backends=("export",))
+    selection = select_points(via_export.graph, load_rules(), model="tv:resnet18")
+    reference = analysed("tv:resnet18").selection
+    assert (selection.backend, reference.backend) == ("export", "fx")
+    assert selection.depth == reference.depth
+    assert selection.names == reference.names
+
+
+def test_aten_aliases_name_kinds_graph_py_knows():
+    assert set(ATEN_KIND_NAMES.values()) <= set(_FUNCTION_KINDS)
+
+
+def test_value_branch_on_a_live_model_falls_back_to_hooks():
+    torch.manual_seed(0)
+    model = Net("value")
+    selection = analyze(model, input_size=SIZE).selection
+    assert selection.backend == "hooks"
+    assert len(selection.points) >= 1
+    failed = [n for n in selection.notes if n.startswith("backend ")]
+    assert [n.split()[1] for n in failed] == ["fx", "export"]
+    assert "fell back to backend hooks" in selection.notes
+
+
+def test_value_branch_on_meta_fails_with_every_reason():
+    with pytest.raises(TraceError) as caught:
+        analyze(_on_meta("value"), input_size=SIZE)
+    message = str(caught.value)
+    for backend in LADDER:
+        assert f"  - {backend}: " in message
+    assert "x.sum() > 0" in message
+
+
+def test_hooks_graph_joins_the_branches_of_a_residual_add():
+    graph = build_layer_graph(trace_hooks(_on_meta("none"), SIZE))
+    assert graph.backend == "hooks"
+    # The add is a function, not a module: the ReLU after it must see both the block and the skip.
+    preds = {p.name for p in graph.predecessors("stage1.0.act")}
+    assert preds == {"stage1.0.body.2", "stem.2"}
+    assert graph.depth == 7
+
+
+@pytest.mark.parametrize("backend", ["export", "hooks"])
+def test_fallback_backends_leave_a_live_model_untouched(backend):
+    torch.manual_seed(0)
+    model = Net("none").eval()
+    model.stage1.train()  # mixed flags must come back exactly as they were
+    flags = [m.training for m in model.modules()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    trace_with_fallbacks(model, SIZE, train=True, backends=(backend,))
+    assert [m.training for m in model.modules()] == flags
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+def test_wrong_input_size_is_still_an_input_size_error():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 14 * 14, 10))
+    with pytest.raises(InputSizeError) as caught:
+        analyze(model, input_size=(3, 32, 32))
+    assert "Every tracing backend failed" in str(caught.value)
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(TraceError, match="unknown tracing backends"):
+        trace_with_fallbacks(_on_meta("none"), SIZE, backends=("jit",))
+
+
+def test_no_point_on_fx_retries_a_finer_backend(monkeypatch):
+    real = api.select_points
+
+    def fx_finds_nothing(graph, pack, **kwargs):
+        selection = real(graph, pack, **kwargs)
+        return selection if graph.backend != "fx" else api.replace(selection, points=())
+
+    monkeypatch.setattr(api, "select_points", fx_finds_nothing)
+    selection = analyze(_on_meta("none"), input_size=SIZE).selection
+    assert selection.backend == "export"
+    assert len(selection.points) >= 1
+    assert any("backend fx gave no eligible point" in n for n in selection.notes)
+
+
+class _UsesShared(nn.Module):
+    def __init__(self, shared: nn.Module) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.shared = shared
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.shared(self.conv(x))
+
+
+class SharedModule(nn.Module):
+    """One module owned by the root and by two blocks, as CoaT shares its ``crpe`` convs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos = nn.Conv2d(8, 8, 3, padding=1, groups=8)  # registered first: its name is "pos"
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.Sequential(_UsesShared(self.pos), _UsesShared(self.pos))
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("backend", ["export", "hooks"])
+def test_a_shared_module_keeps_its_first_name(backend):
+    with torch.device("meta"):
+        model = SharedModule()
+    graph = trace_with_fallbacks(model, SIZE, backends=(backend,)).graph
+    names = [n.name for n in graph if n.weight]
+    assert names[:3] == ["stem", "blocks.0.conv", "pos"]
+    assert "pos_1" in names  # the second call of the same module
