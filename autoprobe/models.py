@@ -1,4 +1,4 @@
-"""Resolve a model spec to an ``nn.Module`` built on the meta device.
+"""Resolve a model spec to an ``nn.Module``, built on the meta device for inspection.
 
 Specs:
     ``resnet50``               a timm model name (``timm.list_models()``);
@@ -8,7 +8,12 @@ Specs:
 
 Models named by spec are built with ``pretrained=False`` under
 ``torch.device("meta")``: no weights are allocated or downloaded, so even
-billion-parameter models are inspected in seconds.
+billion-parameter models are inspected in seconds. A few constructors compute
+their layout with tensor ops whose values they read back (torchvision's RegNet
+calls ``.tolist()``), which the meta device cannot answer; those are built
+with real tensors for the arithmetic while every parameter and buffer goes to
+meta the moment it is registered, as accelerate's ``init_empty_weights`` does.
+``instrument`` builds specs on the CPU with fresh weights instead.
 """
 
 from __future__ import annotations
@@ -17,7 +22,10 @@ import difflib
 import importlib
 import os
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -27,6 +35,8 @@ from .errors import ModelSpecError
 __all__ = ["ResolvedModel", "resolve_model", "DEFAULT_INPUT_SIZE"]
 
 DEFAULT_INPUT_SIZE = (3, 224, 224)
+
+Device = Literal["meta", "cpu"]
 
 
 @dataclass(frozen=True)
@@ -52,7 +62,40 @@ def _suggest(name: str, choices: list[str]) -> str:
     return f" Did you mean: {', '.join(close)}?" if close else ""
 
 
-def _timm(name: str, num_classes: int | None) -> ResolvedModel:
+@contextmanager
+def _weights_on_meta() -> Iterator[None]:
+    """Move every parameter and buffer to meta as it is registered; other tensors stay real."""
+    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+
+    def parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register_parameter(module, name, param)
+
+    def buffer(module: nn.Module, name: str, tensor: torch.Tensor | None, persistent: bool = True) -> None:
+        register_buffer(module, name, None if tensor is None else tensor.to("meta"), persistent)
+
+    nn.Module.register_parameter, nn.Module.register_buffer = parameter, buffer  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer  # type: ignore[method-assign]
+
+
+def _build(factory: Callable[[], nn.Module], device: Device) -> nn.Module:
+    """Call the factory with its weights on ``device``, without allocating them for meta."""
+    if device == "cpu":
+        return factory()
+    try:
+        with torch.device("meta"):
+            return factory()
+    except NotImplementedError:
+        # The constructor read a value back from a tensor ("Cannot copy out of meta tensor").
+        with _weights_on_meta():
+            return factory()
+
+
+def _timm(name: str, num_classes: int | None, device: Device) -> ResolvedModel:
     import timm
 
     if name not in timm.list_models():
@@ -61,13 +104,12 @@ def _timm(name: str, num_classes: int | None) -> ResolvedModel:
             "Hint: use a name from `timm.list_models()`, `tv:NAME` for torchvision, or `package.module:factory`."
         )
     extra = {} if num_classes is None else {"num_classes": num_classes}
-    with torch.device("meta"):
-        model = timm.create_model(name, pretrained=False, **extra)
+    model = _build(lambda: timm.create_model(name, pretrained=False, **extra), device)
     input_size = tuple(model.pretrained_cfg.get("input_size", DEFAULT_INPUT_SIZE))
     return ResolvedModel(model, name, input_size, "classification")
 
 
-def _torchvision(name: str, num_classes: int | None) -> ResolvedModel:
+def _torchvision(name: str, num_classes: int | None, device: Device) -> ResolvedModel:
     import torchvision.models as tvm
 
     names = tvm.list_models()
@@ -82,8 +124,7 @@ def _torchvision(name: str, num_classes: int | None) -> ResolvedModel:
         kwargs.update(weights_backbone=None, aux_loss=False)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    with torch.device("meta"):
-        model = tvm.get_model(name, **kwargs)
+    model = _build(lambda: tvm.get_model(name, **kwargs), device)
     if name.startswith("inception"):
         size = (3, 299, 299)
     elif segmentation:
@@ -93,7 +134,7 @@ def _torchvision(name: str, num_classes: int | None) -> ResolvedModel:
     return ResolvedModel(model, f"tv:{name}", size, "dense" if segmentation else "classification")
 
 
-def _callable(spec: str) -> ResolvedModel:
+def _callable(spec: str, device: Device) -> ResolvedModel:
     module_name, _, attr = spec.partition(":")
     # Like uvicorn and gunicorn: a user's own module in the working directory must resolve
     # even when autoprobe runs as a console script (whose sys.path lacks the cwd).
@@ -117,8 +158,7 @@ def _callable(spec: str) -> ResolvedModel:
     if not callable(factory):
         raise ModelSpecError(f"{spec!r} is not callable. Hint: point to a function or class returning an nn.Module.")
     try:
-        with torch.device("meta"):
-            model = factory()
+        model = _build(factory, device)
     except Exception as exc:
         raise ModelSpecError(f"calling {spec!r} failed: {type(exc).__name__}: {exc}") from exc
     if not isinstance(model, nn.Module):
@@ -126,12 +166,13 @@ def _callable(spec: str) -> ResolvedModel:
     return ResolvedModel(model, spec, DEFAULT_INPUT_SIZE, "")
 
 
-def resolve_model(spec: str, *, num_classes: int | None = None) -> ResolvedModel:
-    """Build the model a spec names, on the meta device.
+def resolve_model(spec: str, *, num_classes: int | None = None, device: Device = "meta") -> ResolvedModel:
+    """Build the model a spec names, on the meta device unless told otherwise.
 
     Args:
         spec: a timm name, ``tv:NAME``, or ``package.module:factory``.
         num_classes: override the classifier width (timm and torchvision only).
+        device: ``"meta"`` (shapes only, nothing allocated) or ``"cpu"`` (fresh weights, to train).
 
     Returns:
         The ``ResolvedModel``.
@@ -147,7 +188,7 @@ def resolve_model(spec: str, *, num_classes: int | None = None) -> ResolvedModel
     if not spec:
         raise ModelSpecError("empty model spec. Hint: give a timm name such as `resnet50`.")
     if spec.startswith("tv:"):
-        return _torchvision(spec[3:], num_classes)
+        return _torchvision(spec[3:], num_classes, device)
     if ":" in spec:
-        return _callable(spec)
-    return _timm(spec, num_classes)
+        return _callable(spec, device)
+    return _timm(spec, num_classes, device)

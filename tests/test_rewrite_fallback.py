@@ -1,0 +1,135 @@
+"""``instrument`` on models fx cannot trace: forward-hook taps from export and hooks selections.
+
+Each model branches in a way fx cannot record (on ``x.ndim``: export can decide it; on
+tensor values: only the hooks backend's real run can). The probed model must train
+every adapter, return the same ``ProbedOutput`` as on the fx path, leave no hook on
+the user's modules between calls, and strip to a bit-identical model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from autoprobe.api import analyze
+from autoprobe.errors import InstrumentError
+from autoprobe.rewrite import ProbedOutput, instrument
+from autoprobe.select import Point
+from toy_models import BranchyNet as Net
+
+torch.set_num_threads(2)
+
+SIZE = (3, 32, 32)
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block; its residual adds are functions inside the block."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm1(x)
+        x = x + self.attn(y, y, y, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class TinyViT(nn.Module):
+    """Patch embedding, four blocks, mean-pooled head; ``x.ndim`` decides batching, so fx fails."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 8, stride=8)
+        self.blocks = nn.Sequential(*(Block(dim) for _ in range(4)))
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 3:
+            x = x.unsqueeze(0)
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        return self.head(self.blocks(x).mean(1))
+
+
+def _hooks_on(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    ("make", "backend"),
+    [(lambda: Net("ndim"), "export"), (lambda: Net("value"), "hooks"), (TinyViT, "export")],
+    ids=["export-cnn", "hooks-cnn", "export-vit"],
+)
+def test_fallback_selection_trains_every_adapter_and_strips_bit_identical(make, backend: str) -> None:
+    torch.manual_seed(0)
+    model = make()
+    keys = list(model.state_dict())
+    probed = instrument(model, input_size=SIZE)
+    assert probed.report.backend == backend
+    assert probed.selection.backend == backend
+    assert all(tap.hooked for tap in probed.report.taps)
+
+    x, y = torch.randn(4, *SIZE), torch.tensor([0, 3, 5, 9])
+    out = probed(x)
+    assert isinstance(out, ProbedOutput)
+    assert list(out.heads) == [p.name for p in probed.selection.points]
+    assert all(h.shape == (4, 10) for h in out.heads.values())
+    total, parts = probed.loss(out, y)
+    total.backward()
+    assert {f"mi/{p.name}" for p in probed.selection.points} <= set(parts)
+    for name, param in probed.autoprobe_adapters.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    assert _hooks_on(model) == 0  # hooks live only while a forward runs
+
+    probed.eval()
+    with torch.no_grad():
+        stripped = probed.strip()
+        assert stripped is model
+        assert torch.equal(stripped(x), probed(x).output)
+    assert list(stripped.state_dict()) == keys
+
+
+def test_function_inside_a_block_is_tapped_at_the_block_output() -> None:
+    torch.manual_seed(0)
+    probed = instrument(TinyViT(), input_size=SIZE)
+    tapped = {tap.point: tap.hooked for tap in probed.report.taps}
+    assert tapped and all(point.startswith(f"{module}.") for point, module in tapped.items()), tapped
+    assert all(module.startswith("blocks.") for module in tapped.values())
+    out = probed(torch.randn(2, *SIZE))
+    for point, feature in out.features.items():
+        assert feature.shape == (2, 16, 16), point  # (B, tokens, dim) of the block's output
+    assert "tapped at module blocks." in probed.report.summary()
+
+
+def test_probed_fallback_model_survives_torch_save_and_load() -> None:
+    torch.manual_seed(0)
+    probed = instrument(Net("value"), input_size=SIZE).eval()
+    buffer = io.BytesIO()
+    torch.save(probed, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    x = torch.randn(2, *SIZE)
+    with torch.no_grad():
+        expected, got = probed(x), loaded(x)
+    assert torch.equal(expected.output, got.output)
+    assert all(torch.equal(expected.heads[k], got.heads[k]) for k in expected.heads)
+    assert _hooks_on(loaded.strip()) == 0
+
+
+def test_top_level_function_point_cannot_be_hooked() -> None:
+    torch.manual_seed(0)
+    model = Net("ndim")
+    analysis = analyze(model, input_size=SIZE)
+    pool = analysis.graph["mean"]  # the global pool in Net.forward itself: no module to hook
+    assert analysis.selection.backend == "export" and pool.module_path == ""
+    point = Point(pool.name, pool.fx_name, "", pool.depth, pool.shape, pool.layout, 1.0, ())
+    selection = dataclasses.replace(analysis.selection, points=(point,))
+    with pytest.raises(InstrumentError, match="(?s)'mean'.*top level.*forward hooks can only tap module outputs"):
+        instrument(model, selection)
