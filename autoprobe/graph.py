@@ -7,7 +7,8 @@ module-qualified names from ``trace`` (``layer1.0.act3``).
 
 Depth counts weight layers (conv, linear, attention projections, any module
 owning a matrix-shaped parameter) on the longest path from the input to a
-node, the node itself included; ``D`` is the depth of the output.
+node, the node itself included; ``D`` is the depth of the output. A leaf block
+fx keeps whole counts every weight layer inside it.
 
 Layouts are inferred from the producing op, not guessed per model: conv,
 pooling, BatchNorm and GroupNorm produce channels-first tensors, Linear and
@@ -92,7 +93,8 @@ class LayerInfo:
         layout: ``NC``, ``NCL``, ``NLC``, ``NCHW``, ``NHWC``, ``NCDHW`` or ``""``.
         channels: feature width, or ``None``.
         spatial: spatial extent (``(H, W)``), ``(N,)`` for tokens, or ``None``.
-        depth: weight layers on the longest path from the input to here, this node included.
+        depth: weight layers on the longest path from the input to here, this node included
+            (all of them for a leaf block).
         order: position in topological (execution) order.
     """
 
@@ -136,7 +138,7 @@ class LayerGraph:
         output: name of the output node.
         input_shape: the traced input shape, batch included.
         mode: ``train`` or ``eval``.
-        backend: the tracing backend (``fx``).
+        backend: the tracing backend: ``fx``, ``export`` or ``hooks`` (see ``backends.py``).
     """
 
     nx_graph: nx.DiGraph
@@ -277,6 +279,18 @@ _KNOWN_ACTS = frozenset(
 
 def _owns_matrix(module: nn.Module, recurse: bool = False) -> bool:
     return any(p.dim() >= 2 for p in module.parameters(recurse=recurse))
+
+
+def _weight_layers(module: nn.Module) -> int:
+    """Weight layers a module call adds to the depth: 1 for a conv or linear, all inside a leaf block.
+
+    fx keeps a leaf block (a timm notrace module such as ``NormFreeBlock``, or
+    ``nn.MultiheadAttention``) as one node, but its convs and projections are layers of the
+    network all the same; counting the block as 1 made such models look several times
+    shallower than their traced siblings. Counting every matrix-owning module inside is an
+    upper bound when the block has parallel branches (a shortcut conv).
+    """
+    return max(1, sum(1 for m in module.modules() if _owns_matrix(m)))
 
 
 def _first_tensor_meta(meta: Any) -> TensorMetadata | None:
@@ -446,6 +460,7 @@ def _layer_info(
     )
     if node.op == "call_module" and kind == "attention":
         weight = _owns_matrix(modules[str(node.target)], recurse=True)
+    layers = _weight_layers(modules[str(node.target)]) if weight and node.op == "call_module" else int(weight)
 
     meta = _first_tensor_meta(node.meta.get("tensor_meta"))
     shape = tuple(int(s) for s in meta.shape) if meta is not None else None
@@ -456,7 +471,7 @@ def _layer_info(
     # Window attention folds positions into the batch (Swin): such tensors are not per-example features.
     per_example = shape is not None and len(shape) >= 2 and shape[0] == batch
     channels, spatial = _features(layout, shape) if per_example else (None, None)
-    depth = max((p.depth for p in data_inputs), default=0) + int(weight)
+    depth = max((p.depth for p in data_inputs), default=0) + layers
     return LayerInfo(
         name=qualname,
         fx_name=node.name,

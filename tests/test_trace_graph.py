@@ -39,6 +39,19 @@ def test_depth_counts_attention_projections() -> None:
         assert graph_of(ToyTransformer(ATTENTIONS[kind])).depth == 10, kind
 
 
+def test_leaf_block_counts_every_weight_layer_inside() -> None:
+    # The middle block kept whole by fx (a leaf, like timm's notrace blocks) holds two convs:
+    # conv, [conv, conv], linear is four weight layers deep, as the traced model is.
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.Sequential(nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3)),
+        nn.Flatten(), nn.Linear(4 * 10 * 10, 2),
+    )
+    traced = graph_of(model, (3, 16, 16))
+    leaf = graph_of(model, (3, 16, 16), leaf_paths=["1"])
+    assert traced.depth == leaf.depth == 4
+    assert leaf["1"].depth == 3 and leaf["1"].weight
+
+
 def test_depth_is_the_longest_path() -> None:
     g = graph_of(ToyUNet())
     # enc1 3 (conv + residual 2), enc2 3, bottom 3, up2 1, dec2 1, up1 1, dec1 1, head 1
