@@ -31,7 +31,7 @@ import abc
 import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from typing import Literal, NamedTuple, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 import torch.nn.functional as F
@@ -764,8 +764,41 @@ def _mutual_information(logits: Tensor, target: Tensor, ignore_index: int, eps: 
 
 def _negative_entropy(z: Tensor, channel_dim: int) -> Tensor:
     with _full_precision(z):
-        log_probs = F.log_softmax(z.float(), dim=channel_dim)
-        return (log_probs.exp() * log_probs).sum(dim=channel_dim).mean()
+        return _NegativeEntropy.apply(z, channel_dim)
+
+
+def _at_least_float32(t: Tensor) -> Tensor:
+    return t if t.dtype == torch.float64 else t.float()
+
+
+class _NegativeEntropy(torch.autograd.Function):
+    """Mean over positions of sum_c p_c log p_c, p = softmax(z) over ``dim``; saves only z.
+
+    Autograd through log_softmax, exp, mul and sum would keep two feature-sized float32
+    tensors per point alive until backward and run their backward ops one by one. With
+    n_pos positions and NE(pos) = sum_j p_j log p_j, the gradient is
+
+        d mean / d z_c = p_c * (log p_c - NE(pos)) / n_pos
+
+    so backward recomputes log p from z (alive anyway: the backbone's next layer saved it)
+    and forms the gradient in place, in one buffer.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor, dim: int) -> Tensor:
+        log_probs = F.log_softmax(_at_least_float32(z), dim=dim)
+        per_position = (log_probs.exp() * log_probs).sum(dim=dim, keepdim=True)
+        ctx.save_for_backward(z, per_position)
+        ctx.dim = dim
+        return per_position.mean()
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, None]:
+        z, per_position = ctx.saved_tensors
+        log_probs = F.log_softmax(_at_least_float32(z), dim=ctx.dim)
+        probs = log_probs.exp()
+        grad = log_probs.sub_(per_position).mul_(probs).mul_(grad_output / per_position.numel())
+        return grad.to(z.dtype), None
 
 
 def _synergy(branches: Sequence[Tensor], temperature: float, valid: Tensor | None) -> Tensor:
