@@ -62,7 +62,7 @@ def analyze(
 
     Raises:
         TraceError: no backend could trace the model; the message has each backend's reason.
-        InputSizeError: the size is invalid, or every backend failed and fx failed on the size.
+        InputSizeError: the size is invalid, or the model's own code rejects it.
 
     Example:
         >>> analysis = analyze("resnet18")

@@ -155,7 +155,7 @@ def trace_with_fallbacks(
         A ``LadderResult`` with the traced model, its graph and the failed rungs.
 
     Raises:
-        InputSizeError: every rung failed and fx failed on the input size (the size is likely wrong).
+        InputSizeError: the model's own code rejected the input size; no other rung is tried.
         TraceError: every rung failed; the message lists each rung's reason.
 
     Example:
@@ -183,6 +183,10 @@ def trace_with_fallbacks(
                 model, input_size, train=train, leaf_modules=leaf_modules, leaf_paths=leaf_paths, batch_size=batch_size
             )
             graph = build_layer_graph(traced)
+        except InputSizeError:
+            # fx traced the model and its own code rejected the size while shapes were
+            # propagated; export and hooks would run that same code and fail the same way.
+            raise
         except AutoprobeError as exc:
             failed.append(Attempt(backend, type(exc).__name__, _first_line(exc)))
             errors.append(exc)
@@ -190,8 +194,6 @@ def trace_with_fallbacks(
         return LadderResult(traced, graph, tuple(failed))
     listing = "\n".join(f"  - {a}" for a in failed)
     first = errors[0]
-    if isinstance(first, InputSizeError):
-        raise InputSizeError(f"{first}\nEvery tracing backend failed:\n{listing}") from first
     raise TraceError(
         f"no tracing backend could trace {type(model).__name__}:\n{listing}\n"
         "Hint: mark the failing submodule as a leaf (`--leaf PATH`), or give the model a forward that takes one tensor."
@@ -575,6 +577,7 @@ def trace_export(
         mode="train" if train else "eval",
         backend="export",
         concrete_args=tuple(sorted(concrete)),
+        module_types={name: type(module).__name__ for name, module in model.named_modules()},
     )
 
 
@@ -761,6 +764,7 @@ def trace_hooks(
         mode="train" if train else "eval",
         backend="hooks",
         concrete_args=tuple(sorted(concrete)),
+        module_types={name: type(module).__name__ for name, module in model.named_modules()},
     )
 
 

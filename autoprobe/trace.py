@@ -41,7 +41,8 @@ class Traced:
         qualnames: fx node name -> module-qualified name (``layer1.0.add``), unique per graph.
         input_shape: the full input shape used for propagation, batch included.
         mode: ``"train"`` or ``"eval"``, the mode the graph was traced in.
-        backend: how the graph was obtained; ``"fx"`` here.
+        backend: how the graph was obtained: ``"fx"`` (``trace_model``), ``"export"`` or
+            ``"hooks"`` (the fallbacks in ``backends.py``).
         concrete_args: forward arguments fixed to their defaults while tracing.
         module_types: module path -> class name of every submodule of the traced model
             (``""`` is the model itself); the graph module keeps only the called ones.
