@@ -46,6 +46,7 @@ __all__ = [
     "OutputCrossEntropy",
     "MutualInformationLoss",
     "NegativeEntropyLoss",
+    "NE_MAX_POSITIONS",
     "DSNLoss",
     "DKSLoss",
     "Objective",
@@ -66,6 +67,9 @@ _OBJECTIVE_OPTIONS: dict[str, set[str]] = {
     "dsn": {"alpha"},
     "dks": {"alpha", "beta", "temperature"},
 }
+# Positions per example above which NE is estimated on a grid: a 32x32 map is exact, a
+# 112x112 one is sampled with stride 4 (784 positions), 56x56 with stride 2.
+NE_MAX_POSITIONS = 1024
 _CHANNEL_DIMS: dict[str, int] = {"NC": 1, "NCL": 1, "NCHW": 1, "NCDHW": 1, "NLC": -1, "NHWC": -1}
 
 
@@ -191,9 +195,22 @@ class NegativeEntropyLoss(nn.Module):
     Minimizing it maximizes the entropy of the hidden feature, which discourages
     overconfident intermediate representations (Eq. 2). It needs no labels.
 
+    Estimator: NE is a mean over positions, so on a large map (the first stages of a
+    CNN: 112x112 positions at 64 channels) it is estimated, like a minibatch estimates
+    a mean over the data, on a strided grid of at most about ``max_positions``
+    positions per example, at a random offset drawn each call from torch's default
+    generator. Every position is in the grid with the same probability, so the
+    estimate and its gradient are unbiased when each size is a multiple of the
+    stride (nearly so otherwise) and every position is regularized over the steps.
+    The full mean costs a softmax, its backward and a gradient the size of the map at
+    every step; the estimate keeps NE's cost small next to the layers it regularizes
+    (``benchmarks/overhead.py``). ``max_positions=None`` computes the exact mean.
+
     Args:
         channel_dim: the channel dimension of z (1 for NC/NCL/NCHW, -1 for NLC/NHWC);
             see ``for_layout``.
+        max_positions: positions per example above which NE is estimated on a grid;
+            ``None`` for the exact mean.
 
     Example:
         >>> import torch, math
@@ -202,21 +219,23 @@ class NegativeEntropyLoss(nn.Module):
         True
     """
 
-    def __init__(self, channel_dim: int = 1) -> None:
+    def __init__(self, channel_dim: int = 1, max_positions: int | None = NE_MAX_POSITIONS) -> None:
         super().__init__()
         self.channel_dim = _check_int("channel_dim", channel_dim)
+        self.max_positions = _check_max_positions(max_positions)
 
     @classmethod
-    def for_layout(cls, layout: str) -> NegativeEntropyLoss:
+    def for_layout(cls, layout: str, max_positions: int | None = NE_MAX_POSITIONS) -> NegativeEntropyLoss:
         """The loss for features of one layout.
 
         Args:
             layout: ``NC``, ``NCL``, ``NLC``, ``NCHW``, ``NHWC`` or ``NCDHW``.
+            max_positions: see the class.
 
         Returns:
             A ``NegativeEntropyLoss`` softmaxing over that layout's channel dim.
         """
-        return cls(channel_dim_for(layout))
+        return cls(channel_dim_for(layout), max_positions)
 
     def forward(self, z: Tensor) -> Tensor:
         """Negative entropy of ``z`` over its channels.
@@ -232,10 +251,10 @@ class NegativeEntropyLoss(nn.Module):
                 f"negative entropy needs a batched feature with channels at dim {self.channel_dim}; "
                 f"got shape {tuple(z.shape)}"
             )
-        return _negative_entropy(z, self.channel_dim)
+        return _negative_entropy(z, self.channel_dim, self.max_positions)
 
     def extra_repr(self) -> str:
-        return f"channel_dim={self.channel_dim}"
+        return f"channel_dim={self.channel_dim}, max_positions={self.max_positions}"
 
 
 class DSNLoss(nn.Module):
@@ -465,6 +484,8 @@ class IMacHSR(Objective):
         schedule: how alpha and lambda change over training.
         ignore_index: label value excluded from CE and MI.
         eps: floor inside the MI logs.
+        ne_positions: positions per example above which NE is estimated on a random
+            strided grid (``NegativeEntropyLoss.max_positions``); ``None`` for the exact mean.
 
     Example:
         >>> import torch
@@ -486,8 +507,10 @@ class IMacHSR(Objective):
         schedule: Schedule = "constant",
         ignore_index: int = -100,
         eps: float = 1e-8,
+        ne_positions: int | None = NE_MAX_POSITIONS,
     ) -> None:
         super().__init__(points, schedule=schedule, ignore_index=ignore_index)
+        self.ne_positions = _check_max_positions(ne_positions)
         _check_names("layout", layouts, self.points)
         self.layouts: dict[str, str] = {name: layouts[name] for name in self.points}
         self._channel_dims = {name: channel_dim_for(layout) for name, layout in self.layouts.items()}
@@ -514,11 +537,12 @@ class IMacHSR(Objective):
         for name in self.points:
             mi = -_mutual_information(heads[name], target, self.ignore_index, self.eps)
             terms.append((f"mi/{name}", self.alpha[name], mi))
-            terms.append((f"ne/{name}", self.lam[name], _negative_entropy(features[name], self._channel_dims[name])))
+            ne = _negative_entropy(features[name], self._channel_dims[name], self.ne_positions)
+            terms.append((f"ne/{name}", self.lam[name], ne))
         return terms
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, alpha={self.alpha}, lam={self.lam}"
+        return f"{super().extra_repr()}, alpha={self.alpha}, lam={self.lam}, ne_positions={self.ne_positions}"
 
 
 class DSN(Objective):
@@ -762,9 +786,24 @@ def _mutual_information(logits: Tensor, target: Tensor, ignore_index: int, eps: 
         return (mi * present).sum() / present.sum().clamp_min(1)
 
 
-def _negative_entropy(z: Tensor, channel_dim: int) -> Tensor:
+def _negative_entropy(z: Tensor, channel_dim: int, max_positions: int | None) -> Tensor:
     with _full_precision(z):
-        return _NegativeEntropy.apply(z, channel_dim)
+        return _NegativeEntropy.apply(_position_grid(z, channel_dim, max_positions), channel_dim)
+
+
+def _position_grid(z: Tensor, channel_dim: int, max_positions: int | None) -> Tensor:
+    """A view of ``z`` on a strided grid of about ``max_positions`` positions, at a random offset."""
+    channel = channel_dim % z.dim()
+    spatial = [d for d in range(1, z.dim()) if d != channel]
+    positions = math.prod(z.shape[d] for d in spatial)
+    if max_positions is None or positions <= max_positions:
+        return z
+    stride = math.ceil((positions / max_positions) ** (1 / len(spatial)))
+    index: list[slice] = [slice(None)] * z.dim()
+    for d in spatial:
+        step = min(stride, z.shape[d])
+        index[d] = slice(int(torch.randint(step, ())), None, step)
+    return z[tuple(index)]
 
 
 def _at_least_float32(t: Tensor) -> Tensor:
@@ -893,4 +932,10 @@ def _check_positive_float(name: str, value: float) -> float:
 def _check_int(name: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InstrumentError(f"{name} must be an int; got {value!r}")
+    return value
+
+
+def _check_max_positions(value: int | None) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise InstrumentError(f"max_positions must be a positive int or None (exact); got {value!r}")
     return value

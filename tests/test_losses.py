@@ -449,3 +449,45 @@ def test_negative_entropy_gradient_matches_autograd_of_the_formula(shape: tuple[
     (log_p.exp() * log_p).sum(dim=dim).mean().backward()
     loss(z).backward()
     torch.testing.assert_close(z.grad, reference.grad)
+
+
+def test_negative_entropy_on_a_large_map_averages_to_the_exact_value_over_the_grid_offsets() -> None:
+    # 8x8 positions, at most 16 per example: stride 2, four possible offsets. Each offset is one
+    # estimate; their mean is exactly the full mean, in NCHW and NHWC alike.
+    torch.manual_seed(0)
+    z = torch.randn(3, 5, 8, 8, dtype=torch.float64)
+    exact = NegativeEntropyLoss(max_positions=None)(z)
+    for layout, feature in (("NCHW", z), ("NHWC", z.permute(0, 2, 3, 1))):
+        sampled = NegativeEntropyLoss.for_layout(layout, max_positions=16)
+        by_offset = {}
+        for seed in range(64):
+            torch.manual_seed(seed)
+            estimate = sampled(feature)
+            by_offset[round(estimate.item(), 12)] = estimate
+        assert len(by_offset) == 4, layout  # four grids, each reached
+        torch.testing.assert_close(torch.stack(list(by_offset.values())).mean(), exact)
+
+
+def test_negative_entropy_gradient_reaches_only_the_sampled_grid() -> None:
+    torch.manual_seed(0)
+    z = torch.randn(2, 4, 12, 12, requires_grad=True)
+    NegativeEntropyLoss(max_positions=36)(z).backward()  # 144 positions -> stride 2 -> 36
+    touched = (z.grad.abs().sum(dim=(0, 1)) > 0).float()
+    assert touched.sum() == 36
+    assert NegativeEntropyLoss(max_positions=144)(z).requires_grad  # at the limit: exact, no sampling
+
+
+def test_negative_entropy_small_maps_and_tokens_are_exact_by_default() -> None:
+    # The default limit (1024) leaves 32x32 maps and ViT's 197 tokens exact: no randomness.
+    z, tokens = torch.randn(2, 8, 32, 32), torch.randn(2, 197, 16)
+    state = torch.get_rng_state()
+    exact = NegativeEntropyLoss(max_positions=None)
+    assert torch.equal(NegativeEntropyLoss()(z), exact(z))
+    assert torch.equal(NegativeEntropyLoss.for_layout("NLC")(tokens), NegativeEntropyLoss.for_layout("NLC", None)(tokens))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_negative_entropy_max_positions_must_be_a_positive_int(bad: object) -> None:
+    with pytest.raises(InstrumentError, match="max_positions must be a positive int or None"):
+        NegativeEntropyLoss(max_positions=bad)  # type: ignore[arg-type]
