@@ -246,7 +246,9 @@ class Probed(nn.Module):
     taps, so validation losses are comparable; ship ``strip()`` for inference.
     The forward runs fx-generated code over the user's modules: forward hooks on
     modules fx called as a whole (convs, norms, timm leaf blocks) still fire, hooks
-    on modules it traced through, including the model itself, do not.
+    on modules it traced through, including the model itself, do not. For a
+    selection from a fallback backend (``report.backend`` is ``export`` or ``hooks``)
+    the forward runs the model itself, with tapping hooks registered for that call only.
 
     Attributes:
         model: the user's model (the very object passed to ``instrument``).

@@ -577,9 +577,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.render:
         data = json.loads(Path(args.render).read_text(encoding="utf-8"))
         meta = data["meta"]
+        results = [Result(**r) for r in data["results"]]
         if args.coverage:
             meta["coverage"] = [_coverage(path) for path in args.coverage]
-        Path(args.markdown).write_text(render_markdown([Result(**r) for r in data["results"]], meta), encoding="utf-8")
+            _write_json(Path(args.render), meta, results)  # keep the raw file's summary in step with ZOO.md
+        Path(args.markdown).write_text(render_markdown(results, meta), encoding="utf-8")
         return 0
     started, load_before = time.perf_counter(), os.getloadavg()[0]
     specs = _select(_list_in_child(), args.only, args.limit)
@@ -603,12 +605,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "coverage": [_coverage(path) for path in args.coverage],
     }
     if args.json:
-        # The coverage runs keep their own raw files; their per-model selections need not be copied here.
-        stored = {**meta, "coverage": [{k: v for k, v in c.items() if k != "selections"} for c in meta["coverage"]]}
-        Path(args.json).write_text(
-            json.dumps({"meta": stored, "results": [asdict(r) for r in results]}, indent=1, sort_keys=True) + "\n",
-            encoding="utf-8",
-        )
+        _write_json(Path(args.json), meta, results)
     if not args.no_markdown:
         Path(args.markdown).write_text(render_markdown(results, meta), encoding="utf-8")
     ok = sum(r.status == "ok" for r in results)
@@ -617,6 +614,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if r.status != "ok":
             print(f"  {r.status:9s} {r.model}: {r.reason[:200]}")
     return 0 if ok == len(results) else 1
+
+
+def _write_json(path: Path, meta: dict[str, Any], results: Sequence[Result]) -> None:
+    # The coverage runs keep their own raw files; their per-model selections need not be copied here.
+    stored = {**meta, "coverage": [{k: v for k, v in c.items() if k != "selections"} for c in meta["coverage"]]}
+    text = json.dumps({"meta": stored, "results": [asdict(r) for r in results]}, indent=1, sort_keys=True)
+    path.write_text(text + "\n", encoding="utf-8")
 
 
 def _coverage(path: str) -> dict[str, Any]:
