@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -78,8 +79,10 @@ def analyze(
     size = _input_size(resolved.module, input_size, resolved.input_size)
     pack = rules if isinstance(rules, RulePack) else load_rules(rules)
     # The fallback ladder (fx -> export -> hooks) lives in backends.py; every rung it skips is noted.
-    trace_options = dict(train=train, leaf_modules=leaf_modules, leaf_paths=leaf_paths)
-    ladder = trace_with_fallbacks(resolved.module, size, **trace_options)
+    trace = functools.partial(
+        trace_with_fallbacks, resolved.module, size, train=train, leaf_modules=leaf_modules, leaf_paths=leaf_paths
+    )
+    ladder = trace()
     graph = ladder.graph
     selection = select_points(graph, pack, points=points, model=resolved.label)
     notes = list(ladder.notes)
@@ -87,7 +90,7 @@ def analyze(
     if not selection.points and remaining:
         # A leaf module can hide every feature inside it; a finer backend may expose them.
         try:
-            finer = trace_with_fallbacks(resolved.module, size, backends=remaining, **trace_options)
+            finer = trace(backends=remaining)
         except AutoprobeError as exc:
             notes.append(f"backend {ladder.backend} gave no point and no finer backend worked: {exc}".splitlines()[0])
         else:

@@ -30,6 +30,7 @@ from .errors import AutoprobeError, InputSizeError, TraceError
 __all__ = ["Traced", "trace_model", "default_leaf_modules", "default_autowrap_functions"]
 
 _FX_SUFFIX = re.compile(r"_[0-9]+$")
+_PROXY = re.compile(r"Proxy\(\w+\)")
 
 
 @dataclass(frozen=True)
@@ -239,10 +240,11 @@ class _ShapeProp(fx.Interpreter):
                 )
                 error.message = error.args[0]
                 raise error from exc
+            # An assert's message was formatted while tracing, so its numbers read ``Proxy(getitem_2)``.
+            reason = _PROXY.sub("<traced value>", str(exc).splitlines()[0]) if str(exc) else ""
             error = InputSizeError(
                 f"input size {self.input_shape[1:]} does not fit the model: node {n.name} "
-                f"({n.op} {_target_name(n)}) failed with {type(exc).__name__}: "
-                f"{str(exc).splitlines()[0] if str(exc) else ''}\n"
+                f"({n.op} {_target_name(n)}) failed with {type(exc).__name__}: {reason}\n"
                 "Hint: pass the size the model was built for, e.g. `--input-size 3,224,224`."
             )
             error.message = error.args[0]  # fx's Interpreter rewrites args with its own notes

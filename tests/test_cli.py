@@ -135,6 +135,7 @@ def test_factory_that_returns_no_module(capsys: Capsys, tmp_path: Path, monkeypa
 def test_input_size_that_does_not_fit(capsys: Capsys) -> None:
     code, _, err = inspect_cli(capsys, "vit_base_patch16_224", "--input-size", "3,100,100")
     assert_user_error(code, err, "(3, 100, 100)", "does not fit", "--input-size")
+    assert "Proxy(" not in err and "export" not in err  # no tracing internals, no other backend's retry
 
 
 @pytest.mark.parametrize("size", ["abc", "3,0,16", "-4"])
