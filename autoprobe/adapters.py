@@ -45,6 +45,7 @@ __all__ = [
     "DenseAdapter",
     "make_adapter",
     "adapter_parameter_count",
+    "adapter_parameters",
 ]
 
 Task = Literal["classification", "dense"]
@@ -251,6 +252,27 @@ def make_adapter(
         raise InstrumentError(f"dense adapters on {layout!r} tokens need spatial=(N,), the token count")
     grid, prefix = _token_grid(spatial[0])
     return DenseAdapter(channels, num_classes, layout, out_size, grid=grid, prefix_tokens=prefix)
+
+
+def adapter_parameters(channels: int, num_classes: int) -> int:
+    """Parameters of the adapter ``make_adapter`` builds for a C-channel point and K classes.
+
+    Every built-in adapter is one C -> K linear map (a ``Linear`` after pooling, or a
+    1x1 conv) with a bias, whatever the layout and task, so ``inspect`` can report the
+    cost before anything is built.
+
+    Args:
+        channels: C, the point's feature width.
+        num_classes: K, the model output's class axis.
+
+    Returns:
+        C*K + K.
+
+    Example:
+        >>> adapter_parameters(64, 10)
+        650
+    """
+    return channels * num_classes + num_classes
 
 
 def adapter_parameter_count(module: nn.Module) -> int:

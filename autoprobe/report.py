@@ -16,6 +16,7 @@ from typing import Any
 
 import networkx as nx
 
+from .adapters import adapter_parameters
 from .graph import LayerGraph, LayerInfo
 from .select import Fired, Selection
 
@@ -68,11 +69,24 @@ def selection_to_dict(selection: Selection, graph: LayerGraph | None = None) -> 
                 "score": p.score,
                 "reason": p.reason,
                 "rules": _fired(p.fired),
+                **({} if graph is None else {"adapter_params": _adapter_params(graph, graph[p.name])}),
             }
             for p in selection.points
         ],
         "candidates": candidates,
     }
+
+
+def _classes(graph: LayerGraph) -> int | None:
+    """K from the output's shape when it is logits, (B, K) or (B, K, H, W); else unknown."""
+    shape = graph[graph.output].shape
+    return shape[1] if shape is not None and len(shape) in (2, 4) and shape[1] >= 2 else None
+
+
+def _adapter_params(graph: LayerGraph, info: LayerInfo) -> int | None:
+    """Parameters of the adapter ``instrument`` would put at this node, when it can tell."""
+    classes = _classes(graph)
+    return adapter_parameters(info.channels, classes) if classes and info.channels else None
 
 
 def to_json(data: Any) -> str:
@@ -102,19 +116,24 @@ def render_table(selection: Selection, graph: LayerGraph, *, all_candidates: boo
         f"min_distance={selection.min_distance}",
     )
     table = Table(show_lines=False, header_style="bold")
-    for column in ("#", "point", "depth", "shape", "score", "rules", "reason"):
-        table.add_column(column, overflow="fold", no_wrap=column in ("#", "depth", "score"))
+    for column in ("#", "point", "depth", "shape", "adapter", "score", "rules", "reason"):
+        table.add_column(column, overflow="fold", no_wrap=column in ("#", "depth", "score", "adapter"))
     chosen = {p.name: i for i, p in enumerate(selection.points, 1)}
     rows = selection.candidates if all_candidates else [s for s in selection.candidates if s.node in chosen]
     for s in rows:
         info = graph[s.node]
         mark = f"P{chosen[s.node]}" if s.node in chosen else ""
         style = "bold" if mark else "dim"
+        params = _adapter_params(graph, info)
         table.add_row(
-            mark, s.node, str(info.depth), "x".join(map(str, info.shape or ())), f"{s.score:.2f}",
+            mark, s.node, str(info.depth), "x".join(map(str, info.shape or ())),
+            "-" if params is None else f"{params:,}", f"{s.score:.2f}",
             ", ".join(dict.fromkeys(f.detector for f in s.fired)), s.fired[0].reason, style=style,
         )
     parts = [head, table]
+    chosen_params = [_adapter_params(graph, graph[p.name]) for p in selection.points]
+    if chosen_params and None not in chosen_params:
+        parts.append(Text(f"adapters: {sum(chosen_params):,} parameters in all (C*K + K each, K={_classes(graph)})"))
     parts.extend(Text(f"note: {n}", style="yellow") for n in selection.notes)
     return Group(*parts)
 

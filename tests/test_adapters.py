@@ -11,6 +11,7 @@ from autoprobe.adapters import (
     DenseAdapter,
     Task,
     adapter_parameter_count,
+    adapter_parameters,
     make_adapter,
 )
 from autoprobe.errors import InstrumentError
@@ -179,3 +180,14 @@ def test_adapter_compiles_without_graph_breaks_and_runs_under_autocast() -> None
         logits = adapter(z)
     assert logits.shape == (B, K, 8, 8)
     torch.testing.assert_close(logits.float(), adapter(z), atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize(
+    ("layout", "spatial", "task", "out_size"),
+    [("NC", None, "classification", None), ("NCHW", (8, 8), "classification", None), ("NLC", (16,), "classification", None),
+     ("NCHW", (8, 8), "dense", (32, 32)), ("NHWC", (8, 8), "dense", (32, 32)), ("NLC", (16,), "dense", (16, 16))],
+)
+def test_reported_adapter_size_is_what_make_adapter_builds(layout, spatial, task, out_size) -> None:
+    # ``inspect`` reports adapter_parameters() before anything is built; it must be the real count.
+    built = make_adapter(channels=24, layout=layout, spatial=spatial, task=task, num_classes=7, out_size=out_size)
+    assert adapter_parameter_count(built) == adapter_parameters(24, 7) == 24 * 7 + 7

@@ -35,6 +35,9 @@ def test_table_for_resnet50(capsys: Capsys, analysed: Analysed) -> None:
     for i, name in enumerate(names, 1):
         row = next(line for line in out.splitlines() if f" P{i} " in line)
         assert f" {name} " in row
+    # C*K + K per adapter at K=1000: act1 (64 ch) 65,000 ... layer3 (1024 ch) 1,025,000.
+    assert " 65,000 " in next(line for line in out.splitlines() if " P1 " in line)
+    assert "adapters: 1,860,000 parameters in all" in out
 
 
 def test_json_and_svg_for_resnet50(capsys: Capsys, tmp_path: Path, analysed: Analysed) -> None:
@@ -46,6 +49,7 @@ def test_json_and_svg_for_resnet50(capsys: Capsys, tmp_path: Path, analysed: Ana
     names = [p["name"] for p in data["points"]]
     assert (data["depth"], data["num_points"], names) == (50, 4, list(analysed("resnet50").selection.names))
     assert {c["name"] for c in data["candidates"] if c["chosen"]} == set(names)
+    assert [p["adapter_params"] for p in data["points"]] == [65_000, 257_000, 513_000, 1_025_000]
 
     root = ET.parse(picture).getroot()
     assert root.tag == f"{SVG}svg"
