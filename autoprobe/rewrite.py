@@ -201,7 +201,8 @@ class RewriteReport:
         ]
         for tap in self.taps:
             copy = ", copied (in-place op follows)" if tap.cloned and not tap.hooked else ""
-            if tap.hooked and tap.hooked != tap.point:
+            # ``block#1`` is the point ``block_1`` itself (the second call); anything else was moved.
+            if tap.hooked and tap.hooked.replace("#", "_") != tap.point:
                 copy += f", tapped at module {tap.hooked}'s output"
             lines.append(
                 f"  {tap.point}: {tap.layout} {tap.feature_shape[1:]} -> {tap.adapter_type} "

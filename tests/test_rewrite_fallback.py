@@ -133,3 +133,40 @@ def test_top_level_function_point_cannot_be_hooked() -> None:
     selection = dataclasses.replace(analysis.selection, points=(point,))
     with pytest.raises(InstrumentError, match="(?s)'mean'.*top level.*forward hooks can only tap module outputs"):
         instrument(model, selection)
+
+
+class _SharedBlock(nn.Module):
+    """One block called twice, behind a value-dependent branch: the hooks backend names the calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        if x.sum() > -1e9:
+            x = x * 1.0
+        return self.head(self.block(self.block(x)).mean((2, 3)))
+
+
+def test_each_call_of_a_shared_module_is_tapped_separately() -> None:
+    torch.manual_seed(0)
+    model = _SharedBlock()
+    analysis = analyze(model, input_size=(3, 16, 16))
+    graph = analysis.graph
+    assert analysis.selection.backend == "hooks" and "block.1_1" in graph
+    points = tuple(
+        Point(n, graph[n].fx_name, graph[n].module_path, graph[n].depth, graph[n].shape, graph[n].layout, 1.0, ())
+        for n in ("block.1", "block.1_1")
+    )
+    probed = instrument(model, dataclasses.replace(analysis.selection, points=points)).eval()
+    assert [t.hooked for t in probed.report.taps] == ["block.1", "block.1#1"]
+    assert "tapped at module" not in probed.report.summary()  # both are the points themselves
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        out = probed(x)
+        first = model.block(model.stem(x))
+        assert torch.equal(out.features["block.1"], first)
+        assert torch.equal(out.features["block.1_1"], model.block(first))
