@@ -60,7 +60,7 @@ from .graph import LayerGraph, LayerInfo, build_layer_graph
 from .losses import LossResult, Objective, ObjectiveName, Schedule, make_objective
 from .rules import RulePack
 from .select import Selection
-from .backends import trace_export, trace_hooks
+from .backends import trace_with_fallbacks
 from .trace import Traced, trace_model
 
 __all__ = ["instrument", "Probed", "ProbedOutput", "RewriteReport", "Tap", "ADAPTERS"]
@@ -408,13 +408,7 @@ class Probed(nn.Module):
         if plan.backend != "fx":
             self._graphs = _hook_graphs(model, adapters, plan.points, plan.hooks)
             return
-        # Trace in the model's current modes without touching its flags (trace_model restores them).
-        train_traced = trace_model(
-            model, plan.input_size, train=True, leaf_modules=plan.leaf_modules, leaf_paths=plan.leaf_paths
-        )
-        eval_traced = trace_model(
-            model, plan.input_size, train=False, leaf_modules=plan.leaf_modules, leaf_paths=plan.leaf_paths
-        )
+        train_traced, eval_traced = _trace_both_modes(model, plan.input_size, plan.leaf_modules, plan.leaf_paths)
         _check_unchanged(plan, build_layer_graph(train_traced))
         self._graphs = _build_graphs(model, adapters, plan.points, train_traced, eval_traced)
 
@@ -511,21 +505,17 @@ def instrument(
     leaves, paths = tuple(leaf_modules), tuple(leaf_paths)
 
     if selection.backend == "fx":
-        train_traced = trace_model(module, size, train=True, leaf_modules=leaves, leaf_paths=paths)
-        eval_traced = trace_model(module, size, train=False, leaf_modules=leaves, leaf_paths=paths)
+        train_traced, eval_traced = _trace_both_modes(module, size, leaves, paths)
         layer_graphs = {"train": build_layer_graph(train_traced), "eval": build_layer_graph(eval_traced)}
         infos = _check_selection(selection, layer_graphs, label)
         hooks: tuple[tuple[str, int], ...] = ()
     else:
         # The model runs its own Python, whatever its mode: one graph, in the selection's mode, to check against.
-        tracer = _FALLBACK_TRACERS.get(selection.backend)
-        if tracer is None:
-            raise InstrumentError(
-                f"the selection for {selection.model!r} names an unknown backend {selection.backend!r}; "
-                "expected fx, export or hooks. Hint: re-run `autoprobe.inspect(model)`."
-            )
-        train_traced = tracer(module, size, train=selection.mode == "train", leaf_modules=leaves, leaf_paths=paths)
-        graph = build_layer_graph(train_traced)
+        rung = trace_with_fallbacks(
+            module, size, train=selection.mode == "train", leaf_modules=leaves, leaf_paths=paths,
+            backends=(selection.backend,),
+        )
+        train_traced, graph = rung.traced, rung.graph
         infos = _check_selection(selection, {selection.mode: graph}, label)
         hooks = tuple(_hook_target(module, graph, info) for info in infos)
         infos = [_tapped_info(graph, info, target) for info, target in zip(infos, hooks)]
@@ -592,6 +582,16 @@ def instrument(
         hooks=hooks,
     )
     return Probed(module, adapters, objective, selection, report, plan, graphs)
+
+
+def _trace_both_modes(
+    model: nn.Module, size: Sequence[int], leaves: Sequence[type[nn.Module]], paths: Sequence[str]
+) -> tuple[Traced, Traced]:
+    """The train-mode and eval-mode fx traces; the model's own flags are left as they were."""
+    return (
+        trace_model(model, size, train=True, leaf_modules=leaves, leaf_paths=paths),
+        trace_model(model, size, train=False, leaf_modules=leaves, leaf_paths=paths),
+    )
 
 
 def _live_model(model: nn.Module | str, num_classes: int | None) -> tuple[nn.Module, str]:
@@ -977,9 +977,6 @@ def _submodule(model: nn.Module, node: fx.Node) -> nn.Module:
 
 
 # --------------------------------------------------------------------------- fallback backends: hooks
-
-_FALLBACK_TRACERS = {"export": trace_export, "hooks": trace_hooks}
-
 
 def _hook_target(model: nn.Module, graph: LayerGraph, info: LayerInfo) -> tuple[str, int]:
     """The module (and which of its calls) whose output a forward hook taps for a point.
