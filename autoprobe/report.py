@@ -40,6 +40,7 @@ def selection_to_dict(selection: Selection, graph: LayerGraph | None = None) -> 
         A dict that validates against ``json_schema()``.
     """
     chosen = set(selection.names)
+    classes = _classes(graph) if graph is not None else None
     candidates = []
     for c in selection.candidates:
         entry: dict[str, Any] = {"name": c.node, "score": c.score, "chosen": c.node in chosen, "rules": _fired(c.fired)}
@@ -69,7 +70,7 @@ def selection_to_dict(selection: Selection, graph: LayerGraph | None = None) -> 
                 "score": p.score,
                 "reason": p.reason,
                 "rules": _fired(p.fired),
-                **({} if graph is None else {"adapter_params": _adapter_params(graph, graph[p.name])}),
+                **({} if graph is None else {"adapter_params": _adapter_params(graph[p.name], classes)}),
             }
             for p in selection.points
         ],
@@ -83,9 +84,8 @@ def _classes(graph: LayerGraph) -> int | None:
     return shape[1] if shape is not None and len(shape) in (2, 4) and shape[1] >= 2 else None
 
 
-def _adapter_params(graph: LayerGraph, info: LayerInfo) -> int | None:
+def _adapter_params(info: LayerInfo, classes: int | None) -> int | None:
     """Parameters of the adapter ``instrument`` would put at this node, when it can tell."""
-    classes = _classes(graph)
     return adapter_parameters(info.channels, classes) if classes and info.channels else None
 
 
@@ -119,21 +119,22 @@ def render_table(selection: Selection, graph: LayerGraph, *, all_candidates: boo
     for column in ("#", "point", "depth", "shape", "adapter", "score", "rules", "reason"):
         table.add_column(column, overflow="fold", no_wrap=column in ("#", "depth", "score", "adapter"))
     chosen = {p.name: i for i, p in enumerate(selection.points, 1)}
+    classes = _classes(graph)
     rows = selection.candidates if all_candidates else [s for s in selection.candidates if s.node in chosen]
     for s in rows:
         info = graph[s.node]
         mark = f"P{chosen[s.node]}" if s.node in chosen else ""
         style = "bold" if mark else "dim"
-        params = _adapter_params(graph, info)
+        params = _adapter_params(info, classes)
         table.add_row(
             mark, s.node, str(info.depth), "x".join(map(str, info.shape or ())),
             "-" if params is None else f"{params:,}", f"{s.score:.2f}",
             ", ".join(dict.fromkeys(f.detector for f in s.fired)), s.fired[0].reason, style=style,
         )
     parts = [head, table]
-    chosen_params = [_adapter_params(graph, graph[p.name]) for p in selection.points]
+    chosen_params = [_adapter_params(graph[p.name], classes) for p in selection.points]
     if chosen_params and None not in chosen_params:
-        parts.append(Text(f"adapters: {sum(chosen_params):,} parameters in all (C*K + K each, K={_classes(graph)})"))
+        parts.append(Text(f"adapters: {sum(chosen_params):,} parameters in all (C*K + K each, K={classes})"))
     parts.extend(Text(f"note: {n}", style="yellow") for n in selection.notes)
     return Group(*parts)
 
