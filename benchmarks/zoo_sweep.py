@@ -49,15 +49,9 @@ DEFAULT_TIMEOUT = 60.0
 _BIG = re.compile(r"gigantic|giant|huge|_g14|_h14|_e_|_xxl|xlarge|_xl|_large|_l16|_l14|_l_|f[4-7]\b|b[78]\b|l2\b", re.I)
 
 
-# Failures understood but not fixable in the sweep's files: pattern -> diagnosis shown in ZOO.md.
-DIAGNOSES: tuple[tuple[str, str], ...] = (
-    (
-        r"Cannot copy out of meta tensor",
-        "autoprobe bug in `models.py` (model building): under `torch.device('meta')` the model's own "
-        "arithmetic also runs on meta, and torchvision's RegNet computes its stage widths with tensors and "
-        "`.tolist()`. Fix: put only parameters and buffers on meta while building.",
-    ),
-)
+# Failures understood but not fixable in autoprobe: pattern -> diagnosis shown in ZOO.md. Empty:
+# the one entry it had (torchvision RegNet on meta) was an autoprobe bug, fixed in models.py.
+DIAGNOSES: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass

@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import io
 import math
+import sys
 
 import pytest
 import torch
@@ -22,6 +23,10 @@ from autoprobe.errors import InstrumentError, SelectionError
 from autoprobe.losses import DSN
 from autoprobe.rewrite import ADAPTERS, Probed, ProbedOutput, RewriteReport, Tap, instrument
 from autoprobe.select import Fired, Point
+from conftest import REPO
+
+sys.path.insert(0, str(REPO))  # examples/ is not installed; the reference lock resolves it from the repo root too
+from examples.unet import UNet  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -29,35 +34,9 @@ torch.set_num_threads(2)
 # --------------------------------------------------------------------------- models
 
 
-class _ConvBlock(nn.Sequential):
-    def __init__(self, cin: int, cout: int) -> None:
-        super().__init__(
-            nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-            nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-        )
-
-
-class TinyUNet(nn.Module):
-    """A three-level U-Net: encoder, bottleneck, decoder with concatenated skips, (B, K, H, W) logits."""
-
-    def __init__(self, num_classes: int = 4, width: int = 8) -> None:
-        super().__init__()
-        self.enc1 = _ConvBlock(3, width)
-        self.enc2 = _ConvBlock(width, 2 * width)
-        self.bottleneck = _ConvBlock(2 * width, 4 * width)
-        self.up2 = nn.ConvTranspose2d(4 * width, 2 * width, 2, stride=2)
-        self.dec2 = _ConvBlock(4 * width, 2 * width)
-        self.up1 = nn.ConvTranspose2d(2 * width, width, 2, stride=2)
-        self.dec1 = _ConvBlock(2 * width, width)
-        self.head = nn.Conv2d(width, num_classes, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        e1 = self.enc1(x)
-        e2 = self.enc2(F.max_pool2d(e1, 2))
-        b = self.bottleneck(F.max_pool2d(e2, 2))
-        d2 = self.dec2(torch.cat([self.up2(b), e2], dim=1))
-        d1 = self.dec1(torch.cat([self.up1(d2), e1], dim=1))
-        return self.head(d1)
+def TinyUNet(num_classes: int = 4) -> UNet:  # noqa: N802 - reads like the class it builds
+    """The example U-Net at its smallest: two downsamplings, 8 to 32 channels, (B, K, H, W) logits."""
+    return UNet(num_classes=num_classes, width=8, depth=2)
 
 
 def _small_cnn(num_classes: int = 5) -> nn.Sequential:

@@ -151,3 +151,12 @@ def test_meta_model_allocates_no_real_memory() -> None:
 def test_model_built_from_a_name_is_on_meta() -> None:
     model = resolve_model("resnet50").module
     assert {t.device.type for t in (*model.parameters(), *model.buffers())} == {"meta"}
+
+
+def test_constructor_that_reads_tensor_values_still_builds_on_meta() -> None:
+    # torchvision's RegNet computes its stage widths with tensors and `.tolist()`, which a
+    # meta tensor cannot answer: the weights go to meta as they are registered instead.
+    model = resolve_model("tv:regnet_x_400mf").module
+    assert {t.device.type for t in (*model.parameters(), *model.buffers())} == {"meta"}
+    assert nn.Module.register_parameter.__qualname__ == "Module.register_parameter"  # the patch is undone
+    assert graph_of(model, (3, 64, 64)).depth > 20
