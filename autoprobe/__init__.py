@@ -35,8 +35,8 @@ __version__ = "0.1.0"
 _HOME = {
     "inspect": "api",
     "instrument": "rewrite",
-    "Probed": "rewrite",
-    "ProbedOutput": "rewrite",
+    "Probed": "probed",
+    "ProbedOutput": "probed",
     "Selection": "select",
     "Point": "select",
     "RulePack": "rules",

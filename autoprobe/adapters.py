@@ -1,46 +1,49 @@
-"""Dimension adapters q_m: map a tapped feature z_m into the label space.
+"""Dimension adapters q_m: map a tapped feature z_m into the target space.
 
-The MI loss of iMacHSR (Eq. 1 in /work/shared/METHOD.md) compares a point's
-feature with the labels, so each point gets a tiny trainable adapter that turns
-z_m, whatever its layout, into class logits shaped like the model output:
+Each supervised point gets a tiny trainable adapter that turns z_m, whatever its
+layout, into logits (or regression values) shaped like the model's selected output:
 
-- classification: global average pool over every position, then one Linear,
-  giving (B, K);
-- dense: one 1x1 Conv2d on the feature grid, then a bilinear upsample of the
-  logits to the label resolution, giving (B, K, H, W).
+- vector outputs (B, K) (classification, binary, multi-label, regression to a vector):
+  global average pool over every position, then one Linear, giving (B, K);
+- dense outputs (B, K, *S) with 1, 2 or 3 spatial axes: one 1x1 convolution
+  (``Conv1d``/``Conv2d``/``Conv3d``) on the feature grid, then, in the ``upsample``
+  label-resolution mode, a linear/bilinear/trilinear resize of the logits to ``out_size``
+  (the output's resolution); in the ``downsample`` mode the logits stay at the point's
+  own resolution (``out_size=None``) and the objective resizes the target to them.
 
-Adapters are deliberately weak (a single linear map). The point of deep
-supervision is to shape the backbone's feature; an expressive adapter would
-learn the task itself and leave z_m unchanged. Keeping them tiny also keeps
-the parameter overhead at C*K + K per point.
+Adapters are deliberately weak (a single linear map). The point of deep supervision is
+to shape the backbone's feature; an expressive adapter would learn the task itself and
+leave z_m unchanged. Keeping them tiny also keeps the parameter overhead at C*K + K.
 
-Why upsample the logits instead of downsampling the labels: nearest-neighbour
-downsampling of a label map drops pixels (thin objects, boundaries and small
-classes vanish) and majority pooling invents labels. Upsampling K logit
-channels keeps the loss at label resolution, so every labelled pixel counts
-exactly once and ``ignore_index`` pixels are excluded exactly, while the
-adapter itself stays a 1x1 conv evaluated at the cheap feature resolution.
-It is also what segmentation heads already do with their own output.
+Why two label-resolution modes: upsampling K logit channels keeps the loss at label
+resolution, so every labelled pixel counts exactly once and ``ignore_index`` pixels are
+excluded exactly (nearest-neighbour downsampling of a label map drops thin objects).
+Downsampling the target to each point's resolution (nnU-Net, MONAI) is cheaper at early
+high-resolution points of 3-D models, where a full-resolution logit volume per point costs
+memory. ``instrument(label_resolution=...)`` chooses; the adapter only decides its output size.
 
-Adapters hold no hooks and no global state; they are plain modules, so they
-work under torch.compile, AMP autocast and DDP like any other layer. They are
-bound to the resolution they were built for: a dense adapter always returns
-``out_size`` logits, and a token adapter expects the token count it was built
-with (``spatial``).
+Token features (``NLC`` tokens feeding a 2-D output) need the token grid and the number of
+prefix (cls, register) tokens; ``instrument`` reads both from the graph (the patch
+embedding's output grid and the tokens concatenated before it), never from a square-root
+guess, and refuses when the graph does not say.
+
+Adapters hold no hooks and no global state; they are plain modules, so they work under
+torch.compile, AMP autocast, DDP and FSDP like any other layer.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Literal, get_args
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import InstrumentError
+from .layout import Layout
 
 __all__ = [
     "Task",
+    "HeadShape",
     "ClassificationAdapter",
     "DenseAdapter",
     "make_adapter",
@@ -48,13 +51,21 @@ __all__ = [
     "adapter_parameters",
 ]
 
-Task = Literal["classification", "dense"]
+Task = Literal["classification", "dense", "binary", "multilabel", "regression"]
+"""What ``instrument(task=...)`` accepts: the target kind; dense-ness comes from the output's rank."""
 
-# Rank of the feature tensor for each layout, batch included.
-_RANKS: dict[str, int] = {"NC": 2, "NCL": 3, "NLC": 3, "NCHW": 4, "NHWC": 4, "NCDHW": 5}
-# Prefix tokens (cls, distillation, registers) a token sequence may carry before its grid.
-_MAX_PREFIX_TOKENS = 8
-_DENSE_LAYOUTS = ("NCHW", "NHWC", "NLC", "NCL")
+HeadShape = Literal["classification", "dense"]
+"""The shape of an adapter's output: a vector (B, K) or a dense map (B, K, *S)."""
+
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_RESIZE = {1: "linear", 2: "bilinear", 3: "trilinear"}
+
+
+def _layout(layout: str | Layout) -> Layout:
+    try:
+        return Layout.parse(layout)
+    except ValueError as exc:
+        raise InstrumentError(f"{exc}. Hint: pass a layout from `autoprobe.layout.Layout`.") from None
 
 
 class ClassificationAdapter(nn.Module):
@@ -62,8 +73,8 @@ class ClassificationAdapter(nn.Module):
 
     Args:
         channels: C, the feature width of z_m.
-        num_classes: K.
-        layout: layout of z_m: ``NC``, ``NCL``, ``NLC``, ``NCHW``, ``NHWC`` or ``NCDHW``.
+        num_classes: K (1 for a binary output, the target width for regression).
+        layout: layout of z_m (any ``Layout``).
 
     Example:
         >>> import torch
@@ -72,18 +83,15 @@ class ClassificationAdapter(nn.Module):
         torch.Size([2, 10])
     """
 
-    def __init__(self, channels: int, num_classes: int, layout: str) -> None:
+    def __init__(self, channels: int, num_classes: int, layout: str | Layout) -> None:
         super().__init__()
-        if layout not in _RANKS:
-            raise InstrumentError(f"unknown feature layout {layout!r}; expected one of {list(_RANKS)}")
-        self.layout = layout
-        channel_dim = 1 if layout.startswith("NC") else _RANKS[layout] - 1
+        self.layout = _layout(layout)
         # Every non-batch, non-channel dimension is a position to average over.
-        self._pool_dims = tuple(d for d in range(1, _RANKS[layout]) if d != channel_dim)
+        self._pool_dims = self.layout.spatial_dims
         self.linear = nn.Linear(channels, num_classes)
 
     def forward(self, z: Tensor) -> Tensor:
-        """Pool z (layout ``self.layout``) and classify it.
+        """Pool z (layout ``self.layout``) and map it to K values.
 
         Args:
             z: the tapped feature, batch first.
@@ -96,22 +104,24 @@ class ClassificationAdapter(nn.Module):
         return self.linear(pooled)
 
     def extra_repr(self) -> str:
-        return f"layout={self.layout!r}, pool='mean'"
+        return f"layout={self.layout.value!r}, pool='mean'"
 
 
 class DenseAdapter(nn.Module):
-    """Bring z_m to a (B, C, h, w) grid, apply a 1x1 conv, upsample logits to ``out_size``.
+    """Bring z_m to a channels-first grid (B, C, *g), apply a 1x1 conv, resize to ``out_size``.
 
-    Token features (``NLC``/``NCL``) are reshaped to a square grid after
+    Token features (``NLC``/``NCL`` feeding a 2-D output) are reshaped to ``grid`` after
     dropping ``prefix_tokens`` leading tokens (cls, distillation, registers).
 
     Args:
         channels: C, the feature width of z_m.
         num_classes: K.
-        layout: ``NCHW``, ``NHWC``, ``NLC`` or ``NCL``.
-        out_size: (H, W) of the labels; logits are upsampled to it.
-        grid: (h, w) the tokens form, for token layouts; ``None`` for maps.
-        prefix_tokens: leading tokens to drop before reshaping (token layouts only).
+        layout: the feature's layout.
+        out_size: the output's spatial size the logits are resized to (``upsample`` mode);
+            ``None`` keeps them at the point's own resolution (``downsample`` mode).
+        grid: the spatial grid the tokens form, for token features of a higher-rank output;
+            ``None`` for maps whose rank already matches.
+        prefix_tokens: leading tokens to drop before reshaping (token features only).
 
     Example:
         >>> import torch
@@ -119,29 +129,36 @@ class DenseAdapter(nn.Module):
         ...                        grid=(4, 4), prefix_tokens=1)
         >>> adapter(torch.randn(2, 17, 64)).shape
         torch.Size([2, 10, 32, 32])
+        >>> DenseAdapter(8, 3, "NCDHW", out_size=None)(torch.randn(2, 8, 4, 4, 4)).shape
+        torch.Size([2, 3, 4, 4, 4])
     """
 
     def __init__(
         self,
         channels: int,
         num_classes: int,
-        layout: str,
-        out_size: tuple[int, int],
-        grid: tuple[int, int] | None = None,
+        layout: str | Layout,
+        out_size: tuple[int, ...] | None,
+        grid: tuple[int, ...] | None = None,
         prefix_tokens: int = 0,
     ) -> None:
         super().__init__()
-        if layout not in _DENSE_LAYOUTS:
-            raise InstrumentError(f"dense adapters take layouts {list(_DENSE_LAYOUTS)}; got {layout!r}")
-        if (grid is None) != (layout in ("NCHW", "NHWC")):
+        self.layout = _layout(layout)
+        if self.layout is Layout.NC:
+            raise InstrumentError("an NC feature has no grid, so it cannot feed a dense adapter; choose a map point")
+        self.out_size = None if out_size is None else tuple(int(s) for s in out_size)
+        self.grid = None if grid is None else tuple(int(g) for g in grid)
+        self.prefix_tokens = int(prefix_tokens)
+        rank = len(self.grid) if self.grid is not None else len(self.layout.spatial_dims)
+        if self.out_size is not None and len(self.out_size) != rank:
             raise InstrumentError(
-                f"grid must be given for token layouts (NLC, NCL) and only for them; got layout {layout!r}, grid={grid}"
+                f"a {self.layout.value} feature gives a {rank}-D grid but out_size={self.out_size} is "
+                f"{len(self.out_size)}-D. Hint: token features of a 2-D output need grid=(h, w)."
             )
-        self.layout = layout
-        self.out_size = (int(out_size[0]), int(out_size[1]))
-        self.grid = grid
-        self.prefix_tokens = prefix_tokens
-        self.conv = nn.Conv2d(channels, num_classes, kernel_size=1)
+        if rank not in _CONV:
+            raise InstrumentError(f"dense adapters take 1-D, 2-D or 3-D grids; got {rank}-D ({self.layout.value})")
+        self.conv = _CONV[rank](channels, num_classes, kernel_size=1)
+        self._mode = _RESIZE[rank]
 
     def forward(self, z: Tensor) -> Tensor:
         """Adapt z (layout ``self.layout``) to dense logits.
@@ -150,67 +167,75 @@ class DenseAdapter(nn.Module):
             z: the tapped feature, batch first.
 
         Returns:
-            Logits of shape (B, K, H, W) with (H, W) = ``out_size``.
+            Logits (B, K, *out_size), or (B, K, *grid) when ``out_size`` is ``None``.
         """
         _check_rank(z, self.layout)
-        logits = self.conv(self._to_nchw(z))
-        if tuple(logits.shape[-2:]) == self.out_size:
+        logits = self.conv(self._channels_first(z))
+        if self.out_size is None or tuple(logits.shape[2:]) == self.out_size:
             return logits
-        return F.interpolate(logits, size=self.out_size, mode="bilinear", align_corners=False)
+        return F.interpolate(logits, size=self.out_size, mode=self._mode, align_corners=False)
 
-    def _to_nchw(self, z: Tensor) -> Tensor:
-        if self.grid is None:
-            return z if self.layout == "NCHW" else z.permute(0, 3, 1, 2)
-        return self._tokens_to_nchw(z, self.grid)
+    def _channels_first(self, z: Tensor) -> Tensor:
+        if self.grid is not None:
+            return self._tokens_to_grid(z, self.grid)
+        if self.layout.is_channels_last:
+            return z.movedim(-1, 1)
+        return z
 
-    def _tokens_to_nchw(self, z: Tensor, grid: tuple[int, int]) -> Tensor:
+    def _tokens_to_grid(self, z: Tensor, grid: tuple[int, ...]) -> Tensor:
         # The grid was fixed at construction, so check the token count here rather
         # than let reshape fail with a message that says nothing about adapters.
-        tokens = z.shape[1] if self.layout == "NLC" else z.shape[2]
-        expected = self.prefix_tokens + grid[0] * grid[1]
+        tokens_first = z if self.layout.is_channels_last else z.transpose(1, 2)
+        tokens = tokens_first.shape[1]
+        expected = self.prefix_tokens + _product(grid)
         if tokens != expected:
             raise InstrumentError(
                 f"dense adapter built for {expected} tokens ({self.prefix_tokens} prefix + grid {grid}) "
-                f"got a feature with {tokens} tokens (shape {tuple(z.shape)}); "
-                "build the adapter for the input size used in training"
+                f"got a feature with {tokens} tokens (shape {tuple(z.shape)}). "
+                "Hint: train at the input size given to instrument."
             )
-        if self.layout == "NLC":
-            return z[:, self.prefix_tokens :, :].reshape(z.shape[0], *grid, z.shape[2]).permute(0, 3, 1, 2)
-        return z[:, :, self.prefix_tokens :].reshape(z.shape[0], z.shape[1], *grid)
+        body = tokens_first[:, self.prefix_tokens :, :]
+        return body.reshape(z.shape[0], *grid, body.shape[-1]).movedim(-1, 1)
 
     def extra_repr(self) -> str:
         tokens = f", grid={self.grid}, prefix_tokens={self.prefix_tokens}" if self.grid is not None else ""
-        return f"layout={self.layout!r}{tokens}, out_size={self.out_size}, upsample='bilinear'"
+        size = f"out_size={self.out_size}, resize={self._mode!r}" if self.out_size is not None else "out_size=point's own"
+        return f"layout={self.layout.value!r}{tokens}, {size}"
 
 
 def make_adapter(
     *,
     channels: int,
-    layout: str,
+    layout: str | Layout,
     spatial: tuple[int, ...] | None,
-    task: Task,
+    task: HeadShape,
     num_classes: int,
-    out_size: tuple[int, int] | None = None,
+    out_size: tuple[int, ...] | None = None,
+    grid: tuple[int, ...] | None = None,
+    prefix_tokens: int = 0,
+    own_resolution: bool = False,
 ) -> nn.Module:
     """Build the dimension adapter q_m for one intermediate point.
 
     Args:
         channels: C, the feature width of z_m (``LayerInfo.channels``).
-        layout: layout of z_m, batch first: ``NC``, ``NCL``, ``NLC``, ``NCHW``, ``NHWC``
-            (``NCDHW`` is accepted for classification).
-        spatial: (H, W) for maps, (N,) for token sequences, ``None`` for ``NC``
-            (``LayerInfo.spatial``). Required for dense token features.
-        task: ``"classification"`` (logits (B, K)) or ``"dense"`` (logits (B, K, H, W)).
-        num_classes: K, at least 2.
-        out_size: (H, W) of the labels; required for ``dense``, must be ``None`` for
-            ``classification``.
+        layout: layout of z_m, batch first (a ``Layout`` or its name).
+        spatial: the feature's spatial extent (``LayerInfo.spatial``); ``None`` for ``NC``.
+        task: ``"classification"`` (a vector head (B, K)) or ``"dense"`` (a map (B, K, *S)).
+        num_classes: K, at least 1 (1 for a binary output; the target width for regression).
+        out_size: the output's spatial size; required for ``dense`` unless ``own_resolution``,
+            must be ``None`` for ``classification``.
+        grid: for token features of a dense output of higher rank, the grid the tokens form
+            (from the graph); ``prefix_tokens`` leading tokens are dropped first.
+        prefix_tokens: leading non-grid tokens (cls, registers).
+        own_resolution: keep dense logits at the point's resolution (``downsample`` mode).
 
     Returns:
         A ``ClassificationAdapter`` or ``DenseAdapter`` with C*K + K parameters.
 
     Raises:
-        InstrumentError: an unknown layout or task, a bad size, a ``spatial`` that
-            does not fit the layout, or dense tokens that do not form a square grid.
+        InstrumentError: an unknown layout or head shape, a bad size, a ``spatial`` that does
+            not fit the layout, or token features of a 2-D output without a grid.
 
     Example:
         >>> adapter = make_adapter(channels=64, layout="NCHW", spatial=(8, 8), task="dense",
@@ -218,44 +243,55 @@ def make_adapter(
         >>> adapter_parameter_count(adapter)
         650
     """
-    if task not in get_args(Task):
-        raise InstrumentError(f"unknown task {task!r}; expected one of {list(get_args(Task))}")
-    if layout not in _RANKS:
-        raise InstrumentError(f"unknown feature layout {layout!r}; expected one of {list(_RANKS)}")
+    if task not in get_args(HeadShape):
+        raise InstrumentError(f"unknown adapter head {task!r}; expected one of {list(get_args(HeadShape))}")
+    kind = _layout(layout)
     _check_positive("channels", channels, minimum=1)
-    _check_positive("num_classes", num_classes, minimum=2)
-    spatial_rank = _RANKS[layout] - 2
-    if spatial is not None and len(spatial) != spatial_rank:
+    _check_positive("num_classes", num_classes, minimum=1)
+    if spatial is not None and len(spatial) != len(kind.spatial_dims):
         raise InstrumentError(
-            f"spatial={spatial} does not fit layout {layout!r}; expected {spatial_rank} spatial sizes"
+            f"spatial={spatial} does not fit layout {kind.value!r}; expected {len(kind.spatial_dims)} spatial sizes"
         )
 
     if task == "classification":
-        if out_size is not None:
+        if out_size is not None or own_resolution:
             raise InstrumentError(
-                f"out_size={out_size} was given for a classification adapter; it only applies to task='dense'"
+                f"out_size={out_size} / own_resolution was given for a classification adapter; "
+                "they only apply to task='dense'"
             )
-        return ClassificationAdapter(channels, num_classes, layout)
+        return ClassificationAdapter(channels, num_classes, kind)
 
-    if out_size is None or len(out_size) != 2 or any(not isinstance(s, int) or s < 1 for s in out_size):
+    if kind is Layout.NC:
         raise InstrumentError(
-            f"dense adapters need out_size=(H, W), the label resolution, as two positive ints; got {out_size!r}"
+            "an NC feature has no grid, so it cannot feed a dense adapter. Hint: choose a point with a spatial "
+            "or token axis."
         )
-    if layout not in _DENSE_LAYOUTS:
+    if own_resolution:
+        out_size = None
+    elif out_size is None or not out_size or any(not isinstance(s, int) or s < 1 for s in out_size):
         raise InstrumentError(
-            f"a {layout!r} feature has no 2-D grid, so it cannot feed a dense adapter; "
-            "pick a point with layout NCHW, NHWC, NLC or NCL"
+            f"dense adapters need out_size, the output's spatial size, as positive ints; got {out_size!r}. "
+            "Hint: or pass own_resolution=True to keep the logits at the point's resolution."
         )
-    if layout in ("NCHW", "NHWC"):
-        return DenseAdapter(channels, num_classes, layout, out_size)
-    if spatial is None:
-        raise InstrumentError(f"dense adapters on {layout!r} tokens need spatial=(N,), the token count")
-    grid, prefix = _token_grid(spatial[0])
-    return DenseAdapter(channels, num_classes, layout, out_size, grid=grid, prefix_tokens=prefix)
+    target_rank = len(out_size) if out_size is not None else (len(grid) if grid else len(kind.spatial_dims))
+    if len(kind.spatial_dims) != target_rank and grid is None:
+        raise InstrumentError(
+            f"a {kind.value} feature with {len(kind.spatial_dims)} spatial axis/axes cannot feed a "
+            f"{target_rank}-D dense output without the token grid it forms. Hint: pass grid=(...) and "
+            "prefix_tokens=..., or choose a point with a spatial map."
+        )
+    if grid is not None:
+        if len(kind.spatial_dims) != 1:
+            raise InstrumentError(f"grid={grid} applies to token features (NLC/NCL), not {kind.value}")
+        if spatial is not None and spatial[0] != prefix_tokens + _product(grid):
+            raise InstrumentError(
+                f"{spatial[0]} tokens do not make {prefix_tokens} prefix tokens plus a grid {grid}"
+            )
+    return DenseAdapter(channels, num_classes, kind, out_size, grid=grid, prefix_tokens=prefix_tokens)
 
 
 def adapter_parameters(channels: int, num_classes: int) -> int:
-    """Parameters of the adapter ``make_adapter`` builds for a C-channel point and K classes.
+    """Parameters of the adapter ``make_adapter`` builds for a C-channel point and K outputs.
 
     Every built-in adapter is one C -> K linear map (a ``Linear`` after pooling, or a
     1x1 conv) with a bias, whatever the layout and task, so ``inspect`` can report the
@@ -292,22 +328,18 @@ def adapter_parameter_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _token_grid(tokens: int) -> tuple[tuple[int, int], int]:
-    # The smallest prefix wins: a perfect square means no cls token at all.
-    for prefix in range(0, min(_MAX_PREFIX_TOKENS, tokens - 1) + 1):
-        side = math.isqrt(tokens - prefix)
-        if side * side == tokens - prefix:
-            return (side, side), prefix
-    raise InstrumentError(
-        f"{tokens} tokens do not form a square grid, even after dropping up to {_MAX_PREFIX_TOKENS} "
-        "prefix (cls/register) tokens; a dense adapter needs a square token grid"
-    )
+def _product(sizes: tuple[int, ...]) -> int:
+    total = 1
+    for s in sizes:
+        total *= s
+    return total
 
 
-def _check_rank(z: Tensor, layout: str) -> None:
-    if z.dim() != _RANKS[layout]:
+def _check_rank(z: Tensor, layout: Layout) -> None:
+    if z.dim() != layout.rank:
         raise InstrumentError(
-            f"adapter for layout {layout!r} expects a {_RANKS[layout]}-D feature; got shape {tuple(z.shape)}"
+            f"adapter for layout {layout.value!r} expects a {layout.rank}-D feature; got shape {tuple(z.shape)}. "
+            "Hint: the point's feature changed rank since instrument; re-instrument the model."
         )
 
 

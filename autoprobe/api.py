@@ -1,4 +1,11 @@
-"""The read-only pipeline in one call: model -> trace -> layer graph -> detect -> select."""
+"""The read-only pipeline in one call: model -> trace -> layer graph -> detect -> select.
+
+Nothing here runs the model on data: fx and export record its Python symbolically and propagate
+shapes on meta tensors, and the hooks backend runs on meta twins of the weights. The one exception
+is opt-in: with ``allow_real_data=True``, a model whose forward reads tensor values
+(``if x.sum() > 0``) is run once by the hooks backend on a seeded random batch under ``no_grad``
+(buffers cloned, the model left as it was), and the selection's notes say so.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +16,13 @@ from dataclasses import dataclass, replace
 from torch import nn
 
 from .backends import LADDER, trace_with_fallbacks
-from .errors import AutoprobeError, InputSizeError
+from .errors import AutoprobeError, UsageError
 from .graph import LayerGraph
 from .models import DEFAULT_INPUT_SIZE, ResolvedModel, resolve_model
 from .rules import RulePack, load_rules
-from .select import Selection, select_points
+from .select import Selection, check_points, select_points
+from .sizes import parse_input_size
+from .trace import TraceOptions
 
 __all__ = ["Analysis", "analyze", "inspect"]
 
@@ -28,15 +37,44 @@ class Analysis:
     selection: Selection
 
 
-def _input_size(model: nn.Module, given: Sequence[int] | None, default: tuple[int, ...]) -> tuple[int, ...]:
+def _input_size(model: nn.Module, given: object, default: tuple[int, ...]) -> tuple[int, ...]:
     if given is None:
         cfg = getattr(model, "pretrained_cfg", None)
         size = cfg.get("input_size") if isinstance(cfg, dict) else None
         return tuple(size) if size else default
-    size = tuple(given)
-    if not size or not all(isinstance(s, int) and s > 0 for s in size):
-        raise InputSizeError(f"input size {given!r} must be positive integers, like (3, 224, 224).")
-    return size
+    return parse_input_size(given, argument="input_size=")
+
+
+def trace_options(
+    options: TraceOptions | None,
+    *,
+    train: bool = False,
+    leaf_modules: Sequence[type[nn.Module]] = (),
+    leaf_paths: Sequence[str] = (),
+    allow_real_data: bool = False,
+) -> TraceOptions:
+    """The ``TraceOptions`` of an API call that takes a record or the common keywords, not both.
+
+    Raises:
+        UsageError: both were given, or a keyword has the wrong type.
+    """
+    if options is not None:
+        if not isinstance(options, TraceOptions):
+            raise UsageError(f"options must be an autoprobe TraceOptions, not {type(options).__name__}.")
+        if train or leaf_modules or leaf_paths or allow_real_data:
+            raise UsageError(
+                "pass either options=TraceOptions(...) or train/leaf_modules/leaf_paths/allow_real_data, not both.\n"
+                "Hint: put them all in the TraceOptions."
+            )
+        return options
+    if not isinstance(train, bool):
+        raise UsageError(f"train must be True or False, not {train!r}.")
+    return TraceOptions(
+        mode="train" if train else "eval",
+        leaf_modules=leaf_modules,  # type: ignore[arg-type]  # TraceOptions checks and freezes it
+        leaf_paths=leaf_paths,  # type: ignore[arg-type]
+        allow_real_data=allow_real_data,
+    )
 
 
 def analyze(
@@ -49,6 +87,8 @@ def analyze(
     leaf_modules: Sequence[type[nn.Module]] = (),
     leaf_paths: Sequence[str] = (),
     num_classes: int | None = None,
+    allow_real_data: bool = False,
+    options: TraceOptions | None = None,
 ) -> Analysis:
     """Trace, detect and select for a model; see ``inspect`` for the arguments.
 
@@ -64,24 +104,31 @@ def analyze(
     Raises:
         TraceError: no backend could trace the model; the message has each backend's reason.
         InputSizeError: the size is invalid, or the model's own code rejects it.
+        UsageError: an argument has the wrong type or value (``points=0``, a leaf class given as a string).
 
     Example:
         >>> analysis = analyze("resnet18")
         >>> analysis.selection.backend, analysis.graph.depth
         ('fx', 18)
     """
+    check_points(points)
+    opts = trace_options(options, train=train, leaf_modules=leaf_modules, leaf_paths=leaf_paths,
+                         allow_real_data=allow_real_data)
     if isinstance(model, str):
-        resolved = resolve_model(model, num_classes=num_classes)
+        # A real run needs real weights: with allow_real_data a spec is built on the CPU (fresh weights, nothing
+        # downloaded), and only the hooks backend ever computes with them.
+        resolved = resolve_model(model, num_classes=num_classes, device="cpu" if opts.allow_real_data else "meta")
     elif isinstance(model, nn.Module):
-        resolved = ResolvedModel(model, type(model).__name__, DEFAULT_INPUT_SIZE, "")
+        resolved = ResolvedModel(model, type(model).__name__, DEFAULT_INPUT_SIZE)
     else:
-        raise TypeError(f"model must be an nn.Module or a model spec string, not {type(model).__name__}")
+        raise UsageError(
+            f"model must be an nn.Module or a model spec string, not {type(model).__name__} ({model!r:.60}).\n"
+            "Hint: wrap a function in an nn.Module whose forward calls it, or name a model like 'resnet18'."
+        )
     size = _input_size(resolved.module, input_size, resolved.input_size)
     pack = rules if isinstance(rules, RulePack) else load_rules(rules)
     # The fallback ladder (fx -> export -> hooks) lives in backends.py; every rung it skips is noted.
-    trace = functools.partial(
-        trace_with_fallbacks, resolved.module, size, train=train, leaf_modules=leaf_modules, leaf_paths=leaf_paths
-    )
+    trace = functools.partial(trace_with_fallbacks, resolved.module, size, opts)
     ladder = trace()
     graph = ladder.graph
     selection = select_points(graph, pack, points=points, model=resolved.label)
@@ -115,18 +162,31 @@ def inspect(
     train: bool = False,
     leaf_modules: Sequence[type[nn.Module]] = (),
     leaf_paths: Sequence[str] = (),
+    allow_real_data: bool = False,
+    options: TraceOptions | None = None,
 ) -> Selection:
-    """Choose the deep-supervision points of a model, without running it.
+    """Choose the deep-supervision points of a model, without running it on data.
+
+    The model is traced with torch.fx (or ``torch.export``) and its shapes are propagated on meta
+    tensors: nothing is computed and the model is never mutated. If both fail, forward hooks run it
+    on meta twins of its weights. Only with ``allow_real_data=True``, and only when the forward reads
+    a tensor value (``if x.sum() > 0``), is the live model run once on a seeded random batch under
+    ``no_grad`` with cloned buffers; the selection's notes then say so.
 
     Args:
-        model: an ``nn.Module`` (never run on data, never mutated) or a spec: a timm name,
-            ``tv:NAME`` or ``package.module:factory`` (built on the meta device).
+        model: an ``nn.Module`` (not mutated) or a spec: a timm name, ``tv:NAME`` or
+            ``package.module:factory`` (built on the meta device).
         input_size: the input without batch, e.g. ``(3, 224, 224)``; defaults to the model's own.
         rules: a built-in pack name, a path to a ``.toml`` pack, or a loaded ``RulePack``.
-        points: force M instead of round(ln D).
+        points: force M (a positive integer) instead of round(ln D).
         train: analyse the training-mode graph instead of the eval-mode one.
         leaf_modules: module classes to keep as single nodes when fx cannot trace them.
-        leaf_paths: module paths to keep as single nodes.
+        leaf_paths: module paths to keep as single nodes; each must name a submodule.
+        allow_real_data: let the hooks backend run the live model on real values when the forward
+            branches on them (off by default: such a model is refused with a message naming this).
+        options: a ``TraceOptions`` instead of ``train``/``leaf_*``/``allow_real_data``, for the rest
+            of the tracing options (``input_name=`` and ``forward_kwargs=`` for models called as
+            ``model(pixel_values=x)`` or with extra inputs).
 
     Returns:
         The ``Selection``: D, the points with their reasons, every scored candidate.
@@ -138,5 +198,5 @@ def inspect(
     """
     return analyze(
         model, input_size=input_size, rules=rules, points=points, train=train,
-        leaf_modules=leaf_modules, leaf_paths=leaf_paths,
+        leaf_modules=leaf_modules, leaf_paths=leaf_paths, allow_real_data=allow_real_data, options=options,
     ).selection

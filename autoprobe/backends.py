@@ -6,7 +6,7 @@ needs a real value stops it. Users bring such models, and a tool that only
 works where fx works would quietly exclude them. So ``analyze`` climbs a ladder,
 in this order, and the first rung that yields a layer graph wins:
 
-1. ``fx``: ``trace.trace_model`` with timm's leaf modules and autowrap
+1. ``fx``: ``trace.trace_fx`` with timm's leaf modules and autowrap
    functions (the richest, cheapest graph, with module calls as nodes).
 2. ``export``: ``torch.export.export(model, (input,), strict=False)`` on the
    model's own device (meta for models built from a spec). Export runs the
@@ -45,12 +45,27 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from torch.overrides import TorchFunctionMode
 
 from .errors import AutoprobeError, InputSizeError, TraceError
+from .axes import Labels, _Env, input_axes, op_name, propagate
 from .graph import _FUNCTION_KINDS, LayerGraph, build_layer_graph
-from .trace import Traced, _concrete_args, _training_mode, default_leaf_modules, trace_model
+from .trace import (
+    Backend,
+    NodeNamer,
+    TraceOptions,
+    Traced,
+    _options,
+    check_spatial,
+    forward_call,
+    has_tensor,
+    module_types,
+    needs_values,
+    tensor_meta,
+    trace_fx,
+    training_mode,
+)
 
 __all__ = [
     "LADDER",
@@ -62,7 +77,7 @@ __all__ = [
     "ATEN_KIND_NAMES",
 ]
 
-LADDER: tuple[str, ...] = ("fx", "export", "hooks")
+LADDER: tuple[Backend, ...] = ("fx", "export", "hooks")
 """Backends in the order they are tried."""
 
 
@@ -76,7 +91,7 @@ class Attempt:
         reason: its message, first line only (the full one is chained on the final error).
     """
 
-    backend: str
+    backend: Backend
     error: str
     reason: str
 
@@ -99,7 +114,7 @@ class LadderResult:
     failed: tuple[Attempt, ...]
 
     @property
-    def backend(self) -> str:
+    def backend(self) -> Backend:
         return self.traced.backend
 
     @property
@@ -113,6 +128,7 @@ class LadderResult:
                 "hooks backend: a coarse graph of leaf-module calls; functional ops between modules "
                 "(residual adds, reshapes) are not nodes"
             )
+        notes.extend(self.traced.notes)
         return tuple(notes)
 
 
@@ -128,12 +144,13 @@ def _first_line(exc: BaseException) -> str:
 def trace_with_fallbacks(
     model: nn.Module,
     input_size: Sequence[int],
+    options: TraceOptions | None = None,
     *,
-    train: bool = False,
+    backends: Sequence[str] = LADDER,
+    train: bool | None = None,
     leaf_modules: Sequence[type[nn.Module]] = (),
     leaf_paths: Sequence[str] = (),
     batch_size: int = 2,
-    backends: Sequence[str] = LADDER,
 ) -> LadderResult:
     """Trace ``model`` with the first backend of ``backends`` that works, and build its layer graph.
 
@@ -145,11 +162,10 @@ def trace_with_fallbacks(
     Args:
         model: any ``nn.Module``, on meta or live; not mutated.
         input_size: the input without batch, e.g. ``(3, 224, 224)``.
-        train: trace the training-mode graph.
-        leaf_modules: extra module classes to keep as single nodes (fx and hooks; export names by them).
-        leaf_paths: extra module paths to keep as single nodes.
-        batch_size: batch used for shapes.
+        options: the ``TraceOptions`` (mode, leaves, forward arguments, batch, real-data runs).
         backends: the rungs to try, in order; a subsequence of ``LADDER``.
+        train, leaf_modules, leaf_paths, batch_size: the older keywords for ``options``, kept while
+            callers switch; give either these or ``options``.
 
     Returns:
         A ``LadderResult`` with the traced model, its graph and the failed rungs.
@@ -175,18 +191,28 @@ def trace_with_fallbacks(
     unknown = [b for b in backends if b not in LADDER]
     if unknown or not backends:
         raise TraceError(f"unknown tracing backends {unknown or list(backends)!r}. Hint: choose from {list(LADDER)}.")
+    options = _options(options, train, leaf_modules, leaf_paths, batch_size)
+    options.check_model(model)
     failed: list[Attempt] = []
     errors: list[BaseException] = []
     for backend in backends:
         try:
-            traced = _TRACERS[backend](
-                model, input_size, train=train, leaf_modules=leaf_modules, leaf_paths=leaf_paths, batch_size=batch_size
-            )
+            traced = _TRACERS[backend](model, input_size, options)
             graph = build_layer_graph(traced)
         except InputSizeError:
             # fx traced the model and its own code rejected the size while shapes were
             # propagated; export and hooks would run that same code and fail the same way.
             raise
+        except _RealDataNeeded as exc:
+            # The last rung needs values and the user has not allowed a real run: say how to allow it.
+            failed.append(Attempt(backend, "TraceError", _first_line(exc)))
+            listing = "\n".join(f"  - {a}" for a in failed)
+            raise TraceError(
+                f"no tracing backend could trace {type(model).__name__} without running it on real values:\n{listing}\n"
+                "Hint: the model branches on tensor values. Pass allow_real_data=True (inspect, analyze, instrument, "
+                "TraceOptions) to let the hooks backend run it once on a seeded random batch (no_grad, buffers "
+                "cloned, the model left unchanged), or make its control flow depend on shapes only."
+            ) from exc
         except AutoprobeError as exc:
             failed.append(Attempt(backend, type(exc).__name__, _first_line(exc)))
             errors.append(exc)
@@ -295,37 +321,15 @@ def _named_op(op: torch._ops.OpOverload) -> Callable[..., Any]:
 _INLINED_HOPS = frozenset({"wrap_with_set_grad_enabled", "wrap_with_autocast"})
 
 
-def _tensor_meta(value: Any) -> Any:
-    """``TensorMetadata`` for every tensor in ``value`` (FakeTensors included), structure kept."""
-    if isinstance(value, torch.Tensor):
-        return _extract_tensor_metadata(value)
-    if isinstance(value, tuple):
-        return tuple(_tensor_meta(v) for v in value)
-    if isinstance(value, list):
-        return [_tensor_meta(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _tensor_meta(v) for k, v in value.items()}
-    return value
-
-
-def _has_tensor(meta: Any) -> bool:
-    if isinstance(meta, TensorMetadata):
-        return True
-    if isinstance(meta, (list, tuple)):
-        return any(_has_tensor(v) for v in meta)
-    if isinstance(meta, dict):
-        return any(_has_tensor(v) for v in meta.values())
-    return False
-
-
 class _ExportConverter:
     """Copy an ExportedProgram's graph into a plain fx graph that graph.py reads like an fx trace."""
 
-    def __init__(self, ep: torch.export.ExportedProgram, model: nn.Module) -> None:
+    def __init__(self, ep: torch.export.ExportedProgram, model: nn.Module, input_name: str = "") -> None:
         from torch.export.graph_signature import InputKind
 
         self.ep = ep
         self.model = model
+        self.input_name = input_name
         self.graph = fx.Graph()
         self.attrs: dict[str, Any] = {}
         self.roles: dict[str, Any] = {spec.arg.name: spec for spec in ep.graph_signature.input_specs}
@@ -338,7 +342,10 @@ class _ExportConverter:
         env: dict[fx.Node, Any] = {}
         placeholders = [n for n in src.graph.nodes if n.op == "placeholder"]
         # The user input first: build_layer_graph takes the first placeholder as the input.
-        ordered = sorted(placeholders, key=lambda n: self.roles[n.name].kind != self.InputKind.USER_INPUT)
+        ordered = sorted(
+            placeholders,
+            key=lambda n: (self.roles[n.name].kind != self.InputKind.USER_INPUT, n.name != self.input_name),
+        )
         for node in ordered:
             env[node] = self._input(node)
         outputs = self._copy_body(src, env)
@@ -372,8 +379,8 @@ class _ExportConverter:
         return self.ep.constants[target]
 
     def _set_meta(self, new: fx.Node, old: fx.Node) -> None:
-        meta = _tensor_meta(old.meta.get("val"))
-        if _has_tensor(meta):
+        meta = tensor_meta(old.meta.get("val"))
+        if has_tensor(meta):
             new.meta["tensor_meta"] = meta
         if "nn_module_stack" in old.meta:
             new.meta["nn_module_stack"] = old.meta["nn_module_stack"]
@@ -438,8 +445,8 @@ def _export_qualnames(
     model: nn.Module,
     leaf_types: tuple[type[nn.Module], ...],
     leaf_paths: frozenset[str],
-) -> dict[str, str]:
-    """Module-qualified names like the fx tracer's, from each node's ``nn_module_stack``.
+) -> tuple[dict[str, str], dict[str, tuple[str, int]]]:
+    """Module-qualified names (``NodeNamer``'s rule) and module calls, from each node's ``nn_module_stack``.
 
     A torch.nn leaf (Conv2d, BatchNorm2d, ReLU) is one ``call_module`` node named
     by its path under fx; under export it is one or more ATen calls. The call
@@ -481,24 +488,37 @@ def _export_qualnames(
         if exit_node not in exits or level < exits[exit_node][0]:
             exits[exit_node] = (level, path)
 
-    counts: dict[str, int] = {}
+    # The index of each call among its module's calls, in execution order (stack keys are unique per call).
+    call_index: dict[str, int] = {}
+    seen: dict[str, int] = {}
+    for key in calls:
+        path = call_path[key][1]
+        call_index[key] = seen.get(path, 0)
+        seen[path] = seen.get(path, 0) + 1
+    exit_key = {}
+    for key, members in calls.items():
+        for node in members:
+            if node in exits and exits[node][1] == call_path[key][1] and node not in exit_key:
+                exit_key[node] = key
+    namer = NodeNamer(first_path.values())
     qualnames: dict[str, str] = {}
+    module_calls: dict[str, tuple[str, int]] = {}
     for node in nodes:
         if node.op in ("placeholder", "output"):
-            base = node.name
+            qualnames[node.name] = namer.name(node.name, module=False)
         elif node.op == "get_attr":
-            base = str(node.target)
+            qualnames[node.name] = namer.name(str(node.target), module=False)
         elif node in exits:
-            base = exits[node][1]
+            path = exits[node][1]
+            qualnames[node.name] = namer.name(path, module=True)
+            key = exit_key.get(node)
+            module_calls[node.name] = (path, call_index[key] if key is not None else 0)
         else:
             paths = _module_stack_paths(node)
             scope = canonical(paths[-1][1]) if paths else ""
             local = getattr(node.target, "__name__", str(node.target)).rstrip("_") or "op"
-            base = f"{scope}.{local}" if scope else local
-        count = counts.get(base, 0)
-        counts[base] = count + 1
-        qualnames[node.name] = base if count == 0 else f"{base}_{count}"
-    return qualnames
+            qualnames[node.name] = namer.name(f"{scope}.{local}" if scope else local, module=False)
+    return qualnames, module_calls
 
 
 def _graph_module(model: nn.Module, graph: fx.Graph, attrs: dict[str, Any], name: str) -> fx.GraphModule:
@@ -520,8 +540,9 @@ def _graph_module(model: nn.Module, graph: fx.Graph, attrs: dict[str, Any], name
 def trace_export(
     model: nn.Module,
     input_size: Sequence[int],
+    options: TraceOptions | None = None,
     *,
-    train: bool = False,
+    train: bool | None = None,
     leaf_modules: Sequence[type[nn.Module]] = (),
     leaf_paths: Sequence[str] = (),
     batch_size: int = 2,
@@ -534,10 +555,8 @@ def trace_export(
     Args:
         model: any ``nn.Module``.
         input_size: the input without batch.
-        train: export the training-mode graph.
-        leaf_modules: module classes whose calls are named by their path, as fx leaves are.
-        leaf_paths: module paths named likewise.
-        batch_size: batch used for shapes.
+        options: the ``TraceOptions``; leaf modules and paths are named by their path, as fx leaves are.
+        train, leaf_modules, leaf_paths, batch_size: the older keywords for ``options``.
 
     Returns:
         A ``Traced`` with ``backend="export"`` whose call nodes carry ``tensor_meta``.
@@ -552,33 +571,47 @@ def trace_export(
         >>> t.backend, sorted(t.qualnames.values())[:3]
         ('export', ['0', '0.bias', '0.weight'])
     """
-    input_shape = (batch_size, *(int(s) for s in input_size))
-    concrete = _concrete_args(model)
-    example = torch.zeros(input_shape, device=_device_of(model))
-    leaf_types = (*default_leaf_modules(), *leaf_modules)
+    options = _options(options, train, leaf_modules, leaf_paths, batch_size)
+    input_shape = (options.batch_size, *(int(s) for s in input_size))
+    call = forward_call(model, options)
+    device = _device_of(model)
+    example = torch.zeros(input_shape, device=device)
+    args, kwargs = _call_arguments(call, example, device)
     captured = io.StringIO()
-    with _training_mode(model, train):
+    with training_mode(model, options.train):
         try:
             # On failure export prints its partial graph to stderr, pages of it; the graph stays
             # on the chained exception, and the reason goes into the ladder's notes.
             with contextlib.redirect_stderr(captured):
-                ep = torch.export.export(model, (example,), strict=False)
+                ep = torch.export.export(model, args, kwargs=kwargs, strict=False)
         except Exception as exc:  # export runs the model's Python; report whatever it raised
             raise TraceError(f"torch.export failed: {type(exc).__name__}: {_first_line(exc)}") from exc
     sys.stderr.write(captured.getvalue())  # a successful export's own messages are the user's to see
-    converter = _ExportConverter(ep, model)
+    converter = _ExportConverter(ep, model, call.input_name)
     graph = converter.convert()
-    qualnames = _export_qualnames(graph, model, tuple(leaf_types), frozenset(leaf_paths))
+    qualnames, calls = _export_qualnames(graph, model, options.leaf_types(), frozenset(options.leaf_paths))
     gm = _graph_module(model, graph, converter.attrs, type(model).__name__)
-    return Traced(
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    traced = Traced(
         graph_module=gm,
         qualnames=qualnames,
         input_shape=input_shape,
-        mode="train" if train else "eval",
+        mode=options.mode,
         backend="export",
-        concrete_args=tuple(sorted(concrete)),
-        module_types={name: type(module).__name__ for name, module in model.named_modules()},
+        module_types=module_types(model),
+        module_calls=calls,
+        input_node=placeholders[0].name if placeholders else "",
     )
+    check_spatial(traced)
+    return traced
+
+
+def _call_arguments(call: Any, example: torch.Tensor, device: torch.device) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Positional and keyword arguments for one call of the forward with ``example`` as the input."""
+    fixed = call.example_kwargs(device)
+    if call.input_index == 0:
+        return (example,), fixed
+    return (), {call.input_name: example, **fixed}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -589,19 +622,23 @@ _INPUT = -1
 
 
 class _Provenance(TorchFunctionMode):
-    """Tags every tensor with the module calls it was computed from.
+    """Tags every tensor with the module calls it was computed from, and with its axis labels.
 
     Forward hooks see module calls only; the functions between them (``x + identity``,
     ``x.flatten(1)``) would leave the graph disconnected. Propagating the union of
     the inputs' tags through every torch function keeps the edges without making
-    those functions nodes.
+    those functions nodes. The same pass propagates each tensor's axis labels with
+    ``axes.propagate``, one torch function at a time, so a hooked module's output has the
+    layout its ops made, as on the fx and export backends.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, batch: int) -> None:
         super().__init__()
         from torch.utils.weak import WeakIdKeyDictionary
 
+        self.batch = batch
         self.tags: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.labels: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
     def sources(self, value: Any) -> frozenset[int]:
         found: set[int] = set()
@@ -613,13 +650,48 @@ class _Provenance(TorchFunctionMode):
         for tensor in _tensors(value):
             self.tags[tensor] = sources
 
+    def labels_of(self, value: Any) -> Labels:
+        if isinstance(value, torch.Tensor):
+            return self.labels.get(value)
+        if isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
+            return tuple(self.labels.get(v) for v in value)
+        return None
+
+    def set_labels(self, value: Any, labels: Labels) -> None:
+        if isinstance(value, torch.Tensor):
+            # A tensor no rule labelled is still data: all of its axes are unknown.
+            self.labels[value] = labels if isinstance(labels, str) and len(labels) == value.dim() else "?" * value.dim()
+        elif isinstance(value, (tuple, list)):
+            parts = labels if isinstance(labels, tuple) and len(labels) == len(value) else (None,) * len(value)
+            for v, lab in zip(value, parts):
+                self.set_labels(v, lab)
+
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = kwargs or {}
         result = func(*args, **kwargs)
         sources = self.sources((args, kwargs))
         if sources:
             self.tag(result, sources)
+        if sources and isinstance(result, torch.Tensor) or (sources and isinstance(result, (tuple, list)) and any(
+                isinstance(r, torch.Tensor) for r in result)):
+            env = _Env(self.labels_of, _shape_of, _out_shapes(result), self.batch)
+            name = op_name(func)
+            if name == "getitem" and args and isinstance(args[0], (tuple, list)):
+                return result  # a tuple's element keeps its own labels
+            self.set_labels(result, propagate(name, args, kwargs, env))
         return result
+
+
+def _shape_of(value: Any) -> tuple[int, ...] | None:
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def _out_shapes(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    if isinstance(value, (tuple, list)):
+        return tuple(_out_shapes(v) for v in value)
+    return None
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
@@ -641,6 +713,7 @@ class _Call:
     path: str
     sources: frozenset[int]
     meta: Any
+    labels: Labels
 
 
 def _hook_points(
@@ -658,36 +731,45 @@ def _hook_points(
     return points
 
 
+class _RealDataNeeded(TraceError):
+    """The hooks backend needs a real run (the forward reads tensor values) and the options do not allow one."""
+
+
 def trace_hooks(
     model: nn.Module,
     input_size: Sequence[int],
+    options: TraceOptions | None = None,
     *,
-    train: bool = False,
+    train: bool | None = None,
     leaf_modules: Sequence[type[nn.Module]] = (),
     leaf_paths: Sequence[str] = (),
     batch_size: int = 2,
 ) -> Traced:
     """Build a coarse module-level graph by running ``model`` once with forward hooks.
 
-    On a meta model the run is on meta tensors (no compute). On a live model it is one real
-    forward pass under ``no_grad`` on a fixed standard-normal batch (seed 0), with buffers
-    swapped for clones so running statistics stay untouched; branches on tensor values then
-    follow that batch.
+    When and on what the model runs:
+
+    1. Always first on meta: the input is a meta tensor and every parameter and buffer is swapped for
+       a meta twin (``torch.func.functional_call``), so nothing is computed, on a live model too.
+    2. Only if that fails because the forward reads a tensor *value* (``if x.sum() > 0``), and only
+       with ``options.allow_real_data=True``: one real forward pass of the live model under
+       ``no_grad`` on a fixed standard-normal batch (seed 0), with buffers swapped for clones so
+       running statistics stay untouched; branches on values then follow that batch, and
+       ``Traced.notes`` says so. Without the option this raises a ``TraceError`` that names it.
 
     Args:
         model: any ``nn.Module``; not mutated.
         input_size: the input without batch.
-        train: run in training mode.
-        leaf_modules: module classes hooked as one node.
-        leaf_paths: module paths hooked as one node.
-        batch_size: batch used for shapes.
+        options: the ``TraceOptions``; leaf modules and paths are hooked as one node.
+        train, leaf_modules, leaf_paths, batch_size: the older keywords for ``options``.
 
     Returns:
         A ``Traced`` with ``backend="hooks"``: one ``call_module`` node per leaf-module call.
         Its graph is for analysis only; it is not the model's computation.
 
     Raises:
-        TraceError: the forward pass failed, or no hooked module saw the input.
+        TraceError: the forward pass failed, needs values without ``allow_real_data``, or no hooked module
+            saw the input.
 
     Example:
         >>> import torch
@@ -696,56 +778,53 @@ def trace_hooks(
         >>> t.backend, [t.qualnames[n.name] for n in t.graph_module.graph.nodes]
         ('hooks', ['x', '0', '1', 'output'])
     """
-    input_shape = (batch_size, *(int(s) for s in input_size))
-    concrete = _concrete_args(model)
-    leaf_types = (*default_leaf_modules(), *leaf_modules)
-    points = _hook_points(model, tuple(leaf_types), frozenset(leaf_paths))
+    options = _options(options, train, leaf_modules, leaf_paths, batch_size)
+    input_shape = (options.batch_size, *(int(s) for s in input_size))
+    call = forward_call(model, options)
+    points = _hook_points(model, options.leaf_types(), frozenset(options.leaf_paths))
     modules = dict(points)
     device = _device_of(model)
-    live = device.type != "meta"
-    if live:
-        generator = torch.Generator().manual_seed(0)
-        example = torch.randn(input_shape, generator=generator).to(device)
-    else:
-        example = torch.empty(input_shape, device="meta")
-
-    provenance = _Provenance()
-    calls: list[_Call] = []
-
-    def record(path: str, _module: nn.Module, args: Any, output: Any) -> None:
-        calls.append(_Call(path, provenance.sources(args), _tensor_meta(output)))
-        provenance.tag(output, frozenset({len(calls) - 1}))
-
-    handles = [module.register_forward_hook(functools.partial(record, path)) for path, module in points]
-    provenance.tag(example, frozenset({_INPUT}))
+    notes: tuple[str, ...] = ()
     try:
-        with _training_mode(model, train), torch.no_grad(), provenance:
-            if live:
-                clones = {name: b.clone() for name, b in model.named_buffers(remove_duplicate=False)}
-                output = torch.func.functional_call(model, clones, (example,), strict=False)
-            else:
-                output = model(example)
-    except Exception as exc:  # the model's own forward; report whatever it raised
-        where = "a meta-device run" if not live else "one real forward pass"
-        raise TraceError(f"forward hooks: {where} failed: {type(exc).__name__}: {_first_line(exc)}") from exc
-    finally:
-        for handle in handles:
-            handle.remove()
+        calls, provenance, output, example = _hooked_run(model, options, call, points, input_shape, live=False)
+    except TraceError as exc:
+        if not needs_values(exc.__cause__ or exc):
+            raise
+        if device.type == "meta" and options.allow_real_data:
+            raise TraceError(
+                f"forward hooks: the forward reads tensor values ({_first_line(exc)}), and the model's weights are on "
+                "the meta device, so it cannot be run for real.\nHint: build the model on the CPU to use "
+                "allow_real_data=True, or make its control flow depend on shapes only."
+            ) from exc
+        if not options.allow_real_data:
+            raise _RealDataNeeded(
+                f"forward hooks: the forward reads tensor values, which a meta run does not have ({_first_line(exc)}); "
+                "running the model on real values is off (allow_real_data=False)."
+            ) from exc
+        calls, provenance, output, example = _hooked_run(model, options, call, points, input_shape, live=True)
+        notes = (
+            "hooks backend ran the model once on real values (allow_real_data=True): one no_grad forward on a "
+            "seeded standard-normal batch, buffers cloned; branches on values follow that batch",
+        )
 
     graph = fx.Graph()
     nodes: dict[int, fx.Node] = {_INPUT: graph.placeholder("x")}
     nodes[_INPUT].meta["tensor_meta"] = _extract_tensor_metadata(example)
+    nodes[_INPUT].meta["axes"] = provenance.labels_of(example)
+    namer = NodeNamer(p for p, _ in model.named_modules())
+    qualnames = {"x": namer.name("x", module=False)}
+    module_calls: dict[str, tuple[str, int]] = {}
     counts: dict[str, int] = {}
-    qualnames = {"x": "x"}
-    for index, call in enumerate(calls):
-        args = tuple(nodes[s] for s in sorted(call.sources) if s in nodes)
-        node = graph.call_module(call.path, args)
-        if _has_tensor(call.meta):
-            node.meta["tensor_meta"] = call.meta
+    for index, record in enumerate(calls):
+        args = tuple(nodes[s] for s in sorted(record.sources) if s in nodes)
+        node = graph.call_module(record.path, args)
+        if has_tensor(record.meta):
+            node.meta["tensor_meta"] = record.meta
+        node.meta["axes"] = record.labels
         nodes[index] = node
-        count = counts.get(call.path, 0)
-        counts[call.path] = count + 1
-        qualnames[node.name] = call.path if count == 0 else f"{call.path}_{count}"
+        qualnames[node.name] = namer.name(record.path, module=True)
+        module_calls[node.name] = (record.path, counts.get(record.path, 0))
+        counts[record.path] = counts.get(record.path, 0) + 1
     sinks = provenance.sources(output)
     if not sinks - {_INPUT}:
         raise TraceError(
@@ -754,18 +833,71 @@ def trace_hooks(
         )
     result = [nodes[s] for s in sorted(sinks) if s in nodes]
     out = graph.output(result[0] if len(result) == 1 else tuple(result))
-    qualnames[out.name] = "output"
-    called = {call.path: modules[call.path] for call in calls}
+    qualnames[out.name] = namer.name("output", module=False)
+    called = {record.path: modules[record.path] for record in calls}
     gm = _graph_module(model, graph, called, type(model).__name__)
-    return Traced(
+    traced = Traced(
         graph_module=gm,
         qualnames=qualnames,
         input_shape=input_shape,
-        mode="train" if train else "eval",
+        mode=options.mode,
         backend="hooks",
-        concrete_args=tuple(sorted(concrete)),
-        module_types={name: type(module).__name__ for name, module in model.named_modules()},
+        module_types=module_types(model),
+        module_calls=module_calls,
+        input_node="x",
+        notes=notes,
     )
+    check_spatial(traced)
+    return traced
 
 
-_TRACERS: dict[str, Callable[..., Traced]] = {"fx": trace_model, "export": trace_export, "hooks": trace_hooks}
+def _hooked_run(
+    model: nn.Module,
+    options: TraceOptions,
+    call: Any,
+    points: list[tuple[str, nn.Module]],
+    input_shape: tuple[int, ...],
+    *,
+    live: bool,
+) -> tuple[list[_Call], _Provenance, Any, torch.Tensor]:
+    """One hooked forward: on meta twins of every weight (``live=False``) or for real on a seeded batch."""
+    device = _device_of(model)
+    if live:
+        generator = torch.Generator().manual_seed(0)
+        example = torch.randn(input_shape, generator=generator).to(device)
+        twins = {name: b.clone() for name, b in model.named_buffers()}
+        args, kwargs = _call_arguments(call, example, device)
+    else:
+        example = torch.empty(input_shape, device="meta")
+        twins = {
+            name: torch.empty_like(t, device="meta")
+            for name, t in (*model.named_parameters(), *model.named_buffers())
+        }
+        args, kwargs = _call_arguments(call, example, torch.device("meta"))
+    provenance = _Provenance(input_shape[0])
+    calls: list[_Call] = []
+
+    def record(path: str, _module: nn.Module, _args: Any, output: Any) -> None:
+        calls.append(_Call(path, provenance.sources(_args), tensor_meta(output), provenance.labels_of(output)))
+        provenance.tag(output, frozenset({len(calls) - 1}))
+
+    handles = [module.register_forward_hook(functools.partial(record, path)) for path, module in points]
+    provenance.tag(example, frozenset({_INPUT}))
+    provenance.set_labels(example, input_axes(example.dim()))
+    try:
+        with training_mode(model, options.train), torch.no_grad(), provenance:
+            output = torch.func.functional_call(model, twins, args, kwargs, strict=False)
+    except Exception as exc:  # the model's own forward; report whatever it raised
+        where = "one real forward pass" if live else "a meta-device run"
+        raise TraceError(f"forward hooks: {where} failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls, provenance, output, example
+
+
+_TRACERS: dict[str, Callable[[nn.Module, Sequence[int], TraceOptions], Traced]] = {
+    "fx": trace_fx,
+    "export": trace_export,
+    "hooks": trace_hooks,
+}

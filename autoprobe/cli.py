@@ -1,9 +1,12 @@
-"""The ``autoprobe`` command line.
+"""The ``autoprobe`` command line: a thin layer over ``api.analyze`` and the ``lock`` API.
 
+``inspect`` calls ``analyze``; ``lock`` calls ``lock.plan_lock`` and ``lock.run_lock``;
+``check`` calls ``lock.check_lock``. This module only parses flags, prints, and
+words messages for a command-line user (a flag instead of a Python keyword).
 Every user error (an ``AutoprobeError``) prints one short message with a hint
-and exits 2; exit 1 is reserved for a failing check. torch and timm are
-imported only by the commands that need them, so ``autoprobe --help`` and
-``autoprobe rules`` start instantly.
+and exits 2; a bad flag value is an ``OptionError``; exit 1 is reserved for a
+failing check. torch and timm are imported only by the commands that need them,
+so ``autoprobe --help`` and ``autoprobe rules`` start instantly.
 """
 
 from __future__ import annotations
@@ -15,26 +18,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import AutoprobeError, InputSizeError, LockError
+from .errors import AutoprobeError, InputSizeError, OptionError, TraceError
+from .sizes import format_input_size, parse_input_size
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
 
-    from .lock import Outcome
-
 __all__ = ["main"]
 
 
-def _input_size(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.replace("x", ",").split(","))
-    except ValueError:
-        values = ()
-    if len(values) == 1:
-        values = (3, values[0], values[0])
-    if not values or any(v <= 0 for v in values):
-        raise InputSizeError(f"--input-size {text!r} is not a size. Hint: write C,H,W such as 3,224,224 (or just 224).")
-    return values
+def _input_size(text: str | None) -> tuple[int, ...] | None:
+    return parse_input_size(text, argument="--input-size") if text is not None else None
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -60,6 +54,15 @@ def _build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--format", choices=("table", "json"), default="table")
     inspect.add_argument("--all-candidates", action="store_true", help="list every candidate, not only the points")
     inspect.add_argument("--graph", metavar="FILE", help="write an SVG picture of the layer graph")
+    inspect.add_argument(
+        "--input-name", metavar="NAME",
+        help="the forward parameter that receives the input, for a model called as model(NAME=x) (default: the first)",
+    )
+    inspect.add_argument(
+        "--allow-real-data", action="store_true",
+        help="let the hooks backend run the model once on a seeded random batch (no_grad, cloned buffers) when its "
+        "forward reads tensor values; off by default, so the model is never run",
+    )
     inspect.set_defaults(run=_inspect)
 
     rules = sub.add_parser("rules", help="list rule packs and detectors with their options")
@@ -102,7 +105,7 @@ def _add_jobs_option(parser: argparse.ArgumentParser) -> None:
 
 def _workers(jobs: int) -> int:
     if jobs < 0:
-        raise AutoprobeError(f"--jobs {jobs}: give a number of worker processes >= 1, or 0 for one per CPU.")
+        raise OptionError(f"--jobs {jobs}: not a number of worker processes. Hint: give N >= 1, or 0 for one per CPU.")
     return jobs or (os.cpu_count() or 1)
 
 
@@ -123,64 +126,44 @@ def _indent(text: str, prefix: str = "    ") -> str:
     return "\n".join(prefix + line for line in text.splitlines())
 
 
+def _points(points: int | None) -> int | None:
+    if points is not None and points < 1:
+        raise OptionError(f"--points {points}: need at least 1 point. Hint: leave it out for the pack's automatic M.")
+    return points
+
+
 def _lock(args: argparse.Namespace) -> int:
     import time
 
-    from .lock import (
-        DEFAULT_LOCKFILE, ModelRequest, Outcome, compute_entries, load_config, make_lock, resolve_rules,
-        resolve_settings, write_lock,
-    )
-    from .rules import load_rules
+    from .lock import ModelRequest, Outcome, plan_lock, run_lock
 
-    if args.points is not None and args.points < 1:
-        raise AutoprobeError(f"--points {args.points}: need at least 1 point.")
-    workers = _workers(args.jobs)
-    config = load_config(Path("pyproject.toml"))
-    configured = {m.spec: m for m in config.models} if config else {}
-    if args.models:
-        requests = [configured.get(spec.strip(), ModelRequest(spec.strip())) for spec in dict.fromkeys(args.models)]
-    elif config is not None and config.models:
-        requests = list(config.models)
-    else:
-        raise LockError(
-            "no MODEL given and ./pyproject.toml has no [tool.autoprobe] models. "
-            "Hint: `autoprobe lock resnet50 vit_tiny_patch16_224 -o autoprobe.lock`, or add "
-            "`models = [\"resnet50\"]` under [tool.autoprobe] in pyproject.toml."
-        )
-    output = Path(args.output) if args.output else (config.lockfile if config else Path(DEFAULT_LOCKFILE))
-    lock_dir = output.parent
-    if not lock_dir.resolve().is_dir():
-        raise LockError(f"cannot write lockfile {str(output)!r}: folder {str(lock_dir)!r} does not exist. Hint: create it first.")
-    cli = ModelRequest(
-        "", _input_size(args.input_size) if args.input_size else None, args.mode, args.rules, args.points, tuple(args.leaf)
+    overrides = ModelRequest(
+        "", _input_size(args.input_size), args.mode, args.rules, _points(args.points),
+        tuple(args.leaf),
     )
-    defaults = config.defaults if config else None
-    jobs = [(r.spec, r.spec, resolve_settings(r, cli=cli, defaults=defaults, lock_dir=lock_dir)) for r in requests]
-    for rules in sorted({s.rules for _, _, s in jobs}):
-        load_rules(resolve_rules(rules, lock_dir))  # a bad pack fails once, before any model is computed
+    workers = _workers(args.jobs)
+    plan = plan_lock(args.models, output=args.output, overrides=overrides, pyproject=Path("pyproject.toml"))
 
     start = time.perf_counter()
-    progress, task = _progress(len(jobs), "locking")
+    progress, task = _progress(len(plan.jobs), "locking")
 
     def done(outcome: Outcome) -> None:
         if outcome.entry is not None:
-            names = ", ".join(p["name"] for p in outcome.entry["points"])
-            print(f"locked {outcome.key}: D={outcome.entry['depth']} M={outcome.entry['num_points']}  {names}")
+            names = ", ".join(p.name for p in outcome.entry.points)
+            print(f"locked {outcome.key}: D={outcome.entry.depth} M={outcome.entry.num_points}  {names}")
         else:
             print(f"FAILED {outcome.key}:\n{_indent(outcome.error)}")
         progress.update(task, advance=1, last=outcome.key)
 
     with progress:
-        outcomes = compute_entries(jobs, workers=workers, base_dir=lock_dir, on_done=done)
-    entries = {k: o.entry for k, o in outcomes.items() if o.entry is not None}
-    failed = [o for o in outcomes.values() if o.entry is None]
+        run = run_lock(plan, workers=workers, on_done=done)
     seconds = time.perf_counter() - start
-    if entries:
-        write_lock(output, make_lock(entries))
-        print(f"wrote {output}: {len(entries)} of {len(jobs)} models in {seconds:.1f} s")
+    total, failed = len(plan.jobs), run.failed
+    if run.written:
+        print(f"wrote {run.path}: {len(run.entries)} of {total} models in {seconds:.1f} s")
     if not failed:
         return 0
-    print(f"\n{len(failed)} of {len(jobs)} models failed and are not in the lock{'' if entries else ' (nothing written)'}:")
+    print(f"\n{len(failed)} of {total} models failed and are not in the lock{'' if run.written else ' (nothing written)'}:")
     for outcome in failed:
         print(f"  - {outcome.key}: {outcome.error.splitlines()[0]}")
     print("Hint: fix or drop those models (an untraceable one may need `--leaf MODULE_PATH`), then run `autoprobe lock` again.")
@@ -190,16 +173,19 @@ def _lock(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     import time
 
-    from .lock import DEFAULT_LOCKFILE, check_lock, load_config, read_lock, stale_models, write_lock
+    from .lock import check_lock, lockfile_path
+    from .lockconfig import load_config
+    from .lockfile import dumps_lock, read_lock, save_lock
 
     workers = _workers(args.jobs)
     config = load_config(Path("pyproject.toml"))
-    path = Path(args.file) if args.file else (config.lockfile if config else Path(DEFAULT_LOCKFILE))
-    total = len(read_lock(path)["models"])
+    path = lockfile_path(args.file, config)
+    total = len(read_lock(path).entries)
     start = time.perf_counter()
     progress, task = _progress(total, "checking")
     with progress:
-        result = check_lock(path, workers=workers, on_done=lambda o: progress.update(task, advance=1, last=o.key))
+        result = check_lock(path, pyproject=config, workers=workers,
+                            on_done=lambda o: progress.update(task, advance=1, last=o.key))
     seconds = time.perf_counter() - start
 
     if result.versions:
@@ -214,27 +200,22 @@ def _check(args: argparse.Namespace) -> int:
         if report.context:
             print(f"{report.key}: context (not a failure):")
             print("\n".join(f"  {line}" for line in report.context))
-    stale = []
-    if config is not None and path.resolve() == config.lockfile.resolve():
-        stale = stale_models(config, read_lock(path), path.parent)
-        for line in stale:
-            print(f"stale: {line}")
+    for line in result.stale:
+        print(f"stale: {line}")
     changed = sum(1 for r in result.reports if r.changes and not r.error)
     errors = sum(1 for r in result.reports if r.error)
     print(
         f"checked {total} models in {path} in {seconds:.1f} s: {total - changed - errors} unchanged, "
-        f"{changed} changed, {errors} failed" + (f", {len(stale)} stale" if stale else "")
+        f"{changed} changed, {errors} failed" + (f", {len(result.stale)} stale" if result.stale else "")
     )
     if args.update:
-        from .lock import dumps_lock
-
         if dumps_lock(result.updated) == path.read_text(encoding="utf-8"):
             print(f"{path} is up to date")
         else:
-            write_lock(path, result.updated)
+            save_lock(path, result.updated)
             print(f"updated {path}" + (f" (kept the old entry of {errors} model(s) that failed)" if errors else ""))
-        return 1 if errors or stale else 0
-    if result.failed or stale:
+        return 1 if errors or result.stale else 0
+    if result.failed or result.stale:
         print(f"Hint: if the change is intended, run `autoprobe check {path} --update` (or `autoprobe lock`) and commit the lockfile.")
         return 1
     return 0
@@ -244,22 +225,35 @@ def _inspect(args: argparse.Namespace) -> int:
     from .api import analyze
     from .report import render_svg, render_table, selection_to_dict, to_json
 
-    if args.points is not None and args.points < 1:
-        raise AutoprobeError(f"--points {args.points}: need at least 1 point.")
-    analysis = analyze(
-        args.model,
-        input_size=_input_size(args.input_size) if args.input_size else None,
-        rules=args.rules,
-        points=args.points,
-        train=args.mode == "train",
-        leaf_paths=tuple(args.leaf),
-    )
+    from .trace import TraceOptions
+
+    options = TraceOptions(mode=args.mode, leaf_paths=tuple(args.leaf), input_name=args.input_name,
+                           allow_real_data=args.allow_real_data)
+    size = _input_size(args.input_size)
+    try:
+        analysis = analyze(args.model, input_size=size, rules=args.rules, points=_points(args.points), options=options)
+    except TraceError as exc:
+        if args.allow_real_data or "allow_real_data" not in str(exc):
+            raise
+        # The API's hint names its keyword; a CLI user gets the flags that do the same.
+        reasons = str(exc).split("\nHint:")[0]
+        raise TraceError(
+            f"{reasons}\nHint: the model branches on tensor values. Rerun with `--allow-real-data` to let the hooks "
+            "backend run it once on a seeded random batch (no_grad, the model left unchanged), or keep the branching "
+            "submodule as one node with `--leaf MODULE_PATH`."
+        ) from exc
+    except InputSizeError as exc:
+        if size is None:
+            raise
+        # The API's message names its keyword (input_size=(3, 100, 100)); a CLI user typed the flag.
+        python, flag = format_input_size(size), format_input_size(size, argument="--input-size")
+        raise InputSizeError(str(exc).replace(python, flag)) from exc
     if args.graph:
         path = Path(args.graph)
         try:
             path.write_text(render_svg(analysis.selection, analysis.graph), encoding="utf-8")
         except OSError as exc:
-            raise AutoprobeError(f"cannot write --graph {str(path)!r}: {exc.strerror}. Hint: check the folder exists.") from exc
+            raise OptionError(f"cannot write --graph {str(path)!r}: {exc.strerror}. Hint: check the folder exists.") from exc
     if args.format == "json":
         sys.stdout.write(to_json(selection_to_dict(analysis.selection, analysis.graph)))
     else:

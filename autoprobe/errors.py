@@ -16,6 +16,8 @@ __all__ = [
     "SelectionError",
     "InstrumentError",
     "LockError",
+    "UsageError",
+    "OptionError",
 ]
 
 
@@ -49,3 +51,15 @@ class InstrumentError(AutoprobeError):
 
 class LockError(AutoprobeError):
     """A lockfile is missing, malformed, or lists no models."""
+
+
+class UsageError(AutoprobeError, TypeError):
+    """An argument of a Python API call has the wrong type or value (``points=0``, ``leaf_modules=["Conv2d"]``).
+
+    It is also a ``TypeError``, so code that caught the plain ``TypeError`` these misuses raised before still works.
+    """
+
+
+class OptionError(AutoprobeError):
+    """A command-line option has a value the command cannot use (``--jobs -1``, ``--points 0``),
+    or names an output file that cannot be written (``--graph``); the message names the option."""

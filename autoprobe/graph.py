@@ -10,13 +10,14 @@ owning a matrix-shaped parameter) on the longest path from the input to a
 node, the node itself included; ``D`` is the depth of the output. A leaf block
 fx keeps whole counts every weight layer inside it.
 
-Layouts are inferred from the producing op, not guessed per model: conv,
-pooling, BatchNorm and GroupNorm produce channels-first tensors, Linear and
-LayerNorm channels-last; other ops inherit from a same-shaped input and fall
-back to the shape itself (``(B, H, W, C)`` when ``H == W != C``). A product of
-two activations (attention scores ``q @ k^T``, ``attn @ v``) and a reshape to
-five dims that no volume op made have no layout, hence no channels: they are
-attention internals, not features.
+Layouts are derived from the operations, never guessed from sizes: ``axes.py`` propagates a
+label per axis (batch, channels, spatial, unknown) along the graph from the input's
+channels-first layout, the way ShapeProp propagates shapes (conv, pooling and batch/group norm
+make channels-first maps, linear and a LayerNorm over the last dim put the channels last,
+permute/transpose/flatten/reshape move them, cat and elementwise ops keep them). A node whose
+labels spell no ``Layout`` (attention scores ``q @ k^T``, a reshape that merges the channels
+with a spatial axis) has ``layout=None`` and no channels: it is not a feature an adapter can read,
+and selection never chooses it. A layout never depends on the input size.
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ import networkx as nx
 from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
+from .axes import Labels, _Env, input_axes, layout_of, module_axes, op_name, propagate
 from .errors import TraceError
-from .trace import Traced
+from .layout import Layout
+from .trace import Backend, Mode, Traced
 
 __all__ = ["LayerInfo", "LayerGraph", "build_layer_graph"]
 
@@ -68,7 +71,6 @@ _FUNCTION_KINDS: dict[str, str] = {
     ),
     **dict.fromkeys(("dropout", "dropout1d", "dropout2d", "drop_path", "identity", "clone"), "identity"),
 }
-_CHANNELS_FIRST_KINDS = frozenset({"conv", "pool", "input"})
 _NORM_FAMILIES = (("batch", "batch"), ("layer", "layer"), ("group", "group"), ("instance", "instance"), ("rms", "rms"))
 _WEIGHT_FUNCTIONS = frozenset({"conv", "linear"})
 
@@ -90,12 +92,16 @@ class LayerInfo:
         act: activation family applied here (relu, gelu, silu, ...) or ``""``.
         weight: whether this node is a weight layer (counts towards depth).
         shape: output shape, batch included, or ``None`` for non-tensor outputs.
-        layout: ``NC``, ``NCL``, ``NLC``, ``NCHW``, ``NHWC``, ``NCDHW`` or ``""``.
+        layout: the ``Layout`` derived from the ops (``NCHW``, ``NLC``, ...), or ``None`` when the ops do
+            not decide it (then the node has no channels and is never a point).
         channels: feature width, or ``None``.
         spatial: spatial extent (``(H, W)``), ``(N,)`` for tokens, or ``None``.
         depth: weight layers on the longest path from the input to here, this node included
             (all of them for a leaf block).
         order: position in topological (execution) order.
+        call: ``(module path, call index)`` when the node is the output of a module call (the
+            index counts that module's calls from 0 in execution order), else ``None``; a forward
+            hook on that module taps exactly this node.
     """
 
     name: str
@@ -109,23 +115,18 @@ class LayerInfo:
     act: str
     weight: bool
     shape: tuple[int, ...] | None
-    layout: str
+    layout: Layout | None
     channels: int | None
     spatial: tuple[int, ...] | None
     depth: int
     order: int
+    call: tuple[str, int] | None = None
 
     @property
     def positions(self) -> int | None:
         """Spatial positions or tokens: ``H * W`` for a map, ``N`` for tokens."""
         return None if self.spatial is None else math.prod(self.spatial)
 
-    @property
-    def volume(self) -> int | None:
-        """Feature volume per example: ``channels * positions``."""
-        if self.channels is None:
-            return None
-        return self.channels * (self.positions or 1)
 
 
 @dataclass(frozen=True)
@@ -145,8 +146,8 @@ class LayerGraph:
     input: str
     output: str
     input_shape: tuple[int, ...]
-    mode: str
-    backend: str
+    mode: Mode
+    backend: Backend
 
     def __getitem__(self, name: str) -> LayerInfo:
         return self.nx_graph.nodes[name]["info"]
@@ -309,58 +310,69 @@ def _first_tensor_meta(meta: Any) -> TensorMetadata | None:
     return None
 
 
-def _layout(kind: str, norm: str, shape: tuple[int, ...], inherited: str | None, width: int | None) -> str:
-    """Layout of a node's output; ``inherited`` is a same-shaped data input's layout, ``None`` if there is none."""
-    rank = len(shape)
-    if rank < 2:
-        return ""
-    channels_first = kind in _CHANNELS_FIRST_KINDS or norm in ("batch", "group", "instance")
-    channels_last = kind in ("linear",) or norm in ("layer", "rms")
-    if kind == "matmul" or (inherited == "" and not (channels_first or channels_last)):
-        # A product of two activations (q @ k^T, attn @ v) has head and token axes but no channel
-        # axis; the elementwise ops after it (scale, mask, softmax, dropout) keep it that way.
-        return ""
-    if width is None and not (channels_first or channels_last) and rank > 3:
-        # Reshaping a tensor that has no channel axis (heads split off, windows cut out) does not
-        # make one: only a conv, linear or norm re-establishes features.
-        return ""
-    if rank == 2:
-        return "NC"
-    if not (channels_first or channels_last) and not inherited and width:
-        # A reshape keeps the channel count: find where it went.
-        channels_first = shape[1] == width and shape[-1] != width
-        channels_last = shape[-1] == width
-    if rank == 3:
-        if channels_first and not channels_last:
-            return "NCL"
-        if channels_last:
-            return "NLC"
-        return inherited or "NLC"
-    if rank == 4:
-        if channels_first and not channels_last:
-            return "NCHW"
-        if channels_last:
-            return "NHWC"
-        if inherited:
-            return inherited
-        _, a, b, c = shape
-        return "NHWC" if a == b != c else "NCHW"
-    if rank == 5:
-        # Only a volume op makes a volume: a reshape to five dims (attention heads split per window) is no feature.
-        if channels_first and not channels_last:
-            return "NCDHW"
-        return inherited or ""
-    return ""
+def _features(layout: Layout | None, shape: tuple[int, ...]) -> tuple[int | None, tuple[int, ...] | None]:
+    if layout is None:
+        return None, None
+    if layout is Layout.NC:
+        return layout.channels(shape), None
+    return layout.channels(shape), layout.spatial(shape)
 
 
-def _features(layout: str, shape: tuple[int, ...]) -> tuple[int | None, tuple[int, ...] | None]:
-    if layout == "NC":
-        return shape[1], None
-    if layout in ("NCL", "NCHW", "NCDHW"):
-        return shape[1], tuple(shape[2:])
-    if layout in ("NLC", "NHWC"):
-        return shape[-1], tuple(shape[1:-1])
-    return None, None
+def _out_shapes(meta: Any) -> Any:
+    """The shape of a node's output (a tuple of ints), a tuple of those for a tuple output, or ``None``."""
+    if isinstance(meta, TensorMetadata):
+        return tuple(int(s) for s in meta.shape)
+    if isinstance(meta, (list, tuple)):
+        return tuple(_out_shapes(m) for m in meta)
+    return None
+
+
+def _node_labels(
+    graph: fx.Graph, modules: dict[str, nn.Module], input_node: fx.Node, batch: int = 2
+) -> dict[fx.Node, Labels]:
+    """Axis labels of every node, propagated in execution order from the input (see ``axes.py``)."""
+    labels: dict[fx.Node, Labels] = {}
+
+    def shape_of(v: Any) -> tuple[int, ...] | None:
+        if isinstance(v, fx.Node):
+            meta = v.meta.get("tensor_meta")
+            return tuple(int(s) for s in meta.shape) if isinstance(meta, TensorMetadata) else None
+        return None
+
+    def labels_of(v: Any) -> Labels:
+        return labels.get(v) if isinstance(v, fx.Node) else None
+
+    for node in graph.nodes:
+        if "axes" in node.meta:  # the hooks backend propagated the labels while the model ran
+            labels[node] = node.meta["axes"]
+            continue
+        out = _out_shapes(node.meta.get("tensor_meta"))
+        if node.op == "placeholder":
+            labels[node] = input_axes(len(out)) if node is input_node and isinstance(out, tuple) and all(
+                isinstance(s, int) for s in out) else None
+            continue
+        if node.op in ("get_attr", "output"):
+            labels[node] = labels_of(node.args[0]) if node.op == "output" and isinstance(node.args[0], fx.Node) else None
+            continue
+        env = _Env(labels_of, shape_of, out, batch)
+        if node.op == "call_module":
+            found = module_axes(modules[str(node.target)], node.args, node.kwargs, env)
+        else:
+            found = propagate(op_name(node.target), node.args, node.kwargs, env)
+        # Only tensors computed from the input are data; a parameter's transpose or expand has no labels.
+        fed = any(labels.get(a) is not None for a in node.all_input_nodes)
+        labels[node] = _known_rank(found, out) if fed else found
+    return labels
+
+
+def _known_rank(labels: Labels, out: Any) -> Labels:
+    """Labels that fit the output: a tensor whose labels no rule decided is all ``?`` (data, but no known axes)."""
+    if isinstance(out, tuple) and all(isinstance(s, int) for s in out):
+        return labels if isinstance(labels, str) and len(labels) == len(out) else "?" * len(out)
+    if isinstance(out, tuple):
+        parts = labels if isinstance(labels, tuple) and len(labels) == len(out) else (None,) * len(out)
+        return tuple(_known_rank(p, o) for p, o in zip(parts, out))
+    return None
 
 
 def build_layer_graph(traced: Traced) -> LayerGraph:
@@ -386,7 +398,8 @@ def build_layer_graph(traced: Traced) -> LayerGraph:
     outputs = [n for n in nodes if n.op == "output"]
     if not placeholders or not outputs:
         raise TraceError("the traced graph has no input or no output. Hint: the model's forward must take a tensor.")
-    source, sink = placeholders[0], outputs[0]
+    source = next((n for n in placeholders if n.name == traced.input_node), placeholders[0])
+    sink = outputs[0]
 
     # Only tensors are data: `x.shape[-2:]` feeding a final resize would otherwise be a path around
     # the whole network and leave the output with no dominators but the input.
@@ -400,6 +413,7 @@ def build_layer_graph(traced: Traced) -> LayerGraph:
     if sink.name not in keep:
         raise TraceError("the model's output does not depend on its input. Hint: check the model's forward.")
     modules = dict(gm.named_modules())
+    labels = _node_labels(gm.graph, modules, source, traced.input_shape[0])
 
     graph = nx.DiGraph()
     infos: dict[str, LayerInfo] = {}
@@ -407,7 +421,7 @@ def build_layer_graph(traced: Traced) -> LayerGraph:
         data_inputs = [infos[a.name] for a in node.all_input_nodes if a.name in infos]
         info = _layer_info(
             node, order, traced.qualnames, modules, traced.module_types, data_inputs, len(node.all_input_nodes),
-            traced.input_shape[0],
+            traced.input_shape[0], labels.get(node), traced.module_calls.get(node.name),
         )
         infos[node.name] = info
         graph.add_node(info.name, info=info)
@@ -431,6 +445,8 @@ def _layer_info(
     data_inputs: list[LayerInfo],
     n_inputs: int,
     batch: int,
+    labels: Labels,
+    call: tuple[str, int] | None,
 ) -> LayerInfo:
     qualname = qualnames.get(node.name, node.name)
     norm = act = ""
@@ -464,10 +480,8 @@ def _layer_info(
 
     meta = _first_tensor_meta(node.meta.get("tensor_meta"))
     shape = tuple(int(s) for s in meta.shape) if meta is not None else None
-    same = [p.layout for p in data_inputs if p.shape == shape]
-    inherited = next((layout for layout in same if layout), "" if same else None)
-    width = next((p.channels for p in data_inputs if p.channels), None)
-    layout = _layout(kind, norm, shape, inherited, width) if shape is not None else ""
+    main_labels = labels[0] if isinstance(labels, tuple) else labels
+    layout = layout_of(main_labels, shape)
     # Window attention folds positions into the batch (Swin): such tensors are not per-example features.
     per_example = shape is not None and len(shape) >= 2 and shape[0] == batch
     channels, spatial = _features(layout, shape) if per_example else (None, None)
@@ -489,4 +503,5 @@ def _layer_info(
         spatial=spatial,
         depth=depth,
         order=order,
+        call=call,
     )

@@ -10,25 +10,29 @@ Models named by spec are built with ``pretrained=False`` under
 ``torch.device("meta")``: no weights are allocated or downloaded, so even
 billion-parameter models are inspected in seconds. A few constructors compute
 their layout with tensor ops whose values they read back (torchvision's RegNet
-calls ``.tolist()``), which the meta device cannot answer; those are built
-with real tensors for the arithmetic while every parameter and buffer goes to
-meta the moment it is registered, as accelerate's ``init_empty_weights`` does.
-``instrument`` builds specs on the CPU with fresh weights instead.
+calls ``.tolist()``), which the meta device cannot answer; those are built again
+under a ``TorchFunctionMode`` that creates small tensors (up to 65,536 elements) on
+the CPU, so their values can be read, and larger ones on meta, then the model is
+moved to meta. Like ``torch.device("meta")``, the mode is thread-local and lives only
+while the factory runs: nothing about ``nn.Module`` is patched, and another thread
+building a model meanwhile is unaffected. ``instrument`` builds specs on the CPU with
+fresh weights instead.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
+import math
 import os
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .errors import ModelSpecError
 
@@ -48,13 +52,11 @@ class ResolvedModel:
         label: the spec or class name, for reports.
         input_size: the input size (C, H, W) the model was built for; the feeding detail
             only, detectors never see it.
-        task: ``classification`` or ``dense`` when the source says so, else ``""``.
     """
 
     module: nn.Module
     label: str
     input_size: tuple[int, ...]
-    task: str
 
 
 def _suggest(name: str, choices: list[str]) -> str:
@@ -62,24 +64,43 @@ def _suggest(name: str, choices: list[str]) -> str:
     return f" Did you mean: {', '.join(close)}?" if close else ""
 
 
-@contextmanager
-def _weights_on_meta() -> Iterator[None]:
-    """Move every parameter and buffer to meta as it is registered; other tensors stay real."""
-    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+_SMALL = 1 << 16
+_SIZED_FACTORIES = frozenset({"empty", "zeros", "ones", "full", "rand", "randn", "randint", "empty_strided"})
 
-    def parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None:
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register_parameter(module, name, param)
 
-    def buffer(module: nn.Module, name: str, tensor: torch.Tensor | None, persistent: bool = True) -> None:
-        register_buffer(module, name, None if tensor is None else tensor.to("meta"), persistent)
+class _SmallTensorsReal(TorchFunctionMode):
+    """Tensor factories without a device make small tensors on the CPU and large ones on meta.
 
-    nn.Module.register_parameter, nn.Module.register_buffer = parameter, buffer  # type: ignore[method-assign]
+    A constructor that reads values back computes them on small tensors (RegNet's widths from an
+    ``arange``); weight matrices, the only large tensors a constructor makes, stay on meta.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = dict(kwargs or {})
+        name = getattr(func, "__name__", "")
+        if name in _SIZED_FACTORIES and kwargs.get("device") is None and getattr(func, "__module__", "") == "torch":
+            size = _requested_numel(name, args, kwargs)
+            if size is not None and size > _SMALL:
+                kwargs["device"] = "meta"
+        return func(*args, **kwargs)
+
+
+def _requested_numel(name: str, args: tuple, kwargs: dict) -> int | None:
+    """Elements a sized factory call asks for, from its size argument(s)."""
+    if name == "randint":
+        shape = args[-1] if args else kwargs.get("size")
+    elif name == "full":
+        shape = args[0] if args else kwargs.get("size")
+    elif args and isinstance(args[0], (tuple, list, torch.Size)):
+        shape = args[0]
+    elif args:
+        shape = args if name != "empty_strided" else args[0]
+    else:
+        shape = kwargs.get("size")
     try:
-        yield
-    finally:
-        nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer  # type: ignore[method-assign]
+        return math.prod(int(s) for s in shape)
+    except (TypeError, ValueError):
+        return None
 
 
 def _build(factory: Callable[[], nn.Module], device: Device) -> nn.Module:
@@ -89,10 +110,14 @@ def _build(factory: Callable[[], nn.Module], device: Device) -> nn.Module:
     try:
         with torch.device("meta"):
             return factory()
-    except NotImplementedError:
-        # The constructor read a value back from a tensor ("Cannot copy out of meta tensor").
-        with _weights_on_meta():
-            return factory()
+    except (NotImplementedError, RuntimeError) as exc:
+        # The constructor read a value back from a tensor ("Cannot copy out of meta tensor",
+        # "Tensor.item() cannot be called on meta tensors"); any other error is the factory's own.
+        if "meta" not in str(exc):
+            raise
+        with _SmallTensorsReal():
+            model = factory()
+        return model.to("meta")
 
 
 def _timm(name: str, num_classes: int | None, device: Device) -> ResolvedModel:
@@ -106,7 +131,7 @@ def _timm(name: str, num_classes: int | None, device: Device) -> ResolvedModel:
     extra = {} if num_classes is None else {"num_classes": num_classes}
     model = _build(lambda: timm.create_model(name, pretrained=False, **extra), device)
     input_size = tuple(model.pretrained_cfg.get("input_size", DEFAULT_INPUT_SIZE))
-    return ResolvedModel(model, name, input_size, "classification")
+    return ResolvedModel(model, name, input_size)
 
 
 def _torchvision(name: str, num_classes: int | None, device: Device) -> ResolvedModel:
@@ -131,14 +156,16 @@ def _torchvision(name: str, num_classes: int | None, device: Device) -> Resolved
         size = (3, 256, 256)
     else:
         size = DEFAULT_INPUT_SIZE
-    return ResolvedModel(model, f"tv:{name}", size, "dense" if segmentation else "classification")
+    return ResolvedModel(model, f"tv:{name}", size)
 
 
 def _callable(spec: str, device: Device) -> ResolvedModel:
     module_name, _, attr = spec.partition(":")
     # Like uvicorn and gunicorn: a user's own module in the working directory must resolve
-    # even when autoprobe runs as a console script (whose sys.path lacks the cwd).
-    if os.getcwd() not in sys.path and "" not in sys.path:
+    # even when autoprobe runs as a console script (whose sys.path lacks the cwd). The entry is
+    # there only for the import: sys.path is left exactly as it was found.
+    added = os.getcwd() not in sys.path and "" not in sys.path
+    if added:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
@@ -147,6 +174,9 @@ def _callable(spec: str, device: Device) -> ResolvedModel:
             f"cannot import {module_name!r} from model spec {spec!r}: {type(exc).__name__}: {exc}\n"
             "Hint: the module must be importable from the current directory or the installed packages."
         ) from exc
+    finally:
+        if added and os.getcwd() in sys.path:
+            sys.path.remove(os.getcwd())
     factory = module
     for part in attr.split("."):
         if not hasattr(factory, part):
@@ -163,7 +193,7 @@ def _callable(spec: str, device: Device) -> ResolvedModel:
         raise ModelSpecError(f"calling {spec!r} failed: {type(exc).__name__}: {exc}") from exc
     if not isinstance(model, nn.Module):
         raise ModelSpecError(f"{spec!r} returned a {type(model).__name__}, not an nn.Module.")
-    return ResolvedModel(model, spec, DEFAULT_INPUT_SIZE, "")
+    return ResolvedModel(model, spec, DEFAULT_INPUT_SIZE)
 
 
 def resolve_model(spec: str, *, num_classes: int | None = None, device: Device = "meta") -> ResolvedModel:

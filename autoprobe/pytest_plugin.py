@@ -37,6 +37,8 @@ import pytest
 if TYPE_CHECKING:
     from torch import nn
 
+    from .lockfile import Lock, LockEntry
+
 __all__ = ["AutoprobeSnapshot", "autoprobe_snapshot", "pytest_addoption", "pytest_terminal_summary"]
 
 _WRITTEN = pytest.StashKey[list[str]]()
@@ -93,27 +95,29 @@ class AutoprobeSnapshot:
         except ValueError:
             return str(self.path)
 
-    def _read(self) -> dict[str, Any] | None:
-        from .lock import read_lock
+    def _read(self) -> Lock | None:
+        from .errors import LockError
+        from .lockfile import read_lock
 
         if not self.path.exists():
             return None
         try:
             return read_lock(self.path)
-        except Exception as exc:  # LockError: say which baseline, and how to recover
+        except LockError as exc:  # say which baseline, and how to recover
             pytest.fail(
                 f"autoprobe: baseline {self._shown()} cannot be read: {exc}\n"
                 "Delete it and rerun (it is written afresh), or rerun with --autoprobe-update.",
                 pytrace=False,
             )
 
-    def _write(self, key: str, entry: dict[str, Any], baseline: dict[str, Any] | None, how: str) -> None:
-        from .lock import make_lock, write_lock
+    def _write(self, key: str, entry: LockEntry, baseline: Lock | None, how: str) -> None:
+        from .lockentry import versions
+        from .lockfile import Lock, save_lock
 
-        entries = dict(baseline["models"]) if baseline else {}
+        entries = dict(baseline.entries) if baseline else {}
         entries[key] = entry
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_lock(self.path, make_lock(entries))
+        save_lock(self.path, Lock(entries, versions()))
         self._written.append(f"{how} {self._shown()} ({key})")
 
     def check(
@@ -126,7 +130,7 @@ class AutoprobeSnapshot:
         rules: str = "default",
         points: int | None = None,
         leaf: Sequence[str] = (),
-    ) -> dict[str, Any]:
+    ) -> LockEntry:
         """Fail the test unless ``model``'s selection equals its baseline.
 
         Args:
@@ -140,20 +144,26 @@ class AutoprobeSnapshot:
             leaf: module paths to keep as single nodes.
 
         Returns:
-            The recomputed entry (the same data ``autoprobe lock`` writes), when it matches.
+            The recomputed ``LockEntry`` (what ``autoprobe lock`` writes), when it matches.
+
+        Raises:
+            LockError: a setting has the wrong type or value (``mode="both"``, ``points=0``).
 
         Example:
             >>> autoprobe_snapshot.check("resnet18", input_size=(3, 160, 160))  # doctest: +SKIP
         """
-        from .lock import LockSettings, context_changes, diff_entry, lock_entry
+        from .lockdiff import diff_entries
+        from .lockentry import lock_entry
+        from .lockfile import LockSettings
 
-        if mode not in ("eval", "train"):
-            raise ValueError(f"autoprobe_snapshot.check: mode must be 'eval' or 'train', not {mode!r}")
+        settings = LockSettings.parse(
+            {"input_size": input_size or None, "mode": mode, "rules": rules, "points": points, "leaf": leaf},
+            "autoprobe_snapshot.check", hint="Hint: fix the argument in the test.",
+        )
         key = name or (model.strip() if isinstance(model, str) else type(model).__name__)
-        settings = LockSettings(tuple(input_size) if input_size else None, mode, rules, points, tuple(leaf))
         entry = lock_entry(model, settings)
         baseline = self._read()
-        old = baseline["models"].get(key) if baseline else None
+        old = baseline.entries.get(key) if baseline else None
         if old is None:
             self._write(key, entry, baseline, "wrote")
             pytest.fail(
@@ -161,9 +171,9 @@ class AutoprobeSnapshot:
                 "Review it and commit it: the test passes from the next run on while the selection stays the same.",
                 pytrace=False,
             )
-        changes = diff_entry(old, entry)
+        changes, context = diff_entries(old, entry)
         if not changes:
-            if self.update and context_changes(old, entry):
+            if self.update and context:
                 self._write(key, entry, baseline, "refreshed (context only)")
             return entry
         listed = "\n".join(f"  {line}" for line in changes)

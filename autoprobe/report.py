@@ -241,7 +241,7 @@ def render_svg(selection: Selection, graph: LayerGraph) -> str:
 def _tooltip(info: LayerInfo, scored: Any) -> str:
     lines = [
         info.name, f"op: {info.op} {info.target}", f"kind: {info.kind}  depth: {info.depth}",
-        f"shape: {info.shape}  layout: {info.layout}",
+        f"shape: {info.shape}  layout: {info.layout or 'unknown (not eligible)'}",
     ]
     if scored is not None:
         lines.append(f"score: {scored.score:.2f}")

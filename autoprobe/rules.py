@@ -71,15 +71,24 @@ class Policy:
     min_score: float = 0.0
 
 
+_DEFAULT_POLICY = Policy()
+
+
+def _policy_default(key: str) -> Any:
+    """A policy default as a pack writes it: ``None`` is ``"auto"``. The dataclass is the one source."""
+    value = getattr(_DEFAULT_POLICY, key)
+    return "auto" if value is None else value
+
+
 _POLICY_SCHEMA: dict[str, Option] = {
-    "points": Option(int, "auto", "number of points M, or \"auto\" for round(ln D)"),
-    "min_points": Option(int, 1, "lower clamp of the automatic M"),
-    "max_points": Option(int, 8, "upper clamp of the automatic M"),
-    "min_distance": Option(int, "auto", "minimum depth between adjacent points, or \"auto\""),
-    "position": Option(str, "input", "position bias", _POSITIONS),
-    "position_strength": Option(float, 0.25, "strength of the position bias, 0..1"),
-    "exclude_output": Option(float, 0.1, "fraction of D next to the output kept free of points"),
-    "min_score": Option(float, 0.0, "candidates below this score are never picked"),
+    "points": Option(int, _policy_default("points"), "number of points M, or \"auto\" for round(ln D)"),
+    "min_points": Option(int, _policy_default("min_points"), "lower clamp of the automatic M"),
+    "max_points": Option(int, _policy_default("max_points"), "upper clamp of the automatic M"),
+    "min_distance": Option(int, _policy_default("min_distance"), "minimum depth between adjacent points, or \"auto\""),
+    "position": Option(str, _policy_default("position"), "position bias", _POSITIONS),
+    "position_strength": Option(float, _policy_default("position_strength"), "strength of the position bias, 0..1"),
+    "exclude_output": Option(float, _policy_default("exclude_output"), "fraction of D next to the output kept free of points"),
+    "min_score": Option(float, _policy_default("min_score"), "candidates below this score are never picked"),
 }
 _AUTO_KEYS = frozenset({"points", "min_distance"})
 

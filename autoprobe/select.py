@@ -23,10 +23,13 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from .detectors import Candidate, run_detectors
+from .errors import UsageError
 from .graph import LayerGraph, LayerInfo
+from .layout import Layout
 from .rules import Policy, RulePack
+from .trace import Backend, Mode
 
-__all__ = ["Fired", "Point", "Scored", "Selection", "select_points", "auto_points"]
+__all__ = ["Fired", "Point", "Scored", "Selection", "select_points", "auto_points", "check_points"]
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,7 @@ class Point:
         module_path: the module the node belongs to.
         depth: weight layers from the input.
         shape: the feature's shape (batch included).
-        layout: the feature's layout (``NCHW``, ``NLC``, ...).
+        layout: the feature's layout (``NCHW``, ``NLC``, ...), derived from the graph's ops.
         score: the node's score.
         fired: the rules that fired, strongest first.
     """
@@ -67,7 +70,7 @@ class Point:
     module_path: str
     depth: int
     shape: tuple[int, ...]
-    layout: str
+    layout: Layout
     score: float
     fired: tuple[Fired, ...]
 
@@ -103,8 +106,8 @@ class Selection:
     rules_sha256: str
     min_distance: int
     input_shape: tuple[int, ...]
-    mode: str
-    backend: str
+    mode: Mode
+    backend: Backend
     notes: tuple[str, ...]
 
     @property
@@ -147,9 +150,63 @@ def _score(graph: LayerGraph, candidates: tuple[Candidate, ...], pack: RulePack)
     return scored
 
 
-def _eligible(graph: LayerGraph, info: LayerInfo, policy: Policy) -> bool:
+def check_points(points: object) -> None:
+    """Refuse a ``points`` that is not a positive integer (``0``, ``-1``, ``"3"``, ``True``).
+
+    Raises:
+        UsageError: the value and what to pass instead.
+    """
+    if points is None:
+        return
+    if isinstance(points, bool) or not isinstance(points, int) or points < 1:
+        raise UsageError(
+            f"points must be a positive integer (the number M of points) or None for round(ln D), not {points!r}.\n"
+            "Hint: pass points=3; to choose points by name, build the selection with autoprobe.inspect and "
+            "filter it (see README, 'Choosing points by name')."
+        )
+
+
+def _in_range(graph: LayerGraph, info: LayerInfo, policy: Policy) -> bool:
     limit = graph.depth - math.ceil(policy.exclude_output * graph.depth)
     return 1 <= info.depth <= max(limit, 1) and info.kind != "output" and info.shape is not None
+
+
+def _why_not(graph: LayerGraph, info: LayerInfo) -> str:
+    """Why a node in the depth range cannot be a point, or ``""`` when it can."""
+    if info.layout is None or info.channels is None:
+        return "layout"
+    if graph.backend != "fx" and info.call is None:
+        return "untappable"
+    return ""
+
+
+def _eligible(graph: LayerGraph, info: LayerInfo, policy: Policy) -> bool:
+    return _in_range(graph, info, policy) and not _why_not(graph, info)
+
+
+def _skipped_notes(graph: LayerGraph, scored: list[Scored], policy: Policy) -> list[str]:
+    """One note per reason candidates were left out although rules fired on them."""
+    reasons: dict[str, list[str]] = defaultdict(list)
+    for s in scored:
+        info = graph[s.node]
+        if _in_range(graph, info, policy) and s.score >= policy.min_score:
+            why = _why_not(graph, info)
+            if why:
+                reasons[why].append(s.node)
+    notes = []
+    if reasons["layout"]:
+        names = reasons["layout"]
+        notes.append(
+            f"{len(names)} candidate(s) not eligible: the graph's ops do not decide their layout "
+            f"(no channel axis an adapter can read): {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+        )
+    if reasons["untappable"]:
+        names = reasons["untappable"]
+        notes.append(
+            f"{len(names)} candidate(s) not eligible: functions outside a module's output cannot be tapped by "
+            f"forward hooks on the {graph.backend} backend: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+        )
+    return notes
 
 
 def _fallback(graph: LayerGraph) -> list[Candidate]:
@@ -184,11 +241,12 @@ def select_points(graph: LayerGraph, pack: RulePack, *, points: int | None = Non
         >>> select_points(build_layer_graph(trace_model(net, (3, 16, 16))), load_rules()).names
         ('1',)
     """
+    check_points(points)
     policy = pack.policy
     options = {k: v.options for k, v in pack.detectors.items()}
     candidates = run_detectors(graph, options)
-    notes: list[str] = []
     scored = _score(graph, candidates, pack)
+    notes: list[str] = _skipped_notes(graph, scored, policy)
     eligible = [s for s in scored if _eligible(graph, graph[s.node], policy) and s.score >= policy.min_score]
     fell_back = not eligible
     if fell_back:
@@ -245,7 +303,7 @@ def _point(info: LayerInfo, scored: Scored) -> Point:
         module_path=info.module_path,
         depth=info.depth,
         shape=info.shape or (),
-        layout=info.layout,
+        layout=info.layout,  # eligible nodes always have one
         score=scored.score,
         fired=scored.fired,
     )

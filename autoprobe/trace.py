@@ -1,14 +1,17 @@
-"""Stage 1: trace a model with torch.fx and propagate shapes without real compute.
+"""Stage 1: trace a model with torch.fx and propagate shapes on meta tensors.
 
-The tracer follows torchvision's ``NodePathTracer`` naming (``layer1.0.conv1``,
-``blocks.3.attn.softmax``) so the names users read in autoprobe's output are the
-ones they would pass to ``torchvision.models.feature_extraction``. It respects
-timm's leaf-module and autowrap-function registries, plus leaves the user names.
+The tracer names nodes by module path (``layer1.0.conv1``, ``blocks.3.attn.softmax``), the rule
+``node_names`` documents, and respects timm's leaf-module and autowrap-function registries plus the
+leaves the user names in ``TraceOptions``.
 
-Shapes come from running the traced graph either on the meta device (a model
-built on meta) or under ``FakeTensorMode`` (a live model): no weights are
-allocated, nothing real is computed, and the user's module is never mutated:
-its ``training`` flags are restored after tracing.
+Shapes come from running the traced graph on meta tensors: every parameter and buffer of the model
+is swapped for a meta twin of the same shape for the run (``torch.func.functional_call``) and the
+input is a meta tensor, so nothing is computed, no weight is read or written, and the user's module
+is never mutated: its ``training`` flags are restored after tracing.
+
+``TraceOptions`` is the one record every tracing backend (fx here, export and hooks in
+``backends.py``), ``analyze`` and ``instrument`` take: the mode, the leaves, how the model is called,
+the batch size, and whether a backend may run the model on real values.
 """
 
 from __future__ import annotations
@@ -17,20 +20,152 @@ import contextlib
 import inspect
 import re
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from types import MappingProxyType
+from typing import Any, Callable, Literal
 
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
-from .errors import AutoprobeError, InputSizeError, TraceError
+from .errors import AutoprobeError, InputSizeError, TraceError, UsageError
 
-__all__ = ["Traced", "trace_model", "default_leaf_modules", "default_autowrap_functions"]
+__all__ = [
+    "Mode",
+    "Backend",
+    "TraceOptions",
+    "Traced",
+    "NodeNamer",
+    "trace_model",
+    "trace_fx",
+    "default_leaf_modules",
+    "default_autowrap_functions",
+]
 
+Mode = Literal["train", "eval"]
+"""The mode a graph is traced in."""
+
+Backend = Literal["fx", "export", "hooks"]
+"""How a graph was obtained: torch.fx, ``torch.export``, or forward hooks (see ``backends.py``)."""
+
+_MODES: tuple[str, ...] = ("train", "eval")
 _FX_SUFFIX = re.compile(r"_[0-9]+$")
 _PROXY = re.compile(r"Proxy\(\w+\)")
+
+
+@dataclass(frozen=True)
+class TraceOptions:
+    """How to trace a model: one record for the fx, export and hooks backends, ``analyze`` and ``instrument``.
+
+    Attributes:
+        mode: ``"eval"`` or ``"train"``: the mode the model is put in while tracing (restored after).
+        leaf_modules: module classes to keep as single nodes (besides timm's registry).
+        leaf_paths: module paths (``"blocks.3.attn"``) to keep as single nodes; each must name a
+            submodule of the model (checked when tracing).
+        input_name: the forward parameter that receives the input (``"pixel_values"`` for a model
+            called as ``model(pixel_values=x)``); ``None`` is the first parameter.
+        forward_kwargs: further forward arguments, by name. A tensor is an example of an extra input:
+            only its shape and dtype are used (a meta twin is fed), so pass a tensor of the right size.
+            Any other value is fixed while tracing. Parameters not given keep their defaults.
+        batch_size: the batch of the example input; 2 keeps train-mode BatchNorm's check happy.
+        allow_real_data: whether the hooks backend may run the model for real, on one seeded
+            standard-normal batch under ``no_grad`` with cloned buffers, when a meta run is not enough
+            (a branch on tensor values, ``if x.sum() > 0``). Off by default: fx and export never compute,
+            and the hooks backend first runs on meta; with this off, a model that needs values is refused
+            with a message that names this option.
+
+    Raises:
+        UsageError: an option has the wrong type (a leaf class given as a string, a mode that is not
+            ``train``/``eval``, a batch size below 1).
+
+    Example:
+        >>> TraceOptions(mode="train", leaf_paths=("blocks.0",)).train
+        True
+        >>> TraceOptions(leaf_modules=("Conv2d",))
+        Traceback (most recent call last):
+            ...
+        autoprobe.errors.UsageError: leaf_modules takes nn.Module classes, but got 'Conv2d' (a str).
+        Hint: pass the class itself, e.g. leaf_modules=[torch.nn.MultiheadAttention]; module paths go in leaf_paths=[...].
+    """
+
+    mode: Mode = "eval"
+    leaf_modules: tuple[type[nn.Module], ...] = ()
+    leaf_paths: tuple[str, ...] = ()
+    input_name: str | None = None
+    forward_kwargs: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    batch_size: int = 2
+    allow_real_data: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in _MODES:
+            raise UsageError(f"mode must be 'train' or 'eval', not {self.mode!r}.\nHint: pass mode='eval' or mode='train'.")
+        if isinstance(self.leaf_modules, (str, type)) or not isinstance(self.leaf_modules, Iterable):
+            raise UsageError(
+                f"leaf_modules must be a sequence of nn.Module classes, not {self.leaf_modules!r}.\n"
+                "Hint: write leaf_modules=[torch.nn.MultiheadAttention]."
+            )
+        leaves = tuple(self.leaf_modules)
+        for leaf in leaves:
+            if not (isinstance(leaf, type) and issubclass(leaf, nn.Module)):
+                raise UsageError(
+                    f"leaf_modules takes nn.Module classes, but got {leaf!r} (a {type(leaf).__name__}).\n"
+                    "Hint: pass the class itself, e.g. leaf_modules=[torch.nn.MultiheadAttention]; "
+                    "module paths go in leaf_paths=[...]."
+                )
+        if isinstance(self.leaf_paths, str) or not isinstance(self.leaf_paths, Iterable):
+            raise UsageError(
+                f"leaf_paths must be a sequence of module paths, not {self.leaf_paths!r}.\n"
+                "Hint: write leaf_paths=['blocks.3.attn']."
+            )
+        paths = tuple(self.leaf_paths)
+        for path in paths:
+            if not isinstance(path, str):
+                raise UsageError(
+                    f"leaf_paths takes module paths as strings, but got {path!r} (a {type(path).__name__}).\n"
+                    "Hint: module classes go in leaf_modules=[...]."
+                )
+        if self.input_name is not None and not isinstance(self.input_name, str):
+            raise UsageError(f"input_name must be a parameter name or None, not {self.input_name!r}.")
+        if not isinstance(self.forward_kwargs, Mapping) or not all(isinstance(k, str) for k in self.forward_kwargs):
+            raise UsageError(
+                f"forward_kwargs must map parameter names to values, not {self.forward_kwargs!r}.\n"
+                "Hint: write forward_kwargs={'attention_mask': torch.ones(2, 16)}."
+            )
+        if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
+            raise UsageError(f"batch_size must be a positive integer, not {self.batch_size!r}.")
+        if not isinstance(self.allow_real_data, bool):
+            raise UsageError(f"allow_real_data must be True or False, not {self.allow_real_data!r}.")
+        object.__setattr__(self, "leaf_modules", leaves)
+        object.__setattr__(self, "leaf_paths", paths)
+        object.__setattr__(self, "forward_kwargs", MappingProxyType(dict(self.forward_kwargs)))
+
+    @property
+    def train(self) -> bool:
+        """Whether the training-mode graph is traced."""
+        return self.mode == "train"
+
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse leaf paths that name no submodule of ``model``.
+
+        Raises:
+            UsageError: a path in ``leaf_paths`` is not in ``model.named_modules()``; close names are listed.
+        """
+        names = dict(model.named_modules())
+        for path in self.leaf_paths:
+            if path not in names:
+                import difflib
+
+                close = difflib.get_close_matches(path, [n for n in names if n], n=3, cutoff=0.5)
+                near = f" Close names: {', '.join(close)}." if close else ""
+                raise UsageError(
+                    f"leaf_paths names {path!r}, which is not a submodule of {type(model).__name__}.{near}\n"
+                    "Hint: use a path from `dict(model.named_modules())`, like 'blocks.3.attn'."
+                )
+
+    def leaf_types(self) -> tuple[type[nn.Module], ...]:
+        """timm's leaf modules, then the user's."""
+        return tuple(dict.fromkeys((*default_leaf_modules(), *self.leaf_modules)))
 
 
 @dataclass(frozen=True)
@@ -39,23 +174,76 @@ class Traced:
 
     Attributes:
         graph_module: the fx GraphModule; its submodules are the user's modules (shared, not copied).
-        qualnames: fx node name -> module-qualified name (``layer1.0.add``), unique per graph.
+        qualnames: fx node name -> module-qualified name (``layer1.0.add``), unique by construction
+            (``NodeNamer``).
         input_shape: the full input shape used for propagation, batch included.
-        mode: ``"train"`` or ``"eval"``, the mode the graph was traced in.
-        backend: how the graph was obtained: ``"fx"`` (``trace_model``), ``"export"`` or
-            ``"hooks"`` (the fallbacks in ``backends.py``).
-        concrete_args: forward arguments fixed to their defaults while tracing.
+        mode: the mode the graph was traced in.
+        backend: how the graph was obtained.
         module_types: module path -> class name of every submodule of the traced model
             (``""`` is the model itself); the graph module keeps only the called ones.
+        module_calls: fx node name -> (module path, call index) for every node that is the output
+            of a module call: the 0-based index counts the calls of that module in execution order.
+            A forward hook on that module taps exactly that node at that call.
+        input_node: the fx name of the placeholder that receives the input.
+        notes: what the backend did that a user should know (a real-data run), in plain words.
     """
 
     graph_module: fx.GraphModule
     qualnames: dict[str, str]
     input_shape: tuple[int, ...]
-    mode: str
-    backend: str
-    concrete_args: tuple[str, ...]
+    mode: Mode
+    backend: Backend
     module_types: dict[str, str] = field(default_factory=dict)
+    module_calls: dict[str, tuple[str, int]] = field(default_factory=dict)
+    input_node: str = ""
+    notes: tuple[str, ...] = ()
+
+
+class NodeNamer:
+    """Give every node of a graph a unique, module-qualified name.
+
+    The rule, the same on every backend (fx, export, hooks):
+
+    1. A node's *base* name is the path of the module it is the output of (``layer1.0.conv1``; a shared
+       module is named by its first path in ``named_modules()``), and for any other op the path of the
+       module whose forward made it, a dot, and the op's name without fx's global counter
+       (``layer1.0.add``; ``add`` at the top level). Placeholders keep their parameter name.
+    2. The first node with a base gets the base itself, except that a base which is the path of a
+       module of the model is reserved for that module's own output: a function whose base equals a
+       module path (a top-level ``F.relu`` next to a module ``relu``) is treated as a repeat.
+    3. Every later node with the same base gets ``base_1``, ``base_2``, ... in execution order,
+       skipping every name that is a module path of the model or was already given.
+
+    So names are unique by construction, a module's first call is always named by its path (what a user
+    reads in ``named_modules()`` and the state_dict), and repeated calls and functions are numbered per
+    scope. This agrees with torchvision's ``get_graph_node_names`` except where a model has submodules
+    whose names end in ``_N``: torchvision strips that suffix and renumbers (modules ``conv_1``,
+    ``conv_2`` become nodes ``conv``, ``conv_1``), autoprobe keeps the paths (``conv_1``, ``conv_2``)
+    and numbers repeats around them (the second call of ``conv`` next to a module ``conv_1`` is
+    ``conv_2``).
+
+    Example:
+        >>> namer = NodeNamer(["conv", "conv_1"])
+        >>> [namer.name(b, module=m) for b, m in [("conv", True), ("conv", True), ("conv_1", True), ("add", False)]]
+        ['conv', 'conv_2', 'conv_1', 'add']
+    """
+
+    def __init__(self, module_paths: Iterable[str]) -> None:
+        self._reserved = frozenset(p for p in module_paths if p)
+        self._used: set[str] = set()
+        self._next: dict[str, int] = {}
+
+    def name(self, base: str, *, module: bool) -> str:
+        """The unique name for a node with ``base``; ``module`` says it is the output of the module at ``base``."""
+        if base not in self._used and (module or base not in self._reserved):
+            self._used.add(base)
+            return base
+        k = self._next.get(base, 1)
+        while f"{base}_{k}" in self._used or f"{base}_{k}" in self._reserved:
+            k += 1
+        self._next[base] = k + 1
+        self._used.add(f"{base}_{k}")
+        return f"{base}_{k}"
 
 
 def default_leaf_modules() -> tuple[type[nn.Module], ...]:
@@ -82,13 +270,37 @@ def default_autowrap_functions() -> tuple[Callable[..., Any], ...]:
     return ()
 
 
-class _QualnameTracer(fx.Tracer):
-    """fx.Tracer that records a module-qualified name for every node it creates.
+def has_tensor(meta: Any) -> bool:
+    """Whether a ``tensor_meta`` value (a ``TensorMetadata`` or a nest of them) holds a tensor."""
+    if isinstance(meta, TensorMetadata):
+        return True
+    if isinstance(meta, (list, tuple)):
+        return any(has_tensor(v) for v in meta)
+    if isinstance(meta, dict):
+        return any(has_tensor(v) for v in meta.values())
+    return False
 
-    Same names as torchvision's ``NodePathTracer`` but O(1) per node (it keeps a
-    counter per name instead of rescanning every earlier name), which matters
-    for models with tens of thousands of nodes.
-    """
+
+def tensor_meta(value: Any) -> Any:
+    """``TensorMetadata`` for every tensor in ``value`` (meta and fake tensors included), structure kept."""
+    if isinstance(value, torch.Tensor):
+        return _extract_tensor_metadata(value)
+    if isinstance(value, tuple):
+        return tuple(tensor_meta(v) for v in value)
+    if isinstance(value, list):
+        return [tensor_meta(v) for v in value]
+    if isinstance(value, dict):
+        return {k: tensor_meta(v) for k, v in value.items()}
+    return value
+
+
+def module_types(model: nn.Module) -> dict[str, str]:
+    """Module path -> class name of every submodule (``""`` is the model)."""
+    return {name: type(module).__name__ for name, module in model.named_modules()}
+
+
+class _QualnameTracer(fx.Tracer):
+    """fx.Tracer that records the scope (owning module path) of every node it creates."""
 
     def __init__(
         self,
@@ -101,8 +313,7 @@ class _QualnameTracer(fx.Tracer):
         self._leaf_paths = frozenset(leaf_paths)
         self.current_qualname = ""
         self.failed_at: str | None = None
-        self.node_to_qualname: dict[fx.Node, str] = {}
-        self._name_counts: dict[str, int] = {}
+        self.node_scope: dict[fx.Node, str] = {}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self._leaf_paths or isinstance(m, self._leaf_types):
@@ -124,23 +335,36 @@ class _QualnameTracer(fx.Tracer):
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, *rest):  # noqa: ANN001
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, *rest)
-        self.node_to_qualname[proxy.node] = self._qualname(proxy.node)
+        self.node_scope[proxy.node] = self.current_qualname
         return proxy
 
-    def _qualname(self, node: fx.Node) -> str:
+
+def _fx_names(graph: fx.Graph, scopes: Mapping[fx.Node, str], model: nn.Module) -> tuple[dict[str, str], dict[str, tuple[str, int]]]:
+    """Qualified names (``NodeNamer``'s rule) and module calls of an fx-traced graph."""
+    namer = NodeNamer(p for p, _ in model.named_modules())
+    qualnames: dict[str, str] = {}
+    calls: dict[str, tuple[str, int]] = {}
+    call_counts: dict[str, int] = {}
+    for node in graph.nodes:
         if node.op == "call_module":
-            base = str(node.target)
+            path = str(node.target)
+            qualnames[node.name] = namer.name(path, module=True)
+            calls[node.name] = (path, call_counts.get(path, 0))
+            call_counts[path] = call_counts.get(path, 0) + 1
+            continue
+        if node.op in ("placeholder", "output"):
+            base = node.name
         else:
-            # fx suffixes names globally (add_17); torchvision scopes them to the parent module.
+            # fx suffixes names globally (add_17); the namer numbers them per scope.
             local = _FX_SUFFIX.sub("", node.name)
-            base = f"{self.current_qualname}.{local}" if self.current_qualname else local
-        count = self._name_counts.get(base, 0)
-        self._name_counts[base] = count + 1
-        return base if count == 0 else f"{base}_{count}"
+            scope = scopes.get(node, "")
+            base = f"{scope}.{local}" if scope else local
+        qualnames[node.name] = namer.name(base, module=False)
+    return qualnames, calls
 
 
 @contextlib.contextmanager
-def _training_mode(model: nn.Module, train: bool) -> Iterator[None]:
+def training_mode(model: nn.Module, train: bool) -> Iterator[None]:
     """Put ``model`` in train/eval mode and restore every submodule's own flag afterwards."""
     saved = [(m, m.training) for m in model.modules()]
     model.train(train)
@@ -151,28 +375,78 @@ def _training_mode(model: nn.Module, train: bool) -> Iterator[None]:
             module.training = flag
 
 
-def _concrete_args(model: nn.Module) -> dict[str, Any]:
-    """Fix every optional forward argument after the first to its default.
+@dataclass(frozen=True)
+class ForwardCall:
+    """How the model's forward is called while tracing.
 
-    ``forward(x, mask=None)`` would otherwise be traced with a Proxy for ``mask``,
-    recording the ``mask is not None`` branch (timm's hiera does this).
+    Attributes:
+        input_name: the parameter that receives the input.
+        input_index: its position among the forward's parameters.
+        fixed: parameters fixed to a value while tracing (fx's ``concrete_args``).
+        tensors: parameters fed an example tensor (the user's ``forward_kwargs`` tensors).
+    """
+
+    input_name: str
+    input_index: int
+    fixed: Mapping[str, Any]
+    tensors: Mapping[str, torch.Tensor]
+
+    def example_kwargs(self, device: torch.device | str) -> dict[str, Any]:
+        """The extra arguments for a real call: fixed values as they are, tensors as twins on ``device``."""
+        twins = {name: torch.empty_like(t, device=device) if str(device) == "meta" else t.to(device)
+                 for name, t in self.tensors.items()}
+        return {**self.fixed, **twins}
+
+
+def forward_call(model: nn.Module, options: TraceOptions) -> ForwardCall:
+    """Read ``model.forward``'s signature and decide what each parameter gets while tracing.
+
+    The input goes to ``options.input_name`` (default: the first parameter). Every other parameter
+    without a default must be in ``options.forward_kwargs``. Optional parameters keep their simple
+    defaults (``None``, numbers, strings), fixed so that ``forward(x, mask=None)`` is traced
+    down the ``mask is None`` branch (timm's hiera).
+
+    Raises:
+        UsageError: ``input_name`` or a ``forward_kwargs`` key is no parameter of the forward.
+        TraceError: a required parameter got no value.
     """
     try:
         params = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):
-        return {}
-    concrete: dict[str, Any] = {}
-    for param in params[1:]:
-        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+        params = []
+    named = [p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    takes_kwargs = any(p.kind == p.VAR_KEYWORD for p in params)
+    names = [p.name for p in named]
+    cls = type(model).__name__
+    if options.input_name is not None and options.input_name not in names:
+        raise UsageError(
+            f"input_name={options.input_name!r} is not a parameter of {cls}.forward {tuple(names)}.\n"
+            "Hint: name the parameter that takes the input tensor."
+        )
+    input_name = options.input_name or (names[0] if names else "x")
+    unknown = [k for k in options.forward_kwargs if k not in names or k == input_name]
+    if unknown and not takes_kwargs:
+        raise UsageError(
+            f"forward_kwargs names {unknown[0]!r}, which is not a parameter of {cls}.forward {tuple(names)} "
+            "besides the input.\nHint: pass only the forward's own extra parameters."
+        )
+    fixed: dict[str, Any] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, value in options.forward_kwargs.items():
+        (tensors if isinstance(value, torch.Tensor) else fixed)[name] = value
+    for param in named:
+        if param.name == input_name or param.name in options.forward_kwargs:
             continue
         if param.default is param.empty:
             raise TraceError(
-                f"{type(model).__name__}.forward needs argument {param.name!r} besides the input; "
-                "autoprobe feeds one tensor. Wrap the model in a module whose forward takes only the input."
+                f"{cls}.forward needs argument {param.name!r} besides the input {input_name!r}; autoprobe feeds "
+                "one tensor.\nHint: pass it with forward_kwargs={" + repr(param.name) + ": ...} (a tensor of the "
+                "right shape for an extra input), or input_name= if it is the input."
             )
         if param.default is None or isinstance(param.default, (bool, int, float, str)):
-            concrete[param.name] = param.default
-    return concrete
+            fixed[param.name] = param.default
+    return ForwardCall(input_name, names.index(input_name) if input_name in names else 0,
+                       MappingProxyType(fixed), MappingProxyType(tensors))
 
 
 def _user_frame(exc: BaseException) -> str:
@@ -186,172 +460,256 @@ def _user_frame(exc: BaseException) -> str:
     return "unknown location"
 
 
-def _fx_trace(
-    model: nn.Module,
-    leaf_modules: Sequence[type[nn.Module]],
-    leaf_paths: Sequence[str],
-    autowrap_functions: Sequence[Callable[..., Any]],
-    concrete: dict[str, Any],
-) -> tuple[fx.GraphModule, dict[str, str]]:
-    tracer = _QualnameTracer(leaf_modules, leaf_paths, autowrap_functions)
+def _fx_trace(model: nn.Module, options: TraceOptions, call: ForwardCall) -> tuple[fx.GraphModule, fx.Graph, dict[fx.Node, str]]:
+    tracer = _QualnameTracer(options.leaf_types(), options.leaf_paths, default_autowrap_functions())
     try:
-        graph = tracer.trace(model, concrete_args=concrete or None)
+        graph = tracer.trace(model, concrete_args=dict(call.fixed) or None)
     except Exception as exc:  # fx raises anything the model's Python raises on a Proxy
         path = tracer.failed_at or ""
         module = model.get_submodule(path) if path else model
         cls = f"{type(module).__module__}.{type(module).__qualname__}"
         hint = (
-            f"register it as a leaf so fx records it as one call: `--leaf {path}` on the CLI "
-            f"or `leaf_paths=[{path!r}]` in Python."
+            f"register it as a leaf so fx records it as one call: `leaf_paths=[{path!r}]` in Python "
+            f"or `--leaf {path}` on the CLI."
             if path
             else "the model's own forward cannot be traced; wrap the untraceable part in a submodule "
-            "and pass that submodule with `--leaf`."
+            "and pass that submodule in leaf_paths=[...] (`--leaf` on the CLI)."
         )
         raise TraceError(
             f"torch.fx could not trace module {path or '<top level>'!r} ({cls}) at {_user_frame(exc)}: "
             f"{type(exc).__name__}: {exc}\nHint: {hint}"
         ) from exc
     graph_module = fx.GraphModule(tracer.root, graph, type(model).__name__)
-    qualnames = {node.name: tracer.node_to_qualname.get(node, node.name) for node in graph.nodes}
-    return graph_module, qualnames
+    return graph_module, graph, tracer.node_scope
 
 
-class _ShapeProp(fx.Interpreter):
-    """Record ``TensorMetadata`` on ``node.meta['tensor_meta']`` for every node.
-
-    Unlike ``torch.fx.passes.shape_prop.ShapeProp`` it prints nothing and turns a
-    failing node into an ``InputSizeError`` that shows the node.
-    """
-
-    def __init__(self, gm: fx.GraphModule, input_shape: tuple[int, ...]) -> None:
-        super().__init__(gm)
-        self.input_shape = input_shape
-
-    def run_node(self, n: fx.Node) -> Any:
-        try:
-            result = super().run_node(n)
-        except Exception as exc:
-            if _needs_values(exc):
-                error: AutoprobeError = TraceError(
-                    f"node {n.name} ({n.op} {_target_name(n)}) needs real tensor values "
-                    f"({type(exc).__name__}: {str(exc).splitlines()[0]}): autoprobe propagates shapes "
-                    "without computing anything.\nHint: make its control flow depend on shapes, not values, "
-                    "or give autoprobe a model without data-dependent branches."
-                )
-                error.message = error.args[0]
-                raise error from exc
-            # An assert's message was formatted while tracing, so its numbers read ``Proxy(getitem_2)``.
-            reason = _PROXY.sub("<traced value>", str(exc).splitlines()[0]) if str(exc) else ""
-            error = InputSizeError(
-                f"input size {self.input_shape[1:]} does not fit the model: node {n.name} "
-                f"({n.op} {_target_name(n)}) failed with {type(exc).__name__}: {reason}\n"
-                "Hint: pass the size the model was built for, e.g. `--input-size 3,224,224`."
-            )
-            error.message = error.args[0]  # fx's Interpreter rewrites args with its own notes
-            raise error from exc
-        meta = fx.node.map_aggregate(
-            result, lambda v: _extract_tensor_metadata(v) if isinstance(v, torch.Tensor) else v
-        )
-        if _has_tensor(meta):
-            n.meta["tensor_meta"] = meta
-        return result
-
-
-def _needs_values(exc: BaseException) -> bool:
+def needs_values(exc: BaseException) -> bool:
     """An error from reading a value (``.item()``, ``bool(t)``) that a meta tensor does not have."""
     text = str(exc)
-    return "meta tensors" in text or "data-dependent" in text.lower() or "Cannot access data pointer" in text
+    return (
+        "meta tensors" in text
+        or "data-dependent" in text.lower()
+        or "Cannot access data pointer" in text
+        or "Cannot copy out of meta tensor" in text
+        or "on meta" in text and "not supported" in text
+    )
 
 
 def _target_name(n: fx.Node) -> str:
     return n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
 
 
-def _has_tensor(meta: Any) -> bool:
-    if isinstance(meta, TensorMetadata):
-        return True
-    if isinstance(meta, (list, tuple)):
-        return any(_has_tensor(v) for v in meta)
-    if isinstance(meta, dict):
-        return any(_has_tensor(v) for v in meta.values())
-    return False
+class _ShapeProp(fx.Interpreter):
+    """Record ``TensorMetadata`` on ``node.meta['tensor_meta']`` for every node.
+
+    Unlike ``torch.fx.passes.shape_prop.ShapeProp`` it prints nothing and turns a failing node into
+    an ``InputSizeError`` (or a ``TraceError`` for a read of a value) that names the node; fx's own
+    ``extra_traceback`` note is switched off because the message already says where.
+    """
+
+    def __init__(self, gm: fx.GraphModule, input_shape: tuple[int, ...], size_argument: str) -> None:
+        super().__init__(gm)
+        self.extra_traceback = False
+        self.input_shape = input_shape
+        self.size_argument = size_argument
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            result = super().run_node(n)
+        except AutoprobeError:
+            raise
+        except Exception as exc:
+            where = f"node {n.name} ({n.op} {_target_name(n)})"
+            if needs_values(exc):
+                raise TraceError(
+                    f"{where} needs real tensor values ({type(exc).__name__}: {str(exc).splitlines()[0]}): "
+                    "autoprobe propagates shapes without computing anything.\nHint: make its control flow "
+                    "depend on shapes, not values, or give autoprobe a model without data-dependent branches."
+                ) from exc
+            # An assert's message was formatted while tracing, so its numbers read ``Proxy(getitem_2)``.
+            reason = _PROXY.sub("<traced value>", str(exc).splitlines()[0]) if str(exc) else ""
+            from .sizes import format_input_size
+
+            raise InputSizeError(
+                f"input size {self.input_shape[1:]} does not fit the model: {where} failed with "
+                f"{type(exc).__name__}: {reason}\nHint: pass the size the model was built for "
+                f"({format_input_size(self.input_shape[1:], argument=self.size_argument)} failed)."
+            ) from exc
+        meta = fx.node.map_aggregate(
+            result, lambda v: _extract_tensor_metadata(v) if isinstance(v, torch.Tensor) else v
+        )
+        if has_tensor(meta):
+            n.meta["tensor_meta"] = meta
+        return result
 
 
 class _Runner(nn.Module):
     """Lets ``torch.func.functional_call`` swap tensors in while the interpreter runs."""
 
-    def __init__(self, gm: fx.GraphModule, input_shape: tuple[int, ...]) -> None:
+    def __init__(self, gm: fx.GraphModule, input_shape: tuple[int, ...], size_argument: str) -> None:
         super().__init__()
         self.gm = gm
         self.input_shape = input_shape
+        self.size_argument = size_argument
 
-    def forward(self, x: torch.Tensor) -> Any:
-        return _ShapeProp(self.gm, self.input_shape).run(x)
+    def forward(self, *args: Any) -> Any:
+        return _ShapeProp(self.gm, self.input_shape, self.size_argument).run(*args)
 
 
-def propagate_shapes(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> None:
-    """Run ``gm`` on meta tensors of ``input_shape``, filling ``node.meta['tensor_meta']``.
+def propagate_shapes(
+    gm: fx.GraphModule,
+    input_shape: tuple[int, ...],
+    inputs: Sequence[Any] | None = None,
+    *,
+    size_argument: str = "input_size=",
+) -> None:
+    """Run ``gm`` on meta tensors, filling ``node.meta['tensor_meta']``.
 
-    Every parameter and buffer is swapped for a meta twin for the run, so a live
-    model's weights are neither read nor written (train-mode BatchNorm would
-    otherwise update its running statistics) and nothing real is computed.
+    Every parameter and buffer is swapped for a meta twin for the run, so a live model's weights
+    are neither read nor written (train-mode BatchNorm would otherwise update its running
+    statistics) and nothing real is computed.
 
     Args:
         gm: the traced module; its tensors stay untouched.
         input_shape: full shape including the batch dimension.
+        inputs: the placeholders' values in order (meta tensors); default one meta input of ``input_shape``.
+        size_argument: how the caller names the input size in messages (``input_size=`` or ``--input-size``).
+
+    Raises:
+        InputSizeError: a node failed on this size; the message names the node.
+        TraceError: a node needs tensor values.
     """
-    runner = _Runner(gm, input_shape)
+    runner = _Runner(gm, input_shape, size_argument)
     twins = {
         name: torch.empty_like(t, device="meta")
         for name, t in (*runner.named_parameters(remove_duplicate=False), *runner.named_buffers(remove_duplicate=False))
     }
-    try:
-        torch.func.functional_call(runner, twins, (torch.empty(input_shape, device="meta"),), strict=False)
-    except (InputSizeError, TraceError) as exc:
-        # fx's Interpreter appends its own notes to the exception; re-raise with only our message.
-        raise type(exc)(getattr(exc, "message", str(exc))) from exc.__cause__
+    args = tuple(inputs) if inputs is not None else (torch.empty(input_shape, device="meta"),)
+    torch.func.functional_call(runner, twins, args, strict=False)
+
+
+def check_spatial(traced: Traced, size_argument: str = "input_size=") -> None:
+    """Refuse an input the model shrinks to nothing: some tensor on the way has a zero-sized spatial axis.
+
+    Raises:
+        InputSizeError: a node's output has an axis of size 0; the message names the node.
+    """
+    from .sizes import format_input_size
+
+    for node in traced.graph_module.graph.nodes:
+        meta = node.meta.get("tensor_meta")
+        first = _first_meta(meta)
+        if first is not None and len(first.shape) >= 2 and 0 in tuple(first.shape)[1:]:
+            name = traced.qualnames.get(node.name, node.name)
+            raise InputSizeError(
+                f"input size {traced.input_shape[1:]} is smaller than the model's total stride: node {name!r} "
+                f"has shape {tuple(first.shape)}, an axis of size 0.\nHint: pass a larger size "
+                f"({format_input_size(traced.input_shape[1:], argument=size_argument)} is too small)."
+            )
+
+
+def _first_meta(meta: Any) -> TensorMetadata | None:
+    if isinstance(meta, TensorMetadata):
+        return meta
+    if isinstance(meta, (list, tuple)):
+        for value in meta:
+            found = _first_meta(value)
+            if found is not None:
+                return found
+    return None
+
+
+def trace_fx(model: nn.Module, input_size: Sequence[int], options: TraceOptions = TraceOptions()) -> Traced:
+    """Trace ``model`` with fx and propagate shapes on meta tensors for an input of ``input_size``.
+
+    The model is never run: fx records its Python on proxies, and the recorded graph runs on meta
+    tensors only (weights swapped for meta twins).
+
+    Args:
+        model: any ``nn.Module``; on the meta device or live. It is not mutated.
+        input_size: the input without the batch dimension, e.g. ``(3, 224, 224)``.
+        options: the ``TraceOptions``.
+
+    Returns:
+        A ``Traced`` whose graph nodes carry ``tensor_meta``.
+
+    Raises:
+        TraceError: fx cannot trace the model (the module and code line are named), or a node needs values.
+        InputSizeError: the model rejects the size, or shrinks it to nothing.
+        UsageError: a leaf path names no submodule.
+
+    Example:
+        >>> import torch
+        >>> t = trace_fx(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3)), (3, 16, 16))
+        >>> t.qualnames["_0"], tuple(t.graph_module.graph.find_nodes(op="call_module")[0].meta["tensor_meta"].shape)
+        ('0', (2, 8, 14, 14))
+    """
+    options.check_model(model)
+    input_shape = (options.batch_size, *(int(s) for s in input_size))
+    call = forward_call(model, options)
+    with training_mode(model, options.train):
+        gm, graph, scopes = _fx_trace(model, options, call)
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        inputs = []
+        input_node = next((n.name for n in placeholders if n.target == call.input_name), placeholders[0].name)
+        for node in placeholders:
+            if node.name == input_node:
+                inputs.append(torch.empty(input_shape, device="meta"))
+            elif node.target in call.tensors:
+                inputs.append(torch.empty_like(call.tensors[node.target], device="meta"))
+            else:
+                inputs.append(node.args[0] if node.args else None)
+        propagate_shapes(gm, input_shape, inputs)
+    qualnames, calls = _fx_names(graph, scopes, model)
+    traced = Traced(
+        graph_module=gm,
+        qualnames=qualnames,
+        input_shape=input_shape,
+        mode=options.mode,
+        backend="fx",
+        module_types=module_types(model),
+        module_calls=calls,
+        input_node=input_node,
+    )
+    check_spatial(traced)
+    return traced
 
 
 def trace_model(
     model: nn.Module,
     input_size: Sequence[int],
+    options: TraceOptions | None = None,
     *,
-    train: bool = False,
+    train: bool | None = None,
     leaf_modules: Sequence[type[nn.Module]] = (),
     leaf_paths: Sequence[str] = (),
     batch_size: int = 2,
 ) -> Traced:
-    """Trace ``model`` with fx and propagate shapes for an input of ``input_size``.
-
-    Args:
-        model: any ``nn.Module``; on the meta device or live. It is not mutated.
-        input_size: the input without the batch dimension, e.g. ``(3, 224, 224)``.
-        train: trace the training-mode graph (dropout, drop-path, BN in train mode).
-        leaf_modules: extra module classes to keep as single nodes.
-        leaf_paths: extra module paths (``"blocks.3.attn"``) to keep as single nodes.
-        batch_size: batch used for shapes; 2 keeps BatchNorm's train-mode check happy.
-
-    Returns:
-        A ``Traced`` whose graph nodes carry ``tensor_meta``.
+    """``trace_fx`` with either a ``TraceOptions`` or the older keywords (kept while callers switch).
 
     Example:
         >>> import torch
-        >>> t = trace_model(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3)), (3, 16, 16))
-        >>> t.qualnames["_0"], tuple(t.graph_module.graph.find_nodes(op="call_module")[0].meta["tensor_meta"].shape)
-        ('0', (2, 8, 14, 14))
+        >>> trace_model(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3)), (3, 16, 16), train=True).mode
+        'train'
     """
-    input_shape = (batch_size, *(int(s) for s in input_size))
-    concrete = _concrete_args(model)
-    leaves = (*default_leaf_modules(), *leaf_modules)
-    with _training_mode(model, train):
-        gm, qualnames = _fx_trace(model, leaves, leaf_paths, default_autowrap_functions(), concrete)
-        propagate_shapes(gm, input_shape)
-    return Traced(
-        graph_module=gm,
-        qualnames=qualnames,
-        input_shape=input_shape,
-        mode="train" if train else "eval",
-        backend="fx",
-        concrete_args=tuple(sorted(concrete)),
-        module_types={name: type(module).__name__ for name, module in model.named_modules()},
-    )
+    return trace_fx(model, input_size, _options(options, train, leaf_modules, leaf_paths, batch_size))
+
+
+def _options(
+    options: TraceOptions | None,
+    train: bool | None,
+    leaf_modules: Sequence[type[nn.Module]],
+    leaf_paths: Sequence[str],
+    batch_size: int,
+) -> TraceOptions:
+    """The ``TraceOptions`` of a call that gave either a record or the older keywords, not both."""
+    if options is None:
+        return TraceOptions(
+            mode="train" if train else "eval", leaf_modules=leaf_modules,  # type: ignore[arg-type]
+            leaf_paths=leaf_paths,  # type: ignore[arg-type] batch_size=batch_size,
+        )
+    if not isinstance(options, TraceOptions):
+        raise UsageError(f"options must be a TraceOptions, not {type(options).__name__}.")
+    if train is not None or leaf_modules or leaf_paths or batch_size != 2:
+        raise UsageError("pass either options=TraceOptions(...) or the keywords train/leaf_modules/leaf_paths/batch_size, not both.")
+    return options

@@ -153,7 +153,7 @@ def _lock_entry(spec: str, backends: Sequence[str] | None) -> dict[str, Any]:
     from autoprobe.lock import LockSettings, entry_from_analysis, lock_entry
 
     if backends is None:
-        return lock_entry(spec)
+        return lock_entry(spec).to_json()
     from dataclasses import replace
 
     from autoprobe.api import Analysis
@@ -167,7 +167,7 @@ def _lock_entry(spec: str, backends: Sequence[str] | None) -> dict[str, Any]:
     ladder = trace_with_fallbacks(resolved.module, resolved.input_size, backends=tuple(backends))
     selection = select_points(ladder.graph, pack, model=spec)
     selection = replace(selection, notes=(*ladder.notes, *selection.notes))
-    return entry_from_analysis(Analysis(resolved, ladder.graph, pack, selection), LockSettings())
+    return entry_from_analysis(Analysis(resolved, ladder.graph, pack, selection), LockSettings()).to_json()
 
 
 def _where(exc: BaseException) -> str:

@@ -23,7 +23,7 @@ from autoprobe.api import Analysis, analyze
 from autoprobe.cli import main
 from autoprobe.detectors import Candidate, detector
 from autoprobe.graph import LayerGraph, build_layer_graph
-from autoprobe.rules import Policy, load_rules
+from autoprobe.rules import load_rules
 from autoprobe.select import Selection, select_points
 from autoprobe.trace import trace_model
 
@@ -51,12 +51,11 @@ def graph_of(model: nn.Module, input_size: Sequence[int] = (3, 16, 16), **trace_
 
 
 def detect(graph: LayerGraph, detector_id: str, **options: Any) -> tuple[Candidate, ...]:
-    """Run one detector with its documented defaults, overridden by ``options``."""
+    """Run one detector with the options the built-in default pack gives it (what users get), overridden by ``options``."""
     module = detector(detector_id)
     unknown = set(options) - set(module.OPTIONS)
     assert not unknown, f"{detector_id} has no option {unknown}"
-    values = {name: option.default for name, option in module.OPTIONS.items()} | options
-    return module.detect(graph, values)
+    return module.detect(graph, load_rules("default").detectors[detector_id].options | options)
 
 
 def fired(graph: LayerGraph, detector_id: str, **options: Any) -> tuple[str, ...]:
@@ -88,7 +87,8 @@ def select_with_candidates(
     """
     candidates = tuple(Candidate(n, "stage-boundary", f"hand-made at {n}", s) for n, s in strengths.items())
     monkeypatch.setattr(select_module, "run_detectors", lambda _graph, _options: candidates)
-    pack = dataclasses.replace(load_rules("default"), policy=Policy(**({"position": "none"} | policy)))
+    default = load_rules("default")
+    pack = dataclasses.replace(default, policy=dataclasses.replace(default.policy, **({"position": "none"} | policy)))
     return select_points(graph, pack, points=points)
 
 

@@ -1,4 +1,4 @@
-"""Dimension adapters: shapes and sizes for every layout x task, layout invariance, errors."""
+"""Dimension adapters: shapes and sizes for every layout x task, 1-D/2-D/3-D grids, layout invariance, errors."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from autoprobe.adapters import (
     ClassificationAdapter,
     DenseAdapter,
-    Task,
+    HeadShape,
     adapter_parameter_count,
     adapter_parameters,
     make_adapter,
@@ -27,6 +27,10 @@ LAYOUTS: dict[str, tuple[tuple[int, ...], tuple[int, ...] | None]] = {
     "NCHW": ((B, C, 4, 4), (4, 4)),
     "NHWC": ((B, 4, 4, C), (4, 4)),
 }
+
+
+# Token layouts feeding a 2-D output need the grid their 16 tokens form (instrument reads it from the graph).
+GRIDS = {"NCL": {"grid": (4, 4)}, "NLC": {"grid": (4, 4)}}
 
 
 def _grid_in(layout: str, grid: torch.Tensor) -> torch.Tensor:
@@ -51,7 +55,9 @@ def test_classification_shape_and_size(layout: str) -> None:
 @pytest.mark.parametrize("layout", ["NCL", "NLC", "NCHW", "NHWC"])
 def test_dense_shape_and_size(layout: str) -> None:
     shape, spatial = LAYOUTS[layout]
-    adapter = make_adapter(channels=C, layout=layout, spatial=spatial, task="dense", num_classes=K, out_size=(8, 12))
+    adapter = make_adapter(
+        channels=C, layout=layout, spatial=spatial, task="dense", num_classes=K, out_size=(8, 12), **GRIDS.get(layout, {})
+    )
     assert isinstance(adapter, DenseAdapter)
     assert adapter(torch.randn(shape)).shape == (B, K, 8, 12)
     assert adapter_parameter_count(adapter) == 650
@@ -78,7 +84,8 @@ def test_dense_is_the_same_map_in_every_layout() -> None:
     expected = expected + reference.conv.bias.view(1, K, 1, 1)
     for layout in ("NCHW", "NHWC", "NCL", "NLC"):
         adapter = make_adapter(
-            channels=C, layout=layout, spatial=LAYOUTS[layout][1], task="dense", num_classes=K, out_size=(4, 4)
+            channels=C, layout=layout, spatial=LAYOUTS[layout][1], task="dense", num_classes=K, out_size=(4, 4),
+            **GRIDS.get(layout, {}),
         )
         adapter.load_state_dict(reference.state_dict())
         torch.testing.assert_close(adapter(_grid_in(layout, grid)), expected)
@@ -95,26 +102,62 @@ def test_dense_upsamples_logits_bilinearly_to_label_size() -> None:
     torch.testing.assert_close(adapter(z), adapter.conv.bias.view(1, K, 1, 1).expand(B, K, 16, 16))
 
 
-@pytest.mark.parametrize(("tokens", "prefix"), [(17, 1), (18, 2), (21, 5), (16, 0)])
-def test_dense_tokens_drop_prefix_tokens(tokens: int, prefix: int) -> None:
-    adapter = make_adapter(channels=C, layout="NLC", spatial=(tokens,), task="dense", num_classes=K, out_size=(4, 4))
-    assert (adapter.grid, adapter.prefix_tokens) == ((4, 4), prefix)
+@pytest.mark.parametrize(("tokens", "prefix", "grid"), [(17, 1, (4, 4)), (18, 2, (4, 4)), (9, 1, (2, 4)), (10, 1, (3, 3))])
+def test_dense_tokens_drop_the_given_prefix_and_use_the_given_grid(tokens: int, prefix: int, grid) -> None:
+    # A 2x4 grid and a 3x3 grid with a cls token: a square-root guess misreads both (issue 12.4).
+    adapter = make_adapter(channels=C, layout="NLC", spatial=(tokens,), task="dense", num_classes=K, out_size=(4, 4),
+                           grid=grid, prefix_tokens=prefix)
+    assert (adapter.grid, adapter.prefix_tokens) == (grid, prefix)
     z = torch.randn(B, tokens, C)
-    plain = make_adapter(channels=C, layout="NLC", spatial=(16,), task="dense", num_classes=K, out_size=(4, 4))
-    plain.load_state_dict(adapter.state_dict())
-    torch.testing.assert_close(adapter(z), plain(z[:, prefix:]))
+    by_hand = torch.einsum("kc,bnc->bkn", adapter.conv.weight[:, :, 0, 0], z[:, prefix:]).reshape(B, K, *grid)
+    by_hand = by_hand + adapter.conv.bias.view(1, K, 1, 1)
+    expected = F.interpolate(by_hand, size=(4, 4), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(adapter(z), expected)
 
 
-def test_tokens_without_a_grid_raise() -> None:
-    # 35..27 holds no perfect square, so no prefix count of up to 8 gives a grid.
-    with pytest.raises(InstrumentError, match="35 tokens do not form a square grid"):
-        make_adapter(channels=C, layout="NLC", spatial=(35,), task="dense", num_classes=K, out_size=(8, 8))
+def test_tokens_of_a_2d_output_without_a_grid_raise() -> None:
+    with pytest.raises(InstrumentError, match="without the token grid it forms"):
+        make_adapter(channels=C, layout="NLC", spatial=(16,), task="dense", num_classes=K, out_size=(4, 4))
+    with pytest.raises(InstrumentError, match="do not make 1 prefix tokens plus a grid"):
+        make_adapter(channels=C, layout="NLC", spatial=(16,), task="dense", num_classes=K, out_size=(4, 4),
+                     grid=(4, 4), prefix_tokens=1)
 
 
 def test_token_count_differing_from_construction_raises() -> None:
-    adapter = make_adapter(channels=C, layout="NLC", spatial=(17,), task="dense", num_classes=K, out_size=(8, 8))
+    adapter = make_adapter(channels=C, layout="NLC", spatial=(17,), task="dense", num_classes=K, out_size=(8, 8),
+                           grid=(4, 4), prefix_tokens=1)
     with pytest.raises(InstrumentError, match="built for 17 tokens"):
         adapter(torch.randn(B, 26, C))
+
+
+@pytest.mark.parametrize(("layout", "shape", "mode"), [
+    ("NCL", (B, C, 5), "linear"), ("NLC", (B, 5, C), "linear"),
+    ("NCDHW", (B, C, 2, 3, 4), "trilinear"), ("NDHWC", (B, 2, 3, 4, C), "trilinear"),
+])
+def test_dense_1d_and_3d_are_a_1x1_conv_then_linear_or_trilinear_resize(layout: str, shape, mode: str) -> None:
+    rank = len(shape) - 2
+    out_size = (10,) if rank == 1 else (4, 6, 8)
+    adapter = make_adapter(channels=C, layout=layout, spatial=None, task="dense", num_classes=K, out_size=out_size)
+    z = torch.randn(shape)
+    channels_first = z if layout.startswith("NC") else z.movedim(-1, 1)
+    weight = adapter.conv.weight.reshape(K, C)
+    small = torch.einsum("kc,bc...->bk...", weight, channels_first) + adapter.conv.bias.view(1, K, *[1] * rank)
+    torch.testing.assert_close(adapter(z), F.interpolate(small, size=out_size, mode=mode, align_corners=False))
+    assert adapter_parameter_count(adapter) == adapter_parameters(C, K)
+
+
+@pytest.mark.parametrize(("layout", "shape"), [("NCL", (B, C, 5)), ("NCHW", (B, C, 4, 4)), ("NDHWC", (B, 2, 3, 4, C))])
+def test_own_resolution_keeps_the_point_grid(layout: str, shape) -> None:
+    # label_resolution="downsample": the logits stay at the point's resolution; the objective resizes the target.
+    adapter = make_adapter(channels=C, layout=layout, spatial=None, task="dense", num_classes=1, own_resolution=True)
+    grid = shape[2:] if layout.startswith("NC") else shape[1:-1]
+    assert adapter.out_size is None
+    assert adapter(torch.randn(shape)).shape == (B, 1, *grid)
+
+
+def test_one_output_channel_is_allowed_for_binary_and_regression_heads() -> None:
+    adapter = make_adapter(channels=C, layout="NCHW", spatial=(4, 4), task="dense", num_classes=1, out_size=(8, 8))
+    assert adapter(torch.randn(B, C, 4, 4)).shape == (B, 1, 8, 8)
 
 
 def test_classification_with_cls_token_pools_all_tokens() -> None:
@@ -126,16 +169,16 @@ def test_classification_with_cls_token_pools_all_tokens() -> None:
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"layout": "NCWH"}, "unknown feature layout 'NCWH'"),
-        ({"task": "detection"}, "unknown task 'detection'"),
+        ({"layout": "NCWH"}, "unknown layout 'NCWH'"),
+        ({"task": "detection"}, "unknown adapter head 'detection'"),
         ({"channels": 0}, "channels must be an int >= 1"),
-        ({"num_classes": 1}, "num_classes must be an int >= 2"),
+        ({"num_classes": 0}, "num_classes must be an int >= 1"),
         ({"spatial": (4, 4, 4)}, r"spatial=\(4, 4, 4\) does not fit layout 'NCHW'"),
-        ({"task": "dense"}, r"dense adapters need out_size=\(H, W\)"),
+        ({"task": "dense"}, "dense adapters need out_size"),
         ({"task": "dense", "out_size": (0, 8)}, "dense adapters need out_size"),
-        ({"out_size": (8, 8)}, "only applies to task='dense'"),
-        ({"task": "dense", "out_size": (8, 8), "layout": "NC", "spatial": None}, "'NC' feature has no 2-D grid"),
-        ({"task": "dense", "out_size": (8, 8), "layout": "NLC", "spatial": None}, r"need spatial=\(N,\)"),
+        ({"out_size": (8, 8)}, "only apply to task='dense'"),
+        ({"task": "dense", "out_size": (8, 8), "layout": "NC", "spatial": None}, "NC feature has no grid"),
+        ({"task": "dense", "out_size": (8, 8, 8)}, "without the token grid it forms"),
     ],
 )
 def test_bad_arguments_raise(options: dict[str, object], message: str) -> None:
@@ -153,7 +196,7 @@ def test_wrong_feature_rank_raises() -> None:
 
 
 @pytest.mark.parametrize("task", ["classification", "dense"])
-def test_gradient_reaches_adapter_and_feature(task: Task) -> None:
+def test_gradient_reaches_adapter_and_feature(task: HeadShape) -> None:
     out_size = (8, 8) if task == "dense" else None
     adapter = make_adapter(channels=C, layout="NHWC", spatial=(4, 4), task=task, num_classes=K, out_size=out_size)
     z = torch.randn(B, 4, 4, C, requires_grad=True)
@@ -163,7 +206,8 @@ def test_gradient_reaches_adapter_and_feature(task: Task) -> None:
 
 
 def test_adapters_are_plain_deterministic_modules() -> None:
-    adapter = make_adapter(channels=C, layout="NLC", spatial=(17,), task="dense", num_classes=K, out_size=(8, 8))
+    adapter = make_adapter(channels=C, layout="NLC", spatial=(17,), task="dense", num_classes=K, out_size=(8, 8),
+                           grid=(4, 4), prefix_tokens=1)
     z = torch.randn(B, 17, C)
     assert torch.equal(adapter(z), adapter(z))
     assert not adapter._forward_hooks and not adapter._forward_pre_hooks
@@ -172,7 +216,8 @@ def test_adapters_are_plain_deterministic_modules() -> None:
 
 
 def test_adapter_compiles_without_graph_breaks_and_runs_under_autocast() -> None:
-    adapter = make_adapter(channels=C, layout="NLC", spatial=(17,), task="dense", num_classes=K, out_size=(8, 8))
+    adapter = make_adapter(channels=C, layout="NLC", spatial=(17,), task="dense", num_classes=K, out_size=(8, 8),
+                           grid=(4, 4), prefix_tokens=1)
     z = torch.randn(B, 17, C)
     compiled = torch.compile(adapter, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(z), adapter(z))
@@ -185,7 +230,8 @@ def test_adapter_compiles_without_graph_breaks_and_runs_under_autocast() -> None
 @pytest.mark.parametrize(
     ("layout", "spatial", "task", "out_size"),
     [("NC", None, "classification", None), ("NCHW", (8, 8), "classification", None), ("NLC", (16,), "classification", None),
-     ("NCHW", (8, 8), "dense", (32, 32)), ("NHWC", (8, 8), "dense", (32, 32)), ("NLC", (16,), "dense", (16, 16))],
+     ("NCHW", (8, 8), "dense", (32, 32)), ("NHWC", (8, 8), "dense", (32, 32)), ("NLC", (16,), "dense", (16,)),
+     ("NCDHW", (2, 4, 4), "dense", (8, 8, 8))],
 )
 def test_reported_adapter_size_is_what_make_adapter_builds(layout, spatial, task, out_size) -> None:
     # ``inspect`` reports adapter_parameters() before anything is built; it must be the real count.

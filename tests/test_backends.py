@@ -84,10 +84,19 @@ def test_aten_aliases_name_kinds_graph_py_knows():
     assert set(ATEN_KIND_NAMES.values()) <= set(_FUNCTION_KINDS)
 
 
+def test_value_branch_on_a_live_model_needs_allow_real_data():
+    # inspect promises not to run the model on data: a forward that reads values is refused,
+    # and the message names the option that allows the one real run.
+    model = Net("value")
+    with pytest.raises(TraceError, match="allow_real_data=True"):
+        analyze(model, input_size=SIZE)
+
+
 def test_value_branch_on_a_live_model_falls_back_to_hooks():
     torch.manual_seed(0)
     model = Net("value")
-    selection = analyze(model, input_size=SIZE).selection
+    selection = analyze(model, input_size=SIZE, allow_real_data=True).selection
+    assert any("ran the model once on real values" in n for n in selection.notes)
     assert selection.backend == "hooks"
     assert len(selection.points) >= 1
     failed = [n for n in selection.notes if n.startswith("backend ")]

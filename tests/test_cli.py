@@ -85,9 +85,89 @@ def test_points_rules_and_square_input_size(capsys: Capsys) -> None:
     assert (data["num_points"], data["rules"]["name"], data["input_shape"]) == (1, "dense", [2, 3, 16, 16])
 
 
-def test_train_mode_is_recorded(capsys: Capsys) -> None:
-    code, out, _ = inspect_cli(capsys, *UNET, "--mode", "train", "--format", "json")
-    assert code == 0 and json.loads(out)["mode"] == "train"
+TRAIN_BRANCH_SOURCE = """\
+from torch import nn
+
+
+class Net(nn.Module):
+    \"\"\"An auxiliary branch that runs only in training: the train graph has 4 more weight layers.\"\"\"
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU())
+        self.aux = nn.Sequential(*(m for _ in range(4) for m in (nn.Conv2d(16, 16, 3, padding=1), nn.ReLU())))
+        self.body = nn.Sequential(nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
+                                  nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+
+    def forward(self, x):
+        x = self.stem(x)
+        if self.training:
+            x = x + self.aux(x)
+        return self.head(self.body(x))
+
+
+def build():
+    return Net()
+"""
+
+
+def test_mode_selects_the_graph_that_is_traced(capsys: Capsys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--mode train traces the training graph (here with its extra branch), as the Python API's train=True does."""
+    from autoprobe.api import analyze
+
+    write_module(tmp_path, "train_branch_net", TRAIN_BRANCH_SOURCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    documents = {}
+    for mode in ("eval", "train"):
+        code, out, _ = inspect_cli(capsys, "train_branch_net:build", "--input-size", "3,16,16", "--mode", mode,
+                                   "--format", "json")
+        assert code == 0
+        documents[mode] = json.loads(out)
+        api = analyze("train_branch_net:build", input_size=(3, 16, 16), train=mode == "train").selection
+        assert documents[mode]["mode"] == mode
+        assert (documents[mode]["depth"], [p["name"] for p in documents[mode]["points"]]) == (api.depth, list(api.names))
+    assert (documents["eval"]["depth"], documents["train"]["depth"]) == (4, 8)
+
+
+NAMED_INPUT_SOURCE = """\
+from torch import nn
+
+
+class Net(nn.Module):
+    \"\"\"Called as model(pixel_values=x): the first forward parameter is not the input.\"\"\"
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1),
+                                  nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+    def forward(self, scale=None, pixel_values=None):
+        return self.head(self.body(pixel_values))
+
+
+def build():
+    return Net()
+"""
+
+
+def test_input_name_feeds_the_named_forward_parameter(capsys: Capsys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from autoprobe.api import inspect
+    from autoprobe.trace import TraceOptions
+
+    write_module(tmp_path, "named_input_net", NAMED_INPUT_SOURCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = ("named_input_net:build", "--input-size", "3,16,16", "--format", "json")
+    code, _, err = inspect_cli(capsys, *args)  # fed to `scale`, the first parameter: the convs get None
+    assert code == 2 and err.startswith("autoprobe: error: ")
+    code, out, _ = inspect_cli(capsys, *args, "--input-name", "pixel_values")
+    assert code == 0
+    data = json.loads(out)
+    api = inspect("named_input_net:build", input_size=(3, 16, 16), options=TraceOptions(input_name="pixel_values"))
+    assert (data["depth"], [p["name"] for p in data["points"]]) == (api.depth, list(api.names)) == (4, ["body.1"])
+    code, _, err = inspect_cli(capsys, *args, "--input-name", "nope")
+    assert code == 2 and "input_name='nope' is not a parameter of Net.forward" in err
 
 
 def test_rules_lists_packs_and_detectors(capsys: Capsys) -> None:
@@ -180,5 +260,17 @@ def test_untraceable_model_names_module_and_line(tmp_path: Path) -> None:
     path = write_module(tmp_path, "value_branch_net", VALUE_BRANCH_SOURCE)
     args = ["inspect", "value_branch_net:build", "--input-size", "3,16,16"]
     result = run_autoprobe(args, cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)})
-    assert_user_error(result.returncode, result.stderr, "'gate'", f"{path}:6", "`if x.sum() > 0:`", "--leaf")
+    assert_user_error(result.returncode, result.stderr, "'gate'", f"{path}:6", "`if x.sum() > 0:`", "--leaf",
+                      "Rerun with `--allow-real-data`")
+    assert "allow_real_data=True" not in result.stderr  # the CLI names its flag, not the Python keyword
     assert result.stdout == ""
+
+
+def test_allow_real_data_runs_a_value_branching_model_once_and_says_so(tmp_path: Path) -> None:
+    write_module(tmp_path, "value_branch_net", VALUE_BRANCH_SOURCE)
+    args = ["inspect", "value_branch_net:build", "--input-size", "3,16,16", "--format", "json", "--allow-real-data"]
+    result = run_autoprobe(args, cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["backend"] == "hooks" and data["depth"] == 2
+    assert any("ran the model once on real values" in note for note in data["notes"])

@@ -13,16 +13,22 @@ import pytest
 from conftest import REFERENCE_MODELS, REPO
 
 # Runs `autoprobe inspect ARGS --format json` for each ARGS in argv[1:] (JSON lists), in one process,
-# so torch and timm are imported once.
+# so torch and timm are imported once. The first stderr line is the process's hash of a fixed string:
+# it proves the two processes really iterate sets and dicts of strings in different orders.
 SCRIPT = """
 import json, sys
+print("hash", hash("autoprobe-node-name"), file=sys.stderr, flush=True)
 from autoprobe.cli import main
 sys.exit(max(main(["inspect", *json.loads(args), "--format", "json"]) for args in sys.argv[1:]))
 """
 
 
 def inspect_in_fresh_processes(runs: Sequence[Sequence[str]], hash_seeds: Sequence[str]) -> list[str]:
-    """One process per seed, side by side, each inspecting every run in turn; their stdouts."""
+    """One fresh process per seed, side by side, each inspecting every run in turn; their stdouts.
+
+    Fails unless the processes' string hashes differ, so equal outputs mean "independent of the
+    hash seed", never "both processes happened to get the same seed".
+    """
     processes = [
         subprocess.Popen(
             [sys.executable, "-c", SCRIPT, *(json.dumps(list(run)) for run in runs)],
@@ -34,11 +40,13 @@ def inspect_in_fresh_processes(runs: Sequence[Sequence[str]], hash_seeds: Sequen
         )
         for seed in hash_seeds
     ]
-    outputs = []
+    outputs, hashes = [], set()
     for process in processes:
         out, err = process.communicate(timeout=300)
         assert process.returncode == 0, err
+        hashes.add(err.splitlines()[0])
         outputs.append(out)
+    assert len(hashes) == len(hash_seeds), f"the hash seeds {hash_seeds} did not take effect: {hashes}"
     return outputs
 
 

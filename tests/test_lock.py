@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,26 +25,30 @@ import pytest
 import torch
 from torch import nn
 
-from autoprobe import lock as lockmod
+from autoprobe import lockpool
 from autoprobe.cli import main
+from autoprobe.errors import LockError
 from autoprobe.graph import build_layer_graph
-from autoprobe.lock import (
+from autoprobe.lock import check_lock, lock_entry, mode_diff
+from autoprobe.lockconfig import load_config
+from autoprobe.lockdiff import diff_entries
+from autoprobe.lockentry import versions
+from autoprobe.lockfile import (
+    FiredRule,
+    Lock,
+    LockedPoint,
+    LockEntry,
     LockSettings,
-    check_lock,
-    diff_entry,
+    RulePackRef,
     dumps_lock,
-    load_config,
-    lock_entry,
-    make_lock,
-    mode_diff,
     read_lock,
-    write_lock,
+    save_lock,
 )
 from autoprobe.models import resolve_model
 from autoprobe.report import to_json
 from autoprobe.rules import load_rules
 from autoprobe.select import select_points
-from autoprobe.trace import trace_model
+from autoprobe.trace import TraceOptions, trace_model
 
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE_LOCK = REPO / "autoprobe.lock"
@@ -61,16 +66,16 @@ FAMILIES = {
 
 
 @pytest.fixture(scope="module")
-def resnet18_entry() -> dict[str, Any]:
+def resnet18_entry() -> LockEntry:
     return lock_entry("resnet18")
 
 
 @pytest.fixture
-def locked(tmp_path: Path, resnet18_entry: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> Path:
+def locked(tmp_path: Path, resnet18_entry: LockEntry, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A lockfile holding resnet18, in a folder without a pyproject (the CLI reads ./pyproject.toml)."""
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "models.lock"
-    write_lock(path, make_lock({"resnet18": resnet18_entry}))
+    save_lock(path, Lock({"resnet18": resnet18_entry}, versions()))
     return path
 
 
@@ -93,9 +98,9 @@ def _floats(value: Any) -> list[float]:
 # ------------------------------------------------------------------------------------------ format
 
 
-def test_lock_is_canonical_json_without_floats(resnet18_entry: dict[str, Any]) -> None:
-    lock = make_lock({"resnet18": resnet18_entry})
-    text = dumps_lock(lock)
+def test_lock_is_canonical_json_without_floats(resnet18_entry: LockEntry) -> None:
+    text = dumps_lock(Lock({"resnet18": resnet18_entry}, versions()))
+    lock = json.loads(text)
     assert text.endswith("}\n") and text == json.dumps(json.loads(text), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
     assert _floats(lock) == []
     assert lock["lock_version"] == 1 and set(lock["versions"]) == {"autoprobe", "timm", "torch", "torchvision"}
@@ -131,7 +136,7 @@ def test_meta_and_cpu_built_models_give_identical_entries(name: str) -> None:
 
     cpu = timm.create_model(name, pretrained=False)
     assert next(cpu.parameters()).device.type == "cpu"
-    assert dumps_lock(lock_entry(cpu)) == dumps_lock(lock_entry(name))
+    assert lock_entry(cpu) == lock_entry(name)
 
 
 # ------------------------------------------------------------------------------- train / eval mode
@@ -170,7 +175,7 @@ def test_train_eval_difference_is_reported() -> None:
 def test_lock_records_the_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     assert main(["lock", "resnet18", "--mode", "train", "-o", "train.lock"]) == 0
-    assert read_lock(tmp_path / "train.lock")["models"]["resnet18"]["settings"]["mode"] == "train"
+    assert read_lock(tmp_path / "train.lock").entries["resnet18"].settings.mode == "train"
     assert main(["check", "train.lock"]) == 0
 
 
@@ -186,7 +191,7 @@ def test_selection_does_not_depend_on_batch_size(name: str) -> None:
     model, pack = resolve_model(name).module, load_rules()
     seen = []
     for batch in (1, 2, 5):
-        traced = trace_model(model, (3, 224, 224), batch_size=batch)
+        traced = trace_model(model, (3, 224, 224), TraceOptions(batch_size=batch))
         selection = select_points(build_layer_graph(traced), pack)
         assert all(p.shape[0] == batch for p in selection.points)
         seen.append((_verdicts(selection), [p.shape[1:] for p in selection.points], selection.depth))
@@ -196,36 +201,63 @@ def test_selection_does_not_depend_on_batch_size(name: str) -> None:
 @pytest.mark.parametrize(("name", "sizes"), [("resnet18", (224, 256, 320)), ("convnext_atto", (224, 288))])
 def test_selection_does_not_depend_on_resolution(name: str, sizes: tuple[int, ...]) -> None:
     entries = [lock_entry(name, LockSettings(input_size=(3, s, s))) for s in sizes]
-    names = [[(p["name"], p["depth"], sorted({r["detector"] for r in p["rules"]})) for p in e["points"]] for e in entries]
+    names = [[(p.name, p.depth, sorted(p.detectors)) for p in e.points] for e in entries]
     assert all(n == names[0] for n in names), names
-    assert len({e["depth"] for e in entries}) == 1
+    assert len({e.depth for e in entries}) == 1
 
 
 # --------------------------------------------------------------------------------------- diff
 
 
-def _point(name: str, depth: int, *detectors: str) -> dict[str, Any]:
-    return {"name": name, "module_path": name, "depth": depth, "shape": [2, 8, 4, 4], "layout": "NCHW",
-            "rules": [{"detector": d, "reason": f"{d} at {name}"} for d in detectors]}
+def _point(name: str, depth: int, *detectors: str) -> LockedPoint:
+    return LockedPoint(name, name, depth, (2, 8, 4, 4), "NCHW", tuple(FiredRule(d, f"{d} at {name}") for d in detectors))
+
+
+def _entry(*points: LockedPoint, depth: int = 20) -> LockEntry:
+    return LockEntry(LockSettings((3, 16, 16)), RulePackRef("default", "a" * 64), "fx", depth, len(points), 3,
+                     (2, 3, 16, 16), (), points)
+
+
+def _changes(old: LockEntry, new: LockEntry) -> list[str]:
+    return list(diff_entries(old, new).changes)
 
 
 def test_diff_names_moved_added_removed_points_and_rule_verdicts() -> None:
-    old = {"depth": 20, "num_points": 3, "points": [_point("a", 2, "skip"), _point("b", 8, "fusion"), _point("c", 14, "skip")]}
-    new = {"depth": 20, "num_points": 3, "points": [_point("a", 3, "skip", "fusion"), _point("b2", 9, "fusion"),
-                                                     _point("d", 17, "attention")]}
-    new["points"][0]["rules"][1]["reason"] = "fusion at a"
-    lines = diff_entry(old, new)
+    old = _entry(_point("a", 2, "skip"), _point("b", 8, "fusion"), _point("c", 14, "skip"))
+    new = _entry(_point("a", 3, "skip", "fusion"), _point("b2", 9, "fusion"), _point("d", 17, "attention"))
+    lines = _changes(old, new)
     assert "point moved: b (depth 8; fusion) -> b2 (depth 9; fusion)" in lines
     assert "point moved: c (depth 14; skip) -> d (depth 17; attention)" in lines
     assert "point a: depth 2 -> 3" in lines
     assert "point a: rule fusion now fires: fusion at a" in lines
-    assert diff_entry(old, copy.deepcopy(old)) == []
-    fewer = {**old, "num_points": 2, "points": old["points"][:2]}
-    assert diff_entry(old, fewer) == ["M (points): 3 -> 2", "point removed: c (depth 14; skip)"]
-    assert diff_entry(fewer, old) == ["M (points): 2 -> 3", "point added: c (depth 14; skip)"]
-    quiet = copy.deepcopy(old)
-    quiet["points"][2]["rules"] = []
-    assert diff_entry(old, quiet) == ["point c: rule skip no longer fires (was: skip at c)"]
+    assert diff_entries(old, copy.deepcopy(old)) == ((), ())
+    fewer = _entry(*old.points[:2])
+    assert _changes(old, fewer) == ["M (points): 3 -> 2", "point removed: c (depth 14; skip)"]
+    assert _changes(fewer, old) == ["M (points): 2 -> 3", "point added: c (depth 14; skip)"]
+    quiet = _entry(*old.points[:2], replace(old.points[2], rules=()))
+    assert _changes(old, quiet) == ["point c: rule skip no longer fires (was: skip at c)"]
+    reordered = _entry(old.points[1], old.points[0], old.points[2])
+    assert _changes(old, reordered) == ["points: execution order changed"]
+    shapes = _entry(replace(old.points[0], shape=(2, 8, 2, 2), layout="NHWC"), *old.points[1:])
+    assert _changes(old, shapes) == ["point a: shape [2, 8, 4, 4] -> [2, 8, 2, 2]", "point a: layout 'NCHW' -> 'NHWC'"]
+
+
+def test_diff_keeps_context_apart_from_changes() -> None:
+    old = _entry(_point("a", 2, "skip"))
+    reworded = replace(old, points=(replace(old.points[0], rules=(FiredRule("skip", "better words"),)),),
+                       rule_pack=RulePackRef("default", "b" * 64), notes=("min_distance relaxed",))
+    diff = diff_entries(old, reworded)
+    assert diff.changes == ()
+    assert diff.context == (
+        "point a: rule skip reason reworded: 'skip at a' -> 'better words'",
+        "rule pack default: sha256 aaaaaaaaaaaa (locked) -> bbbbbbbbbbbb (now)",
+        "note new: min_distance relaxed",
+    )
+    other = replace(old, settings=replace(old.settings, mode="train"))
+    assert diff_entries(old, other).changes == (
+        "settings: {'input_size': [3, 16, 16], 'mode': 'eval', 'rules': 'default', 'points': None, 'leaf': []} -> "
+        "{'input_size': [3, 16, 16], 'mode': 'train', 'rules': 'default', 'points': None, 'leaf': []}",
+    )
 
 
 # -------------------------------------------------------------------------------------- check CLI
@@ -315,21 +347,21 @@ def test_a_failing_model_does_not_stop_the_others(
     assert main(["lock", "resnet18", "resnet_nonexistent", "-o", "x.lock"]) == 2
     out = capsys.readouterr().out
     assert "1 of 2 models failed" in out and "resnet_nonexistent: unknown model" in out
-    assert list(read_lock(tmp_path / "x.lock")["models"]) == ["resnet18"]
+    assert list(read_lock(tmp_path / "x.lock").entries) == ["resnet18"]
 
 
 def test_an_unexpected_failure_exits_1(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    real = lockmod.lock_entry
+    real = lockpool.lock_entry
 
-    def flaky(model: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    def flaky(model: Any, *args: Any, **kwargs: Any) -> LockEntry:
         if model == "vgg11":
             raise RuntimeError("boom")
         return real(model, *args, **kwargs)
 
-    monkeypatch.setattr(lockmod, "lock_entry", flaky)
+    monkeypatch.setattr(lockpool, "lock_entry", flaky)
     assert main(["lock", "vgg11", "resnet_nonexistent", "resnet18", "-o", "x.lock"]) == 1
     out = capsys.readouterr().out
     assert "vgg11: RuntimeError: boom" in out and "2 of 3 models failed" in out
@@ -339,11 +371,24 @@ def test_lock_without_models_or_config_is_an_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    assert main(["lock"]) == 2
-    assert "[tool.autoprobe]" in capsys.readouterr().err
-    assert main(["lock", "resnet18", "-o", "no/such/dir/x.lock"]) == 2
-    assert main(["lock", "resnet18", "--rules", "no_such_pack"]) == 2
-    assert main(["lock", "resnet18", "--jobs", "-1"]) == 2
+
+    def error(*args: str) -> str:
+        code = main(["lock", *args])
+        out, err = capsys.readouterr()
+        assert code == 2 and out == "" and err.startswith("autoprobe: error: ") and "Traceback" not in err, err
+        return err
+
+    err = error()
+    assert "no MODEL given" in err and "[tool.autoprobe]" in err and "Hint: `autoprobe lock resnet50" in err
+    err = error("resnet18", "-o", "no/such/dir/x.lock")
+    assert "'no/such/dir/x.lock'" in err and "folder 'no/such/dir' does not exist" in err and "Hint: create it first" in err
+    err = error("resnet18", "--rules", "no_such_pack")
+    assert "'no_such_pack'" in err and "default" in err  # names the pack, lists the ones that exist
+    err = error("resnet18", "--jobs", "-1")
+    assert "--jobs -1" in err and "Hint: give N >= 1, or 0 for one per CPU" in err
+    err = error("resnet18", "--points", "0")
+    assert "--points 0" in err and "Hint:" in err
+    assert not (tmp_path / "autoprobe.lock").exists()
 
 
 def test_pyproject_lists_the_models_and_check_flags_stale_ones(
@@ -359,11 +404,11 @@ def test_pyproject_lists_the_models_and_check_flags_stale_ones(
     )
     monkeypatch.chdir(tmp_path)
     assert main(["lock"]) == 0
-    lock = read_lock(tmp_path / "locks" / "ref.lock")
-    assert lock["models"]["resnet18"]["settings"]["rules"] == "../packs/mine.toml"
-    assert lock["models"]["resnet18"]["num_points"] == 2
-    assert lock["models"]["mobilenetv3_small_100"]["settings"]["input_size"] == [3, 160, 160]
-    assert lock["models"]["mobilenetv3_small_100"]["settings"]["rules"] == "default"
+    entries = read_lock(tmp_path / "locks" / "ref.lock").entries
+    assert entries["resnet18"].settings.rules == "../packs/mine.toml"
+    assert entries["resnet18"].num_points == 2
+    assert entries["mobilenetv3_small_100"].settings.input_size == (3, 160, 160)
+    assert entries["mobilenetv3_small_100"].settings.rules == "default"
     assert main(["check"]) == 0
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -379,10 +424,10 @@ def test_pyproject_lists_the_models_and_check_flags_stale_ones(
 def test_malformed_pyproject_table_names_the_key(tmp_path: Path) -> None:
     path = tmp_path / "pyproject.toml"
     path.write_text('[tool.autoprobe]\nmodels = ["resnet18", 3]\n')
-    with pytest.raises(lockmod.LockError, match=r"models\[1\]"):
+    with pytest.raises(LockError, match=r"models\[1\]"):
         load_config(path)
     path.write_text('[tool.autoprobe]\nmodel = ["resnet18"]\n')
-    with pytest.raises(lockmod.LockError, match="unknown key 'model'"):
+    with pytest.raises(LockError, match="unknown key 'model'"):
         load_config(path)
 
 
@@ -391,7 +436,7 @@ def test_malformed_pyproject_table_names_the_key(tmp_path: Path) -> None:
 
 def test_reference_lock_covers_every_family_and_matches_pyproject() -> None:
     lock = read_lock(REFERENCE_LOCK)
-    keys = list(lock["models"])
+    keys = list(lock.entries)
     assert len(keys) >= 30
     missing = [family for family, prefix in FAMILIES.items() if not any(k.startswith(prefix) for k in keys)]
     assert not missing, f"no reference model for {missing}"
@@ -410,8 +455,8 @@ def test_reference_lock_is_current() -> None:
 def test_reference_set_meta_and_cpu_agree_and_train_eval_agree() -> None:
     lock = read_lock(REFERENCE_LOCK)
     differences = []
-    for key, entry in lock["models"].items():
-        settings = LockSettings.from_dict(entry["settings"], key)
+    for key, entry in lock.entries.items():
+        settings = entry.settings
         if mode_diff(key, settings):
             differences.append(f"{key}: train differs from eval: {mode_diff(key, settings)}")
         if key.startswith("tv:"):
@@ -420,7 +465,7 @@ def test_reference_set_meta_and_cpu_agree_and_train_eval_agree() -> None:
         if params > 40_000_000:
             continue  # too big to build on CPU in a test
         cpu = resolve_model(key, device="cpu").module
-        if dumps_lock(lock_entry(cpu, settings)) != dumps_lock(lock_entry(key, settings)):
+        if lock_entry(cpu, settings) != lock_entry(key, settings):
             differences.append(f"{key}: CPU-built entry differs from the meta-built one")
     assert not differences, "\n".join(differences)
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from autoprobe.errors import InstrumentError
+from autoprobe.layout import Layout
 from autoprobe.losses import (
     DKS,
     DSN,
@@ -185,7 +186,10 @@ def test_negative_entropy_by_hand_in_both_layouts() -> None:
     assert value(NegativeEntropyLoss(channel_dim=channel_dim_for("NLC"))(tokens)) == pytest.approx(expected, rel=1e-6)
 
 
-@pytest.mark.parametrize(("layout", "dim"), [("NC", 1), ("NCL", 1), ("NCHW", 1), ("NLC", -1), ("NHWC", -1)])
+@pytest.mark.parametrize(
+    ("layout", "dim"),
+    [("NC", 1), ("NCL", 1), ("NCHW", 1), ("NCDHW", 1), ("NLC", 2), ("NHWC", 3), ("NDHWC", 4), (Layout.NHWC, 3)],
+)
 def test_channel_dim_for(layout: str, dim: int) -> None:
     assert channel_dim_for(layout) == dim
 
@@ -377,12 +381,17 @@ def test_missing_and_extra_heads_and_features_raise() -> None:
 
 def test_labels_that_do_not_fit_raise() -> None:
     output, heads, _, labels = _dense_batch()
-    with pytest.raises(InstrumentError, match=r"labels of shape \(2, 8, 8\) .* needs labels of shape \(2, 4, 4\)"):
-        _imachsr_call(target=torch.zeros(2, 8, 8, dtype=torch.long))
-    wrong_size = r"head of point 'layer1' has shape \(2, 3, 2, 2\); expected \(2, 3, 4, 4\)"
-    with pytest.raises(InstrumentError, match=wrong_size):
-        _imachsr_call(heads={**heads, "layer1": torch.randn(2, 3, 2, 2)})
-    with pytest.raises(InstrumentError, match=r"classification needs labels of shape \(4,\)"):
+    rank = (
+        r"labels of shape \(2, 8\) do not fit the dense task: output has shape \(2, 3, 4, 4\), so labels must "
+        r"have shape \(2, 4, 4\) \(integer class ids; any \(2, H, W\) is resized"
+    )
+    with pytest.raises(InstrumentError, match=rank):
+        _imachsr_call(target=torch.zeros(2, 8, dtype=torch.long))
+    wrong_channels = r"head of point 'layer1' has shape \(2, 4, 2, 2\); expected \(B, K, \*S\) with B=2, K=3"
+    with pytest.raises(InstrumentError, match=wrong_channels):
+        _imachsr_call(heads={**heads, "layer1": torch.randn(2, 4, 2, 2)})
+    squeeze = r"classification task: .* must have shape \(4,\) \(integer class ids\)\. Drop the channel axis"
+    with pytest.raises(InstrumentError, match=squeeze):
         OutputCrossEntropy()(torch.randn(4, 3), torch.zeros(4, 1, dtype=torch.long))
     with pytest.raises(InstrumentError, match="label value 3 does not fit output with K=3"):
         _imachsr_call(target=torch.full_like(labels, 3))
@@ -390,8 +399,8 @@ def test_labels_that_do_not_fit_raise() -> None:
         _imachsr_call(target=torch.full_like(labels, -1))
     with pytest.raises(InstrumentError, match="integer class ids"):
         _imachsr_call(target=labels.float())
-    with pytest.raises(InstrumentError, match=r"expected \(B, K\) or \(B, K, H, W\)"):
-        MutualInformationLoss()(torch.randn(2, 3, 4), torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(InstrumentError, match=r"expected \(B, K\) logits or dense"):
+        MutualInformationLoss()(torch.randn(2, 3, 1, 1, 1, 4), torch.zeros(2, 1, 1, 1, 4, dtype=torch.long))
 
 
 def test_bad_options_raise() -> None:

@@ -155,3 +155,19 @@ def test_a_broken_baseline_fails_with_a_way_out(pytester: pytest.Pytester) -> No
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*baseline test_user*test_points.autoprobe.json cannot be read*",
                                  "*Delete it and rerun*"])
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"mode": "both"}, "autoprobe_snapshot.check: mode must be 'eval' or 'train', not 'both'."),
+    ({"points": 0}, "autoprobe_snapshot.check: points must be null or a positive integer, not 0."),
+    ({"input_size": (3, -1, 8)}, "autoprobe_snapshot.check: input_size (3, -1, 8) is not an input size"),
+])
+def test_a_bad_argument_raises_a_lock_error_naming_it(tmp_path: Path, kwargs: dict, message: str) -> None:
+    from autoprobe.errors import LockError
+    from autoprobe.pytest_plugin import AutoprobeSnapshot
+
+    snapshot = AutoprobeSnapshot(tmp_path / "t.autoprobe.json", False, [], tmp_path)
+    with pytest.raises(LockError) as caught:
+        snapshot.check("resnet18", **kwargs)
+    assert message in str(caught.value) and "Hint: fix the argument in the test." in str(caught.value)
+    assert not snapshot.path.exists()

@@ -278,7 +278,7 @@ def test_dense_task_is_inferred_and_heads_match_the_output_resolution() -> None:
 
 def test_task_override_is_checked_against_the_output() -> None:
     assert instrument(_small_cnn(), input_size=(3, 16, 16), task="classification").report.task_source == "given"
-    with pytest.raises(InstrumentError, match=r"task='dense' does not fit the model output of shape \(2, 5\)"):
+    with pytest.raises(InstrumentError, match=r"task='dense' does not fit Sequential's output of shape \(2, 5\)"):
         instrument(_small_cnn(), input_size=(3, 16, 16), task="dense")
 
 
@@ -288,7 +288,22 @@ def test_other_objectives(loss: str, parts: set[str]) -> None:
     probed = instrument(_small_cnn(), input_size=(3, 16, 16), loss=loss, alpha=0.2)
     total, got = probed.loss(probed(torch.randn(4, 3, 16, 16)), torch.tensor([0, 1, 2, 3]))
     assert {p.split("/")[0] + ("/" if "/" in p else "") for p in got} == parts
+    # alpha=0.2 reaches every intermediate CE: the total is rebuilt from the unweighted parts.
+    expected = got["ce"] + 0.2 * sum(v for k, v in got.items() if k.startswith("dsn/"))
+    if loss == "dks":
+        expected = expected + probed.objective.beta * got["dks"]
+    torch.testing.assert_close(total.detach(), expected)
     total.backward()
+
+
+def test_imachsr_weights_are_applied_to_the_parts() -> None:
+    torch.manual_seed(0)
+    probed = instrument(_small_cnn(), input_size=(3, 16, 16), alpha=0.2, lam=0.05)
+    total, got = probed.loss(probed(torch.randn(4, 3, 16, 16)), torch.tensor([0, 1, 2, 3]))
+    names = [t.point for t in probed.report.taps]
+    expected = got["ce"] + sum(0.2 * got[f"mi/{n}"] + 0.05 * got[f"ne/{n}"] for n in names)
+    torch.testing.assert_close(total.detach(), expected)
+    assert abs(total.item() - got["ce"].item()) > 1e-4  # the intermediate terms are not vanishing
 
 
 def test_given_objective_and_conflicting_options() -> None:
@@ -367,14 +382,19 @@ def test_torch_compile_default_mode_trains(fullgraph: bool) -> None:
 def test_labels_that_do_not_fit_the_task_name_the_expected_shape() -> None:
     probed = instrument(_small_cnn(), input_size=(3, 16, 16))
     out = probed(torch.randn(2, 3, 16, 16))
-    with pytest.raises(InstrumentError, match=r"must have shape \(2,\).*argmax"):
+    with pytest.raises(InstrumentError, match=r"labels of shape \(2, 5\) do not fit.*\(2,\)"):
         probed.loss(out, F.one_hot(torch.tensor([0, 1]), 5))
     dense = instrument(TinyUNet(num_classes=3), input_size=(3, 16, 16))
     out = dense(torch.randn(2, 3, 16, 16))
-    with pytest.raises(InstrumentError, match=r"dense task.*\(2, 16, 16\).*squeeze\(1\)"):
+    with pytest.raises(InstrumentError, match=r"labels of shape \(2, 1, 16, 16\) do not fit"):
         dense.loss(out, torch.zeros(2, 1, 16, 16, dtype=torch.long))
-    with pytest.raises(InstrumentError, match=r"output resolution \(16, 16\)"):
-        dense.loss(out, torch.zeros(2, 32, 32, dtype=torch.long))
+    # A regression target given to a class-id objective, and float labels: each says what to pass instead.
+    with pytest.raises(InstrumentError, match="pass task='regression'"):
+        dense.loss(out, torch.zeros(2, 3, 16, 16))
+    with pytest.raises(InstrumentError, match="integer class ids"):
+        dense.loss(out, torch.zeros(2, 16, 16))
+    with pytest.raises(InstrumentError, match="target must be a tensor"):
+        dense.loss(out, [[0, 1]])
     with pytest.raises(InstrumentError, match="ProbedOutput"):
         dense.loss(out.output, torch.zeros(2, 16, 16, dtype=torch.long))
 
@@ -421,9 +441,63 @@ def test_models_instrument_cannot_train_are_explained() -> None:
             self.net = _small_cnn()
 
         def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-            return {"out": self.net(x)}
+            return {"a": self.net(x), "b": self.net(x)}
 
-    with pytest.raises(InstrumentError, match=r"(?s)returns a dict with keys \['out'\], not one logits tensor"):
+    # Neither 'out' nor 'logits' nor a single tensor: the message lists what the output holds.
+    with pytest.raises(InstrumentError, match=r"a dict with keys \['a' \(tensor \(2, 5\)\), 'b' .*output=<key>"):
         instrument(DictOut(), input_size=(3, 16, 16))
+    with pytest.raises(InstrumentError, match=r"output='logits' matches nothing in DictOut's output"):
+        instrument(DictOut(), input_size=(3, 16, 16), output="logits")
     with pytest.raises(InstrumentError, match="num_classes=7 but"):
         instrument(_small_cnn(), input_size=(3, 16, 16), num_classes=7)
+
+
+class _TokenSeg(nn.Module):
+    """Patch embedding to a (gh, gw) token grid, optional cls token, one mixing layer, tokens back to a map."""
+
+    def __init__(self, cls_token: bool) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 16, 4, stride=4)
+        self.cls = nn.Parameter(torch.zeros(1, 1, 16)) if cls_token else None
+        self.mix = nn.Linear(16, 16)
+        self.norm = nn.LayerNorm(16)
+        self.head = nn.Conv2d(16, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.patch(x)
+        grid = z.shape[2:]
+        tokens = z.flatten(2).transpose(1, 2)
+        if self.cls is not None:
+            tokens = torch.cat([self.cls.expand(x.shape[0], -1, -1), tokens], dim=1)
+        tokens = self.norm(tokens + self.mix(tokens))
+        if self.cls is not None:
+            tokens = tokens[:, 1:]
+        return self.head(tokens.transpose(1, 2).reshape(x.shape[0], 16, *grid))
+
+
+@pytest.mark.parametrize(("size", "cls_token", "grid", "prefix"), [((3, 8, 16), False, (2, 4), 0),
+                                                                    ((3, 12, 12), True, (3, 3), 1)])
+def test_token_grid_and_prefix_come_from_the_graph(size, cls_token: bool, grid, prefix: int) -> None:
+    # 8 tokens of a 2x4 grid (a square-root guess reads 4 prefix tokens + 2x2) and 3x3 + cls (read as 3x3, no prefix).
+    model = _TokenSeg(cls_token)
+    analysis = analyze(model, input_size=size, rules="dense")
+    name = next(n.name for n in analysis.graph if n.name == "norm")
+    point = analysis.graph[name]
+    selection = dataclasses.replace(analysis.selection, points=(
+        Point(name=name, fx_name=point.fx_name, module_path=point.module_path, depth=point.depth, shape=point.shape,
+              layout=point.layout, score=1.0, fired=()),
+    ))
+    probed = instrument(model, selection)
+    adapter = getattr(probed, ADAPTERS)["norm"]
+    assert (adapter.grid, adapter.prefix_tokens) == (grid, prefix)
+    out = probed(torch.randn(2, *size))
+    assert out.heads["norm"].shape == out.output.shape
+
+
+def test_a_model_without_weight_layers_is_refused_at_instrument_time() -> None:
+    class NoWeights(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.avg_pool2d(x, 2).flatten(1)[:, :4]
+
+    with pytest.raises(InstrumentError, match="no point to supervise"):
+        instrument(NoWeights(), input_size=(3, 8, 8))

@@ -71,7 +71,7 @@ def test_fallback_selection_trains_every_adapter_and_strips_bit_identical(make, 
     torch.manual_seed(0)
     model = make()
     keys = list(model.state_dict())
-    probed = instrument(model, input_size=SIZE)
+    probed = instrument(model, input_size=SIZE, allow_real_data=backend == "hooks")
     assert probed.report.backend == backend
     assert probed.selection.backend == backend
     assert all(tap.hooked for tap in probed.report.taps)
@@ -96,9 +96,22 @@ def test_fallback_selection_trains_every_adapter_and_strips_bit_identical(make, 
     assert list(stripped.state_dict()) == keys
 
 
+def _points(graph, names):  # noqa: ANN001, ANN202
+    return tuple(
+        Point(name=n, fx_name=graph[n].fx_name, module_path=graph[n].module_path, depth=graph[n].depth,
+              shape=graph[n].shape, layout=graph[n].layout, score=1.0, fired=())
+        for n in names
+    )
+
+
 def test_function_inside_a_block_is_tapped_at_the_block_output() -> None:
     torch.manual_seed(0)
-    probed = instrument(TinyViT(), input_size=SIZE)
+    model = TinyViT()
+    analysis = analyze(model, input_size=SIZE)
+    # The first residual add of each block is a function inside it: export sees it, a hook cannot.
+    adds = [n.name for n in analysis.graph if n.kind == "add" and n.module_path.startswith("blocks.")][::2][:3]
+    assert adds and analysis.selection.backend == "export"
+    probed = instrument(model, dataclasses.replace(analysis.selection, points=_points(analysis.graph, adds)))
     tapped = {tap.point: tap.hooked for tap in probed.report.taps}
     assert tapped and all(point.startswith(f"{module}.") for point, module in tapped.items()), tapped
     assert all(module.startswith("blocks.") for module in tapped.values())
@@ -110,7 +123,7 @@ def test_function_inside_a_block_is_tapped_at_the_block_output() -> None:
 
 def test_probed_fallback_model_survives_torch_save_and_load() -> None:
     torch.manual_seed(0)
-    probed = instrument(Net("value"), input_size=SIZE).eval()
+    probed = instrument(Net("value"), input_size=SIZE, allow_real_data=True).eval()
     buffer = io.BytesIO()
     torch.save(probed, buffer)
     buffer.seek(0)
@@ -154,14 +167,11 @@ class _SharedBlock(nn.Module):
 def test_each_call_of_a_shared_module_is_tapped_separately() -> None:
     torch.manual_seed(0)
     model = _SharedBlock()
-    analysis = analyze(model, input_size=(3, 16, 16))
+    analysis = analyze(model, input_size=(3, 16, 16), allow_real_data=True)
     graph = analysis.graph
     assert analysis.selection.backend == "hooks" and "block.1_1" in graph
-    points = tuple(
-        Point(n, graph[n].fx_name, graph[n].module_path, graph[n].depth, graph[n].shape, graph[n].layout, 1.0, ())
-        for n in ("block.1", "block.1_1")
-    )
-    probed = instrument(model, dataclasses.replace(analysis.selection, points=points)).eval()
+    points = _points(graph, ("block.1", "block.1_1"))
+    probed = instrument(model, dataclasses.replace(analysis.selection, points=points), allow_real_data=True).eval()
     assert [t.hooked for t in probed.report.taps] == ["block.1", "block.1#1"]
     assert "tapped at module" not in probed.report.summary()  # both are the points themselves
     x = torch.randn(2, 3, 16, 16)
@@ -170,3 +180,56 @@ def test_each_call_of_a_shared_module_is_tapped_separately() -> None:
         first = model.block(model.stem(x))
         assert torch.equal(out.features["block.1"], first)
         assert torch.equal(out.features["block.1_1"], model.block(first))
+
+
+class _SliceAssign(nn.Module):
+    """Issue 12.3's repro: fx cannot trace the in-place slice assignment; export counts the top-level
+    ``F.relu`` and the shared ``self.relu`` module's calls together."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.convs = nn.ModuleList(nn.Conv2d(8, 8, 3, padding=1) for _ in range(6))
+        self.relu = nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x[:, :2] = x[:, :2] * 0.5
+        x = torch.nn.functional.relu(x)
+        for i, conv in enumerate(self.convs):
+            x = conv(x)
+            if i < 5:
+                x = self.relu(x)
+            if i in (1, 3):
+                x = self.pool(x)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_export_taps_land_on_the_call_the_selection_recorded() -> None:
+    torch.manual_seed(0)
+    model = _SliceAssign()
+    probed = instrument(model, input_size=(3, 16, 16), points=3)
+    assert probed.report.backend == "export"
+    out = probed(torch.randn(2, 3, 16, 16))
+    for tap in probed.report.taps:
+        assert tuple(out.features[tap.point].shape) == tap.feature_shape, tap
+    total, _ = probed.loss(out, torch.tensor([0, 3]))
+    total.backward()
+
+
+def test_a_hook_on_the_wrong_call_refuses_instead_of_training_on_it() -> None:
+    from autoprobe.hook_engine import HookEngine, HookTarget
+
+    torch.manual_seed(0)
+    model = _SliceAssign()
+    probed = instrument(model, input_size=(3, 16, 16), points=3)
+    recipe = probed._recipe
+    # Shift one tap to the next call of its module: a different feature (pooled in between).
+    pooled = next(i for i, t in enumerate(recipe.targets) if t.module == "relu")
+    wrong = list(recipe.targets)
+    wrong[pooled] = HookTarget(wrong[pooled].module, wrong[pooled].call + 2, moved=False)
+    engine = HookEngine(model, getattr(probed, "autoprobe_adapters"), recipe.sites, wrong)
+    with pytest.raises(InstrumentError, match=r"caught a tensor of shape .* but the selection recorded"):
+        engine.run(True, (torch.randn(2, 3, 16, 16),), {})

@@ -123,3 +123,19 @@ def test_hash_ignores_comments_and_descriptions(tmp_path: Path) -> None:
     (tmp_path / "a.toml").write_text(text, encoding="utf-8")
     (tmp_path / "b.toml").write_text("# another comment\n[pack]\ndescription = 'x'\n" + text, encoding="utf-8")
     assert load_rules(str(tmp_path / "a.toml")).sha256 == load_rules(str(tmp_path / "b.toml")).sha256
+
+
+def test_the_default_pack_and_the_code_defaults_cannot_disagree() -> None:
+    # rules/default.toml is what users get; the dataclass and each detector's OPTIONS are what the
+    # code falls back to. Every value must be the same, so neither can change alone.
+    from dataclasses import fields
+
+    from autoprobe.detectors import DETECTORS
+    from autoprobe.rules import _POLICY_SCHEMA, Policy
+
+    pack = load_rules("default")
+    assert pack.policy == Policy()
+    assert {f.name for f in fields(Policy)} == set(_POLICY_SCHEMA)
+    assert {d.ID for d in DETECTORS} == set(pack.detectors)
+    for module in DETECTORS:
+        assert pack.detectors[module.ID].options == {k: o.default for k, o in module.OPTIONS.items()}, module.ID

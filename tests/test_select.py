@@ -48,7 +48,7 @@ EVERYWHERE = {d: 1.0 for d in range(1, RULER + 1)}
     ("depth", "m"), [(1, 1), (2, 1), (3, 1), (5, 2), (18, 3), (50, 4), (148, 5), (3000, 8), (10**6, 8)]
 )
 def test_m_is_round_ln_d_clamped(depth: int, m: int) -> None:
-    assert auto_points(depth, Policy()) == m
+    assert auto_points(depth, load_rules("default").policy) == m
 
 
 def test_m_clamp_and_fixed_m_come_from_the_policy() -> None:

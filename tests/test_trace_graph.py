@@ -8,7 +8,6 @@ from collections.abc import Callable
 import pytest
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensor
 from torchvision.models import resnet18
 from torchvision.models.feature_extraction import get_graph_node_names
 
@@ -78,7 +77,7 @@ def test_tokens_are_nlc() -> None:
 def test_attention_scores_have_no_channel_axis() -> None:
     g = graph_of(ToyTransformer(ATTENTIONS["explicit"]))
     for name in ("blocks.0.attn.matmul", "blocks.0.attn.mul", "blocks.0.attn.softmax", "blocks.0.attn.matmul_1"):
-        assert (g[name].layout, g[name].channels, g[name].spatial) == ("", None, None), name
+        assert (g[name].layout, g[name].channels, g[name].spatial) == (None, None, None), name
 
 
 # ----------------------------------------------------------------------------- names
@@ -134,7 +133,8 @@ def test_live_model_sees_no_real_tensor() -> None:
     seen = []
     model.stem.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
     trace_model(model, (3, 16, 16))
-    assert seen and all(t.device.type == "meta" or isinstance(t, FakeTensor) for t in seen)
+    # Shape propagation runs the recorded graph on plain meta tensors (no FakeTensor mode, no real data).
+    assert seen and all(type(t) is torch.Tensor and t.device.type == "meta" for t in seen)
 
 
 def test_meta_model_allocates_no_real_memory() -> None:

@@ -44,8 +44,10 @@ def detect(graph: LayerGraph, options: Mapping[str, Any]) -> tuple[Candidate, ..
             factor = source.positions / info.positions
             if factor < options["min_factor"]:
                 continue
-            if (source.positions, source.channels) == (info.channels, info.positions):
-                continue  # tokens and channels swapped places (MLP-Mixer's token mixing): a transpose
+            if reshape and (source.positions, source.channels) == (info.channels, info.positions):
+                # Tokens and channels swapped places in an axis move: a transpose, not a reduction. Only a
+                # reshape can do that; a strided conv from 4 ch @ 16 to 16 ch @ 4 is a real downsampling.
+                continue
             if reshape and info.channels != source.channels * factor:
                 continue  # only a space-to-depth reshape (patch merging) trades positions for channels
             change = f"{_size(source)} -> {_size(info)} at {info.name} ({info.module_type or info.target})"

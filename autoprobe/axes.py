@@ -1,0 +1,786 @@
+"""What each axis of a tensor holds, derived from the operations that made it.
+
+Like ``torch.fx.passes.shape_prop`` propagates shapes, this module propagates *axis labels* along a
+graph: one letter per axis, ``N`` the batch, ``C`` the channels (features), ``S`` a spatial or
+token axis, ``M`` the batch merged with spatial axes (Swin's windows, LeViT's ``flatten(0, 1)``),
+``?`` unknown. The labels of an op's output follow from the op and its inputs' labels,
+never from the sizes happening to coincide, so a tensor's layout does not change with the input
+size:
+
+- conv, pooling, batch/group/instance norm, interpolate, upsample and pixel shuffle make
+  channels-first outputs (``NCHW`` for rank 4); the model's input is channels-first;
+- ``linear`` labels the last axis ``C`` (so a linear on a rank-3 input is ``NLC``), except that a
+  linear over a spatial axis (MLP-Mixer's token mixing) keeps it spatial; an embedding appends ``C``;
+- a LayerNorm or RMSNorm over the last dim implies that dim is the channels, unless the input's
+  labels already say otherwise;
+- ``permute``, ``transpose``, ``movedim``, ``flatten``, ``unflatten``, ``squeeze``, ``unsqueeze``,
+  indexing and ``view``/``reshape`` move the labels with the axes they move; merging axes of
+  different kinds (the channels with the batch or with a spatial axis) gives ``?``, merging
+  spatial axes gives ``S`` (so ``flatten(2)`` then ``transpose(1, 2)`` turns ``NCHW`` into ``NLC``),
+  splitting an axis gives its parts its label (channel shuffle keeps its channels), and an ``M``
+  axis split with the traced batch size in front is the batch and spatial axes again;
+- ``cat``, ``chunk``, ``split`` and elementwise ops keep their inputs' labels; where known inputs
+  disagree on an axis it becomes ``?``; reductions drop the reduced axes;
+- a product of two activations (``q @ k^T``) has no channel axis: all ``?``.
+
+``layout_of`` turns labels into a ``Layout`` (``NCHW``, ``NLC``, ...) or ``None`` when the labels
+are not one of them. The same rules run on fx graphs (``graph.py``), on export's ATen graphs and,
+per torch function call, in the hooks backend.
+
+Example:
+    >>> layout_of(propagate("transpose", ("NCS", 1, 2), {}, _Env.simple()), (2, 16, 8))
+    <Layout.NLC: 'NLC'>
+    >>> propagate("flatten", ("NCSS", 2), {}, _Env.simple({"NCSS": (2, 8, 4, 4)}))
+    'NCS'
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+
+from torch import nn
+
+from .layout import Layout
+
+__all__ = ["Axes", "Labels", "propagate", "module_axes", "layout_of", "input_axes", "op_name"]
+
+Axes = str
+"""One label per axis: ``N`` batch, ``C`` channels, ``S`` spatial or token, ``?`` unknown."""
+
+Labels = Union[Axes, None, tuple["Labels", ...]]
+"""The labels of an op's output: ``Axes`` for a tensor, ``None`` for unknown, a tuple for a tuple of outputs."""
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class _Env:
+    """How a rule reads its arguments: ``labels(v)`` and ``shape(v)`` of an argument, the output's shape."""
+
+    labels: Callable[[Any], Labels]
+    shape: Callable[[Any], Shape | None]
+    out: Any  # Shape, or a tuple of shapes for a tuple output, or None
+    batch: int = 2
+
+    @staticmethod
+    def simple(shapes: Mapping[str, Shape] | None = None, out: Any = None) -> _Env:
+        """An env over plain label strings (for examples and tests): a string argument is its own labels."""
+        table = dict(shapes or {})
+        return _Env(lambda v: v if isinstance(v, str) else None, lambda v: table.get(v) if isinstance(v, str) else None, out)
+
+    def with_shape(self, shape: Callable[[Any], Shape | None]) -> _Env:
+        return _Env(self.labels, shape, self.out, self.batch)
+
+
+def input_axes(rank: int) -> Axes | None:
+    """The model input's labels: channels-first (``NC``, ``NCS``, ``NCSS``, ``NCSSS``)."""
+    return "NC" + "S" * (rank - 2) if rank >= 2 else ("N" if rank == 1 else None)
+
+
+def layout_of(labels: Labels, shape: Shape | None) -> Layout | None:
+    """The ``Layout`` that ``labels`` spell, or ``None`` when they spell none (unknown, batch folded, no channel axis).
+
+    Example:
+        >>> layout_of("NSSC", (2, 4, 4, 8)), layout_of("N?", (2, 64)), layout_of("NCSC", (2, 3, 4, 5))
+        (<Layout.NHWC: 'NHWC'>, None, None)
+    """
+    if not isinstance(labels, str) or shape is None or len(labels) != len(shape) or not 2 <= len(labels) <= 5:
+        return None
+    if labels[0] != "N" or labels.count("C") != 1:
+        return None
+    rest = labels.replace("N", "", 1).replace("C", "", 1)
+    if rest and set(rest) != {"S"}:
+        return None
+    if labels[1] == "C":
+        return Layout.channels_first(len(labels))
+    if labels[-1] == "C":
+        return Layout.channels_last(len(labels))
+    return None
+
+
+def op_name(target: Any) -> str:
+    """The plain name of a called function or method: ``__add__`` -> ``add``, ``relu_`` -> ``relu``, ATen's op name."""
+    aten = getattr(target, "aten_op", None) or (target if hasattr(target, "_opname") else None)
+    if aten is not None:
+        name = aten._opname
+    elif isinstance(target, str):
+        name = target
+    else:
+        name = getattr(target, "__name__", None) or str(target)
+    name = name.rsplit(".", 1)[-1]
+    if name.startswith("__") and name.endswith("__"):
+        name = name[2:-2]
+        if name.startswith(("r", "i")) and name[1:] in _ELEMENTWISE_DUNDER:
+            name = name[1:]
+    return name.rstrip("_") if name not in ("_", "") else name
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _dim(d: Any, rank: int) -> int | None:
+    if isinstance(d, bool) or not isinstance(d, int):
+        return None
+    d = d + rank if d < 0 else d
+    return d if 0 <= d < rank else None
+
+
+def _merge(labels: Sequence[str]) -> str:
+    """One label for axes merged into one (or agreeing inputs): the common label, else ``?``."""
+    kinds = set(labels)
+    return kinds.pop() if len(kinds) == 1 else "?"
+
+
+def _first_tensor(args: Sequence[Any], env: _Env) -> tuple[Axes | None, Shape | None]:
+    for a in args:
+        lab = env.labels(a)
+        if isinstance(lab, str):
+            return lab, env.shape(a)
+    return None, None
+
+
+def _out_shape(env: _Env) -> Shape | None:
+    out = env.out
+    if isinstance(out, tuple) and out and all(isinstance(s, int) for s in out):
+        return out
+    if isinstance(out, tuple) and out == ():
+        return ()
+    return None
+
+
+def _unknown(env: _Env) -> Labels:
+    return None
+
+
+def _channels_first(args: tuple, kwargs: dict, env: _Env) -> Labels:
+    out = env.out
+    if isinstance(out, tuple) and out and not all(isinstance(s, int) for s in out):
+        # A tuple output (max_pool2d_with_indices, native_batch_norm): its tensors of the first one's rank.
+        first = next((s for s in out if isinstance(s, tuple) and len(s) >= 2), None)
+        return tuple(input_axes(len(s)) if isinstance(s, tuple) and first and len(s) == len(first) else None for s in out)
+    shape = _out_shape(env)
+    if shape is None or len(shape) < 2:
+        return None
+    lab, _ = _first_tensor(args[:1], env)
+    head = lab[0] if lab is not None and lab[0] in "NM?" else "N" if lab is None else "?"
+    return head + "C" + "S" * (len(shape) - 2)  # the batch axis stays what it was (a folded batch stays folded)
+
+
+def _feature_last(labels: Axes | None, rank: int, keep_spatial: bool) -> Axes:
+    """Labels after an op that writes features along the last axis (linear, embedding, layer norm)."""
+    lab = labels if labels is not None and len(labels) == rank else "?" * rank
+    if keep_spatial and lab[-1] == "S" and "C" in lab[:-1]:
+        return lab  # a linear over a spatial axis (token mixing) keeps the channels where they are
+    head = lab[0] if lab[0] in "NM?" else "?"
+    middle = "S" * (rank - 2)
+    return (head + middle + "C") if rank >= 2 else "C"
+
+
+def _linear(args: tuple, kwargs: dict, env: _Env) -> Labels:
+    shape = _out_shape(env)
+    if shape is None or len(shape) < 2:
+        return None
+    lab, _ = _first_tensor(args, env)
+    if lab is None:
+        return _feature_last(None, len(shape), keep_spatial=False)
+    return _feature_last(lab, len(shape), keep_spatial=True)
+
+
+def _addmm(args: tuple, kwargs: dict, env: _Env) -> Labels:
+    # aten.addmm(bias, x, w_t): the data input is the second argument.
+    return _linear(args[1:2], kwargs, env)
+
+
+def _layer_norm(args: tuple, kwargs: dict, env: _Env) -> Labels:
+    lab, shape = _first_tensor(args[:1], env)
+    normalized = args[1] if len(args) > 1 else kwargs.get("normalized_shape")
+    out = env.out
+    multi = isinstance(out, tuple) and out and not all(isinstance(s, int) for s in out)
+    main_shape = out[0] if multi else out
+    if not isinstance(main_shape, tuple):
+        return None
+    if isinstance(normalized, int):
+        normalized = (normalized,)
+    result: Labels
+    if isinstance(normalized, (list, tuple)) and len(normalized) == 1 and len(main_shape) >= 2:
+        if lab is not None and len(lab) == len(main_shape) and (lab[-1] == "C" or ("C" in lab and "?" not in lab)):
+            result = lab  # the labels already say where the channels are: the norm moves nothing
+        else:
+            result = _feature_last(lab, len(main_shape), keep_spatial=False)
+    else:
+        result = lab if lab is not None and len(lab) == len(main_shape) else None
+    return (result, *(None for _ in out[1:])) if multi else result
+
+
+def _embedding(args: tuple, kwargs: dict, env: _Env) -> Labels:
+    shape = _out_shape(env)
+    lab, _ = _first_tensor(args, env)
+    if shape is None or lab is None or len(lab) + 1 != len(shape):
+        return None
+    return (lab[0] if lab[0] in "NM?" else "?") + "S" * (len(lab) - 1) + "C"
+
+
+def _elementwise(args: tuple, kwargs: dict, env: _Env) -> Labels:
+    shape = _out_shape(env)
+    if shape is None:
+        return _same_as_first(args, kwargs, env)
+    return _broadcast([*args, *kwargs.values()], shape, env)
+
+
+def _broadcast(values: Sequence[Any], shape: Shape, env: _Env) -> Labels:
+    """Per axis, the label the full-rank inputs agree on (unknown inputs do not vote); ``?`` where they disagree."""
+    votes: list[set[str]] = [set() for _ in shape]
+    for value in _flat(values):
+        lab = env.labels(value)
+        s = env.shape(value)
+        if not isinstance(lab, str) or s is None or len(lab) != len(shape) or len(s) != len(shape):
+            continue
+        for i, (a, n) in enumerate(zip(lab, s)):
+            if a != "?" and (n == shape[i] or shape[i] == 1):
+                votes[i].add(a)
+    if not any(votes):
+        return None
+    return "".join(v.pop() if len(v) == 1 else "?" for v in votes)
+
+
+def _flat(values: Sequence[Any]) -> list[Any]:
+    found: list[Any] = []
+    for v in values:
+        if isinstance(v, (list, tuple)) and not isinstance(v, str):
+            found.extend(_flat(v))
+        else:
+            found.append(v)
+    return found
+
+
+def _same_as_first(args: tuple, kwargs: dict, env: _Env) -> Labels:
+    lab, _ = _first_tensor(args, env)
+    return lab
+
+
+def _cat(args: tuple, kwargs: dict, env: _Env) -> Labels:
+    tensors = args[0] if args else kwargs.get("tensors", ())
+    shape = _out_shape(env)
+    if shape is None or not isinstance(tensors, (list, tuple)):
+        return None
+    # Per axis, as for elementwise ops: the inputs' known labels vote, unknown axes do not.
+    return _broadcast(list(tensors), shape, env.with_shape(lambda v: shape))
+
+
+def _stack(args: tuple, kwargs: dict, env: _Env) -> Labels:
+    return None  # a new axis of unknown meaning in front of (or among) the old ones
+
+
+def _split(args: tuple, kwargs: dict, env: _Env) -> Labels:
+    lab, _ = _first_tensor(args[:1], env)
+    out = env.out
+    if not isinstance(out, (tuple, list)):
+        return None
+    return tuple(lab if isinstance(s, tuple) and lab is not None and len(s) == len(lab) else None for s in out)
+
+
+def _unbind(args: tuple, kwargs: dict, env: _Env) -> Labels:
+    lab, _ = _first_tensor(args[:1], env)
+    out = env.out
+    if lab is None or not isinstance(out, (tuple, list)):
+        return None
+    d = _dim(args[1] if len(args) > 1 else kwargs.get("dim", 0), len(lab))
+    if d is None:
+        return None
+    rest = lab[:d] + lab[d + 1 :]
+    return tuple(rest for _ in out)
+
+
+def _permute(args: tuple, kwargs: dict, env: _Env) -> Labels:
+    lab, _ = _first_tensor(args[:1], env)
+    if lab is None:
+        return None
+    dims = args[1:] if len(args) > 2 else (args[1] if len(args) > 1 else kwargs.get("dims"))
+    if isinstance(dims, int):
+        dims = (dims,)
+    if not isinstance(dims, (list, tuple)) or len(dims) != len(lab):
+        return None
+    idx = [_dim(d, len(lab)) for d in dims]
+    if None in idx or len(set(idx)) != len(lab):
+        return None
+    return "".join(lab[i] for i in idx)  # type: ignore[index]
+
+
+def _transpose(args: tuple, kwargs: dict, env: _Env) -> Labels:
+    lab, _ = _first_tensor(args[:1], env)
+    if lab is None:
+        return None
+    if len(args) < 3:
+        if len(lab) == 2:  # t()
+            return lab[::-1]
+        d0, d1 = kwargs.get("dim0"), kwargs.get("dim1")
+    else:
+        d0, d1 = args[1], args[2]
+    a, b = _dim(d0, len(lab)), _dim(d1, len(lab))
+    if a is None or b is None:
+        return None
+    out = list(lab)
+    out[a], out[b] = out[b], out[a]
+    return "".join(out)
+
+
+def _t(args: tuple, kwargs: dict, env: _Env) -> Labels:
+    lab, _ = _first_tensor(args[:1], env)
+    return lab[::-1] if lab is not None and len(lab) <= 2 else None
+
+
+def _movedim(args: tuple, kwargs: dict, env: _Env) -> Labels:
+    lab, _ = _first_tensor(args[:1], env)
+    if lab is None or len(args) < 3:
+        return None
+    src, dst = args[1], args[2]
+    src = (src,) if isinstance(src, int) else tuple(src)
+    dst = (dst,) if isinstance(dst, int) else tuple(dst)
+    rank = len(lab)
+    s = [_dim(d, rank) for d in src]
+    t = [_dim(d, rank) for d in dst]
+    if None in s or None in t or len(s) != len(t):
+        return None
+    order = [i for i in range(rank) if i not in s]
+    result: list[int | None] = [None] * rank
+    for a, b in zip(s, t):
+        result[b] = a  # type: ignore[index]
+    rest = iter(order)
+    filled = [r if r is not None else next(rest) for r in result]
+    return "".join(lab[i] for i in filled)
+
+
+def _group(labels: str, sizes: Sequence[int]) -> str:
+    """The label of axes merged into one: size-1 axes do not vote; the batch merged with spatial axes is ``M``."""
+    voting = [a for a, n in zip(labels, sizes) if n != 1] or list(labels)
+    if len(voting) > 1 and ("N" in voting or "M" in voting):
+        return "M" if voting[0] in "NM" and set(voting[1:]) <= {"S"} else "?"
+    return _merge(voting)
+
+
+def _flatten(args: tuple, kwargs: dict, env: _Env) -> Labels:
+    value = args[0] if args else kwargs.get("input")
+    lab, shape = env.labels(value), env.shape(value)
+    if not isinstance(lab, str) or shape is None:
+        return None
+    start = args[1] if len(args) > 1 else kwargs.get("start_dim", 0)
+    end = args[2] if len(args) > 2 else kwargs.get("end_dim", -1)
+    return _flatten_labels(lab, shape, start, end)
+
+
+def _flatten_labels(lab: str, shape: Shape, start: Any, end: Any) -> Labels:
+    rank = len(lab)
+    if rank == 0:
+        return None
+    a, b = _dim(start, rank), _dim(end, rank)
+    if a is None or b is None or a > b:
+        return None
+    return lab[:a] + _group(lab[a : b + 1], shape[a : b + 1]) + lab[b + 1 :]
+
+
+def _unflatten(args: tuple, kwargs: dict, env: _Env) -> Labels:
+    value = args[0] if args else None
+    lab, shape = env.labels(value), env.shape(value)
+    out = _out_shape(env)
+    if not isinstance(lab, str) or shape is None or out is None:
+        return None
+    d = _dim(args[1] if len(args) > 1 else kwargs.get("dim"), len(lab))
+    if d is None:
+        return None
+    parts = len(out) - len(lab) + 1
+    return lab[:d] + _split_label(lab[d], out[d : d + parts], env.batch) + lab[d + 1 :]
+
+
+def _split_label(label: str, sizes: Sequence[int], batch: int = 2) -> str:
+    """Labels of the axes one axis is split into: each part keeps the label; size-1 parts beside others are spatial.
+
+    A batch merged with spatial axes (``M``) split with the batch size in front is ``N`` then spatial axes.
+    """
+    big = [n for n in sizes if n != 1]
+    if label == "M":
+        if sizes and sizes[0] == batch and len(sizes) > 1:
+            return "N" + "S" * (len(sizes) - 1)
+        return "M" if len(big) <= 1 and len(sizes) == 1 else "?" * len(sizes)
+    if label == "N" and len(big) > 1:
+        return "?" * len(sizes)
+    if not big:
+        return label + "S" * (len(sizes) - 1)
+    return "".join("S" if n == 1 else label for n in sizes)
+
+
+def _view(args: tuple, kwargs: dict, env: _Env) -> Labels:
+    lab, shape = _first_tensor(args[:1], env)
+    out = _out_shape(env)
+    if lab is None or shape is None or out is None:
+        return None
+    return reshape_labels(lab, shape, out, env.batch)
+
+
+def reshape_labels(lab: str, shape: Shape, out: Shape, batch: int = 2) -> Labels:
+    """Labels after a view/reshape from ``shape`` to ``out``, by grouping axes whose sizes multiply alike.
+
+    Example:
+        >>> reshape_labels("NSC", (2, 16, 8), (2, 4, 4, 8)), reshape_labels("NSC", (2, 16, 8), (2, 16, 2, 4))
+        ('NSSC', 'NSCC')
+    """
+    if len(lab) != len(shape) or 0 in shape or 0 in out or math.prod(shape) != math.prod(out):
+        return None
+    groups: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    na, nb = len(shape), len(out)
+    while i < na and j < nb:
+        gi, gj = [i], [j]
+        pa, pb = shape[i], out[j]
+        i += 1
+        j += 1
+        while pa != pb:
+            if pa < pb:
+                if i >= na:
+                    return None
+                pa *= shape[i]
+                gi.append(i)
+                i += 1
+            else:
+                if j >= nb:
+                    return None
+                pb *= out[j]
+                gj.append(j)
+                j += 1
+        groups.append((gi, gj))
+    if not groups:
+        return None
+    # Trailing size-1 axes join the last group.
+    groups[-1][0].extend(range(i, na))
+    groups[-1][1].extend(range(j, nb))
+    result = [""] * nb
+    for gi, gj in groups:
+        label = _group("".join(lab[k] for k in gi), [shape[k] for k in gi])
+        parts = _split_label(label, [out[k] for k in gj], batch) if len(gj) > 1 else label
+        for k, p in zip(gj, parts):
+            result[k] = p
+    return "".join(result)
+
+
+def _squeeze(args: tuple, kwargs: dict, env: _Env) -> Labels:
+    lab, shape = _first_tensor(args[:1], env)
+    if lab is None or shape is None:
+        return None
+    dims = args[1:] if len(args) > 1 else ((kwargs["dim"],) if "dim" in kwargs else None)
+    if dims is not None and len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+        dims = tuple(dims[0])
+    rank = len(lab)
+    if dims is None:
+        drop = {k for k, n in enumerate(shape) if n == 1}
+    else:
+        idx = [_dim(d, rank) for d in dims]
+        if None in idx:
+            return None
+        drop = {k for k in idx if shape[k] == 1}  # type: ignore[index]
+    return "".join(a for k, a in enumerate(lab) if k not in drop)
+
+
+def _unsqueeze(args: tuple, kwargs: dict, env: _Env) -> Labels:
+    lab, _ = _first_tensor(args[:1], env)
+    if lab is None:
+        return None
+    d = _dim(args[1] if len(args) > 1 else kwargs.get("dim"), len(lab) + 1)
+    if d is None:
+        return None
+    return lab[:d] + "S" + lab[d:]
+
+
+def _getitem(args: tuple, kwargs: dict, env: _Env) -> Labels:
+    if len(args) < 2:
+        return None
+    lab = env.labels(args[0])
+    index = args[1]
+    if isinstance(lab, tuple):
+        return lab[index] if isinstance(index, int) and -len(lab) <= index < len(lab) else None
+    if not isinstance(lab, str):
+        return None
+    items = index if isinstance(index, tuple) else (index,)
+    if sum(1 for it in items if it is Ellipsis) > 1:
+        return None
+    consumed = sum(1 for it in items if it is not None and it is not Ellipsis)
+    out: list[str] = []
+    pos = 0
+    for it in items:
+        if it is Ellipsis:
+            take = len(lab) - consumed
+            out.extend(lab[pos : pos + take])
+            pos += take
+        elif it is None:
+            out.append("S")
+        elif isinstance(it, slice):
+            if pos >= len(lab):
+                return None
+            out.append(lab[pos])
+            pos += 1
+        elif isinstance(it, int) and not isinstance(it, bool):
+            pos += 1  # an integer index drops the axis
+        else:
+            return None  # advanced indexing, or an index only known at run time
+    out.extend(lab[pos:])
+    shape = _out_shape(env)
+    result = "".join(out)
+    return result if shape is None or len(shape) == len(result) else None
+
+
+def _slice(args: tuple, kwargs: dict, env: _Env) -> Labels:
+    return _same_as_first(args[:1], kwargs, env)  # aten.slice(x, dim, start, end): same axes
+
+
+def _select(args: tuple, kwargs: dict, env: _Env) -> Labels:
+    lab, _ = _first_tensor(args[:1], env)
+    if lab is None or len(args) < 2:
+        return None
+    d = _dim(args[1], len(lab))
+    return None if d is None else lab[:d] + lab[d + 1 :]
+
+
+def _reduce(args: tuple, kwargs: dict, env: _Env) -> Labels:
+    lab, _ = _first_tensor(args[:1], env)
+    if lab is None:
+        return None
+    if len(args) > 1 and env.labels(args[1]) is not None:
+        return _elementwise(args, kwargs, env)  # torch.max(a, b): elementwise
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    keepdim = args[2] if len(args) > 2 and isinstance(args[2], bool) else kwargs.get("keepdim", False)
+    out = env.out
+    if dim is None:
+        return None  # a full reduction: no axes left to label
+    dims = (dim,) if isinstance(dim, int) else tuple(dim) if isinstance(dim, (list, tuple)) else None
+    if dims is None:
+        return None
+    idx = {_dim(d, len(lab)) for d in dims}
+    if None in idx:
+        return None
+    result = lab if keepdim else "".join(a for k, a in enumerate(lab) if k not in idx)
+    if isinstance(out, tuple) and out and not all(isinstance(s, int) for s in out):
+        return tuple(result for _ in out)  # values and indices
+    return result
+
+
+def _matmul(args: tuple, kwargs: dict, env: _Env) -> Labels:
+    data = [a for a in args if env.labels(a) is not None]
+    if len(data) == 1:
+        return _linear(tuple(data), kwargs, env)  # x @ W with W a parameter
+    shape = _out_shape(env)
+    if not shape:
+        return None
+    # A product of two activations: the leading (batch) axes broadcast; the last two are neither channels nor space.
+    votes = []
+    for k in range(len(shape) - 2):
+        seen = set()
+        for a in data:
+            lab = env.labels(a)
+            if isinstance(lab, str) and len(lab) == len(shape) and lab[k] != "?":
+                seen.add(lab[k])
+        votes.append(seen.pop() if len(seen) == 1 else "?")
+    return "".join(votes) + "??"
+
+
+def _sdpa(args: tuple, kwargs: dict, env: _Env) -> Labels:
+    q = env.labels(args[0]) if args else None
+    v = env.labels(args[2]) if len(args) > 2 else None
+    out = env.out
+    multi = isinstance(out, tuple) and out and not all(isinstance(s, int) for s in out)
+    main = out[0] if multi else out
+    if not isinstance(q, str) or not isinstance(v, str) or not isinstance(main, tuple) or len(q) != len(main):
+        result = None
+    else:
+        result = q[:-1] + v[-1]
+    return (result, *(None for _ in out[1:])) if multi else result
+
+
+def _mha(args: tuple, kwargs: dict, env: _Env) -> Labels:
+    q = env.labels(args[0]) if args else None
+    out = env.out
+    if isinstance(out, tuple) and out and not all(isinstance(s, int) for s in out):
+        return (q if isinstance(q, str) else None, *(None for _ in out[1:]))
+    return q if isinstance(q, str) else None
+
+
+def _expand(args: tuple, kwargs: dict, env: _Env) -> Labels:
+    lab, _ = _first_tensor(args[:1], env)
+    shape = _out_shape(env)
+    if lab is None or shape is None:
+        return None
+    return "?" * (len(shape) - len(lab)) + lab if len(shape) >= len(lab) else None
+
+
+_ELEMENTWISE_DUNDER = frozenset(
+    {"add", "sub", "mul", "truediv", "floordiv", "div", "pow", "mod", "and", "or", "xor", "matmul", "neg",
+     "abs", "lshift", "rshift"}
+)
+_ELEMENTWISE = frozenset(
+    {
+        "add", "sub", "mul", "div", "truediv", "floordiv", "true_divide", "floor_divide", "pow", "mod", "neg", "abs",
+        "exp", "log", "log1p", "expm1", "sqrt", "rsqrt", "sin", "cos", "tanh", "sigmoid", "hardsigmoid", "relu",
+        "relu6", "gelu", "silu", "hardswish", "mish", "leaky_relu", "elu", "selu", "celu", "softplus", "prelu",
+        "hardtanh", "threshold", "glu_like", "logsigmoid", "softsign", "tanhshrink", "hardshrink", "softshrink",
+        "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout", "native_dropout",
+        "feature_dropout", "drop_path", "identity", "clone", "contiguous", "detach", "to", "_to_copy", "float",
+        "double", "half", "bfloat16", "type", "type_as", "alias", "lift_fresh_copy", "clamp", "clamp_min",
+        "clamp_max", "clip", "where", "masked_fill", "maximum", "minimum", "fmax", "fmin", "sign", "square",
+        "reciprocal", "erf", "addcmul", "addcdiv", "lerp", "copy", "fill", "zero", "zeros_like", "ones_like",
+        "empty_like", "full_like", "rand_like", "randn_like", "softmax", "log_softmax", "_softmax", "_log_softmax",
+        "_safe_softmax", "normalize", "rsub", "quick_gelu", "gelu_tanh", "swish", "hard_swish", "star_relu",
+        "hard_sigmoid", "round", "floor", "ceil", "trunc", "frac", "eq", "ne", "lt", "le", "gt", "ge", "logical_not",
+        "bitwise_not", "nan_to_num", "pad", "constant_pad_nd", "reflection_pad1d", "reflection_pad2d",
+        "reflection_pad3d", "replication_pad1d", "replication_pad2d", "replication_pad3d", "roll", "flip", "narrow",
+        "index_select", "gather", "repeat", "tile", "sigmoid_", "dropout_", "requires_grad", "cumsum", "cumprod",
+        "scatter", "scatter_add", "index_add", "index_copy", "index_put", "masked_scatter", "new_zeros_like",
+        "softmin", "logit", "lerp", "layer_scale", "mul_", "add_", "iadd", "imul", "isub", "idiv", "itruediv",
+        "setitem", "channel_shuffle_like",
+    }
+)
+_CHANNELS_FIRST = frozenset(
+    {
+        "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "convolution",
+        "_convolution", "conv_tbc_like", "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d",
+        "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
+        "adaptive_max_pool2d", "adaptive_max_pool3d", "lp_pool1d", "lp_pool2d", "lp_pool3d",
+        "max_pool2d_with_indices", "max_pool3d_with_indices", "max_pool1d_with_indices", "fractional_max_pool2d",
+        "batch_norm", "native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_no_training",
+        "_native_batch_norm_legit_functional", "cudnn_batch_norm", "group_norm", "native_group_norm",
+        "instance_norm", "local_response_norm", "interpolate", "upsample", "upsample_bilinear", "upsample_nearest",
+        "upsample_bilinear2d", "upsample_nearest2d", "upsample_bicubic2d", "upsample_linear1d", "upsample_nearest1d",
+        "upsample_trilinear3d", "upsample_nearest3d", "_upsample_bilinear2d_aa", "_upsample_bicubic2d_aa",
+        "_upsample_nearest_exact1d", "_upsample_nearest_exact2d", "_upsample_nearest_exact3d", "pixel_shuffle",
+        "pixel_unshuffle", "channel_shuffle", "native_channel_shuffle", "fold", "grid_sample", "_adaptive_avg_pool2d",
+        "_adaptive_avg_pool3d", "avg_pool2d_backward_like",
+    }
+)
+_RULES: dict[str, Callable[[tuple, dict, _Env], Labels]] = {
+    **dict.fromkeys(_ELEMENTWISE, _elementwise),
+    **dict.fromkeys(_CHANNELS_FIRST, _channels_first),
+    "linear": _linear,
+    "addmm": _addmm,
+    **dict.fromkeys(("layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm"), _layer_norm),
+    "embedding": _embedding,
+    **dict.fromkeys(("cat", "concat", "concatenate"), _cat),
+    **dict.fromkeys(("stack", "hstack", "vstack"), _stack),
+    **dict.fromkeys(("chunk", "split", "split_with_sizes", "tensor_split", "unsafe_split", "unsafe_chunk",
+                     "unsafe_split_with_sizes"), _split),
+    "unbind": _unbind,
+    "permute": _permute,
+    **dict.fromkeys(("transpose", "swapaxes", "swapdims"), _transpose),
+    **dict.fromkeys(("t", "numpy_T"), _t),
+    **dict.fromkeys(("movedim", "moveaxis"), _movedim),
+    "flatten": _flatten,
+    "unflatten": _unflatten,
+    **dict.fromkeys(("view", "reshape", "_unsafe_view", "view_as", "reshape_as", "_reshape_alias"), _view),
+    "squeeze": _squeeze,
+    "unsqueeze": _unsqueeze,
+    "getitem": _getitem,
+    "slice": _slice,
+    "select": _select,
+    **dict.fromkeys(("mean", "sum", "amax", "amin", "max", "min", "std", "var", "prod", "norm", "logsumexp",
+                     "median", "argmax", "argmin", "all", "any", "nansum", "nanmean", "std_mean", "var_mean",
+                     "linalg_vector_norm"), _reduce),
+    **dict.fromkeys(("matmul", "bmm", "mm", "einsum", "baddbmm", "bilinear"), _matmul),
+    **dict.fromkeys(("scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
+                     "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
+                     "_scaled_dot_product_attention_math"), _sdpa),
+    **dict.fromkeys(("multi_head_attention_forward", "_native_multi_head_attention"), _mha),
+    **dict.fromkeys(("expand", "expand_as", "broadcast_to"), _expand),
+}
+_AXIS_MOVERS = frozenset(
+    {"permute", "transpose", "swapaxes", "swapdims", "t", "movedim", "moveaxis", "flatten", "unflatten", "view",
+     "reshape", "_unsafe_view", "view_as", "reshape_as", "squeeze", "unsqueeze", "rot90", "as_strided", "unfold",
+     "diagonal", "index", "pixel_shuffle", "pixel_unshuffle"}
+)
+
+
+def propagate(op: str, args: tuple, kwargs: Mapping[str, Any], env: _Env) -> Labels:
+    """The labels of the output of op ``op`` called with ``args``/``kwargs``.
+
+    Args:
+        op: the op's plain name (``op_name``): ``conv2d``, ``permute``, ``add``, an ATen op name.
+        args, kwargs: the call's arguments; ``env.labels``/``env.shape`` read the tensors among them.
+        env: how to read an argument's labels and shape, and the output's shape.
+
+    Returns:
+        The output's labels; an op no rule knows keeps the labels of a same-shaped input (an
+        elementwise op) unless it is known to move axes, else ``None``.
+    """
+    rule = _RULES.get(op)
+    if rule is not None:
+        try:
+            return rule(tuple(args), dict(kwargs), env)
+        except (TypeError, ValueError, IndexError, KeyError, StopIteration):
+            return None
+    if op in _AXIS_MOVERS:
+        return None
+    shape = _out_shape(env)
+    if shape is None:
+        return None
+    # An op no rule names: when an input has the output's shape, the op maps each element in place.
+    same = [a for a in _flat([*args, *kwargs.values()]) if env.shape(a) == shape and isinstance(env.labels(a), str)]
+    return _broadcast(same, shape, env) if same else None
+
+
+def module_axes(module: nn.Module, args: tuple, kwargs: Mapping[str, Any], env: _Env) -> Labels:
+    """The labels of a module call's output, from the module's class.
+
+    torch.nn's own layers map to their functional rule (``Conv2d`` -> ``conv2d``, ``LayerNorm`` ->
+    ``layer_norm`` over its ``normalized_shape``, ``Flatten`` -> ``flatten``); activations,
+    dropout and identities are elementwise. A module autoprobe keeps whole without knowing its
+    class (a leaf block) keeps a same-shaped input's labels, makes channels-first maps when its
+    last layer is a convolution or pooling, and is otherwise unknown.
+    """
+    if isinstance(module, (nn.modules.conv._ConvNd, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+                           nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
+                           nn.modules.pooling._LPPoolNd, nn.modules.batchnorm._NormBase, nn.GroupNorm,
+                           nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle, nn.LocalResponseNorm, nn.Fold,
+                           nn.ChannelShuffle)):
+        return _channels_first(args, dict(kwargs), env)
+    if isinstance(module, nn.Linear):
+        return _linear(args, dict(kwargs), env)
+    if isinstance(module, nn.LayerNorm):
+        return _layer_norm((args[0], tuple(module.normalized_shape)), {}, env) if args else None
+    rms = getattr(nn, "RMSNorm", None)
+    if rms is not None and isinstance(module, rms):
+        return _layer_norm((args[0], tuple(module.normalized_shape)), {}, env) if args else None
+    if isinstance(module, nn.Flatten):
+        return _flatten((args[0], module.start_dim, module.end_dim), {}, env) if args else None
+    if isinstance(module, nn.Unflatten):
+        return _unflatten((args[0], module.dim), {}, env) if args else None
+    if isinstance(module, nn.Embedding):
+        return _embedding(args, dict(kwargs), env)
+    if isinstance(module, nn.MultiheadAttention):
+        return _mha(args, dict(kwargs), env)
+    home = type(module).__module__
+    if isinstance(module, (nn.Identity, nn.modules.dropout._DropoutNd)) or home.startswith(
+        ("torch.nn.modules.activation", "torch.nn.modules.dropout")
+    ):
+        return _elementwise(args, dict(kwargs), env)
+    if isinstance(module, (nn.Softmax, nn.LogSoftmax, nn.Softmin)):
+        return _elementwise(args, dict(kwargs), env)
+    shape = _out_shape(env)
+    if shape is not None:
+        same = [a for a in args if env.shape(a) == shape and isinstance(env.labels(a), str)]
+        if same:
+            return _broadcast(same, shape, env)
+        last = _last_layer(module)
+        if last is not None and len(shape) >= 2:
+            return input_axes(len(shape))
+    return None
+
+
+def _last_layer(module: nn.Module) -> nn.Module | None:
+    """The last conv or pooling layer registered in a block, when it is the block's last layer with weights or pooling."""
+    layers = [m for m in module.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear,
+                                                             nn.modules.pooling._AdaptiveAvgPoolNd,
+                                                             nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd))]
+    if layers and not isinstance(layers[-1], nn.Linear):
+        return layers[-1]
+    return None
+
+
+_ = operator  # operator.getitem is named "getitem" by op_name

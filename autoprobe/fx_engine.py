@@ -1,0 +1,401 @@
+"""The fx tapping engine: a graph rewrite of the model's fx trace.
+
+Why a graph rewrite and not forward hooks: hooks can only see module boundaries, not
+an ``add`` inside a block, and torch.compile and DDP handle them less predictably than a
+plain forward. So after every chosen node the tapped graph calls the adapter
+``autoprobe_adapters.<key>`` and returns the point's adapter output q_m(z_m) and raw
+feature z_m alongside the model's own output (whatever object it is: a tensor, a dict,
+a tuple).
+
+Why two graphs: fx freezes Python control flow at trace time, including
+``if self.training`` inside traced-through modules (timm's BatchNormAct, aux heads).
+Like torchvision's ``DualGraphModule``, the engine holds the train-mode and the eval-mode
+graph and runs the one matching the mode it is called in; both are compiled once, so a
+mode change swaps graphs and nothing is recompiled.
+
+Why module hooks are called by the graph: the generated code runs a traced-through
+module's body inline, so its own ``__call__``, and with it the hooks on it, never runs.
+FSDP2 (``fully_shard``) works through exactly such hooks: a sharded block unshards its
+parameters in a forward pre-hook and reshards them in a forward hook. So each inlined
+module call is bracketed by two calls that run that module's current forward pre-hooks
+and forward hooks (a no-op while it has none); ``fully_shard`` applied after
+``instrument`` is then honoured, and the block's parameters are full tensors while its
+ops run. (What a pre-hook returns in place of the inputs is not substituted: FSDP's
+mixed-precision input casting does not apply inside inlined blocks.)
+
+The GraphModules reach the weights through the user's module tree (``model``) and are
+kept out of ``Probed``'s module tree, so each tensor appears once in ``state_dict``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect as pyinspect
+import operator
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from .errors import SelectionError
+from .graph import LayerGraph, build_layer_graph
+from .taps import ADAPTERS, MODEL, EngineResult, TapSite
+from .trace import Traced, TraceOptions, trace_fx
+
+__all__ = ["FxRecipe", "FxEngine", "trace_both_modes"]
+
+# Ops whose result may share storage with their first argument: an in-place op on
+# the result (or on the argument) changes the tapped feature too.
+_ALIAS_METHODS = frozenset(
+    {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "permute", "transpose", "t", "squeeze",
+     "unsqueeze", "expand", "expand_as", "narrow", "select", "contiguous", "movedim", "as_strided", "detach",
+     "to", "type", "type_as", "float", "double", "half", "bfloat16", "cpu", "cuda", "chunk", "split", "unbind",
+     "tensor_split", "real", "__getitem__"}
+)
+_ALIAS_FUNCTIONS = frozenset(
+    {operator.getitem, torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
+     torch.narrow, torch.select, torch.movedim, torch.chunk, torch.split, torch.unbind, torch.tensor_split,
+     torch.detach, torch.t}
+)
+_INPLACE_OPERATORS = frozenset(
+    {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+     operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
+     operator.imatmul, operator.setitem}
+)
+
+
+def trace_both_modes(model: nn.Module, size: Sequence[int], options: TraceOptions) -> tuple[Traced, Traced]:
+    """The train-mode and eval-mode fx traces; the model's own flags are left as they were."""
+    return (
+        trace_fx(model, size, dataclasses.replace(options, mode="train")),
+        trace_fx(model, size, dataclasses.replace(options, mode="eval")),
+    )
+
+
+@dataclass(frozen=True)
+class FxRecipe:
+    """What rebuilds the fx engine from the model: how to trace it and where to tap.
+
+    Attributes:
+        input_size: the traced input, without batch.
+        options: the tracing options' fields (a ``TraceOptions`` holds a mapping proxy, which
+            does not pickle), as (name, value) pairs.
+        sites: the points, in execution order.
+        label: the model's label, for messages.
+    """
+
+    input_size: tuple[int, ...]
+    options: tuple[tuple[str, Any], ...]
+    sites: tuple[TapSite, ...]
+    label: str
+    backend: str = "fx"
+
+    @classmethod
+    def of(cls, input_size: Sequence[int], options: TraceOptions, sites: Sequence[TapSite], label: str) -> FxRecipe:
+        """The recipe for tracing with ``options`` and tapping ``sites``."""
+        fields = tuple(
+            (f.name, dict(value) if isinstance(value := getattr(options, f.name), Mapping) else value)
+            for f in dataclasses.fields(options)
+        )
+        return cls(tuple(input_size), fields, tuple(sites), label)
+
+    def build(self, model: nn.Module, adapters: nn.ModuleDict) -> FxEngine:
+        """Re-trace ``model`` and tap it again (after unpickling).
+
+        Raises:
+            SelectionError: a point no longer exists or changed shape (the model's code changed).
+        """
+        train, eval_ = trace_both_modes(model, self.input_size, TraceOptions(**dict(self.options)))
+        self._check_unchanged(build_layer_graph(train))
+        return FxEngine(model, adapters, self.sites, train, eval_)
+
+    def _check_unchanged(self, graph: LayerGraph) -> None:
+        for site in self.sites:
+            if site.point not in graph:
+                raise SelectionError(
+                    f"point {site.point!r} of the saved probed {self.label} no longer exists in the model's graph; "
+                    "the model's code changed since it was saved. Hint: load the state_dict into a freshly "
+                    "instrumented model instead."
+                )
+            have = tuple((graph[site.point].shape or ())[1:])
+            if have != site.feature_shape:
+                raise SelectionError(
+                    f"point {site.point!r} of the saved probed {self.label} had shape {site.feature_shape}, now "
+                    f"{have}; the model's code changed since it was saved. Hint: re-instrument the model."
+                )
+
+
+class FxEngine:
+    """The train-mode and eval-mode tapped GraphModules over one model and its adapters.
+
+    Args:
+        model: the user's model (shared, not copied).
+        adapters: the adapters, keyed by ``TapSite.key``.
+        sites: the points, in execution order.
+        train_traced: the train-mode trace.
+        eval_traced: the eval-mode trace.
+
+    Raises:
+        SelectionError: a point is not a node of one of the graphs.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapters: nn.ModuleDict,
+        sites: Sequence[TapSite],
+        train_traced: Traced,
+        eval_traced: Traced,
+    ) -> None:
+        train = _tapped_graph_module(model, adapters, sites, train_traced)
+        eval_ = _tapped_graph_module(model, adapters, sites, eval_traced)
+        self._graphs = {True: train[0], False: eval_[0]}
+        self._cloned = {s.point: train[1][s.point] or eval_[1][s.point] for s in sites}
+        self.fx_names = {s.point: (train[2][s.point], eval_[2][s.point]) for s in sites}
+
+    def run(self, training: bool, args: tuple[Any, ...], kwargs: dict[str, Any]) -> EngineResult:
+        """Run the graph of the mode ``training``."""
+        return self._graphs[training](*args, **kwargs)
+
+    def cloned(self, point: str) -> bool:
+        """Whether the point's feature is copied because a later in-place op would overwrite it."""
+        return self._cloned[point]
+
+    def code(self, training: bool) -> str:
+        """The generated Python of that mode's tapped graph."""
+        return self._graphs[training].code
+
+
+def _tapped_graph_module(
+    model: nn.Module, adapters: nn.ModuleDict, sites: Sequence[TapSite], traced: Traced
+) -> tuple[fx.GraphModule, dict[str, bool], dict[str, str]]:
+    """Copy ``traced``'s graph onto ``model`` and ``adapters`` and tap it at ``sites``.
+
+    Returns:
+        The GraphModule returning ``(output, heads, features)``, whether each point's
+        feature is copied, and each point's fx node name.
+    """
+    source = traced.graph_module.graph
+    graph = fx.Graph()
+    copies: dict[fx.Node, fx.Node] = {}
+    output = graph.graph_copy(source, copies)
+    qualnames = {new: traced.qualnames[old.name] for old, new in copies.items()}
+    # The holder's attribute tree is {model, autoprobe_adapters}: the user's own module tree sits one level down.
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            node.target = f"{MODEL}.{node.target}"
+    output = _bracket_inlined_modules(graph, model, qualnames, output)
+    by_qualname = {name: node for node, name in qualnames.items()}
+    order = {node: i for i, node in enumerate(graph.nodes)}
+
+    heads: dict[str, fx.Node] = {}
+    features: dict[str, fx.Node] = {}
+    cloned: dict[str, bool] = {}
+    fx_names: dict[str, str] = {}
+    for site in sites:
+        node = by_qualname.get(site.point)
+        if node is None:
+            raise SelectionError(
+                f"point {site.point!r} is not a node of the {traced.mode}-mode graph. "
+                "Hint: re-run `autoprobe.inspect(model)` and instrument with that selection."
+            )
+        fx_names[site.point] = node.name
+        cloned[site.point] = _mutated_later(node, order, model)
+        feature = node
+        if cloned[site.point]:
+            with graph.inserting_after(node):
+                feature = graph.call_method("clone", (node,))
+        with graph.inserting_after(feature):
+            heads[site.point] = graph.call_module(f"{ADAPTERS}.{site.key}", (feature,))
+        features[site.point] = feature
+    graph.output((output, heads, features))
+
+    holder = fx.GraphModule(nn.Module(), fx.Graph(), class_name=f"Probed{type(model).__name__}")
+    setattr(holder, MODEL, model)
+    setattr(holder, ADAPTERS, adapters)
+    holder.graph = graph
+    graph.lint()
+    holder.recompile()
+    return holder, cloned, fx_names
+
+
+# --------------------------------------------------------------------------- hooks of inlined modules
+
+
+def _run_forward_pre_hooks(module: nn.Module, inputs: tuple[Any, ...]) -> None:
+    """Run ``module``'s forward pre-hooks as its ``__call__`` would (return values are not substituted)."""
+    for hook_id, hook in tuple(module._forward_pre_hooks.items()):
+        if hook_id in module._forward_pre_hooks_with_kwargs:
+            hook(module, inputs, {})
+        else:
+            hook(module, inputs)
+
+
+def _run_forward_hooks(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> Any:
+    """Run ``module``'s forward hooks as its ``__call__`` would; a hook may replace the output."""
+    for hook_id, hook in tuple(module._forward_hooks.items()):
+        if hook_id in module._forward_hooks_with_kwargs:
+            result = hook(module, inputs, {}, output)
+        else:
+            result = hook(module, inputs, output)
+        if result is not None:
+            output = result
+    return output
+
+
+def _bracket_inlined_modules(
+    graph: fx.Graph, model: nn.Module, qualnames: Mapping[fx.Node, str], output: Any
+) -> Any:
+    """Call each inlined module's hooks around every contiguous run of its nodes.
+
+    A run is one call of the module: the consecutive nodes whose qualified name lies inside
+    it. Its inputs are the values from outside the run it reads; its output, the one value
+    read after it. A run with several output values (a module returning a tuple that is
+    unpacked) gets its pre-hooks only. Returns the graph's output value, rewritten where a
+    bracketed run produced it.
+    """
+    modules = {path for path, _ in model.named_modules()}
+    inlined = modules - {str(n.target).removeprefix(f"{MODEL}.") for n in graph.nodes if n.op == "call_module"}
+    open_runs: dict[str, list[fx.Node]] = {}
+    starts: dict[str, int] = {}
+    runs: list[tuple[int, int, str, list[fx.Node]]] = []
+    body = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
+    for index, node in enumerate(body):
+        parts = qualnames.get(node, node.name).split(".")
+        # Every enclosing module of the node: "", "blocks", "blocks.0", ... (a called leaf is not enclosing).
+        enclosing = {".".join(parts[:i]) for i in range(len(parts))} & inlined
+        for path in [p for p in open_runs if p not in enclosing]:
+            runs.append((starts.pop(path), path.count(".") + bool(path), path, open_runs.pop(path)))
+        for path in enclosing:
+            starts.setdefault(path, index)
+            open_runs.setdefault(path, []).append(node)
+    for path, run in open_runs.items():
+        runs.append((starts[path], path.count(".") + bool(path), path, run))
+    # Outer runs first: their pre-hook lands before an inner one's, their post-hook after it.
+    position = {node: i for i, node in enumerate(graph.nodes)}
+    for _, _, path, run in sorted(runs, key=lambda r: (r[0], r[1])):
+        output = _bracket(graph, path, run, output, position)
+    return output
+
+
+def _bracket(graph: fx.Graph, path: str, run: list[fx.Node], output: Any, position: Mapping[fx.Node, int]) -> Any:
+    inside = set(run)
+    start = position[run[0]]
+    inputs: list[fx.Node] = []
+    for node in run:
+        for arg in node.all_input_nodes:
+            # Only values defined before the run (fx may append a placeholder late); a hook node
+            # added for an earlier run sits right after that run, so it is defined before too.
+            if arg not in inside and arg not in inputs and arg.op != "get_attr" and position.get(arg, -1) < start:
+                inputs.append(arg)
+    with graph.inserting_before(run[0]):
+        module = graph.get_attr(f"{MODEL}.{path}" if path else MODEL)
+        graph.call_function(_run_forward_pre_hooks, (module, tuple(inputs)))
+    returned = set(_nodes_of(output))
+    produced = [n for n in run if n in returned or any(u not in inside for u in n.users)]
+    if len(produced) != 1:
+        return output
+    result = produced[0]
+    with graph.inserting_after(run[-1]):
+        hooked = graph.call_function(_run_forward_hooks, (module, tuple(inputs), result))
+    for user in list(result.users):
+        if user is not hooked and user not in inside:
+            user.replace_input_with(result, hooked)
+    return fx.node.map_arg(output, lambda n: hooked if n is result else n)
+
+
+def _nodes_of(value: Any) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.node.map_arg(value, found.append)
+    return found
+
+
+# --------------------------------------------------------------------------- alias analysis
+
+
+def _mutated_later(node: fx.Node, order: Mapping[fx.Node, int], model: nn.Module) -> bool:
+    """Whether an op after ``node`` writes in place into ``node``'s storage.
+
+    The tapped value must be what ``node`` produced: the adapter (and the NE loss
+    on z_m) would otherwise see the overwritten tensor, or autograd would fail on
+    a saved tensor modified in place. Aliases are followed through view-like ops,
+    identity/dropout modules and in-place ops (which return their input), in both
+    directions; unknown ops are assumed to copy.
+    """
+    alias = {node}
+    frontier = [node]
+    while frontier:
+        current = frontier.pop()
+        linked = [u for u in current.users if _aliases_first_arg(u, model) and _aliased(u) is current]
+        if _aliases_first_arg(current, model) and isinstance(_aliased(current), fx.Node):
+            linked.append(_aliased(current))
+        for other in linked:
+            if other not in alias:
+                alias.add(other)
+                frontier.append(other)
+    start = order[node]
+    return any(
+        order[user] > start and _writes_first_arg(user, model) and _first_arg(user) in alias
+        for member in alias
+        for user in member.users
+    )
+
+
+def _first_arg(node: fx.Node) -> object:
+    return node.args[0] if node.args else None
+
+
+def _aliased(node: fx.Node) -> object:
+    """The value ``node``'s result may share storage with: its first argument, or a hooked module's output."""
+    if node.op == "call_function" and node.target is _run_forward_hooks:
+        return node.args[2]
+    return _first_arg(node)
+
+
+def _aliases_first_arg(node: fx.Node, model: nn.Module) -> bool:
+    if node.op == "call_method":
+        return node.target in _ALIAS_METHODS or _writes_first_arg(node, model)
+    if node.op == "call_function":
+        if node.target is _run_forward_hooks:
+            return True  # returns its output argument, unchanged unless a user hook replaces it
+        return node.target in _ALIAS_FUNCTIONS or _writes_first_arg(node, model)
+    if node.op == "call_module":
+        module = _submodule(model, node)
+        kind = type(module).__name__.lower()
+        is_identity = isinstance(module, (nn.Identity, nn.modules.dropout._DropoutNd)) or kind.startswith("drop")
+        return is_identity or _writes_first_arg(node, model)
+    return False
+
+
+def _writes_first_arg(node: fx.Node, model: nn.Module) -> bool:
+    if node.op == "call_method":
+        name = str(node.target)
+        return name.endswith("_") and not name.endswith("__")
+    if node.op == "call_function":
+        if node.target in _INPLACE_OPERATORS:
+            return True
+        name = getattr(node.target, "__name__", "")
+        return (name.endswith("_") and not name.endswith("__")) or _inplace_argument(node)
+    if node.op == "call_module":
+        return getattr(_submodule(model, node), "inplace", False) is True
+    return False
+
+
+def _inplace_argument(node: fx.Node) -> bool:
+    """``F.relu(x, inplace=True)``, also given positionally."""
+    if node.kwargs.get("inplace") is True:
+        return True
+    if not any(a is True for a in node.args[1:]):
+        return False
+    try:
+        bound = pyinspect.signature(node.target).bind_partial(*node.args, **node.kwargs)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+    return bound.arguments.get("inplace") is True
+
+
+def _submodule(model: nn.Module, node: fx.Node) -> nn.Module:
+    target = str(node.target).removeprefix(f"{MODEL}.")
+    return model.get_submodule(target)

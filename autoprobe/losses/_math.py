@@ -1,0 +1,216 @@
+"""The loss kernels, on logits and ``MatchedTarget``s at the same resolution.
+
+All run in float32 (float64 kept) with autocast off: logs of softmaxes and the MI joint
+tables lose too much in fp16/bf16, and they cost little next to the network. No
+scatter-add or NLLLoss kernels (their CUDA versions use atomics): cross entropy is a
+gather of log-softmax, the MI joint a batched matmul.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .targets import MatchedTarget, RegressionLoss, TargetKind
+
+# Floor of a weight sum: a group whose weights are all 0 has a zero numerator too.
+_TINY = 1e-12
+
+
+def full_precision(t: Tensor) -> torch.autocast:
+    # Autocast would run bmm/matmul in half precision even on float32 inputs.
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
+def _at_least_float32(t: Tensor) -> Tensor:
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def weighted_mean(values: Tensor, weight: Tensor | None) -> Tensor:
+    if weight is None:
+        return values.mean()
+    return (values * weight).sum() / weight.sum().clamp_min(_TINY)
+
+
+# --------------------------------------------------------------------------- homogeneous (the output's loss)
+
+
+def homogeneous(kind: TargetKind, logits: Tensor, target: MatchedTarget, regression_loss: RegressionLoss) -> Tensor:
+    """The output's loss for ``kind``: CE, BCE-with-logits, or MSE / L1."""
+    if kind == "multiclass":
+        return cross_entropy(logits, target)
+    if kind == "regression":
+        return regression_error(logits, target, regression_loss)
+    return binary_cross_entropy(logits, target)
+
+
+def cross_entropy(logits: Tensor, target: MatchedTarget) -> Tensor:
+    with full_precision(logits):
+        log_probs = F.log_softmax(_at_least_float32(logits), dim=1)
+        picked = log_probs.gather(1, target.values.unsqueeze(1)).squeeze(1)
+        return -weighted_mean(picked, target.weight)
+
+
+def binary_cross_entropy(logits: Tensor, target: MatchedTarget) -> Tensor:
+    with full_precision(logits):
+        x = _at_least_float32(logits)
+        per_element = F.binary_cross_entropy_with_logits(x, target.values.to(x.dtype), reduction="none")
+        return weighted_mean(per_element, target.weight)
+
+
+def regression_error(logits: Tensor, target: MatchedTarget, loss: RegressionLoss) -> Tensor:
+    with full_precision(logits):
+        diff = _at_least_float32(logits) - target.values
+        return (diff.square() if loss == "mse" else diff.abs()).mean()
+
+
+# --------------------------------------------------------------------------- heterogeneous (iMacHSR's term)
+
+
+def heterogeneous(kind: TargetKind, logits: Tensor, target: MatchedTarget, eps: float) -> Tensor:
+    """iMacHSR's intermediate loss for ``kind``: -MI for labels, 1 - Pearson r for regression."""
+    if kind == "multiclass":
+        return -mutual_information(logits, target, eps)
+    if kind == "regression":
+        return correlation_loss(logits, target, eps)
+    return -bernoulli_mutual_information(logits, target, eps)
+
+
+def mutual_information(logits: Tensor, target: MatchedTarget, eps: float) -> Tensor:
+    num_classes = logits.shape[1]
+    weight = cast(Tensor, target.weight)  # label targets always carry a weight
+    with full_precision(logits):
+        probs = F.softmax(_at_least_float32(logits), dim=1)
+        if logits.dim() == 2:  # one group: the batch
+            probs, labels, weight = probs.t().unsqueeze(0), target.values.unsqueeze(0), weight.unsqueeze(0)
+        else:  # one group per image: its positions
+            probs, labels, weight = probs.flatten(2), target.values.flatten(1), weight.flatten(1)
+        onehot = F.one_hot(labels, num_classes).to(probs.dtype) * weight.unsqueeze(-1)
+        return _mi_of_groups(probs, onehot, weight.sum(dim=1), eps)
+
+
+def bernoulli_mutual_information(logits: Tensor, target: MatchedTarget, eps: float) -> Tensor:
+    weight = cast(Tensor, target.weight)  # label targets always carry a weight
+    with full_precision(logits):
+        x = _at_least_float32(logits)
+        if x.dim() == 2:  # (B, K): one group per label, over the batch
+            x, t, w = x.t(), target.values.t(), weight.t()
+        else:  # (B, K, *S): one group per image and label, over its positions
+            x, t, w = (v.flatten(2).flatten(0, 1) for v in (x, target.values, weight))
+        # The two outcomes as a 2-class distribution; sigmoid(-x) avoids 1 - sigmoid(x) cancelling.
+        probs = torch.stack([torch.sigmoid(-x), torch.sigmoid(x)], dim=1)  # (G, 2, N)
+        labels = torch.stack([(1 - t) * w, t * w], dim=-1).to(probs.dtype)  # (G, N, 2)
+        return _mi_of_groups(probs, labels, w.sum(dim=1), eps)
+
+
+def _mi_of_groups(probs: Tensor, labels: Tensor, counts: Tensor, eps: float) -> Tensor:
+    """Mean over groups with weight of I(pred; label) from probs (G, Kp, N) and weighted labels (G, N, Kl)."""
+    joint = torch.bmm(probs, labels) / counts.clamp_min(_TINY).view(-1, 1, 1)
+    log_joint = joint.clamp_min(eps).log()
+    log_pred = joint.sum(dim=2, keepdim=True).clamp_min(eps).log()
+    log_label = joint.sum(dim=1, keepdim=True).clamp_min(eps).log()
+    mi = (joint * (log_joint - log_pred - log_label)).sum(dim=(1, 2))
+    # A group with no valid position carries no estimate; leave it out of the mean.
+    present = (counts > 0).to(mi.dtype)
+    return (mi * present).sum() / present.sum().clamp_min(1)
+
+
+def correlation_loss(logits: Tensor, target: MatchedTarget, eps: float) -> Tensor:
+    with full_precision(logits):
+        h = _at_least_float32(logits)
+        y = target.values.to(h.dtype)
+        if h.dim() == 2:  # (B, C): one group per channel, over the batch
+            h, y = h.t(), y.t()
+        else:  # (B, C, *S): one group per image and channel, over its positions
+            h, y = h.flatten(2).flatten(0, 1), y.flatten(2).flatten(0, 1)
+        h = h - h.mean(dim=1, keepdim=True)
+        y = y - y.mean(dim=1, keepdim=True)
+        var_h, var_y = h.square().mean(dim=1), y.square().mean(dim=1)
+        r = (h * y).mean(dim=1) / torch.sqrt((var_h + eps) * (var_y + eps))
+        # A constant target (an absent joint's heatmap, a flat region) has no correlation to learn.
+        present = (var_y > eps).to(r.dtype)
+        return ((1 - r) * present).sum() / present.sum().clamp_min(1)
+
+
+# --------------------------------------------------------------------------- DKS synergy
+
+
+def synergy(kind: TargetKind, branches: Sequence[Tensor], temperature: float, weight: Tensor | None) -> Tensor:
+    """T^2 * mean over ordered pairs (a, b), a != b, of the weighted mean KL(sg(q_b) || q_a)."""
+    with full_precision(branches[0]):
+        log_probs = [_log_distribution(kind, _at_least_float32(b) / temperature) for b in branches]
+        targets = [lp.detach() for lp in log_probs]
+        total = log_probs[0].new_zeros(())
+        for a, log_q_a in enumerate(log_probs):
+            for b, log_q_b in enumerate(targets):
+                if a != b:
+                    kl = (log_q_b.exp() * (log_q_b - log_q_a)).sum(dim=1)
+                    total = total + weighted_mean(kl, weight)
+        pairs = len(branches) * (len(branches) - 1)
+        return total * (temperature**2 / pairs)
+
+
+def _log_distribution(kind: TargetKind, x: Tensor) -> Tensor:
+    # Categorical over dim 1 for multiclass; for 0/1 targets one Bernoulli per channel, its two
+    # outcomes stacked at dim 1 so the KL's sum over dim 1 is the Bernoulli KL, (B, K, *S).
+    if kind == "multiclass":
+        return F.log_softmax(x, dim=1)
+    return torch.stack([F.logsigmoid(-x), F.logsigmoid(x)], dim=1)
+
+
+# --------------------------------------------------------------------------- negative entropy
+
+
+def negative_entropy(z: Tensor, channel_dim: int, max_positions: int | None) -> Tensor:
+    with full_precision(z):
+        return _NegativeEntropy.apply(_position_grid(z, channel_dim, max_positions), channel_dim)
+
+
+def _position_grid(z: Tensor, channel_dim: int, max_positions: int | None) -> Tensor:
+    """A view of ``z`` on a strided grid of about ``max_positions`` positions, at a random offset."""
+    channel = channel_dim % z.dim()
+    spatial = [d for d in range(1, z.dim()) if d != channel]
+    positions = math.prod(z.shape[d] for d in spatial)
+    if max_positions is None or positions <= max_positions:
+        return z
+    stride = math.ceil((positions / max_positions) ** (1 / len(spatial)))
+    index: list[slice] = [slice(None)] * z.dim()
+    for d in spatial:
+        step = min(stride, z.shape[d])
+        index[d] = slice(int(torch.randint(step, ())), None, step)
+    return z[tuple(index)]
+
+
+class _NegativeEntropy(torch.autograd.Function):
+    """Mean over positions of sum_c p_c log p_c, p = softmax(z) over ``dim``; saves only z.
+
+    Autograd through log_softmax, exp, mul and sum would keep two feature-sized float32
+    tensors per point alive until backward and run their backward ops one by one. With
+    n_pos positions and NE(pos) = sum_j p_j log p_j, the gradient is
+
+        d mean / d z_c = p_c * (log p_c - NE(pos)) / n_pos
+
+    so backward recomputes log p from z (alive anyway: the backbone's next layer saved it)
+    and forms the gradient in place, in one buffer.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor, dim: int) -> Tensor:
+        log_probs = F.log_softmax(_at_least_float32(z), dim=dim)
+        per_position = (log_probs.exp() * log_probs).sum(dim=dim, keepdim=True)
+        ctx.save_for_backward(z, per_position)
+        ctx.dim = dim
+        return per_position.mean()
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, None]:
+        z, per_position = ctx.saved_tensors
+        log_probs = F.log_softmax(_at_least_float32(z), dim=ctx.dim)
+        probs = log_probs.exp()
+        grad = log_probs.sub_(per_position).mul_(probs).mul_(grad_output / per_position.numel())
+        return grad.to(z.dtype), None

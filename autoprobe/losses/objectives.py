@@ -1,0 +1,542 @@
+"""The objectives: the output loss plus weighted terms at the intermediate points."""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Mapping, Sequence
+from typing import Literal, NamedTuple, get_args
+
+from torch import Tensor, nn
+
+from ..errors import InstrumentError
+from ..layout import Layout
+from . import _math
+from ._checks import (
+    check_int,
+    check_max_positions,
+    check_names,
+    check_points,
+    check_positive_float,
+    check_weight,
+    per_point,
+)
+from .targets import (
+    MatchedTarget,
+    RegressionLoss,
+    TargetKind,
+    TargetMatcher,
+    check_target,
+    check_target_kind,
+    check_target_values,
+    resize_logits,
+)
+from .terms import _DKS_REGRESSION, NE_MAX_POSITIONS, channel_dim_for, check_regression_loss
+
+__all__ = [
+    "Schedule",
+    "ObjectiveName",
+    "LossResult",
+    "Objective",
+    "IMacHSR",
+    "DSN",
+    "DKS",
+    "schedule_weight",
+    "make_objective",
+]
+
+Schedule = Literal["constant", "linear", "cosine"]
+ObjectiveName = Literal["imachsr", "dsn", "dks"]
+
+# The keyword options of make_objective each objective accepts.
+_OBJECTIVE_OPTIONS: dict[str, set[str]] = {
+    "imachsr": {"layouts", "alpha", "lam"},
+    "dsn": {"alpha"},
+    "dks": {"alpha", "beta", "temperature"},
+}
+
+
+class LossResult(NamedTuple):
+    """What an ``Objective`` returns.
+
+    Attributes:
+        total: the weighted sum to back-propagate (scalar, float32).
+        parts: every term *unweighted* and detached, for logging: the output loss first
+            (``"ce"`` for labels, BCE for binary / multi-label; ``"mse"`` or ``"l1"`` for
+            regression), then per point ``"mi/<point>"`` (``"corr/<point>"`` for
+            regression), ``"ne/<point>"``, ``"dsn/<point>"``, and ``"dks"``.
+    """
+
+    total: Tensor
+    parts: dict[str, Tensor]
+
+
+class _Branch(NamedTuple):
+    """One head's logits and the target at the resolution it is compared at."""
+
+    logits: Tensor
+    target: MatchedTarget
+
+
+class Objective(nn.Module, abc.ABC):
+    """Base class: the output loss plus weighted auxiliary terms, one schedule.
+
+    Subclasses list their auxiliary terms in ``_terms``; the output loss, the checks,
+    the resolution matching and the schedule live here, once.
+
+    Resolution: the output logits are resized to the target's spatial size when they
+    differ (bilinear / linear / trilinear by rank, ``align_corners=False``; the Hugging
+    Face SegFormer convention). A head at the output's spatial size is treated like the
+    output (resized to the target); a head at any other size is compared with the
+    target resized to *its* size (nnU-Net / MONAI): nearest-exact for class ids (keeps
+    ``ignore_index``), area for binary / multi-label / regression targets (see
+    ``autoprobe.losses.targets``). So adapters at the output's resolution reproduce
+    "logits upsampled to the mask", and adapters at their point's own resolution give
+    "mask downsampled to each point".
+
+    Args:
+        points: the supervised point names, in order.
+        schedule: how the intermediate weights change over training (``schedule_weight``).
+        ignore_index: target value excluded from every term.
+        target_kind: ``"multiclass"``, ``"binary"``, ``"multilabel"`` or ``"regression"``.
+        regression_loss: ``"mse"`` or ``"l1"``, the output loss for regression.
+
+    Example:
+        >>> import torch
+        >>> class OutputOnly(Objective):
+        ...     def _terms(self, output, heads, features, target):
+        ...         return []
+        >>> OutputOnly([])(torch.zeros(2, 3), {}, {}, torch.tensor([0, 1])).parts.keys()
+        dict_keys(['ce'])
+    """
+
+    # Whether forward reads ``features``; only then are they checked against the points.
+    uses_features: bool = False
+
+    def __init__(
+        self,
+        points: Sequence[str],
+        *,
+        schedule: Schedule = "constant",
+        ignore_index: int = -100,
+        target_kind: TargetKind = "multiclass",
+        regression_loss: RegressionLoss = "mse",
+    ) -> None:
+        super().__init__()
+        self.points: tuple[str, ...] = check_points(points)
+        if schedule not in get_args(Schedule):
+            raise InstrumentError(f"unknown schedule {schedule!r}; expected one of {list(get_args(Schedule))}")
+        self.schedule: Schedule = schedule
+        self.ignore_index = check_int("ignore_index", ignore_index)
+        self.target_kind: TargetKind = check_target_kind(target_kind)
+        self.regression_loss: RegressionLoss = check_regression_loss(regression_loss)
+
+    @property
+    def output_part(self) -> str:
+        """The name of the output loss in ``LossResult.parts``: ``"ce"``, ``"mse"`` or ``"l1"``."""
+        return self.regression_loss if self.target_kind == "regression" else "ce"
+
+    def forward(
+        self,
+        output: Tensor,
+        heads: Mapping[str, Tensor],
+        features: Mapping[str, Tensor],
+        target: Tensor,
+        *,
+        progress: float | None = None,
+    ) -> LossResult:
+        """Compute the objective for one batch.
+
+        Args:
+            output: model logits, (B, K) or (B, K, *S) with S of 1, 2 or 3 dims.
+            heads: point name -> adapter logits, (B, K, *S_m): the output's batch and
+                channels, any spatial size of the same rank.
+            features: point name -> raw feature z_m (only read by objectives with
+                ``uses_features``; others ignore it).
+            target: of the objective's ``target_kind``, at any spatial size of the output's rank.
+            progress: fraction of training done, in [0, 1]; required unless the
+                schedule is ``"constant"``.
+
+        Returns:
+            A ``LossResult``: the weighted total and the unweighted, detached parts.
+
+        Raises:
+            InstrumentError: a missing or extra head/feature, a shape that does not
+                fit the target, a target value that does not fit its kind, or a bad progress.
+        """
+        factor = schedule_weight(self.schedule, progress)
+        self._check_inputs(output, heads, features, target)
+        matcher = TargetMatcher(target, self.target_kind, rank=output.dim(), ignore_index=self.ignore_index)
+        out = _Branch(resize_logits(output, matcher.size), matcher.at(matcher.size))
+        main = _math.homogeneous(self.target_kind, out.logits, out.target, self.regression_loss)
+        total = main
+        parts = {self.output_part: main.detach()}
+        branches = {name: self._branch(heads[name], output, matcher) for name in self.points}
+        for name, weight, term in self._terms(out, branches, features, matcher):
+            total = total + (factor * weight) * term
+            parts[name] = term.detach()
+        return LossResult(total, parts)
+
+    @staticmethod
+    def _branch(head: Tensor, output: Tensor, matcher: TargetMatcher) -> _Branch:
+        if head.shape[2:] == output.shape[2:]:
+            head = resize_logits(head, matcher.size)
+        return _Branch(head, matcher.at(tuple(head.shape[2:])))
+
+    @abc.abstractmethod
+    def _terms(
+        self, output: _Branch, heads: Mapping[str, _Branch], features: Mapping[str, Tensor], matcher: TargetMatcher
+    ) -> list[tuple[str, float, Tensor]]:
+        """(part name, weight before the schedule, unweighted term) for every auxiliary term."""
+
+    def _check_inputs(
+        self, output: Tensor, heads: Mapping[str, Tensor], features: Mapping[str, Tensor], target: Tensor
+    ) -> None:
+        check_target(output, target, self.target_kind, what="output")
+        check_names("head", heads, self.points)
+        for name in self.points:
+            head = heads[name]
+            if head.dim() != output.dim() or head.shape[:2] != output.shape[:2]:
+                spatial = ", *S" if output.dim() > 2 else ""
+                raise InstrumentError(
+                    f"head of point {name!r} has shape {tuple(head.shape)}; expected (B, K{spatial}) with "
+                    f"B={output.shape[0]}, K={output.shape[1]} like the output {tuple(output.shape)}"
+                    + (", at any spatial size of the same rank" if output.dim() > 2 else "")
+                )
+        if self.uses_features:
+            check_names("feature", features, self.points)
+        check_target_values(target, self.target_kind, output.shape[1], self.ignore_index, what="output")
+
+    def extra_repr(self) -> str:
+        kind = "" if self.target_kind == "multiclass" else f", target_kind={self.target_kind!r}"
+        if self.target_kind == "regression":
+            kind += f", regression_loss={self.regression_loss!r}"
+        return f"points={list(self.points)}, schedule={self.schedule!r}, ignore_index={self.ignore_index}{kind}"
+
+
+class IMacHSR(Objective):
+    """iMacHSR, Eq. 3: L_out(output) + sum over points m of alpha_m * MI_m + lambda_m * NE_m.
+
+    MI_m = ``MutualInformationLoss`` of head m (in [-log K, 0]; for binary and
+    multi-label targets the MI over each label's two outcomes) and NE_m =
+    ``NegativeEntropyLoss`` of feature m (in [-log C_m, 0]); parts hold them
+    unweighted as ``"mi/<point>"`` and ``"ne/<point>"``. For regression targets the
+    heterogeneous term is ``CorrelationLoss``, 1 - Pearson r per image and channel
+    (in [0, 2]), as ``"corr/<point>"``, and the output loss is MSE or L1.
+
+    Defaults (METHOD.md gives per-point weights but no values, so these are ours):
+    alpha = 0.5 keeps the intermediate signal at half the scale of the output CE,
+    which it is comparable to (both are O(log K) nats), so the output stays the
+    main objective; lambda = 0.01 because NE is a regularizer, and its magnitude
+    grows with log C (about 6 nats at 512 channels): a large weight would push
+    hidden features towards uniform channels and fight the task.
+
+    Args:
+        points: supervised point names.
+        layouts: point name -> layout of its feature (``Layout`` or its name, for NE's channel dim).
+        alpha: MI (or correlation) weight, one value or one per point.
+        lam: NE weight, one value or one per point.
+        schedule: how alpha and lambda change over training.
+        ignore_index: target value excluded from the output loss and MI.
+        eps: floor inside the MI logs (added to the variances for regression).
+        ne_positions: positions per example above which NE is estimated on a random
+            strided grid (``NegativeEntropyLoss.max_positions``); ``None`` for the exact mean.
+        target_kind: the ``TargetKind``.
+        regression_loss: ``"mse"`` or ``"l1"``, the output loss for regression.
+
+    Example:
+        >>> import torch
+        >>> objective = IMacHSR(["s1"], {"s1": "NCHW"})
+        >>> result = objective(torch.zeros(2, 3), {"s1": torch.zeros(2, 3)},
+        ...                    {"s1": torch.zeros(2, 4, 5, 5)}, torch.tensor([0, 2]))
+        >>> sorted(result.parts)
+        ['ce', 'mi/s1', 'ne/s1']
+    """
+
+    uses_features = True
+
+    def __init__(
+        self,
+        points: Sequence[str],
+        layouts: Mapping[str, str | Layout],
+        alpha: float | Mapping[str, float] = 0.5,
+        lam: float | Mapping[str, float] = 0.01,
+        schedule: Schedule = "constant",
+        ignore_index: int = -100,
+        eps: float = 1e-8,
+        ne_positions: int | None = NE_MAX_POSITIONS,
+        target_kind: TargetKind = "multiclass",
+        regression_loss: RegressionLoss = "mse",
+    ) -> None:
+        super().__init__(
+            points,
+            schedule=schedule,
+            ignore_index=ignore_index,
+            target_kind=target_kind,
+            regression_loss=regression_loss,
+        )
+        self.ne_positions = check_max_positions(ne_positions)
+        check_names("layout", layouts, self.points)
+        self._channel_dims = {name: channel_dim_for(layouts[name]) for name in self.points}
+        self.layouts: dict[str, Layout] = {name: Layout.parse(layouts[name]) for name in self.points}
+        self.alpha = per_point("alpha", alpha, self.points)
+        self.lam = per_point("lam", lam, self.points)
+        self.eps = check_positive_float("eps", eps)
+        self._mi_part = "corr" if self.target_kind == "regression" else "mi"
+
+    def _check_inputs(
+        self, output: Tensor, heads: Mapping[str, Tensor], features: Mapping[str, Tensor], target: Tensor
+    ) -> None:
+        super()._check_inputs(output, heads, features, target)
+        for name, layout in self.layouts.items():
+            if features[name].dim() != layout.rank:
+                raise InstrumentError(
+                    f"feature of point {name!r} has shape {tuple(features[name].shape)}; "
+                    f"expected a {layout.rank}-D tensor for layout {layout.value!r}"
+                )
+
+    def _terms(
+        self, output: _Branch, heads: Mapping[str, _Branch], features: Mapping[str, Tensor], matcher: TargetMatcher
+    ) -> list[tuple[str, float, Tensor]]:
+        terms: list[tuple[str, float, Tensor]] = []
+        for name in self.points:
+            head = heads[name]
+            mi = _math.heterogeneous(self.target_kind, head.logits, head.target, self.eps)
+            terms.append((f"{self._mi_part}/{name}", self.alpha[name], mi))
+            ne = _math.negative_entropy(features[name], self._channel_dims[name], self.ne_positions)
+            terms.append((f"ne/{name}", self.lam[name], ne))
+        return terms
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, alpha={self.alpha}, lam={self.lam}, ne_positions={self.ne_positions}"
+
+
+class DSN(Objective):
+    """Deeply-Supervised Nets: L_out(output) + sum over points m of alpha_m * L_out(head_m).
+
+    L_out is the output's loss (CE; BCE for binary / multi-label; MSE or L1 for
+    regression, FlowNet's and the stacked hourglass' per-scale loss), each head against
+    the target at its resolution. Parts hold each point's loss unweighted as
+    ``"dsn/<point>"``. The default alpha = 0.3 is in the range auxiliary-CE
+    segmentation heads use (PSPNet uses 0.4): large enough to move early layers, small
+    enough that the output loss dominates.
+
+    Args:
+        points: supervised point names.
+        alpha: auxiliary loss weight, one value or one per point.
+        schedule: how alpha changes over training.
+        ignore_index: target value excluded from every loss.
+        target_kind: the ``TargetKind``.
+        regression_loss: ``"mse"`` or ``"l1"``, for regression.
+
+    Example:
+        >>> import torch
+        >>> objective = DSN(["s1"])
+        >>> result = objective(torch.zeros(2, 3), {"s1": torch.zeros(2, 3)}, {}, torch.tensor([0, 2]))
+        >>> round(result.total.item(), 4)  # (1 + 0.3) * log 3
+        1.4282
+    """
+
+    def __init__(
+        self,
+        points: Sequence[str],
+        alpha: float | Mapping[str, float] = 0.3,
+        schedule: Schedule = "constant",
+        ignore_index: int = -100,
+        target_kind: TargetKind = "multiclass",
+        regression_loss: RegressionLoss = "mse",
+    ) -> None:
+        super().__init__(
+            points,
+            schedule=schedule,
+            ignore_index=ignore_index,
+            target_kind=target_kind,
+            regression_loss=regression_loss,
+        )
+        self.alpha = per_point("alpha", alpha, self.points)
+
+    def _terms(
+        self, output: _Branch, heads: Mapping[str, _Branch], features: Mapping[str, Tensor], matcher: TargetMatcher
+    ) -> list[tuple[str, float, Tensor]]:
+        return [
+            (
+                f"dsn/{name}",
+                self.alpha[name],
+                _math.homogeneous(self.target_kind, heads[name].logits, heads[name].target, self.regression_loss),
+            )
+            for name in self.points
+        ]
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, alpha={self.alpha}"
+
+
+class DKS(DSN):
+    """DKS: DSN plus the synergy loss, CE + sum_m alpha_m * CE_m + beta * synergy.
+
+    The synergy (``DKSLoss``; Bernoulli KLs for binary / multi-label) runs over the
+    model output and every head, all at the target's resolution (heads of another
+    size are resized to it like the output), ignored elements left out; parts add
+    ``"dks"`` (unweighted) to DSN's. With no points there is no pair, so the synergy
+    is left out. Defaults weight every branch and the synergy equally with the
+    output, as DKS trains all its classifiers as peers. Regression targets are
+    refused (no distribution to match).
+
+    Args:
+        points: supervised point names.
+        alpha: auxiliary CE weight, one value or one per point.
+        beta: synergy weight.
+        temperature: softmax (sigmoid) temperature of the synergy.
+        schedule: how alpha and beta change over training.
+        ignore_index: label value excluded from CE and synergy.
+        target_kind: ``"multiclass"``, ``"binary"`` or ``"multilabel"``.
+
+    Example:
+        >>> import torch
+        >>> objective = DKS(["s1"])
+        >>> result = objective(torch.zeros(2, 3), {"s1": torch.zeros(2, 3)}, {}, torch.tensor([0, 2]))
+        >>> sorted(result.parts)
+        ['ce', 'dks', 'dsn/s1']
+    """
+
+    def __init__(
+        self,
+        points: Sequence[str],
+        alpha: float | Mapping[str, float] = 1.0,
+        beta: float = 1.0,
+        temperature: float = 1.0,
+        schedule: Schedule = "constant",
+        ignore_index: int = -100,
+        target_kind: TargetKind = "multiclass",
+    ) -> None:
+        if check_target_kind(target_kind) == "regression":
+            raise InstrumentError(_DKS_REGRESSION)
+        super().__init__(points, alpha=alpha, schedule=schedule, ignore_index=ignore_index, target_kind=target_kind)
+        self.beta = check_weight("beta", beta)
+        self.temperature = check_positive_float("temperature", temperature)
+
+    def _terms(
+        self, output: _Branch, heads: Mapping[str, _Branch], features: Mapping[str, Tensor], matcher: TargetMatcher
+    ) -> list[tuple[str, float, Tensor]]:
+        terms = super()._terms(output, heads, features, matcher)
+        if self.points:
+            branches = [output.logits, *(resize_logits(heads[name].logits, matcher.size) for name in self.points)]
+            synergy = _math.synergy(self.target_kind, branches, self.temperature, output.target.weight)
+            terms.append(("dks", self.beta, synergy))
+        return terms
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, beta={self.beta}, temperature={self.temperature}"
+
+
+def make_objective(
+    name: ObjectiveName,
+    points: Sequence[str],
+    layouts: Mapping[str, str | Layout] | None = None,
+    *,
+    target_kind: TargetKind = "multiclass",
+    alpha: float | Mapping[str, float] | None = None,
+    lam: float | Mapping[str, float] | None = None,
+    beta: float | None = None,
+    temperature: float | None = None,
+    schedule: Schedule = "constant",
+    ignore_index: int = -100,
+    regression_loss: RegressionLoss = "mse",
+) -> Objective:
+    """Build an objective by name, for ``instrument``, configs and the CLI.
+
+    Options left at ``None`` take the class default. An option the chosen
+    objective does not have (``lam`` for ``dsn``, ``beta`` for ``imachsr``)
+    is an error rather than silently ignored.
+
+    Per target kind: ``"imachsr"`` uses MI for labels (Bernoulli MI for binary and
+    multi-label) and 1 - Pearson r for regression; ``"dsn"`` applies the output's loss
+    (CE, BCE, or MSE / L1) at every point, FlowNet's homogeneous baseline for
+    regression; ``"dks"`` needs labels.
+
+    Args:
+        name: ``"imachsr"``, ``"dsn"`` or ``"dks"``.
+        points: supervised point names.
+        layouts: point name -> feature layout; required by ``imachsr`` only.
+        target_kind: ``"multiclass"``, ``"binary"``, ``"multilabel"`` or ``"regression"``.
+        alpha: intermediate weight (MI / correlation for imachsr, the output loss for dsn/dks).
+        lam: NE weight (imachsr).
+        beta: synergy weight (dks).
+        temperature: synergy temperature (dks).
+        schedule: ``"constant"``, ``"linear"`` or ``"cosine"``.
+        ignore_index: target value excluded from every term (labels only).
+        regression_loss: ``"mse"`` or ``"l1"``; only ``target_kind="regression"`` takes ``"l1"``.
+
+    Returns:
+        An ``IMacHSR``, ``DSN`` or ``DKS``.
+
+    Raises:
+        InstrumentError: an unknown name, kind or option, an option the objective does not
+            take, ``"dks"`` with regression, or ``regression_loss="l1"`` with labels.
+
+    Example:
+        >>> make_objective("dsn", ["layer1", "layer3"], alpha=0.4)
+        DSN(points=['layer1', 'layer3'], schedule='constant', ignore_index=-100, alpha={'layer1': 0.4, 'layer3': 0.4})
+    """
+    options = {"layouts": layouts, "alpha": alpha, "lam": lam, "beta": beta, "temperature": temperature}
+    given = {key for key, option in options.items() if option is not None}
+    if name not in _OBJECTIVE_OPTIONS:
+        raise InstrumentError(f"unknown objective {name!r}; expected one of {list(get_args(ObjectiveName))}")
+    foreign = sorted(given - _OBJECTIVE_OPTIONS[name])
+    if foreign:
+        raise InstrumentError(
+            f"objective {name!r} does not take {foreign}; it takes {sorted(_OBJECTIVE_OPTIONS[name])}"
+        )
+    kind = check_target_kind(target_kind)
+    check_regression_loss(regression_loss)
+    if regression_loss != "mse" and kind != "regression":
+        raise InstrumentError(
+            f"regression_loss={regression_loss!r} applies to regression targets; target_kind is {kind!r}. "
+            "Hint: pass task='regression' to instrument, or leave regression_loss at its default."
+        )
+    if name == "dks" and kind == "regression":
+        raise InstrumentError(_DKS_REGRESSION)
+    # Pass only what was given, so the class defaults stay defined in one place.
+    weights = {key: option for key, option in (("alpha", alpha), ("lam", lam)) if option is not None}
+    synergy = {key: option for key, option in (("beta", beta), ("temperature", temperature)) if option is not None}
+    common = {"schedule": schedule, "ignore_index": ignore_index, "target_kind": kind}
+    if name == "imachsr":
+        if layouts is None:
+            raise InstrumentError("objective 'imachsr' needs layouts: point name -> feature layout, for NE")
+        return IMacHSR(points, layouts, regression_loss=regression_loss, **common, **weights)  # type: ignore[arg-type]
+    if name == "dsn":
+        return DSN(points, regression_loss=regression_loss, **common, **weights)  # type: ignore[arg-type]
+    return DKS(points, **common, **weights, **synergy)  # type: ignore[arg-type]
+
+
+def schedule_weight(schedule: Schedule, progress: float | None) -> float:
+    """The factor applied to every intermediate weight at ``progress``.
+
+    constant: 1;  linear: 1 - progress;  cosine: (1 + cos(pi * progress)) / 2.
+    Decaying schedules let deep supervision shape early training and then hand
+    the network over to the output loss alone.
+
+    Args:
+        schedule: ``"constant"``, ``"linear"`` or ``"cosine"``.
+        progress: fraction of training done in [0, 1]; may be ``None`` for ``"constant"``.
+
+    Returns:
+        A factor in [0, 1].
+
+    Example:
+        >>> schedule_weight("linear", 0.25)
+        0.75
+    """
+    if schedule not in get_args(Schedule):
+        raise InstrumentError(f"unknown schedule {schedule!r}; expected one of {list(get_args(Schedule))}")
+    if progress is None:
+        if schedule != "constant":
+            raise InstrumentError(f"schedule {schedule!r} needs progress=<fraction of training done, 0..1>")
+        return 1.0
+    if isinstance(progress, bool) or not isinstance(progress, (int, float)) or not 0.0 <= progress <= 1.0:
+        raise InstrumentError(f"progress must be a number in [0, 1]; got {progress!r}")
+    if schedule == "linear":
+        return 1.0 - progress
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0

@@ -1,0 +1,474 @@
+"""The single terms of the objectives, as modules: usable alone, and tested one by one.
+
+Each term takes logits and the user's target and applies the resolution conventions of
+``targets``: an output loss resizes the logits to the target; an intermediate term
+(MI, correlation, DSN) compares its logits with the target resized to them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from torch import Tensor, nn
+
+from ..errors import InstrumentError
+from ..layout import Layout
+from . import _math
+from ._checks import check_int, check_max_positions, check_positive_float
+from .targets import (
+    RegressionLoss,
+    TargetKind,
+    TargetMatcher,
+    check_target,
+    check_target_kind,
+    check_target_values,
+    resize_logits,
+)
+
+__all__ = [
+    "NE_MAX_POSITIONS",
+    "OutputLoss",
+    "OutputCrossEntropy",
+    "MutualInformationLoss",
+    "CorrelationLoss",
+    "NegativeEntropyLoss",
+    "DSNLoss",
+    "DKSLoss",
+    "channel_dim_for",
+    "check_regression_loss",
+]
+
+# Positions per example above which NE is estimated on a grid: a 32x32 map is exact, a
+# 112x112 one is sampled with stride 4 (784 positions), 56x56 with stride 2.
+NE_MAX_POSITIONS = 1024
+_CLASS_KINDS = ("multiclass", "binary", "multilabel")
+
+
+def check_regression_loss(value: str) -> RegressionLoss:
+    """``value`` if it is ``"mse"`` or ``"l1"``, else an ``InstrumentError``."""
+    if value not in ("mse", "l1"):
+        raise InstrumentError(f"unknown regression_loss {value!r}; expected 'mse' or 'l1'")
+    return value  # type: ignore[return-value]
+
+
+def _prepare(logits: Tensor, target: Tensor, kind: TargetKind, ignore_index: int, what: str) -> TargetMatcher:
+    check_target(logits, target, kind, what=what)
+    check_target_values(target, kind, logits.shape[1], ignore_index, what=what)
+    return TargetMatcher(target, kind, rank=logits.dim(), ignore_index=ignore_index)
+
+
+def _spatial(t: Tensor) -> tuple[int, ...]:
+    return tuple(t.shape[2:])
+
+
+class OutputLoss(nn.Module):
+    """The output's loss for any target kind, mean over the non-ignored elements.
+
+    - multiclass: CE = -(1/N) sum over valid n of log softmax(logits_n)[y_n];
+    - binary / multilabel: BCE-with-logits, -(1/N) sum over valid elements of
+      t log sigmoid(x) + (1 - t) log sigmoid(-x), one element per position and label;
+    - regression: MSE = mean (x - y)^2 or L1 = mean |x - y| over every element.
+
+    Logits at another spatial size than the target are resized to it first (bilinear,
+    linear or trilinear, ``align_corners=False``: the SegFormer convention). Returns 0,
+    still connected to the graph, when every element is ignored.
+
+    Args:
+        target_kind: ``"multiclass"``, ``"binary"``, ``"multilabel"`` or ``"regression"``.
+        ignore_index: target value excluded from the mean (not used for regression).
+        regression_loss: ``"mse"`` or ``"l1"``, for regression.
+
+    Example:
+        >>> import torch
+        >>> loss = OutputLoss("binary", ignore_index=255)
+        >>> round(loss(torch.zeros(1, 1, 2), torch.tensor([[1, 255]])).item(), 4)  # log 2
+        0.6931
+    """
+
+    def __init__(
+        self, target_kind: TargetKind = "multiclass", ignore_index: int = -100, regression_loss: RegressionLoss = "mse"
+    ) -> None:
+        super().__init__()
+        self.target_kind = check_target_kind(target_kind)
+        self.ignore_index = check_int("ignore_index", ignore_index)
+        self.regression_loss = check_regression_loss(regression_loss)
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        """The loss of ``logits`` against ``target``.
+
+        Args:
+            logits: (B, K) or (B, K, *S).
+            target: as ``targets.TargetKind`` describes, at any spatial size of the same rank.
+
+        Returns:
+            A float32 scalar.
+        """
+        matcher = _prepare(logits, target, self.target_kind, self.ignore_index, "logits")
+        logits = resize_logits(logits, matcher.size)
+        return _math.homogeneous(self.target_kind, logits, matcher.at(matcher.size), self.regression_loss)
+
+    def extra_repr(self) -> str:
+        return f"target_kind={self.target_kind!r}, ignore_index={self.ignore_index}"
+
+
+class OutputCrossEntropy(OutputLoss):
+    """Cross entropy (BCE for binary / multilabel) of logits, mean over non-ignored elements.
+
+    ``OutputLoss`` for the label kinds; see it for the formulas and resizing.
+
+    Args:
+        ignore_index: label value excluded from the mean.
+        target_kind: ``"multiclass"`` (default), ``"binary"`` or ``"multilabel"``.
+
+    Example:
+        >>> import torch
+        >>> loss = OutputCrossEntropy()
+        >>> round(loss(torch.zeros(4, 2), torch.tensor([0, 1, 0, 1])).item(), 4)  # log 2
+        0.6931
+    """
+
+    def __init__(self, ignore_index: int = -100, target_kind: TargetKind = "multiclass") -> None:
+        if target_kind == "regression":
+            raise InstrumentError("OutputCrossEntropy is for labels. Hint: use OutputLoss('regression') (MSE or L1).")
+        super().__init__(target_kind, ignore_index)
+
+
+class MutualInformationLoss(nn.Module):
+    """Negative mutual information between the predicted outcomes and the true labels.
+
+    Multiclass: with p_n = softmax(logits_n) and one-hot labels e_n over the N valid
+    samples of a group:
+
+        P[i, j] = (1/N) * sum_n p_n[i] * e_n[j]       (soft joint of prediction i, label j)
+        P_i = sum_j P[i, j],   P_j = sum_i P[i, j]
+        I = sum_ij P[i, j] * (log P[i, j] - log P_i - log P_j)
+        loss = -I
+
+    A group is the whole batch for classification and one image (its positions) for
+    dense tasks, the paper's "image-wise MI"; dense losses average I over the images
+    that have at least one valid position. Logs take max(x, eps), which also makes
+    0 * log 0 = 0.
+
+    Binary and multi-label: each label is a 2-class problem, p_n = [sigmoid(-x_n),
+    sigmoid(x_n)] against e_n = [1 - t_n, t_n], with the same estimator; a group is
+    one label over the batch (classification) or one label of one image (dense), and
+    the loss is minus the mean of the groups' MIs (for binary: per image). Soft or
+    area-downsampled targets enter e_n as they are, each position weighted by its
+    valid fraction.
+
+    Unlike cross entropy, MI does not ask each sample to be right: it rewards a
+    prediction that is *informative* about the label, up to a relabelling of the
+    classes. That is the heterogeneous signal iMacHSR wants at intermediate points.
+    Range: 0 <= I <= log K (log 2 per label for binary), so the loss is in [-log K, 0].
+    For classification the estimate comes from one batch, so it is only informative
+    when the batch is large next to K. The target is resized to the logits' size
+    (``targets.TargetMatcher``) when they differ.
+
+    Args:
+        eps: floor inside the logs.
+        ignore_index: label value excluded from the joint.
+        target_kind: ``"multiclass"``, ``"binary"`` or ``"multilabel"``.
+
+    Example:
+        >>> import torch
+        >>> loss = MutualInformationLoss()
+        >>> labels = torch.tensor([0, 1, 0, 1])
+        >>> round(loss(50.0 * torch.nn.functional.one_hot(labels, 2).float(), labels).item(), 4)  # -log 2
+        -0.6931
+    """
+
+    def __init__(self, eps: float = 1e-8, ignore_index: int = -100, target_kind: TargetKind = "multiclass") -> None:
+        super().__init__()
+        self.eps = check_positive_float("eps", eps)
+        self.ignore_index = check_int("ignore_index", ignore_index)
+        if check_target_kind(target_kind) not in _CLASS_KINDS:
+            raise InstrumentError(
+                "mutual information needs labels; target_kind='regression' has none. "
+                "Hint: use CorrelationLoss, iMacHSR's term for continuous targets."
+            )
+        self.target_kind = target_kind
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        """Negative MI between the outcomes ``logits`` predict and ``target``.
+
+        Args:
+            logits: (B, K) or (B, K, *S), usually an adapter's output.
+            target: labels of the objective's kind, at any spatial size of the same rank.
+
+        Returns:
+            -I, a float32 scalar in [-log K, 0].
+        """
+        matcher = _prepare(logits, target, self.target_kind, self.ignore_index, "logits")
+        return _math.heterogeneous(self.target_kind, logits, matcher.at(_spatial(logits)), self.eps)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}, ignore_index={self.ignore_index}, target_kind={self.target_kind!r}"
+
+
+class CorrelationLoss(nn.Module):
+    """iMacHSR's heterogeneous term for continuous targets: one minus Pearson's r.
+
+    For each group g (one image and channel of a dense target, over its positions; one
+    channel over the batch for (B, C) targets), with h the head and y the target,
+    centred h' = h - mean(h), y' = y - mean(y) over the group:
+
+        r_g = mean(h' y') / sqrt((mean(h'^2) + eps) * (mean(y'^2) + eps))
+        loss = mean over groups with mean(y'^2) > eps of (1 - r_g)        in [0, 2]
+
+    Why this counterpart of MI: like MI, r does not ask the head to reproduce the
+    output's values; it is invariant to any positive affine map a h + b of the head,
+    so it rewards a feature that is (linearly) informative about where the target is
+    high or low, not one already calibrated like the output. For jointly Gaussian
+    variables I(h; y) = -1/2 log(1 - r^2), so maximizing r maximizes that MI. A group
+    whose target is constant (an absent joint's heatmap) carries no signal and is left
+    out; the loss is 0 when no group is left. eps keeps the gradient finite for a
+    constant head. The target is area-resized to the head when their sizes differ.
+
+    Args:
+        eps: added to both variances.
+
+    Example:
+        >>> import torch
+        >>> y = torch.tensor([[[0.0, 1.0, 2.0, 3.0]]])             # (B, C, L)
+        >>> round(CorrelationLoss()(3 * y + 1, y).item(), 6)       # an affine copy: r = 1
+        0.0
+    """
+
+    def __init__(self, eps: float = 1e-8) -> None:
+        super().__init__()
+        self.eps = check_positive_float("eps", eps)
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        """1 - r between ``logits`` (B, C, *S) and the float ``target`` (B, C, *S') resized to S."""
+        matcher = _prepare(logits, target, "regression", -100, "logits")
+        return _math.correlation_loss(logits, matcher.at(_spatial(logits)), self.eps)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}"
+
+
+class NegativeEntropyLoss(nn.Module):
+    """Negative entropy of a raw feature, softmaxed over its channels at each position.
+
+        p[c] = softmax over channels of z at one position
+        NE = mean over batch and positions of sum_c p[c] * log p[c]
+
+    NE is in [-log C, 0]: 0 when one channel dominates, -log C when all are equal.
+    Minimizing it maximizes the entropy of the hidden feature, which discourages
+    overconfident intermediate representations (Eq. 2). It needs no labels, so it is the
+    same for every target kind.
+
+    Estimator: NE is a mean over positions, so on a large map (the first stages of a
+    CNN: 112x112 positions at 64 channels) it is estimated, like a minibatch estimates
+    a mean over the data, on a strided grid of at most about ``max_positions``
+    positions per example, at a random offset drawn each call from torch's default
+    generator. Every position is in the grid with the same probability, so the
+    estimate and its gradient are unbiased when each size is a multiple of the
+    stride (nearly so otherwise) and every position is regularized over the steps.
+    The full mean costs a softmax, its backward and a gradient the size of the map at
+    every step; the estimate keeps NE's cost small next to the layers it regularizes
+    (``benchmarks/overhead.py``). ``max_positions=None`` computes the exact mean.
+
+    Args:
+        channel_dim: the channel dimension of z (``Layout.channel_dim``); see ``for_layout``.
+        max_positions: positions per example above which NE is estimated on a grid;
+            ``None`` for the exact mean.
+
+    Example:
+        >>> import torch, math
+        >>> loss = NegativeEntropyLoss.for_layout("NHWC")
+        >>> math.isclose(loss(torch.zeros(2, 3, 3, 8)).item(), -math.log(8), rel_tol=1e-6)
+        True
+    """
+
+    def __init__(self, channel_dim: int = 1, max_positions: int | None = NE_MAX_POSITIONS) -> None:
+        super().__init__()
+        self.channel_dim = check_int("channel_dim", channel_dim)
+        self.max_positions = check_max_positions(max_positions)
+
+    @classmethod
+    def for_layout(cls, layout: str | Layout, max_positions: int | None = NE_MAX_POSITIONS) -> NegativeEntropyLoss:
+        """The loss for features of one layout.
+
+        Args:
+            layout: a ``Layout`` or its name (``NC``, ``NCL``, ``NLC``, ``NCHW``, ``NHWC``, ``NCDHW``, ``NDHWC``).
+            max_positions: see the class.
+
+        Returns:
+            A ``NegativeEntropyLoss`` softmaxing over that layout's channel dim.
+        """
+        return cls(channel_dim_for(layout), max_positions)
+
+    def forward(self, z: Tensor) -> Tensor:
+        """Negative entropy of ``z`` over its channels.
+
+        Args:
+            z: a batched feature with channels at ``channel_dim``.
+
+        Returns:
+            A float32 scalar in [-log C, 0].
+        """
+        if z.dim() < 2 or not -z.dim() <= self.channel_dim < z.dim():
+            raise InstrumentError(
+                f"negative entropy needs a batched feature with channels at dim {self.channel_dim}; "
+                f"got shape {tuple(z.shape)}"
+            )
+        return _math.negative_entropy(z, self.channel_dim, self.max_positions)
+
+    def extra_repr(self) -> str:
+        return f"channel_dim={self.channel_dim}, max_positions={self.max_positions}"
+
+
+class DSNLoss(nn.Module):
+    """Deeply-Supervised Nets: the output's loss, applied at every adapter.
+
+        DSN_m = OutputLoss(head_m, y resized to head_m)   for each point m
+
+    CE for class ids, BCE for binary / multi-label, MSE / L1 for regression (FlowNet's
+    per-scale flow loss, the stacked hourglass' per-stack heatmap loss). This is the
+    homogeneous baseline iMacHSR argues against: every point is asked for the output's
+    decision.
+
+    Args:
+        ignore_index: target value excluded from each mean.
+        target_kind: the ``TargetKind``.
+        regression_loss: ``"mse"`` or ``"l1"``, for regression.
+
+    Example:
+        >>> import torch
+        >>> loss = DSNLoss()
+        >>> parts = loss({"stage1": torch.zeros(4, 3)}, torch.tensor([0, 1, 2, 0]))
+        >>> round(parts["stage1"].item(), 4)  # log 3
+        1.0986
+    """
+
+    def __init__(
+        self, ignore_index: int = -100, target_kind: TargetKind = "multiclass", regression_loss: RegressionLoss = "mse"
+    ) -> None:
+        super().__init__()
+        self.ignore_index = check_int("ignore_index", ignore_index)
+        self.target_kind = check_target_kind(target_kind)
+        self.regression_loss = check_regression_loss(regression_loss)
+
+    def forward(self, heads: Mapping[str, Tensor], target: Tensor) -> dict[str, Tensor]:
+        """The output's loss at every head.
+
+        Args:
+            heads: point name -> adapter logits, (B, K) or (B, K, *S), any S of the target's rank.
+            target: the target, resized to each head's size where they differ.
+
+        Returns:
+            Point name -> the unweighted loss of that point's head.
+        """
+        losses: dict[str, Tensor] = {}
+        for name, logits in heads.items():
+            matcher = _prepare(logits, target, self.target_kind, self.ignore_index, f"head of point {name!r}")
+            matched = matcher.at(_spatial(logits))
+            losses[name] = _math.homogeneous(self.target_kind, logits, matched, self.regression_loss)
+        return losses
+
+    def extra_repr(self) -> str:
+        return f"ignore_index={self.ignore_index}, target_kind={self.target_kind!r}"
+
+
+class DKSLoss(nn.Module):
+    """Deeply-supervised Knowledge Synergy: dense pairwise KL between all branches.
+
+    With q_k = softmax(logits_k / T) for the n >= 2 branches (adapter outputs and
+    the model output), per sample or position:
+
+        KL(a, b) = sum_c sg(q_b)[c] * (log sg(q_b)[c] - log q_a[c])
+        loss = T^2 * (1 / (n (n - 1))) * sum over ordered pairs a != b of mean KL(a, b)
+
+    For binary and multi-label branches q_k is one Bernoulli per label,
+    sigmoid(logits_k / T), and KL(a, b) is the Bernoulli KL, averaged over the valid
+    (label, position) elements. sg() stops the gradient: each branch is pulled
+    towards every other branch's current belief (top-down and bottom-up), never the
+    reverse through the target. T^2 keeps gradient magnitudes independent of the
+    temperature, as in distillation. Regression has no distribution to match:
+    use DSN or iMacHSR's correlation term.
+
+    Args:
+        temperature: T > 0.
+        ignore_index: with labels given, elements carrying it are left out.
+        target_kind: ``"multiclass"``, ``"binary"`` or ``"multilabel"``.
+
+    Example:
+        >>> import torch
+        >>> loss = DKSLoss()
+        >>> loss([torch.zeros(2, 3), torch.zeros(2, 3)]).item()  # identical branches
+        0.0
+    """
+
+    def __init__(
+        self, temperature: float = 1.0, ignore_index: int = -100, target_kind: TargetKind = "multiclass"
+    ) -> None:
+        super().__init__()
+        self.temperature = check_positive_float("temperature", temperature)
+        self.ignore_index = check_int("ignore_index", ignore_index)
+        if check_target_kind(target_kind) not in _CLASS_KINDS:
+            raise InstrumentError(_DKS_REGRESSION)
+        self.target_kind = target_kind
+
+    def forward(self, logits: Sequence[Tensor], target: Tensor | None = None) -> Tensor:
+        """Synergy between all branches.
+
+        Args:
+            logits: n >= 2 branches of the same shape, (B, K) or (B, K, *S).
+            target: optional labels (resized to the branches); elements equal to
+                ``ignore_index`` are left out.
+
+        Returns:
+            The synergy loss, a float32 scalar.
+        """
+        if len(logits) < 2:
+            raise InstrumentError(f"the DKS synergy needs at least 2 branches; got {len(logits)}")
+        for k, branch in enumerate(logits):
+            if branch.shape != logits[0].shape:
+                raise InstrumentError(
+                    f"DKS branch {k} has shape {tuple(branch.shape)}; every branch must match branch 0, "
+                    f"{tuple(logits[0].shape)}"
+                )
+        weight = None
+        if target is not None:
+            matcher = _prepare(logits[0], target, self.target_kind, self.ignore_index, "DKS branches")
+            weight = matcher.at(_spatial(logits[0])).weight
+        return _math.synergy(self.target_kind, logits, self.temperature, weight)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, ignore_index={self.ignore_index}, target_kind={self.target_kind!r}"
+
+
+_DKS_REGRESSION = (
+    "DKS matches the class distributions of its branches, and a regression target has none. "
+    "Hint: use loss='dsn' (the output's MSE/L1 at every point, as FlowNet) or loss='imachsr' "
+    "(1 - Pearson r at every point)."
+)
+
+
+def channel_dim_for(layout: str | Layout) -> int:
+    """The channel dimension of a feature of ``layout``, ``Layout.parse(layout).channel_dim``.
+
+    Args:
+        layout: a ``Layout`` or its name, as in ``LayerInfo.layout``.
+
+    Returns:
+        The (non-negative) dim to softmax over in ``NegativeEntropyLoss``.
+
+    Raises:
+        InstrumentError: an unknown layout, or ``None`` (a feature whose layout the graph could not derive).
+
+    Example:
+        >>> channel_dim_for("NHWC")
+        3
+    """
+    if layout is None:
+        raise InstrumentError(
+            "the feature has no known layout, so negative entropy cannot find its channel axis. "
+            "Hint: pick another point, or use loss='dsn', which does not read features."
+        )
+    try:
+        return Layout.parse(layout).channel_dim
+    except ValueError:
+        known = [member.value for member in Layout]
+        raise InstrumentError(f"unknown feature layout {layout!r}; expected one of {known}") from None

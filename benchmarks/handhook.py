@@ -1,0 +1,194 @@
+"""The instrumented training step against the same thing written by hand with forward hooks.
+
+What a person writes without autoprobe: forward hooks on the modules at the supervision points
+store the features, the same adapters map them to logits, the same objective
+(``probed.objective``, iMacHSR by default: CE + MI + NE per point) gives the loss. The heads are
+deep copies of the probed model's adapters (same weights, same architecture) and the points are
+the probed model's, so the two variants compute the same loss on the same tensors; the only
+difference is the plumbing (autoprobe's tapped fx graph, or its hook taps on a fallback backend,
+against plain ``register_forward_hook``). A third variant, the plain step (CE on the output
+only), gives the total cost of deep supervision.
+
+A point that is not a module's own output (``blocks.3.add``: the residual sum after attention) is
+hooked the way a person would: with a forward hook on the enclosing module when it is that module's
+last node, otherwise with a forward *pre*-hook on the module that consumes it (``blocks.3.norm2``).
+The script checks once that the hand-written features and the probed ones are equal.
+
+Timing is ``overhead.py``'s: variants interleaved in one process on the same batch, order rotated
+and reversed every repeat, one ratio per repeat, median over repeats (wall and CPU time).
+
+Usage:
+    python benchmarks/handhook.py                                  # resnet50, vit_small_patch16_224, batch 32
+    python benchmarks/handhook.py --models resnet18 --batch 8 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # script: overhead.py is a sibling
+from overhead import time_interleaved  # noqa: E402
+
+__all__ = ["hand_step", "build", "main"]
+
+
+def _hook_plan(probed, analysis_graph) -> list[tuple[str, str, str]]:  # noqa: ANN001
+    """(point, module path, "post" | "pre") for each point."""
+    model = probed.strip()
+    modules = dict(model.named_modules())
+    plan = []
+    for p in probed.selection.points:
+        if p.name in modules:
+            plan.append((p.name, p.name, "post"))
+            continue
+        inside = [i for i in analysis_graph.ordered if i.module_path == p.module_path or
+                  i.module_path.startswith(p.module_path + ".")]
+        if inside and max(inside, key=lambda i: i.order).name == p.name and p.module_path in modules:
+            plan.append((p.name, p.module_path, "post"))
+            continue
+        # A submodule that reads this tensor as its input (fx may have traced into it: blocks.3.norm2.layer_norm).
+        consumers = [s.target if s.op == "call_module" else s.module_path for s in analysis_graph.successors(p.name)]
+        consumers = [c for c in consumers if c in modules and c != p.module_path and c.startswith(p.module_path)]
+        if not consumers:
+            raise SystemExit(f"point {p.name}: no module output or consuming module to hook")
+        plan.append((p.name, consumers[0], "pre"))
+    return plan
+
+
+def hand_step(model, adapters, keys, plan, objective, optimizer, x, y) -> Callable[[], None]:  # noqa: ANN001
+    """The hand-written step: hooks on, forward, heads, objective, backward, update, hooks off."""
+    modules = dict(model.named_modules())
+
+    def step() -> None:
+        feats = {}
+        handles = []
+        for point, path, kind in plan:
+            if kind == "post":
+                handles.append(modules[path].register_forward_hook(
+                    lambda m, i, o, point=point: feats.__setitem__(point, o)))
+            else:
+                handles.append(modules[path].register_forward_pre_hook(
+                    lambda m, i, point=point: feats.__setitem__(point, i[0])))
+        try:
+            out = model(x)
+        finally:
+            for h in handles:
+                h.remove()
+        heads = {point: adapters[keys[point]](feats[point]) for point, _, _ in plan}
+        total, _ = objective(out, heads, feats, y)
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+
+    return step
+
+
+def build(name: str, batch: int, loss: str) -> tuple[dict[str, Callable[[], None]], str]:
+    """plain / hand / autoprobe step functions on one timm model and batch."""
+    import timm
+    import torch
+    import torch.nn.functional as F
+
+    import autoprobe
+    from autoprobe.api import analyze
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False)
+    size = tuple(model.pretrained_cfg["input_size"])
+    x = torch.randn(batch, *size)
+    y = torch.randint(0, model.num_classes, (batch,))
+    probed = autoprobe.instrument(model, input_size=size, loss=loss)
+    graph = analyze(model, input_size=size).graph
+    plan = _hook_plan(probed, graph)
+    # Same heads, same weights; keyed like the probed model's ModuleDict.
+    keys = dict(zip(probed.selection.names, probed.autoprobe_adapters.keys()))
+    adapters = copy.deepcopy(probed.autoprobe_adapters)
+    objective = probed.objective
+
+    plain_opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    probed_opt = torch.optim.SGD(probed.parameters(), lr=1e-3, momentum=0.9)
+    hand_opt = torch.optim.SGD(list(model.parameters()) + list(adapters.parameters()), lr=1e-3, momentum=0.9)
+
+    def plain() -> None:
+        plain_opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        plain_opt.step()
+
+    def auto() -> None:
+        probed_opt.zero_grad(set_to_none=True)
+        total, _ = probed.loss(probed(x), y)
+        total.backward()
+        probed_opt.step()
+
+    # Check once that the hand-written hooks read the same tensors as autoprobe's taps.
+    model.eval()
+    probed.eval()
+    with torch.no_grad():
+        ref = probed(x[:2]).features
+        feats = {}
+        modules = dict(model.named_modules())
+        hs = [modules[path].register_forward_hook(lambda m, i, o, p=p: feats.__setitem__(p, o)) if kind == "post" else
+              modules[path].register_forward_pre_hook(lambda m, i, p=p: feats.__setitem__(p, i[0]))
+              for p, path, kind in plan]
+        model(x[:2])
+        for h in hs:
+            h.remove()
+    for p in ref:
+        if not torch.equal(ref[p], feats[p]):
+            raise SystemExit(f"{name}: the hand-written hook at {p} does not read autoprobe's feature")
+    model.train()
+    probed.train()
+    where = ", ".join(f"{p} ({'pre-hook on ' if k == 'pre' else 'hook on '}{m})" for p, m, k in plan)
+    steps = {"plain": plain, "hand": hand_step(model, adapters, keys, plan, objective, hand_opt, x, y), "autoprobe": auto}
+    return steps, f"{name}: backend {probed.selection.backend}, {len(plan)} points: {where}"
+
+
+def _median_ratio(a: Sequence[float], b: Sequence[float]) -> float:
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["resnet50", "vit_small_patch16_224"])
+    parser.add_argument("--loss", default="imachsr")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, batch={args.batch}, loss={args.loss}, "
+          f"repeats={args.repeats}, warmup={args.warmup}, load average at start {os.getloadavg()[0]:.1f}", flush=True)
+    print("| model | autoprobe / hand (wall) | autoprobe / hand (CPU) | autoprobe / plain (wall) | autoprobe / plain (CPU) "
+          "| hand / plain (CPU) | step s: plain / hand / autoprobe (median wall) |")
+    print("|---|---|---|---|---|---|---|")
+    notes = []
+    for name in args.models:
+        steps, note = build(name, args.batch, args.loss)
+        notes.append(note)
+        t = time_interleaved(steps, args.repeats, args.warmup)
+        med = {k: statistics.median(v.wall) for k, v in t.items()}
+        print(f"| {name} | {_median_ratio(t['autoprobe'].wall, t['hand'].wall):.3f} "
+              f"| {_median_ratio(t['autoprobe'].cpu, t['hand'].cpu):.3f} "
+              f"| {_median_ratio(t['autoprobe'].wall, t['plain'].wall):.3f} "
+              f"| {_median_ratio(t['autoprobe'].cpu, t['plain'].cpu):.3f} "
+              f"| {_median_ratio(t['hand'].cpu, t['plain'].cpu):.3f} "
+              f"| {med['plain']:.2f} / {med['hand']:.2f} / {med['autoprobe']:.2f} |", flush=True)
+        del steps
+    print(f"load average at end {os.getloadavg()[0]:.1f}")
+    for n in notes:
+        print(n)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

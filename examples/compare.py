@@ -1,0 +1,579 @@
+"""Compare output-only training, DSN, iMacHSR and DKS on the same model, data, optimizer and seeds.
+
+Every run trains one model from one seed with one method and appends one JSON line to the
+results file as soon as it finishes; a run whose key (task, model, method, setting, seed,
+steps, batch, data) is already in the file is skipped, so a long grid can be completed over
+several sittings and re-rendered at any time (``--render``).
+
+Paired seeds: for seed s every method starts from the same initial weights
+(``torch.manual_seed(s)`` right before the model is built, before any adapter exists) and
+sees the same batches in the same order (a separate ``torch.Generator`` seeded with s draws
+the permutation). The baseline trains the plain model with ``F.cross_entropy`` on its output;
+the other methods train ``autoprobe.instrument(model, loss=METHOD, ...)`` with the library's
+default weights. Evaluation always runs the plain model (``probed.strip()`` is that object)
+in eval mode, so every method is measured by the same code.
+
+Grids (``--grid NAME``, repeatable, or ``all``), in the order the evidence needs them:
+
+  seg-main       DeepLabV3+/ResNet-18, 4 methods x 5 seeds          (Table 2)
+  selection      iMacHSR at hand-picked stage ends, the last stage only, 3 random draws, seeds 0-1
+  ablate-m       iMacHSR, M = 1, 2, 4, 5 automatic points (M = 3 is seg-main's), seeds 0-1
+  ablate-dist    iMacHSR, 3 points exactly 1, 2, 3 base units apart, centred, seeds 0-1
+  ablate-pos     iMacHSR, 1/2/3 points near input / centre / output, 2 units apart, seeds 0-1
+  cls-resnet     timm ResNet-18 (half width) on Fashion-MNIST, 4 methods x 3 seeds
+  cls-vit        a small timm ViT on Fashion-MNIST, 4 methods x 3 seeds
+  seg-unet       U-Net/ResNet-18, 4 methods x 3 seeds               (a second family)
+  seeds2         seed 2 for the selection test and the ablations
+  round0..2      seed 0 (1, 2) of every grid but seg-main; `all` = seg-main, round0, round1, round2
+
+Usage:
+    python examples/compare.py --grid seg-main --threads 1
+    python examples/compare.py --task seg --quick          # a few steps, one seed, tiny data
+    python examples/compare.py --render                    # tables + plots from the results
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if __package__ in (None, ""):
+    # Run as a script: the sibling modules live beside this file, not on sys.path by default.
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from segdata import DEBIAN_DIR, SegConfig, Split, load_classification, load_segmentation  # noqa: E402
+else:
+    from .segdata import DEBIAN_DIR, SegConfig, Split, load_classification, load_segmentation
+
+__all__ = ["Placement", "RunSpec", "GRIDS", "grid_specs", "run_one", "main"]
+
+ROOT = Path(__file__).resolve().parent.parent
+EVIDENCE = ROOT / "examples" / "evidence"
+RESULTS = EVIDENCE / "runs.jsonl"
+METHODS = ("baseline", "dsn", "imachsr", "dks")
+NUM_SEG_CLASSES = 11
+BASE_UNIT = 2  # weight layers per base unit of distance: one ResNet BasicBlock (two 3x3 convs)
+
+# Training settings shared by every method (none was tuned on the test set; see EVIDENCE.md).
+SEG_STEPS, SEG_BATCH = 200, 8
+CLS_STEPS, CLS_BATCH = 200, 32
+# Learning rate per task: seg 3e-3 was picked over 1e-3 on the validation split (baseline, seed 0,
+# 250 steps: val mIoU 0.118 vs 0.045); cls keeps Adam's common 1e-3, untuned.
+LR = {"seg": 3e-3, "cls": 1e-3}
+WEIGHT_DECAY, WARMUP = 1e-4, 10
+CURVE_EVERY, VAL_EVERY, CLS_VAL = 10, 100, 2000
+QUALITATIVE = 6  # test canvases whose predictions seed-0 seg runs keep
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the intermediate points go.
+
+    kind: ``auto`` (autoprobe's selection, ``points`` forces M), ``spaced`` (exactly
+    ``spacing`` base units apart at ``position``), ``hand`` (the encoder's stage ends),
+    ``last`` (one point at the last encoder stage), ``random`` (``points`` nodes drawn
+    uniformly among the eligible ones with draw number ``draw``).
+    """
+
+    kind: str = "auto"
+    points: int | None = None
+    spacing: int | None = None
+    position: str | None = None
+    draw: int | None = None
+
+    @property
+    def label(self) -> str:
+        if self.kind == "auto":
+            return "auto" if self.points is None else f"auto/M={self.points}"
+        if self.kind == "spaced":
+            return f"spaced/M={self.points}/d={self.spacing}/{self.position}"
+        if self.kind == "random":
+            return f"random/M={self.points}/draw={self.draw}"
+        return self.kind
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run: what is trained, how, and on which data."""
+
+    task: str           # seg | cls
+    model: str          # deeplabv3plus | unet | resnet18n | vit
+    method: str         # baseline | dsn | imachsr | dks
+    seed: int
+    steps: int
+    batch: int
+    placement: Placement = Placement()
+    quick: bool = False
+    lr: float | None = None  # None: the task's LR
+
+    @property
+    def learning_rate(self) -> float:
+        return LR[self.task] if self.lr is None else self.lr
+
+    @property
+    def setting(self) -> str:
+        return "none" if self.method == "baseline" else self.placement.label
+
+    def key(self) -> str:
+        return json.dumps([self.task, self.model, self.method, self.setting, self.seed, self.steps, self.batch,
+                           self.quick] + ([] if self.lr is None else [self.lr]))
+
+
+# ----------------------------------------------------------------------------- models
+
+def build_model(name: str) -> nn.Module:
+    """The four models of the evidence, sized for a 2-core CPU (see EVIDENCE.md)."""
+    if name == "deeplabv3plus":
+        import segmentation_models_pytorch as smp
+
+        # The paper's model: DeepLabV3+ on a ResNet-18 encoder. encoder_depth=4 keeps stages 1-3
+        # (output stride 16 without dilation: 3x3 at the ASPP for a 48x48 canvas) and a 128-wide
+        # decoder, which halves the step time on this CPU.
+        return smp.DeepLabV3Plus("resnet18", encoder_weights=None, classes=NUM_SEG_CLASSES, in_channels=1,
+                                 encoder_depth=4, decoder_channels=128)
+    if name == "unet":
+        import segmentation_models_pytorch as smp
+
+        return smp.Unet("resnet18", encoder_weights=None, classes=NUM_SEG_CLASSES, in_channels=1,
+                        encoder_depth=4, decoder_channels=(64, 32, 16, 16))
+    if name == "resnet18n":
+        import timm
+
+        # timm's ResNet-18 at half width (32-256 channels): 2.8M parameters.
+        return timm.create_model("resnet18", pretrained=False, num_classes=10, in_chans=1,
+                                 channels=(32, 64, 128, 256))
+    if name == "vit":
+        import timm
+
+        # vit_tiny at 28x28: patch 7 (16 tokens), 6 blocks of width 96 with 3 heads.
+        return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, in_chans=1,
+                                 img_size=28, patch_size=7, depth=6, embed_dim=96, num_heads=3)
+    raise SystemExit(f"unknown model {name!r}; choose deeplabv3plus, unet, resnet18n or vit")
+
+
+def input_size(task: str, cfg: SegConfig) -> tuple[int, int, int]:
+    return (1, cfg.size, cfg.size) if task == "seg" else (1, 28, 28)
+
+
+# smp's ResNetEncoder.forward returns these modules' outputs as its features (out_channels
+# 1, 64, 64, 128, 256 for encoder_depth=4): the stage ends a person wires heads to.
+SMP_RESNET_STAGES = ("encoder.relu", "encoder.layer1", "encoder.layer2", "encoder.layer3")
+
+
+def make_selection(model: nn.Module, spec: RunSpec, size: tuple[int, ...]):
+    """The Selection for a placement, or None for autoprobe's own (instrument makes it)."""
+    pl = spec.placement
+    if pl.kind == "auto":
+        return None
+    from autoprobe import placement
+    from autoprobe.api import analyze
+
+    rules = "dense" if spec.task == "seg" else "default"
+    analysis = analyze(model, input_size=size, rules=rules)
+    if pl.kind == "spaced":
+        return placement.spaced(analysis, pl.points, pl.spacing * BASE_UNIT, pl.position)
+    if pl.kind == "hand":
+        return placement.by_name(analysis, SMP_RESNET_STAGES[1:])
+    if pl.kind == "last":
+        return placement.by_name(analysis, SMP_RESNET_STAGES[-1:])
+    if pl.kind == "random":
+        return placement.random_points(analysis, pl.points, seed=pl.draw)
+    raise SystemExit(f"unknown placement {pl.kind!r}")
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def confusion(pred: torch.Tensor, target: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.bincount(target.flatten() * k + pred.flatten(), minlength=k * k).reshape(k, k)
+
+
+def seg_metrics(cm: torch.Tensor) -> dict[str, float]:
+    """Macro IoU, F1, precision and recall over the 10 item classes (background excluded),
+    from a dataset-level confusion matrix (rows: truth, columns: prediction); the same with
+    background as ``*_bg``, and pixel accuracy."""
+    cm = cm.double()
+    tp = cm.diag()
+    fp = cm.sum(0) - tp
+    fn = cm.sum(1) - tp
+    per = {
+        "IoU": tp / (tp + fp + fn).clamp(min=1),
+        "F1": 2 * tp / (2 * tp + fp + fn).clamp(min=1),
+        "Precision": tp / (tp + fp).clamp(min=1),
+        "Recall": tp / (tp + fn).clamp(min=1),
+    }
+    out = {}
+    for name, v in per.items():
+        out[f"m{name}"] = float(v[1:].mean())
+        out[f"m{name}_bg"] = float(v.mean())
+    out["pixel_acc"] = float(tp.sum() / cm.sum())
+    out["IoU_per_class"] = [round(float(x), 6) for x in per["IoU"]]
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, task: str, batch: int = 100) -> dict[str, float]:
+    was = model.training
+    model.eval()
+    if task == "seg":
+        cm = torch.zeros(NUM_SEG_CLASSES, NUM_SEG_CLASSES, dtype=torch.long)
+        for i in range(0, len(split), batch):
+            logits = model(split.images[i : i + batch])
+            cm += confusion(logits.argmax(1), split.labels[i : i + batch], NUM_SEG_CLASSES)
+        result = seg_metrics(cm)
+    else:
+        correct = 0
+        for i in range(0, len(split), batch):
+            correct += int((model(split.images[i : i + batch]).argmax(1) == split.labels[i : i + batch]).sum())
+        result = {"accuracy": correct / len(split)}
+    model.train(was)
+    return result
+
+
+# ----------------------------------------------------------------------------- training
+
+def _lr_lambda(steps: int):
+    def f(step: int) -> float:
+        if step < WARMUP:
+            return (step + 1) / WARMUP
+        t = (step - WARMUP) / max(1, steps - WARMUP)
+        return 0.5 * (1 + math.cos(math.pi * t))
+    return f
+
+
+def _batches(n: int, batch: int, steps: int, seed: int) -> Iterator[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    perm, at = torch.randperm(n, generator=gen), 0
+    for _ in range(steps):
+        if at + batch > n:
+            perm, at = torch.randperm(n, generator=gen), 0
+        yield perm[at : at + batch]
+        at += batch
+
+
+def run_one(spec: RunSpec, data, cfg: SegConfig, device: str, threads: int) -> dict:
+    """Train one run and return its result record (not yet written)."""
+    size = input_size(spec.task, cfg)
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    torch.manual_seed(spec.seed)
+    model = build_model(spec.model)
+    points: list[str] = []
+    notes: list[str] = []
+    if spec.method == "baseline":
+        trainable: nn.Module = model
+        probed = None
+    else:
+        import autoprobe
+
+        selection = make_selection(model, spec, size)
+        kwargs = {"rules": "dense"} if spec.task == "seg" and selection is None else {}
+        if spec.placement.kind == "auto" and spec.placement.points is not None:
+            kwargs["points"] = spec.placement.points
+        probed = autoprobe.instrument(model, selection, loss=spec.method, input_size=size, **kwargs)
+        points = list(probed.selection.names)
+        notes = list(probed.selection.notes)
+        trainable = probed
+    trainable.to(device)
+    opt = torch.optim.AdamW(trainable.parameters(), lr=spec.learning_rate, weight_decay=WEIGHT_DECAY)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(spec.steps))
+    setup_wall = time.perf_counter() - wall0
+    train_set = data.train
+    curve = {"step": [], "train_ce": [], "val_step": [], "val": []}
+    window: list[float] = []
+    trainable.train()
+    step_wall = 0.0
+    eval_wall = 0.0
+    cpu_train0 = time.process_time()
+    for step, idx in enumerate(_batches(len(train_set), spec.batch, spec.steps, spec.seed)):
+        x, y = train_set.images[idx].to(device), train_set.labels[idx].to(device)
+        t0 = time.perf_counter()
+        if probed is None:
+            out = model(x)
+            loss = F.cross_entropy(out, y)
+            ce = loss.detach()
+        else:
+            out = probed(x)
+            loss, parts = probed.loss(out, y, progress=step / spec.steps)
+            ce = parts["ce"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        step_wall += time.perf_counter() - t0
+        window.append(float(ce))
+        if not math.isfinite(window[-1]):
+            raise SystemExit(f"{spec.key()}: the loss became {window[-1]} at step {step}")
+        if (step + 1) % CURVE_EVERY == 0 or step + 1 == spec.steps:
+            curve["step"].append(step + 1)
+            curve["train_ce"].append(round(sum(window) / len(window), 6))
+            window = []
+        if (step + 1) % VAL_EVERY == 0 or step + 1 == spec.steps:
+            t1 = time.perf_counter()
+            val = data.val if spec.task == "seg" else Split(data.val.images[:CLS_VAL], data.val.labels[:CLS_VAL])
+            v = evaluate(model, val, spec.task)
+            eval_wall += time.perf_counter() - t1
+            curve["val_step"].append(step + 1)
+            curve["val"].append(round(v["mIoU" if spec.task == "seg" else "accuracy"], 6))
+    train_cpu = time.process_time() - cpu_train0
+    t1 = time.perf_counter()
+    metrics = evaluate(model, data.test, spec.task)
+    test_wall = time.perf_counter() - t1
+    examples = None
+    if spec.task == "seg" and spec.seed == 0:
+        # Predictions on the first test canvases, for the qualitative figure (weights are not kept).
+        with torch.no_grad():
+            model.eval()
+            examples = model(data.test.images[:QUALITATIVE]).argmax(1).tolist()
+    return {
+        "test_predictions": examples,
+        "task": spec.task,
+        "model": spec.model,
+        "method": spec.method,
+        "setting": spec.setting,
+        "placement": dataclasses.asdict(spec.placement),
+        "seed": spec.seed,
+        "steps": spec.steps,
+        "batch": spec.batch,
+        "quick": spec.quick,
+        "key": spec.key(),
+        "points": points,
+        "selection_notes": notes,
+        "metrics": {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()},
+        "curve": curve,
+        "times": {
+            "wall_s": round(time.perf_counter() - wall0, 3),
+            "cpu_s": round(time.process_time() - cpu0, 3),
+            "setup_wall_s": round(setup_wall, 3),
+            "train_step_wall_s": round(step_wall, 3),
+            "train_cpu_s": round(train_cpu, 3),
+            "step_wall_s": round(step_wall / spec.steps, 5),
+            "val_wall_s": round(eval_wall, 3),
+            "test_wall_s": round(test_wall, 3),
+        },
+        "optimizer": {"name": "AdamW", "lr": spec.learning_rate, "weight_decay": WEIGHT_DECAY,
+                      "schedule": f"linear warmup {WARMUP} steps, cosine to 0"},
+        "data": dataclasses.asdict(cfg) if spec.task == "seg" else {"train": len(data.train), "test": len(data.test)},
+        "device": device,
+        "threads": threads,
+        "autoprobe": _provenance(),
+        "versions": _versions(),
+        "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
+        "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+_PROVENANCE: dict | None = None
+
+
+def _provenance() -> dict:
+    """The autoprobe commit, and a hash of its sources as imported (the tree may be uncommitted)."""
+    global _PROVENANCE
+    if _PROVENANCE is None:
+        import autoprobe
+
+        pkg = Path(autoprobe.__file__).resolve().parent
+        h = hashlib.sha256()
+        for f in sorted(pkg.rglob("*.py")) + sorted((pkg.parent / "rules").glob("*.toml")):
+            h.update(str(f.relative_to(pkg.parent)).encode())
+            h.update(f.read_bytes())
+        snapshot = pkg.parent / "SNAPSHOT_COMMIT"  # a frozen copy of a commit (plus named extra files)
+        if snapshot.exists():
+            lines = snapshot.read_text().split()
+            _PROVENANCE = {"commit": lines[0], "dirty": len(lines) > 1, "extra": lines[1:],
+                           "source_sha256": h.hexdigest()[:16], "snapshot": str(pkg.parent)}
+            return _PROVENANCE
+        try:
+            commit = subprocess.run(["git", "-C", str(pkg.parent), "rev-parse", "HEAD"], capture_output=True,
+                                    text=True, check=True).stdout.strip()
+            dirty = bool(subprocess.run(["git", "-C", str(pkg.parent), "status", "--porcelain", "autoprobe", "rules"],
+                                        capture_output=True, text=True, check=True).stdout.strip())
+        except (OSError, subprocess.CalledProcessError):
+            commit, dirty = "unknown", True
+        _PROVENANCE = {"commit": commit, "dirty": dirty, "source_sha256": h.hexdigest()[:16]}
+    return _PROVENANCE
+
+
+def _versions() -> dict:
+    import timm
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__}
+    try:
+        import segmentation_models_pytorch as smp
+
+        out["segmentation_models_pytorch"] = smp.__version__
+    except ImportError:
+        pass
+    return out
+
+
+# ----------------------------------------------------------------------------- grids
+
+def _methods(task: str, model: str, seeds: Sequence[int], steps: int, batch: int, quick: bool = False):
+    return [RunSpec(task, model, m, s, steps, batch, quick=quick) for s in seeds for m in METHODS]
+
+
+def _imachsr(placements: Sequence[Placement], seeds: Sequence[int]) -> list[RunSpec]:
+    return [RunSpec("seg", "deeplabv3plus", "imachsr", s, SEG_STEPS, SEG_BATCH, p) for s in seeds for p in placements]
+
+
+def _ablation_m() -> list[Placement]:
+    return [Placement("auto", points=m) for m in (1, 2, 4, 5)]  # M=3 is the automatic M: seg-main's runs
+
+
+def _ablation_dist() -> list[Placement]:
+    return [Placement("spaced", points=3, spacing=d, position="centre") for d in (1, 2, 3)]
+
+
+def _ablation_pos() -> list[Placement]:
+    return [Placement("spaced", points=m, spacing=2, position=pos)
+            for m in (1, 2, 3) for pos in ("input", "centre", "output")]
+
+
+def _selection_test() -> list[Placement]:
+    return [Placement("hand"), Placement("last")] + [Placement("random", points=3, draw=d) for d in range(3)]
+
+
+GRIDS = {
+    "seg-main": lambda: _methods("seg", "deeplabv3plus", range(5), SEG_STEPS, SEG_BATCH),
+    "selection": lambda: _imachsr(_selection_test(), (0, 1)),
+    "ablate-m": lambda: _imachsr(_ablation_m(), (0, 1)),
+    "ablate-dist": lambda: _imachsr(_ablation_dist(), (0, 1)),
+    "ablate-pos": lambda: _imachsr(_ablation_pos(), (0, 1)),
+    "cls-resnet": lambda: _methods("cls", "resnet18n", range(3), CLS_STEPS, CLS_BATCH),
+    "cls-vit": lambda: _methods("cls", "vit", range(3), CLS_STEPS, CLS_BATCH),
+    "seg-unet": lambda: _methods("seg", "unet", range(3), SEG_STEPS, SEG_BATCH),
+    "seeds2": lambda: _imachsr(_selection_test() + _ablation_m() + _ablation_dist() + _ablation_pos(), (2,)),
+}
+# The order `--grid all` runs in on a busy machine: seg-main first, then one seed of every other
+# table, then the next seed, so every table has some runs early (grid_specs drops duplicates).
+ROUNDS = ("seg-main", "round0", "round1", "round2")
+
+
+def _round(seed: int) -> list[RunSpec]:
+    names = ("selection", "ablate-m", "ablate-dist", "ablate-pos", "cls-resnet", "cls-vit", "seg-unet", "seeds2")
+    return [s for n in names for s in GRIDS[n]() if s.seed == seed]
+
+
+GRIDS.update({"round0": lambda: _round(0), "round1": lambda: _round(1), "round2": lambda: _round(2)})
+
+
+def grid_specs(names: Sequence[str]) -> list[RunSpec]:
+    """The runs of the named grids in order, duplicates dropped (``all`` = every grid)."""
+    if "all" in names:
+        names = list(ROUNDS)
+    specs, seen = [], set()
+    for name in names:
+        if name not in GRIDS:
+            raise SystemExit(f"unknown grid {name!r}; choose from {', '.join(GRIDS)} or all")
+        for s in GRIDS[name]():
+            if s.key() not in seen:
+                seen.add(s.key())
+                specs.append(s)
+    return specs
+
+
+def quick_specs(task: str) -> list[RunSpec]:
+    if task == "seg":
+        return _methods("seg", "deeplabv3plus", (0,), 3, 4, quick=True)
+    return _methods("cls", "resnet18n", (0,), 3, 8, quick=True)
+
+
+QUICK_SEG = SegConfig(train=32, val=8, test=8)
+
+
+def done_keys(path: Path) -> set[str]:
+    if not path.exists():
+        return set()
+    keys = set()
+    for line in path.read_text().splitlines():
+        if line.strip():
+            keys.add(json.loads(line)["key"])
+    return keys
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--grid", action="append", default=[], help="grid name (repeatable) or all")
+    parser.add_argument("--task", choices=("seg", "cls"), default=None, help="with --quick: which task")
+    parser.add_argument("--quick", action="store_true", help="a few steps, one seed, tiny data (CI)")
+    parser.add_argument("--render", action="store_true", help="re-render tables and plots from the results")
+    parser.add_argument("--results", type=Path, default=RESULTS, help=f"JSON-lines results file (default {RESULTS})")
+    parser.add_argument("--out", type=Path, default=EVIDENCE, help="where --render writes tables and PNGs")
+    parser.add_argument("--data", type=Path, default=DEBIAN_DIR, help="directory of the Fashion-MNIST IDX files")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (set explicitly: shared machines)")
+    parser.add_argument("--limit", type=int, default=None, help="stop after N new runs")
+    parser.add_argument("--lr", type=float, default=None, help="override the learning rate (validation pilots only)")
+    parser.add_argument("--methods", default=None, help="comma-separated subset of the methods")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    if args.render:
+        if __package__ in (None, ""):
+            from evidence_plots import render
+        else:
+            from .evidence_plots import render
+        render(args.results, args.out)
+        return 0
+    if args.quick:
+        tasks = [args.task] if args.task else ["seg", "cls"]
+        specs = [s for t in tasks for s in quick_specs(t)]
+    else:
+        if not args.grid:
+            parser.error("give --grid NAME (or all), --quick or --render")
+        specs = grid_specs(args.grid)
+    try:
+        cfg = QUICK_SEG if args.quick else SegConfig()
+        seg = load_segmentation(cfg, args.data) if any(s.task == "seg" for s in specs) else None
+        cls = (load_classification(args.data, limit=64 if args.quick else None)
+               if any(s.task == "cls" for s in specs) else None)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    if args.lr is not None:
+        specs = [dataclasses.replace(s, lr=args.lr) for s in specs]
+    if args.methods:
+        specs = [s for s in specs if s.method in args.methods.split(",")]
+    done = done_keys(args.results)
+    todo = [s for s in specs if s.key() not in done]
+    print(f"{len(specs)} runs in the grid, {len(specs) - len(todo)} already in {args.results}, {len(todo)} to do",
+          flush=True)
+    failed = 0
+    for n, spec in enumerate(todo):
+        if args.limit is not None and n >= args.limit:
+            break
+        data = seg if spec.task == "seg" else cls
+        try:
+            record = run_one(spec, data, cfg, args.device, args.threads)
+        except Exception:  # one broken run must not stop a two-hour grid; it is reported and not recorded
+            failed += 1
+            print(f"[{n + 1}/{len(todo)}] FAILED {spec.key()}:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+            continue
+        with args.results.open("a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+        main_metric = record["metrics"].get("mIoU", record["metrics"].get("accuracy"))
+        print(f"[{n + 1}/{len(todo)}] {spec.task} {spec.model} {spec.method} {spec.setting} seed={spec.seed}: "
+              f"{main_metric:.4f}  {record['times']['wall_s']:.0f}s wall {record['times']['cpu_s']:.0f}s cpu  "
+              f"points={record['points']}", flush=True)
+    if failed:
+        print(f"{failed} run(s) failed; see the tracebacks above", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

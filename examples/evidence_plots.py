@@ -1,0 +1,321 @@
+"""Tables and PNG plots from compare.py's JSON-lines results (``python examples/compare.py --render``).
+
+Every number is recomputed from the results file, never typed in: the mean and standard
+deviation over seeds, the paired difference of each method to the baseline with a 95% paired-t
+interval over the seeds both have (t quantile with n - 1 degrees of freedom), and the step-time
+ratio to the baseline of the same seed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["load", "paired", "render"]
+
+METHODS = ("baseline", "dsn", "imachsr", "dks")
+SEG_METRICS = ("mIoU", "mF1", "mPrecision", "mRecall")
+COLORS = {"baseline": "#555555", "dsn": "#1f77b4", "imachsr": "#d62728", "dks": "#2ca02c"}
+
+
+@dataclass(frozen=True)
+class Paired:
+    """A paired difference over seeds: mean, 95% t interval, number of pairs."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+
+    def text(self, scale: float = 100.0) -> str:
+        if self.n < 2:
+            return f"{self.mean * scale:+.2f} (n={self.n})"
+        return f"{self.mean * scale:+.2f} [{self.low * scale:+.2f}, {self.high * scale:+.2f}]"
+
+
+def load(path: Path) -> list[dict]:
+    """The non-quick records of a results file."""
+    if not path.exists():
+        return []
+    return [r for r in (json.loads(x) for x in path.read_text().splitlines() if x.strip()) if not r.get("quick")]
+
+
+# Student t 0.975 quantiles for 1..10 degrees of freedom (no scipy needed for a table this small).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def _t975(df: int) -> float:
+    return _T975[df - 1] if df <= len(_T975) else 1.96 + 2.5 / df  # beyond 10: within 0.02 of the exact quantile
+
+
+def paired(a: dict[int, float], b: dict[int, float]) -> Paired:
+    """b - a over the seeds both have, with a 95% paired-t interval."""
+    seeds = sorted(set(a) & set(b))
+    d = [b[s] - a[s] for s in seeds]
+    if not d:
+        return Paired(math.nan, math.nan, math.nan, 0)
+    m = statistics.fmean(d)
+    if len(d) < 2:
+        return Paired(m, math.nan, math.nan, len(d))
+    half = _t975(len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
+    return Paired(m, m - half, m + half, len(d))
+
+
+def _ms(values: Sequence[float], scale: float = 100.0) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0] * scale:.2f}"
+    return f"{statistics.fmean(values) * scale:.2f} ± {statistics.stdev(values) * scale:.2f}"
+
+
+def _by_seed(records: Sequence[dict], metric: str) -> dict[int, float]:
+    return {r["seed"]: r["metrics"][metric] for r in records}
+
+
+def _select(records, **want) -> list[dict]:
+    return [r for r in records if all(r.get(k) == v for k, v in want.items())]
+
+
+def _method_table(records: list[dict], task: str, model: str, metrics: Sequence[str]) -> tuple[str, dict]:
+    rows = {m: _select(records, task=task, model=model, method=m, setting="none" if m == "baseline" else "auto")
+            for m in METHODS}
+    base = rows["baseline"]
+    head = ["method", "seeds"] + [f"{k} (%)" for k in metrics] + [f"Δ{metrics[0]} vs baseline [95% CI]",
+                                                                   "wall s/run", "CPU s/run", "CPU-time ratio",
+                                                                   "step wall-time ratio"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    summary = {}
+    base_step = {r["seed"]: r["times"]["step_wall_s"] for r in base}
+    for m, rs in rows.items():
+        if not rs:
+            continue
+        cells = [m, ",".join(str(s) for s in sorted(r["seed"] for r in rs))]
+        cells += [_ms([r["metrics"][k] for r in rs]) for k in metrics]
+        diff = paired(_by_seed(base, metrics[0]), _by_seed(rs, metrics[0]))
+        cells.append("-" if m == "baseline" else diff.text())
+        cells.append(f"{statistics.fmean(r['times']['wall_s'] for r in rs):.0f}")
+        cells.append(f"{statistics.fmean(r['times']['cpu_s'] for r in rs):.0f}")
+        base_cpu = {r["seed"]: r["times"]["cpu_s"] for r in base}
+        cpu_ratios = [r["times"]["cpu_s"] / base_cpu[r["seed"]] for r in rs if r["seed"] in base_cpu]
+        cells.append(f"{statistics.median(cpu_ratios):.2f}" if cpu_ratios else "-")
+        ratios = [r["times"]["step_wall_s"] / base_step[r["seed"]] for r in rs if r["seed"] in base_step]
+        cells.append(f"{statistics.median(ratios):.2f}" if ratios else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+        summary[m] = {"diff": diff, "records": rs}
+    return "\n".join(lines), summary
+
+
+def _imachsr_rows(records: list[dict], settings: Sequence[tuple[str, str]], base: list[dict]) -> str:
+    auto = _select(records, task="seg", model="deeplabv3plus", method="imachsr", setting="auto")
+    head = ["setting", "points (seed 0)", "seeds", "mIoU (%)", "ΔmIoU vs baseline [95% CI]",
+            "ΔmIoU vs automatic iMacHSR [95% CI]"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, setting in settings:
+        rs = _select(records, task="seg", model="deeplabv3plus", method="imachsr", setting=setting)
+        if not rs:
+            lines.append(f"| {label} | (not run yet) | | | | |")
+            continue
+        pts = next((r["points"] for r in rs if r["seed"] == 0), rs[0]["points"])
+        diff = paired(_by_seed(base, "mIoU"), _by_seed(rs, "mIoU"))
+        lines.append(f"| {label} | {', '.join(pts)} | {','.join(str(r['seed']) for r in sorted(rs, key=lambda r: r['seed']))} "
+                     f"| {_ms([r['metrics']['mIoU'] for r in rs])} | {diff.text()} "
+                     f"| {'-' if setting == 'auto' else paired(_by_seed(auto, 'mIoU'), _by_seed(rs, 'mIoU')).text()} |")
+    return "\n".join(lines)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _curves(records: list[dict], task: str, model: str, out: Path) -> Path | None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    drawn = False
+    for m in METHODS:
+        rs = _select(records, task=task, model=model, method=m, setting="none" if m == "baseline" else "auto")
+        if not rs:
+            continue
+        drawn = True
+        for ax, xs, ys in ((axes[0], "step", "train_ce"), (axes[1], "val_step", "val")):
+            x = rs[0]["curve"][xs]
+            mat = [r["curve"][ys] for r in rs if len(r["curve"][ys]) == len(x)]
+            mean = [statistics.fmean(col) for col in zip(*mat)]
+            sd = [statistics.stdev(col) if len(col) > 1 else 0.0 for col in zip(*mat)]
+            ax.plot(x, mean, color=COLORS[m], label=f"{m} (n={len(mat)})", marker="o" if ys == "val" else None)
+            ax.fill_between(x, [a - b for a, b in zip(mean, sd)], [a + b for a, b in zip(mean, sd)],
+                            color=COLORS[m], alpha=0.15)
+    if not drawn:
+        plt.close(fig)
+        return None
+    axes[0].set(xlabel="step", ylabel="output cross-entropy (train, 10-step mean)", title=f"{model}: training loss")
+    axes[1].set(xlabel="step", ylabel="val mIoU" if task == "seg" else "val accuracy",
+                title=f"{model}: validation (mean ± sd over seeds)")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    path = out / f"curves_{model}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _bars(summary: dict, metrics: Sequence[str], title: str, path: Path) -> Path | None:
+    plt = _plt()
+    methods = [m for m in METHODS[1:] if m in summary]
+    if not methods or "baseline" not in summary:
+        return None
+    fig, ax = plt.subplots(figsize=(2 + 1.6 * len(metrics), 3.4))
+    width = 0.8 / len(methods)
+    for j, m in enumerate(methods):
+        diffs = [paired(_by_seed(summary["baseline"]["records"], k), _by_seed(summary[m]["records"], k)) for k in metrics]
+        xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(metrics))]
+        means = [d.mean * 100 for d in diffs]
+        err = [[(d.mean - d.low) * 100 if d.n > 1 else 0 for d in diffs],
+               [(d.high - d.mean) * 100 if d.n > 1 else 0 for d in diffs]]
+        ax.bar(xs, means, width, yerr=err, capsize=3, color=COLORS[m], label=m)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(metrics)), [f"Δ{k}" for k in metrics])
+    ax.set_ylabel("paired difference to baseline (points)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _setting_plot(records, base, groups: dict[str, list[tuple[float, str]]], xlabel: str, title: str,
+                  path: Path) -> Path | None:
+    """One line per group: mean mIoU over seeds (with sd bars) against x, the baseline as a band."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    drawn = False
+    for gi, (name, points) in enumerate(groups.items()):
+        xs, ys, es = [], [], []
+        for x, setting in points:
+            rs = _select(records, task="seg", model="deeplabv3plus", method="imachsr", setting=setting)
+            if rs:
+                v = [r["metrics"]["mIoU"] * 100 for r in rs]
+                xs.append(x + 0.04 * (gi - (len(groups) - 1) / 2))
+                ys.append(statistics.fmean(v))
+                es.append(statistics.stdev(v) if len(v) > 1 else 0)
+        if xs:
+            drawn = True
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=name)
+    if not drawn:
+        plt.close(fig)
+        return None
+    if base:
+        b = [r["metrics"]["mIoU"] * 100 for r in base]
+        mu, sd = statistics.fmean(b), (statistics.stdev(b) if len(b) > 1 else 0)
+        ax.axhspan(mu - sd, mu + sd, color="#999999", alpha=0.25, label=f"baseline (n={len(b)}) ± sd")
+        ax.axhline(mu, color="#555555", lw=1)
+    ax.set(xlabel=xlabel, ylabel="test mIoU (%)", title=title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _qualitative(records: list[dict], out: Path) -> Path | None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    try:
+        from segdata import SegConfig, load_segmentation
+    finally:
+        sys.path.pop(0)
+    pick = {}
+    for m in ("baseline", "imachsr"):
+        rs = _select(records, task="seg", model="deeplabv3plus", method=m, seed=0,
+                     setting="none" if m == "baseline" else "auto")
+        if rs and rs[0].get("test_predictions"):
+            pick[m] = rs[0]
+    if len(pick) < 2:
+        return None
+    cfg = SegConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in pick["baseline"]["data"].items()})
+    data = load_segmentation(cfg)
+    plt = _plt()
+    n = len(pick["baseline"]["test_predictions"])
+    fig, axes = plt.subplots(n, 4, figsize=(7, 1.8 * n))
+    for i in range(n):
+        panels = [(data.test.images[i, 0].numpy(), "gray", "image"), (data.test.labels[i].numpy(), "tab20", "ground truth"),
+                  (pick["baseline"]["test_predictions"][i], "tab20", "baseline"),
+                  (pick["imachsr"]["test_predictions"][i], "tab20", "iMacHSR")]
+        for j, (img, cmap, name) in enumerate(panels):
+            ax = axes[i, j]
+            ax.imshow(img, cmap=cmap, **({} if cmap == "gray" else {"vmin": 0, "vmax": 19, "interpolation": "nearest"}))
+            ax.set_xticks([]), ax.set_yticks([])
+            if i == 0:
+                ax.set_title(name, fontsize=9)
+    fig.suptitle("DeepLabV3+/ResNet-18, seed 0, first test canvases (colour = class, dark blue = background)",
+                 fontsize=8)
+    fig.tight_layout()
+    path = out / "qualitative_seg.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def render(results: Path, out: Path) -> str:
+    """Write ``tables.md`` and the PNGs into ``out``; return the tables' text."""
+    records = load(results)
+    out.mkdir(parents=True, exist_ok=True)
+    parts = [f"# Tables rendered from {results.name} ({len(records)} runs)\n"]
+    made: list[Path] = []
+    summaries = {}
+    for task, model, metrics in (("seg", "deeplabv3plus", SEG_METRICS), ("seg", "unet", SEG_METRICS),
+                                 ("cls", "resnet18n", ("accuracy",)), ("cls", "vit", ("accuracy",))):
+        if not _select(records, task=task, model=model):
+            continue
+        table, summary = _method_table(records, task, model, metrics)
+        summaries[model] = summary
+        parts.append(f"## {task} / {model}\n\nmean ± sd over seeds; Δ = method - baseline, paired by seed, "
+                     f"95% paired-t interval; metrics in %{' (macro over the 10 item classes, background excluded)' if task == 'seg' else ''}.\n\n{table}\n")
+        if task == "seg":
+            bg = "\n".join(f"- {m}: mIoU with background {_ms([r['metrics']['mIoU_bg'] for r in s['records']])}, "
+                           f"pixel accuracy {_ms([r['metrics']['pixel_acc'] for r in s['records']])}"
+                           for m, s in summary.items())
+            parts.append(f"With background counted (11 classes):\n\n{bg}\n")
+        made.append(_curves(records, task, model, out))
+        made.append(_bars(summary, metrics, f"{model}: paired difference to the output-only baseline (95% t CI)",
+                          out / f"bars_{model}.png"))
+    base = _select(records, task="seg", model="deeplabv3plus", method="baseline")
+    m_settings = [(f"M={m}", "auto" if m == 3 else f"auto/M={m}") for m in range(1, 6)]
+    parts.append("## Ablation: number of points (automatic placement, M forced; M=3 is the automatic M = seg-main)\n\n"
+                 + _imachsr_rows(records, m_settings, base) + "\n")
+    made.append(_setting_plot(records, base, {"iMacHSR": [(m, s) for m, (_, s) in zip(range(1, 6), m_settings)]},
+                              "number of points M", "iMacHSR: number of points", out / "ablate_m.png"))
+    d_settings = [(f"{d} base unit(s) = {2 * d} weight layers", f"spaced/M=3/d={d}/centre") for d in (1, 2, 3)]
+    parts.append("## Ablation: distance between adjacent points (3 points, centred, exact spacing)\n\n"
+                 + _imachsr_rows(records, d_settings, base) + "\n")
+    made.append(_setting_plot(records, base, {"3 points, centre": [(d, f"spaced/M=3/d={d}/centre") for d in (1, 2, 3)]},
+                              "distance between adjacent points (base units of 2 weight layers)",
+                              "iMacHSR: spacing", out / "ablate_dist.png"))
+    p_settings = [(f"M={m}, {pos}", f"spaced/M={m}/d=2/{pos}") for m in (1, 2, 3) for pos in ("input", "centre", "output")]
+    parts.append("## Ablation: position (2 base units apart)\n\n" + _imachsr_rows(records, p_settings, base) + "\n")
+    made.append(_setting_plot(records, base, {pos: [(m, f"spaced/M={m}/d=2/{pos}") for m in (1, 2, 3)]
+                                              for pos in ("input", "centre", "output")},
+                              "number of points M", "iMacHSR: position by M", out / "ablate_pos.png"))
+    s_settings = ([("automatic (autoprobe)", "auto"), ("hand-picked stage ends", "hand"), ("last encoder stage only", "last")]
+                  + [(f"random draw {d}", f"random/M=3/draw={d}") for d in range(3)])
+    parts.append("## Selection test (iMacHSR, same budget; seeds as listed)\n\n"
+                 + _imachsr_rows(records, s_settings, base) + "\n")
+    made.append(_setting_plot(records, base, {"iMacHSR": [(i, s) for i, (_, s) in enumerate(s_settings)]},
+                              "0 auto, 1 hand, 2 last stage, 3-5 random draws", "selection test", out / "selection.png"))
+    made.append(_qualitative(records, out))
+    text = "\n".join(parts)
+    (out / "tables.md").write_text(text)
+    print(text)
+    print("wrote", ", ".join(str(p) for p in made if p is not None))
+    return text
