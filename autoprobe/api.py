@@ -36,6 +36,54 @@ class Analysis:
     pack: RulePack
     selection: Selection
 
+    def choose(self, *names: str) -> Selection:
+        """This analysis's selection with exactly the points ``names``, chosen by hand.
+
+        A point keeps the rules that fired on it (its score and reasons); a node no rule flagged is
+        chosen with a ``chosen by name`` reason. Pass the result to ``instrument(model, selection)``.
+
+        Raises:
+            UsageError: a name is not a node of the graph, or names a node that cannot be a point
+                (no layout the ops decide, the model's input or output, or a function the backend's
+                forward hooks cannot tap); the message lists eligible nodes.
+
+        Example:
+            >>> analysis = analyze("resnet18")
+            >>> analysis.choose("layer1.1.act2", "layer3.0.act1").names
+            ('layer1.1.act2', 'layer3.0.act1')
+        """
+        from .select import Fired, Point, Scored, can_be_point
+
+        if not names or not all(isinstance(n, str) for n in names):
+            raise UsageError(f"choose takes node names as strings, like choose('layer1.0.act1'); got {names!r}.")
+        scored = {s.node: s for s in self.selection.candidates}
+        eligible = [n.name for n in self.graph if can_be_point(self.graph, n)]
+        points = []
+        for name in dict.fromkeys(names):
+            if name not in self.graph:
+                import difflib
+
+                close = difflib.get_close_matches(name, eligible, n=3, cutoff=0.5)
+                raise UsageError(
+                    f"{name!r} is not a node of {self.model.label}'s layer graph."
+                    f"{' Close names: ' + ', '.join(close) + '.' if close else ''}\n"
+                    "Hint: `autoprobe inspect MODEL --all-candidates` lists the scored nodes."
+                )
+            info = self.graph[name]
+            if not can_be_point(self.graph, info):
+                raise UsageError(
+                    f"{name!r} cannot be a point on the {self.graph.backend} backend ({info.kind}, layout "
+                    f"{info.layout or 'unknown'}, {'a module output' if info.call else 'not a module output'}).\n"
+                    f"Hint: choose a node with a layout{' that is a module output' if self.graph.backend != 'fx' else ''}, "
+                    f"e.g. one of {', '.join(eligible[:5])}."
+                )
+            found = scored.get(name) or Scored(name, 0.0, (Fired("by-name", "chosen by name", 0.0),))
+            points.append(Point(name=name, fx_name=info.fx_name, module_path=info.module_path, depth=info.depth,
+                                shape=info.shape or (), layout=info.layout, score=found.score, fired=found.fired))
+        points.sort(key=lambda p: self.graph[p.name].order)
+        return replace(self.selection, points=tuple(points),
+                       notes=(*self.selection.notes, f"points chosen by name: {', '.join(p.name for p in points)}"))
+
 
 def _input_size(model: nn.Module, given: object, default: tuple[int, ...]) -> tuple[int, ...]:
     if given is None:

@@ -37,7 +37,6 @@ Example:
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
@@ -774,7 +773,7 @@ def module_axes(module: nn.Module, args: tuple, kwargs: Mapping[str, Any], env: 
 
 
 def _last_layer(module: nn.Module) -> nn.Module | None:
-    """The last conv or pooling layer registered in a block, when it is the block's last layer with weights or pooling."""
+    """The block's last registered conv or pooling layer, when no linear comes after it (its output is a map)."""
     layers = [m for m in module.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear,
                                                              nn.modules.pooling._AdaptiveAvgPoolNd,
                                                              nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd))]
@@ -782,5 +781,3 @@ def _last_layer(module: nn.Module) -> nn.Module | None:
         return layers[-1]
     return None
 
-
-_ = operator  # operator.getitem is named "getitem" by op_name

@@ -19,11 +19,13 @@ in this order, and the first rung that yields a layer graph wins:
    already knows (``aten.convolution`` -> ``conv2d``, ``aten.addmm`` -> ``linear``).
 3. ``hooks``: forward hooks on every leaf module, run once, with a
    ``TorchFunctionMode`` that tracks which module outputs each tensor was
-   computed from. It yields a coarse graph of module calls in execution order
-   with their shapes. On a meta model it computes nothing; on a live model
-   it is the only rung that computes for real (one batch, ``no_grad``, buffers
-   cloned so BatchNorm statistics are untouched), which is what lets it get
-   past a branch on tensor *values*, where fx and export both stop.
+   computed from and propagates each tensor's axis labels (``axes.py``). It yields a
+   coarse graph of module calls in execution order with their shapes and layouts.
+   It runs on meta: the input and meta twins of every weight, so nothing is computed.
+   Only a forward that reads tensor *values* (``if x.sum() > 0``) needs more, and then
+   only with ``TraceOptions.allow_real_data=True``: one real forward pass of the live
+   model (seeded random batch, ``no_grad``, buffers cloned), noted in the selection.
+   Without that option such a model is refused with a message that names it.
 
 A fallback is never silent: ``LadderResult.failed`` keeps every rung that
 failed with its reason, ``LadderResult.notes`` says it in words, and the
@@ -48,7 +50,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from torch.overrides import TorchFunctionMode
 
-from .errors import AutoprobeError, InputSizeError, TraceError
+from .errors import AutoprobeError, InputSizeError, TraceError, UsageError
 from .axes import Labels, _Env, input_axes, op_name, propagate
 from .graph import _FUNCTION_KINDS, LayerGraph, build_layer_graph
 from .trace import (
@@ -56,11 +58,9 @@ from .trace import (
     NodeNamer,
     TraceOptions,
     Traced,
-    _options,
-    check_spatial,
+    finish_trace,
     forward_call,
     has_tensor,
-    module_types,
     needs_values,
     tensor_meta,
     trace_fx,
@@ -144,13 +144,9 @@ def _first_line(exc: BaseException) -> str:
 def trace_with_fallbacks(
     model: nn.Module,
     input_size: Sequence[int],
-    options: TraceOptions | None = None,
+    options: TraceOptions = TraceOptions(),
     *,
     backends: Sequence[str] = LADDER,
-    train: bool | None = None,
-    leaf_modules: Sequence[type[nn.Module]] = (),
-    leaf_paths: Sequence[str] = (),
-    batch_size: int = 2,
 ) -> LadderResult:
     """Trace ``model`` with the first backend of ``backends`` that works, and build its layer graph.
 
@@ -164,8 +160,6 @@ def trace_with_fallbacks(
         input_size: the input without batch, e.g. ``(3, 224, 224)``.
         options: the ``TraceOptions`` (mode, leaves, forward arguments, batch, real-data runs).
         backends: the rungs to try, in order; a subsequence of ``LADDER``.
-        train, leaf_modules, leaf_paths, batch_size: the older keywords for ``options``, kept while
-            callers switch; give either these or ``options``.
 
     Returns:
         A ``LadderResult`` with the traced model, its graph and the failed rungs.
@@ -191,7 +185,8 @@ def trace_with_fallbacks(
     unknown = [b for b in backends if b not in LADDER]
     if unknown or not backends:
         raise TraceError(f"unknown tracing backends {unknown or list(backends)!r}. Hint: choose from {list(LADDER)}.")
-    options = _options(options, train, leaf_modules, leaf_paths, batch_size)
+    if not isinstance(options, TraceOptions):
+        raise UsageError(f"options must be an autoprobe TraceOptions, not {type(options).__name__}.")
     options.check_model(model)
     failed: list[Attempt] = []
     errors: list[BaseException] = []
@@ -537,16 +532,7 @@ def _graph_module(model: nn.Module, graph: fx.Graph, attrs: dict[str, Any], name
     return gm
 
 
-def trace_export(
-    model: nn.Module,
-    input_size: Sequence[int],
-    options: TraceOptions | None = None,
-    *,
-    train: bool | None = None,
-    leaf_modules: Sequence[type[nn.Module]] = (),
-    leaf_paths: Sequence[str] = (),
-    batch_size: int = 2,
-) -> Traced:
+def trace_export(model: nn.Module, input_size: Sequence[int], options: TraceOptions = TraceOptions()) -> Traced:
     """Trace ``model`` with ``torch.export`` (non-strict) and convert the graph for graph.py.
 
     The example input lives on the model's device (meta for spec-built models); export turns it
@@ -556,7 +542,6 @@ def trace_export(
         model: any ``nn.Module``.
         input_size: the input without batch.
         options: the ``TraceOptions``; leaf modules and paths are named by their path, as fx leaves are.
-        train, leaf_modules, leaf_paths, batch_size: the older keywords for ``options``.
 
     Returns:
         A ``Traced`` with ``backend="export"`` whose call nodes carry ``tensor_meta``.
@@ -571,7 +556,6 @@ def trace_export(
         >>> t.backend, sorted(t.qualnames.values())[:3]
         ('export', ['0', '0.bias', '0.weight'])
     """
-    options = _options(options, train, leaf_modules, leaf_paths, batch_size)
     input_shape = (options.batch_size, *(int(s) for s in input_size))
     call = forward_call(model, options)
     device = _device_of(model)
@@ -592,18 +576,9 @@ def trace_export(
     qualnames, calls = _export_qualnames(graph, model, options.leaf_types(), frozenset(options.leaf_paths))
     gm = _graph_module(model, graph, converter.attrs, type(model).__name__)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    traced = Traced(
-        graph_module=gm,
-        qualnames=qualnames,
-        input_shape=input_shape,
-        mode=options.mode,
-        backend="export",
-        module_types=module_types(model),
-        module_calls=calls,
-        input_node=placeholders[0].name if placeholders else "",
+    return finish_trace(
+        model, gm, qualnames, calls, input_shape, options, "export", placeholders[0].name if placeholders else ""
     )
-    check_spatial(traced)
-    return traced
 
 
 def _call_arguments(call: Any, example: torch.Tensor, device: torch.device) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -735,16 +710,7 @@ class _RealDataNeeded(TraceError):
     """The hooks backend needs a real run (the forward reads tensor values) and the options do not allow one."""
 
 
-def trace_hooks(
-    model: nn.Module,
-    input_size: Sequence[int],
-    options: TraceOptions | None = None,
-    *,
-    train: bool | None = None,
-    leaf_modules: Sequence[type[nn.Module]] = (),
-    leaf_paths: Sequence[str] = (),
-    batch_size: int = 2,
-) -> Traced:
+def trace_hooks(model: nn.Module, input_size: Sequence[int], options: TraceOptions = TraceOptions()) -> Traced:
     """Build a coarse module-level graph by running ``model`` once with forward hooks.
 
     When and on what the model runs:
@@ -761,7 +727,6 @@ def trace_hooks(
         model: any ``nn.Module``; not mutated.
         input_size: the input without batch.
         options: the ``TraceOptions``; leaf modules and paths are hooked as one node.
-        train, leaf_modules, leaf_paths, batch_size: the older keywords for ``options``.
 
     Returns:
         A ``Traced`` with ``backend="hooks"``: one ``call_module`` node per leaf-module call.
@@ -778,7 +743,6 @@ def trace_hooks(
         >>> t.backend, [t.qualnames[n.name] for n in t.graph_module.graph.nodes]
         ('hooks', ['x', '0', '1', 'output'])
     """
-    options = _options(options, train, leaf_modules, leaf_paths, batch_size)
     input_shape = (options.batch_size, *(int(s) for s in input_size))
     call = forward_call(model, options)
     points = _hook_points(model, options.leaf_types(), frozenset(options.leaf_paths))
@@ -836,19 +800,7 @@ def trace_hooks(
     qualnames[out.name] = namer.name("output", module=False)
     called = {record.path: modules[record.path] for record in calls}
     gm = _graph_module(model, graph, called, type(model).__name__)
-    traced = Traced(
-        graph_module=gm,
-        qualnames=qualnames,
-        input_shape=input_shape,
-        mode=options.mode,
-        backend="hooks",
-        module_types=module_types(model),
-        module_calls=module_calls,
-        input_node="x",
-        notes=notes,
-    )
-    check_spatial(traced)
-    return traced
+    return finish_trace(model, gm, qualnames, module_calls, input_shape, options, "hooks", "x", notes)
 
 
 def _hooked_run(

@@ -139,6 +139,16 @@ class FxEngine:
 
     Raises:
         SelectionError: a point is not a node of one of the graphs.
+
+    Example:
+        >>> import torch
+        >>> from autoprobe import instrument
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3),
+        ...                           torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+        ...                           torch.nn.Linear(8, 3))
+        >>> probed = instrument(net, input_size=(3, 12, 12))
+        >>> type(probed._engine).__name__, "autoprobe_adapters" in probed.code
+        ('FxEngine', True)
     """
 
     def __init__(

@@ -36,7 +36,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 from .axes import Labels, _Env, input_axes, layout_of, module_axes, op_name, propagate
 from .errors import TraceError
 from .layout import Layout
-from .trace import Backend, Mode, Traced
+from .trace import Backend, Mode, Traced, first_tensor_meta
 
 __all__ = ["LayerInfo", "LayerGraph", "build_layer_graph"]
 
@@ -294,22 +294,6 @@ def _weight_layers(module: nn.Module) -> int:
     return max(1, sum(1 for m in module.modules() if _owns_matrix(m)))
 
 
-def _first_tensor_meta(meta: Any) -> TensorMetadata | None:
-    if isinstance(meta, TensorMetadata):
-        return meta
-    if isinstance(meta, (list, tuple)):
-        for value in meta:
-            found = _first_tensor_meta(value)
-            if found is not None:
-                return found
-    if isinstance(meta, dict):
-        for key in sorted(meta, key=str):
-            found = _first_tensor_meta(meta[key])
-            if found is not None:
-                return found
-    return None
-
-
 def _features(layout: Layout | None, shape: tuple[int, ...]) -> tuple[int | None, tuple[int, ...] | None]:
     if layout is None:
         return None, None
@@ -403,7 +387,7 @@ def build_layer_graph(traced: Traced) -> LayerGraph:
 
     # Only tensors are data: `x.shape[-2:]` feeding a final resize would otherwise be a path around
     # the whole network and leave the output with no dominators but the input.
-    carries = {n.name for n in nodes if n.op == "output" or _first_tensor_meta(n.meta.get("tensor_meta")) is not None}
+    carries = {n.name for n in nodes if n.op == "output" or first_tensor_meta(n.meta.get("tensor_meta")) is not None}
     full = nx.DiGraph()
     full.add_nodes_from(carries)
     full.add_edges_from(
@@ -478,7 +462,7 @@ def _layer_info(
         weight = _owns_matrix(modules[str(node.target)], recurse=True)
     layers = _weight_layers(modules[str(node.target)]) if weight and node.op == "call_module" else int(weight)
 
-    meta = _first_tensor_meta(node.meta.get("tensor_meta"))
+    meta = first_tensor_meta(node.meta.get("tensor_meta"))
     shape = tuple(int(s) for s in meta.shape) if meta is not None else None
     main_labels = labels[0] if isinstance(labels, tuple) else labels
     layout = layout_of(main_labels, shape)

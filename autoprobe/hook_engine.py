@@ -47,6 +47,10 @@ class HookTarget:
         module: the module's path.
         call: which of its calls in one forward (0 for the first).
         moved: whether this is the output of the module the point sits in, not the point itself.
+
+    Example:
+        >>> HookTarget("block", 1, moved=False).label
+        'block#1'
     """
 
     module: str

@@ -31,7 +31,7 @@ import hashlib
 import re
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 from torch import fx, nn
@@ -42,7 +42,7 @@ from .backends import trace_with_fallbacks
 from .errors import InstrumentError, SelectionError
 from .fx_engine import FxEngine, FxRecipe, trace_both_modes
 from .graph import LayerGraph, LayerInfo, build_layer_graph
-from .hook_engine import HookEngine, HookRecipe, hook_targets
+from .hook_engine import HookEngine, HookRecipe, HookTarget, hook_targets
 from .layout import Layout
 from .losses import Objective, ObjectiveName, Schedule, make_objective
 from .models import resolve_model
@@ -50,6 +50,7 @@ from .outputs import OutputSelector, OutputSpec
 from .probed import Probed, ProbedOutput, RewriteReport, Tap
 from .rules import RulePack
 from .select import Selection
+from .sizes import parse_input_size
 from .taps import ADAPTERS, TapSite
 from .trace import Traced, TraceOptions, forward_call, training_mode
 
@@ -113,8 +114,9 @@ def instrument(
             never taken for regression silently.
         output: which part of the model's output is the prediction: a key (``"out"``), an
             attribute (``"logits"``), an index, or a callable; ``None`` takes the output itself
-            if it is a tensor, else ``out``, then ``logits``, then its only tensor. The model's
-            own output object is returned unchanged in ``ProbedOutput.output``.
+            if it is a tensor, else ``out``, then ``logits``, then its only tensor of 2 or more dims.
+            The model's own output object is returned unchanged in ``ProbedOutput.output``. A
+            callable must be a module-level function for ``torch.save(probed)`` to pickle it.
         ignore_index: target value excluded from every loss term and check (255 for
             torchvision/Cityscapes masks); class ids only.
         label_resolution: dense outputs only: ``"upsample"`` (adapter logits resized to the
@@ -147,7 +149,8 @@ def instrument(
         InstrumentError: the model is on meta, there is no point to supervise, a point cannot be
             tapped, the output has no prediction tensor (the message lists what it holds), the
             task does not fit the output, or a loss option does not fit the objective.
-        ModelSpecError, TraceError, InputSizeError: from resolving and tracing the model.
+        InputSizeError: ``input_size`` is not a size, or the model rejects it.
+        ModelSpecError, TraceError: from resolving and tracing the model.
 
     Example:
         >>> import torch, timm
@@ -181,24 +184,10 @@ def instrument(
         )
     size = _input_size(input_size, selection)
 
-    if selection.backend == "fx":
-        train_traced, eval_traced = trace_both_modes(module, size, opts)
-        graph = build_layer_graph(train_traced)
-        infos = _check_selection(selection, {"train": graph, "eval": build_layer_graph(eval_traced)}, label)
-        targets = None
-        example = _fx_example_output(train_traced)
-    else:
-        # The model runs its own Python, whatever its mode: one graph, in the selection's mode, to check against.
-        rung = trace_with_fallbacks(
-            module, size, dataclasses.replace(opts, mode=selection.mode), backends=(selection.backend,)
-        )
-        train_traced, graph = rung.traced, rung.graph
-        infos = _check_selection(selection, {selection.mode: graph}, label)
-        targets, infos = zip(*hook_targets(module, train_traced, graph, infos)) if infos else ((), [])
-        example = _run_example_output(module, train_traced, dataclasses.replace(opts, mode=selection.mode))
-
-    spec = OutputSpec.resolve(output, example, model=label)
-    output_shape = tuple(int(s) for s in spec.select(example).shape)
+    placed = _place(module, selection, size, opts, label)
+    infos, targets = placed.infos, placed.targets
+    spec = OutputSpec.resolve(output, placed.example, model=label)
+    output_shape = tuple(int(s) for s in spec.select(placed.example).shape)
     resolved_task, head = _resolve_task(task, output_shape, label)
     classes = output_shape[1]
     if num_classes is not None and num_classes != classes:
@@ -221,7 +210,7 @@ def instrument(
             "candidates; a model needs weight layers (conv, linear) before its output to be supervised."
         )
     keys = _adapter_keys([p.name for p in selection.points])
-    adapters = _make_adapters(module, graph, infos, keys, head, classes, output_shape, label_resolution)
+    adapters = _make_adapters(module, placed.graph, infos, keys, head, classes, output_shape, label_resolution)
     sites = tuple(
         TapSite(info.name, keys[info.name], tuple((info.shape or ())[1:]), str(info.layout)) for info in infos
     )
@@ -230,34 +219,17 @@ def instrument(
     engine: FxEngine | HookEngine
     if targets is None:
         recipe = FxRecipe.of(size, opts, sites, label)
-        engine = FxEngine(module, adapters, sites, train_traced, eval_traced)
+        engine = FxEngine(module, adapters, sites, placed.train, placed.eval)  # type: ignore[arg-type]
     else:
-        recipe = HookRecipe(sites, tuple(targets), selection.backend)
+        recipe = HookRecipe(sites, targets, selection.backend)
         engine = recipe.build(module, adapters)
-
-    batch = train_traced.input_shape[0]
-    taps = tuple(
-        Tap(
-            point=info.name,
-            adapter=f"{ADAPTERS}.{keys[info.name]}",
-            feature_shape=info.shape or (),
-            layout=str(info.layout),
-            head_shape=_head_shape(adapters[keys[info.name]], info, output_shape, batch),
-            adapter_type=type(adapters[keys[info.name]]).__name__,
-            parameters=adapter_parameter_count(adapters[keys[info.name]]),
-            cloned=engine.cloned(info.name),
-            fx_names=engine.fx_names[info.name] if isinstance(engine, FxEngine) else None,
-            hooked=targets[i].label if targets is not None else None,
-            moved=targets[i].moved if targets is not None else False,
-        )
-        for i, info in enumerate(infos)
-    )
+    taps = _taps(infos, keys, adapters, engine, targets, output_shape, placed.train.input_shape[0])
     report = RewriteReport(
         model=label,
         task=resolved_task,
         task_source="given" if task is not None else "inferred",
         num_classes=classes,
-        input_shape=train_traced.input_shape,
+        input_shape=placed.train.input_shape,
         output_shape=output_shape,
         objective=repr(objective),
         taps=taps,
@@ -267,6 +239,64 @@ def instrument(
         label_resolution=label_resolution,
     )
     return Probed(module, adapters, objective, selection, report, recipe, engine, spec)
+
+
+class _Placement(NamedTuple):
+    """Where the points sit: the traces, the checked layer info and, on the hook engine, the calls."""
+
+    train: Traced
+    eval: Traced | None  # fx only
+    graph: LayerGraph
+    infos: tuple[LayerInfo, ...]
+    targets: tuple[HookTarget, ...] | None  # hook engine only
+    example: Any  # one output of the model (meta tensors), for the output selector
+
+
+def _place(module: nn.Module, selection: Selection, size: tuple[int, ...], opts: TraceOptions, label: str) -> _Placement:
+    """Trace the model the way its selection was made and check the selection against it."""
+    if selection.backend == "fx":
+        train_traced, eval_traced = trace_both_modes(module, size, opts)
+        graph = build_layer_graph(train_traced)
+        infos = _check_selection(selection, {"train": graph, "eval": build_layer_graph(eval_traced)}, label)
+        return _Placement(train_traced, eval_traced, graph, tuple(infos), None, _fx_example_output(train_traced))
+    # The model runs its own Python, whatever its mode: one graph, in the selection's mode, to check against.
+    options = dataclasses.replace(opts, mode=selection.mode)
+    rung = trace_with_fallbacks(module, size, options, backends=(selection.backend,))
+    infos = _check_selection(selection, {selection.mode: rung.graph}, label)
+    placed = hook_targets(module, rung.traced, rung.graph, infos)
+    return _Placement(
+        rung.traced, None, rung.graph, tuple(info for _, info in placed), tuple(target for target, _ in placed),
+        _run_example_output(module, rung.traced, options),
+    )
+
+
+def _taps(
+    infos: Sequence[LayerInfo],
+    keys: Mapping[str, str],
+    adapters: nn.ModuleDict,
+    engine: FxEngine | HookEngine,
+    targets: Sequence[HookTarget] | None,
+    output_shape: tuple[int, ...],
+    batch: int,
+) -> tuple[Tap, ...]:
+    """One ``Tap`` record per point, for the report."""
+    taps = []
+    for i, info in enumerate(infos):
+        adapter = adapters[keys[info.name]]
+        taps.append(Tap(
+            point=info.name,
+            adapter=f"{ADAPTERS}.{keys[info.name]}",
+            feature_shape=info.shape or (),
+            layout=str(info.layout),
+            head_shape=_head_shape(adapter, info, output_shape, batch),
+            adapter_type=type(adapter).__name__,
+            parameters=adapter_parameter_count(adapter),
+            cloned=engine.cloned(info.name),
+            fx_names=engine.fx_names[info.name] if isinstance(engine, FxEngine) else None,
+            hooked=targets[i].label if targets is not None else None,
+            moved=targets[i].moved if targets is not None else False,
+        ))
+    return tuple(taps)
 
 
 # --------------------------------------------------------------------------- resolving
@@ -299,10 +329,7 @@ def _live_model(model: nn.Module | str, num_classes: int | None) -> tuple[nn.Mod
 def _input_size(given: Sequence[int] | None, selection: Selection) -> tuple[int, ...]:
     if given is None:
         return tuple(selection.input_shape[1:])
-    size = tuple(given)
-    if not size or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
-        raise InstrumentError(f"input_size {given!r} must be positive integers without the batch, like (3, 224, 224).")
-    return size
+    return parse_input_size(given, argument="input_size=")
 
 
 def _check_selection(

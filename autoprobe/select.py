@@ -11,7 +11,11 @@ greedily by score, ties broken by execution order, never by hash or dict
 order, keeping ``min_distance`` weight layers between adjacent points and
 none in the last ``exclude_output * D`` of the depth (the head). When the
 distance leaves fewer than M points it is halved, and that is recorded in
-``Selection.notes``: a relaxation is never silent. When no detector fires,
+``Selection.notes``: a relaxation is never silent. A node is a point only if
+``instrument`` can tap it (``can_be_point``): its layout is one the graph's ops
+decide, and on the export and hooks backends it is a module call's output (what a
+forward hook sees); candidates left out for either reason are named in the notes.
+When no detector fires,
 the spine's feature nodes are the candidates, ``usable depth / M`` apart
 (unless the pack fixes ``min_distance``), and a note says so.
 """
@@ -29,7 +33,7 @@ from .layout import Layout
 from .rules import Policy, RulePack
 from .trace import Backend, Mode
 
-__all__ = ["Fired", "Point", "Scored", "Selection", "select_points", "auto_points", "check_points"]
+__all__ = ["Fired", "Point", "Scored", "Selection", "select_points", "auto_points", "check_points", "can_be_point"]
 
 
 @dataclass(frozen=True)
@@ -161,8 +165,8 @@ def check_points(points: object) -> None:
     if isinstance(points, bool) or not isinstance(points, int) or points < 1:
         raise UsageError(
             f"points must be a positive integer (the number M of points) or None for round(ln D), not {points!r}.\n"
-            "Hint: pass points=3; to choose points by name, build the selection with autoprobe.inspect and "
-            "filter it (see README, 'Choosing points by name')."
+            "Hint: pass points=3; to choose points by name, use "
+            "`autoprobe.api.analyze(model, input_size=...).choose('layer1.0.act1', ...)`."
         )
 
 
@@ -178,6 +182,12 @@ def _why_not(graph: LayerGraph, info: LayerInfo) -> str:
     if graph.backend != "fx" and info.call is None:
         return "untappable"
     return ""
+
+
+def can_be_point(graph: LayerGraph, info: LayerInfo) -> bool:
+    """Whether ``instrument`` can tap ``info`` on its graph's backend: a feature with a layout the ops decide,
+    not the input or output, and on export/hooks the output of a module call (what a forward hook sees)."""
+    return info.kind not in ("input", "output") and info.shape is not None and not _why_not(graph, info)
 
 
 def _eligible(graph: LayerGraph, info: LayerInfo, policy: Policy) -> bool:

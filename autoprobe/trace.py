@@ -17,6 +17,7 @@ the batch size, and whether a backend may run the model on real values.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import re
 import traceback
@@ -384,12 +385,14 @@ class ForwardCall:
         input_index: its position among the forward's parameters.
         fixed: parameters fixed to a value while tracing (fx's ``concrete_args``).
         tensors: parameters fed an example tensor (the user's ``forward_kwargs`` tensors).
+        parameters: the forward's named parameters in order (fx makes one placeholder each).
     """
 
     input_name: str
     input_index: int
     fixed: Mapping[str, Any]
     tensors: Mapping[str, torch.Tensor]
+    parameters: tuple[str, ...] = ()
 
     def example_kwargs(self, device: torch.device | str) -> dict[str, Any]:
         """The extra arguments for a real call: fixed values as they are, tensors as twins on ``device``."""
@@ -446,7 +449,7 @@ def forward_call(model: nn.Module, options: TraceOptions) -> ForwardCall:
         if param.default is None or isinstance(param.default, (bool, int, float, str)):
             fixed[param.name] = param.default
     return ForwardCall(input_name, names.index(input_name) if input_name in names else 0,
-                       MappingProxyType(fixed), MappingProxyType(tensors))
+                       MappingProxyType(fixed), MappingProxyType(tensors), tuple(names))
 
 
 def _user_frame(exc: BaseException) -> str:
@@ -536,11 +539,18 @@ class _ShapeProp(fx.Interpreter):
                 f"({format_input_size(self.input_shape[1:], argument=self.size_argument)} failed)."
             ) from exc
         meta = fx.node.map_aggregate(
-            result, lambda v: _extract_tensor_metadata(v) if isinstance(v, torch.Tensor) else v
+            _fields(result), lambda v: _extract_tensor_metadata(v) if isinstance(v, torch.Tensor) else v
         )
         if has_tensor(meta):
             n.meta["tensor_meta"] = meta
         return result
+
+
+def _fields(value: Any) -> Any:
+    """A dataclass instance (a model's output record) as a dict of its fields, so its tensors get metadata."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type) and not isinstance(value, Mapping):
+        return {f.name: _fields(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    return value
 
 
 class _Runner(nn.Module):
@@ -598,7 +608,7 @@ def check_spatial(traced: Traced, size_argument: str = "input_size=") -> None:
 
     for node in traced.graph_module.graph.nodes:
         meta = node.meta.get("tensor_meta")
-        first = _first_meta(meta)
+        first = first_tensor_meta(meta)
         if first is not None and len(first.shape) >= 2 and 0 in tuple(first.shape)[1:]:
             name = traced.qualnames.get(node.name, node.name)
             raise InputSizeError(
@@ -608,12 +618,18 @@ def check_spatial(traced: Traced, size_argument: str = "input_size=") -> None:
             )
 
 
-def _first_meta(meta: Any) -> TensorMetadata | None:
+def first_tensor_meta(meta: Any) -> TensorMetadata | None:
+    """The first ``TensorMetadata`` in a ``tensor_meta`` value (dict values in key order), or ``None``."""
     if isinstance(meta, TensorMetadata):
         return meta
     if isinstance(meta, (list, tuple)):
         for value in meta:
-            found = _first_meta(value)
+            found = first_tensor_meta(value)
+            if found is not None:
+                return found
+    if isinstance(meta, dict):
+        for key in sorted(meta, key=str):
+            found = first_tensor_meta(meta[key])
             if found is not None:
                 return found
     return None
@@ -652,24 +668,44 @@ def trace_fx(model: nn.Module, input_size: Sequence[int], options: TraceOptions 
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         inputs = []
         input_node = next((n.name for n in placeholders if n.target == call.input_name), placeholders[0].name)
-        for node in placeholders:
+        # fx makes one placeholder per forward parameter, in order (a fixed one is renamed ``deep_1``).
+        params = call.parameters if len(call.parameters) == len(placeholders) else tuple(str(n.target) for n in placeholders)
+        for node, param in zip(placeholders, params):
             if node.name == input_node:
                 inputs.append(torch.empty(input_shape, device="meta"))
-            elif node.target in call.tensors:
-                inputs.append(torch.empty_like(call.tensors[node.target], device="meta"))
+            elif param in call.tensors:
+                inputs.append(torch.empty_like(call.tensors[param], device="meta"))
+            elif param in call.fixed:
+                inputs.append(call.fixed[param])
             else:
                 inputs.append(node.args[0] if node.args else None)
         propagate_shapes(gm, input_shape, inputs)
     qualnames, calls = _fx_names(graph, scopes, model)
+    return finish_trace(model, gm, qualnames, calls, input_shape, options, "fx", input_node)
+
+
+def finish_trace(
+    model: nn.Module,
+    gm: fx.GraphModule,
+    qualnames: dict[str, str],
+    calls: dict[str, tuple[str, int]],
+    input_shape: tuple[int, ...],
+    options: TraceOptions,
+    backend: Backend,
+    input_node: str,
+    notes: tuple[str, ...] = (),
+) -> Traced:
+    """The closing step every backend shares: the ``Traced`` record, after refusing an input shrunk to nothing."""
     traced = Traced(
         graph_module=gm,
         qualnames=qualnames,
         input_shape=input_shape,
         mode=options.mode,
-        backend="fx",
+        backend=backend,
         module_types=module_types(model),
         module_calls=calls,
         input_node=input_node,
+        notes=notes,
     )
     check_spatial(traced)
     return traced
@@ -705,8 +741,10 @@ def _options(
     """The ``TraceOptions`` of a call that gave either a record or the older keywords, not both."""
     if options is None:
         return TraceOptions(
-            mode="train" if train else "eval", leaf_modules=leaf_modules,  # type: ignore[arg-type]
-            leaf_paths=leaf_paths,  # type: ignore[arg-type] batch_size=batch_size,
+            mode="train" if train else "eval",
+            leaf_modules=leaf_modules,  # type: ignore[arg-type]  # TraceOptions checks and freezes it
+            leaf_paths=leaf_paths,  # type: ignore[arg-type]
+            batch_size=batch_size,
         )
     if not isinstance(options, TraceOptions):
         raise UsageError(f"options must be a TraceOptions, not {type(options).__name__}.")

@@ -2,6 +2,7 @@
 
     python benchmarks/fuzz.py --models 2400            # 200 seeds x 12 families, one thread
     python benchmarks/fuzz.py --models 120 --start 5000 # another slice of seeds
+    python benchmarks/fuzz.py --models 200 --start 100 --families control  # one family
 
 Prints, per family, how many models kept every guarantee (``ok``), were refused with an
 ``AutoprobeError`` (``refused``), broke a guarantee (``BROKEN``) or crashed with another exception
@@ -30,14 +31,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=int, default=2400, help="number of models (spread over the families)")
     parser.add_argument("--start", type=int, default=0, help="first seed")
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES, help="families to build")
     args = parser.parse_args(argv)
+    families = tuple(args.families)
     torch.set_num_threads(1)
     counts: collections.Counter[tuple[str, str]] = collections.Counter()
     failures: list[str] = []
     started = time.time()
     for i in range(args.models):
-        family = FAMILIES[i % len(FAMILIES)]
-        seed = args.start + i // len(FAMILIES)
+        family = families[i % len(families)]
+        seed = args.start + i // len(families)
         try:
             outcome = check(build(family, seed)).split(":")[0]
         except Broken as exc:
@@ -53,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{i + 1} models, {time.time() - started:.0f} s, {len(failures)} failures", flush=True)
     print(f"\n{args.models} models in {time.time() - started:.0f} s")
     print(f"{'family':<12} {'ok':>5} {'refused':>8} {'BROKEN':>7} {'CRASH':>6}")
-    for family in FAMILIES:
+    for family in families:
         row = [counts[(family, k)] for k in ("ok", "refused", "BROKEN", "CRASH")]
         print(f"{family:<12} {row[0]:>5} {row[1]:>8} {row[2]:>7} {row[3]:>6}")
     for line in failures:

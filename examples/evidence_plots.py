@@ -157,7 +157,8 @@ def _curves(records: list[dict], task: str, model: str, out: Path) -> Path | Non
     if not drawn:
         plt.close(fig)
         return None
-    axes[0].set(xlabel="step", ylabel="output cross-entropy (train, 10-step mean)", title=f"{model}: training loss")
+    axes[0].set(xlabel="step", ylabel="output cross-entropy (train, 10-step mean)", title=f"{model}: training loss",
+                yscale="log")
     axes[1].set(xlabel="step", ylabel="val mIoU" if task == "seg" else "val accuracy",
                 title=f"{model}: validation (mean ± sd over seeds)")
     axes[1].legend(fontsize=8)

@@ -18,6 +18,7 @@ from autoprobe.backends import ATEN_KIND_NAMES, LADDER, trace_export, trace_hook
 from autoprobe.errors import InputSizeError, TraceError
 from autoprobe.graph import _FUNCTION_KINDS, build_layer_graph
 from autoprobe.report import selection_to_dict
+from autoprobe.trace import TraceOptions
 from autoprobe.trace import trace_model
 from toy_models import BranchyNet as Net
 
@@ -129,7 +130,7 @@ def test_fallback_backends_leave_a_live_model_untouched(backend):
     model.stage1.train()  # mixed flags must come back exactly as they were
     flags = [m.training for m in model.modules()]
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    trace_with_fallbacks(model, SIZE, train=True, backends=(backend,))
+    trace_with_fallbacks(model, SIZE, TraceOptions(mode="train"), backends=(backend,))
     assert [m.training for m in model.modules()] == flags
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[key]), key
@@ -195,3 +196,30 @@ def test_a_shared_module_keeps_its_first_name(backend):
     names = [n.name for n in graph if n.weight]
     assert names[:3] == ["stem", "blocks.0.conv", "pos"]
     assert "pos_1" in names  # the second call of the same module
+
+
+class _Keywords(nn.Module):
+    """Called as ``model(pixel_values=x, scale=s, deep=True)``: the input is not the first parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.extra = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, input_ids=None, pixel_values=None, scale=None, deep=False):  # noqa: ANN001, ANN201
+        x = self.stem(pixel_values) * scale
+        if deep:
+            x = self.extra(x)
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("backend", LADDER)
+def test_keyword_input_and_extra_inputs_on_every_backend(backend):
+    options = TraceOptions(input_name="pixel_values", forward_kwargs={"scale": torch.ones(2, 8, 1, 1), "deep": True})
+    graph = trace_with_fallbacks(_Keywords(), SIZE, options, backends=(backend,)).graph
+    assert graph.depth == 3  # stem, extra (deep=True reached the forward), head
+    assert graph[graph.input].shape == (2, *SIZE)
+    shallow = trace_with_fallbacks(_Keywords(), SIZE, TraceOptions(input_name="pixel_values",
+                                   forward_kwargs={"scale": torch.ones(2, 8, 1, 1)}), backends=(backend,)).graph
+    assert shallow.depth == 2

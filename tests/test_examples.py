@@ -47,9 +47,9 @@ def test_quick_trains_every_method_on_both_tasks_then_skips_them(tmp_path):
     seg_points = {tuple(r["points"]) for r in records if r["task"] == "seg" and r["method"] != "baseline"}
     assert len(seg_points) == 1
 
-    again = _run("--quick", "--threads", "1", "--results", str(results))
+    again = _run("--quick", "--task", "cls", "--threads", "1", "--results", str(results))
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "8 already in" in again.stdout and "0 to do" in again.stdout
+    assert "4 runs in the grid, 4 already in" in again.stdout and "0 to do" in again.stdout
     assert len(results.read_text().splitlines()) == 8
 
     # --render reads the results (quick runs are marked and left out of evidence, so unmark a copy)

@@ -41,7 +41,7 @@ def test_leaf_paths_must_name_a_submodule() -> None:
     with pytest.raises(UsageError, match=r"leaf_paths names 'no.such.module', which is not a submodule"):
         autoprobe.inspect(small(), input_size=(3, 16, 16), leaf_paths=["no.such.module"])
     with pytest.raises(UsageError, match="Close names: 3"):
-        trace_with_fallbacks(small(), (3, 16, 16), leaf_paths=["33"])
+        trace_with_fallbacks(small(), (3, 16, 16), autoprobe.trace.TraceOptions(leaf_paths=["33"]))
 
 
 class Slicer(nn.Module):
@@ -119,3 +119,20 @@ def test_points_that_hooks_cannot_tap_are_never_chosen_on_export() -> None:
     scored = {c.node for c in analysis.selection.candidates}
     if "add" in scored:
         assert any("cannot be tapped" in n and "add" in n for n in analysis.selection.notes)
+
+
+def test_points_can_be_chosen_by_name_and_untappable_ones_are_refused() -> None:
+    analysis = autoprobe.api.analyze(TopLevelAdd(), input_size=(3, 16, 16))
+    chosen = analysis.choose("tail.1", "body.1")
+    assert chosen.names == ("body.1", "tail.1") and chosen.backend == "export"
+    assert all(p.layout == "NCHW" for p in chosen.points)
+    with pytest.raises(UsageError, match=r"'add' cannot be a point on the export backend .*not a module output"):
+        analysis.choose("add")
+    with pytest.raises(UsageError, match="is not a node"):
+        analysis.choose("tail.9")
+
+
+def test_a_chosen_selection_instruments_at_exactly_those_points() -> None:
+    analysis = autoprobe.api.analyze(small(), input_size=(3, 16, 16))
+    probed = autoprobe.instrument(small(), analysis.choose("4"), input_size=(3, 16, 16))
+    assert [t.point for t in probed.report.taps] == ["4"]

@@ -20,6 +20,7 @@ from torch import nn
 
 from autoprobe import instrument
 from autoprobe.errors import InstrumentError
+from autoprobe.trace import TraceOptions
 from conftest import REPO
 
 sys.path.insert(0, str(REPO))  # examples/ is not installed
@@ -135,6 +136,11 @@ def test_hugging_face_classifier_output_is_read_at_logits() -> None:
     out = probed(x)
     assert type(out.output).__name__ == "ImageClassifierOutput"
     assert probed.logits(out) is out.output.logits and probed.report.task == "classification"
+    # Called the Hugging Face way, with the input by keyword.
+    by_name = instrument(probed.strip(), input_size=IMAGE, options=TraceOptions(input_name="pixel_values"))
+    out = by_name(pixel_values=x)
+    by_name.loss(out, y).total.backward()
+    assert all(p.grad is not None for p in by_name.autoprobe_adapters.parameters())
 
 
 # --------------------------------------------------------------------------- binary, 3-D, 1-D

@@ -501,3 +501,22 @@ def test_a_model_without_weight_layers_is_refused_at_instrument_time() -> None:
 
     with pytest.raises(InstrumentError, match="no point to supervise"):
         instrument(NoWeights(), input_size=(3, 8, 8))
+
+
+def test_hooks_of_modules_fx_traced_through_run_around_their_code() -> None:
+    # FSDP2 unshards a block's weights in its forward pre-hook and reshards them in its forward hook;
+    # the fx engine runs the block's code inline, so it must call both, once per call, in order.
+    torch.manual_seed(0)
+    model = TinyUNet(num_classes=3)
+    probed = instrument(model, input_size=(3, 16, 16))
+    block = model.down[0]  # a traced-through Sequential: fx records its convs, not the block
+    events: list[tuple[str, tuple[int, ...]]] = []
+    block.register_forward_pre_hook(lambda m, args: events.append(("pre", tuple(args[0].shape))))
+    block.register_forward_hook(lambda m, args, out: events.append(("post", tuple(out.shape))))
+    root = model.register_forward_hook(lambda m, args, out: out * 0)  # a hook may replace the output, as in eager
+    x = torch.randn(2, 3, 16, 16)
+    out = probed(x)
+    assert events == [("pre", (2, 8, 16, 16)), ("post", (2, 16, 8, 8))]
+    assert torch.equal(out.output, torch.zeros(2, 3, 16, 16))
+    root.remove()
+    assert "_run_forward_pre_hooks" in probed.code

@@ -160,3 +160,25 @@ def test_constructor_that_reads_tensor_values_still_builds_on_meta() -> None:
     assert {t.device.type for t in (*model.parameters(), *model.buffers())} == {"meta"}
     assert nn.Module.register_parameter.__qualname__ == "Module.register_parameter"  # the patch is undone
     assert graph_of(model, (3, 64, 64)).depth > 20
+
+
+def test_a_dataclass_output_is_traced_through_its_fields() -> None:
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Out:
+        logits: torch.Tensor
+        features: torch.Tensor
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> Out:
+            y = torch.relu(self.conv(x))
+            return Out(self.fc(y.mean((2, 3))), y)
+
+    g = graph_of(Net(), (3, 8, 8))
+    assert g.depth == 2 and [n.name for n in g if n.weight] == ["conv", "fc"]
