@@ -13,7 +13,10 @@ from typing import Any
 
 __all__ = [
     "inspect",
+    "analyze",
     "instrument",
+    "TraceOptions",
+    "Layout",
     "Probed",
     "ProbedOutput",
     "Selection",
@@ -28,13 +31,18 @@ __all__ = [
     "SelectionError",
     "InstrumentError",
     "LockError",
+    "UsageError",
+    "OptionError",
 ]
 __version__ = "0.1.0"
 
 # Public name -> the module that defines it; resolved lazily (PEP 562).
 _HOME = {
     "inspect": "api",
+    "analyze": "api",
     "instrument": "rewrite",
+    "TraceOptions": "trace",
+    "Layout": "layout",
     "Probed": "probed",
     "ProbedOutput": "probed",
     "Selection": "select",
@@ -43,7 +51,7 @@ _HOME = {
     "load_rules": "rules",
     **dict.fromkeys(
         ("AutoprobeError", "ModelSpecError", "InputSizeError", "TraceError", "RuleError", "SelectionError",
-         "InstrumentError", "LockError"),
+         "InstrumentError", "LockError", "UsageError", "OptionError"),
         "errors",
     ),
 }

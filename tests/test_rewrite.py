@@ -75,8 +75,9 @@ def _selection_at(model: nn.Module, names: list[str], input_size: tuple[int, ...
     analysis = analyze(model, input_size=input_size)
     graph = analysis.graph
     chosen = tuple(
-        Point(n, graph[n].fx_name, graph[n].module_path, graph[n].depth, graph[n].shape, graph[n].layout, 1.0,
-              (Fired("test", "hand-picked", 1.0),))
+        Point(name=n, fx_name=graph[n].fx_name, module_path=graph[n].module_path, depth=graph[n].depth,
+              shape=graph[n].shape, layout=graph[n].layout, score=1.0,
+              fired=(Fired(detector="test", reason="hand-picked", score=1.0),))
         for n in names
     )
     return dataclasses.replace(analysis.selection, points=chosen)

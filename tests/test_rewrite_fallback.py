@@ -142,7 +142,9 @@ def test_top_level_function_point_cannot_be_hooked() -> None:
     analysis = analyze(model, input_size=SIZE)
     pool = analysis.graph["mean"]  # the global pool in Net.forward itself: no module to hook
     assert analysis.selection.backend == "export" and pool.module_path == ""
-    point = Point(pool.name, pool.fx_name, "", pool.depth, pool.shape, pool.layout, 1.0, ())
+    # Built by hand: select never proposes an untappable node, so this checks instrument's own guard.
+    point = Point(name=pool.name, fx_name=pool.fx_name, module_path="", depth=pool.depth, shape=pool.shape,
+                  layout=pool.layout, score=1.0, fired=())
     selection = dataclasses.replace(analysis.selection, points=(point,))
     with pytest.raises(InstrumentError, match="(?s)'mean'.*top level.*forward hooks can only tap module outputs"):
         instrument(model, selection)
