@@ -9,6 +9,7 @@ is opt-in: with ``allow_real_data=True``, a model whose forward reads tensor val
 
 from __future__ import annotations
 
+import difflib
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -20,7 +21,7 @@ from .errors import AutoprobeError, UsageError
 from .graph import LayerGraph
 from .models import DEFAULT_INPUT_SIZE, ResolvedModel, resolve_model
 from .rules import RulePack, load_rules
-from .select import Selection, check_points, select_points
+from .select import Fired, Scored, Selection, can_be_point, check_points, point_at, select_points
 from .sizes import parse_input_size
 from .trace import TraceOptions
 
@@ -52,8 +53,6 @@ class Analysis:
             >>> analysis.choose("layer1.1.act2", "layer3.0.act1").names
             ('layer1.1.act2', 'layer3.0.act1')
         """
-        from .select import Fired, Point, Scored, can_be_point
-
         if not names or not all(isinstance(n, str) for n in names):
             raise UsageError(f"choose takes node names as strings, like choose('layer1.0.act1'); got {names!r}.")
         scored = {s.node: s for s in self.selection.candidates}
@@ -61,8 +60,6 @@ class Analysis:
         points = []
         for name in dict.fromkeys(names):
             if name not in self.graph:
-                import difflib
-
                 close = difflib.get_close_matches(name, eligible, n=3, cutoff=0.5)
                 raise UsageError(
                     f"{name!r} is not a node of {self.model.label}'s layer graph."
@@ -78,8 +75,7 @@ class Analysis:
                     f"e.g. one of {', '.join(eligible[:5])}."
                 )
             found = scored.get(name) or Scored(name, 0.0, (Fired("by-name", "chosen by name", 0.0),))
-            points.append(Point(name=name, fx_name=info.fx_name, module_path=info.module_path, depth=info.depth,
-                                shape=info.shape or (), layout=info.layout, score=found.score, fired=found.fired))
+            points.append(point_at(info, found))
         points.sort(key=lambda p: self.graph[p.name].order)
         return replace(self.selection, points=tuple(points),
                        notes=(*self.selection.notes, f"points chosen by name: {', '.join(p.name for p in points)}"))

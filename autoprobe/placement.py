@@ -19,9 +19,11 @@ longest input-to-node path. The *main path* is the longest input-to-output path 
 the predecessor of largest depth, the later one on a tie); it holds every depth 1..D. The point
 *at depth d* is the last node of depth d on the main path, that is the output of the d-th weight
 layer after its norm and activation, views (flatten, reshape, dropout) skipped; in a ResNet the
-odd depths are block outputs. On a graph from a
-fallback backend (``export``, ``hooks``) only nodes that are module calls are used, because a tap on
-a function inside a module would move to that module's output and change its depth.
+odd depths are block outputs. A node is usable when ``select.can_be_point`` says so (the one
+eligibility rule: a layout the ops decide and, on a graph from a fallback backend, the output of a
+module call, since a tap on a function inside a module would move to that module's output).
+``by_name`` resolves names and module paths, then hands the nodes to ``Analysis.choose``, the one
+by-name entry point.
 
 Eligible depths are ``1 .. D - ceil(exclude_output * D)`` (the pack's policy), as in ``select``.
 """
@@ -31,13 +33,12 @@ from __future__ import annotations
 import difflib
 import math
 import random
-import re
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Literal
 
 from .errors import SelectionError
-from .select import Fired, Point, Scored, Selection
+from .select import Fired, Point, Scored, Selection, can_be_point, point_at
 
 if TYPE_CHECKING:
     from .api import Analysis
@@ -49,7 +50,6 @@ Position = Literal["input", "centre", "output"]
 POSITIONS: tuple[str, ...] = ("input", "centre", "output")
 _VIEW_KINDS = frozenset({"reshape", "identity"})
 _VIEW_MODULES = frozenset({"Flatten", "Unflatten", "Identity"})  # torch's own view modules, when called as such
-_CALL_SUFFIX = re.compile(r"_\d+$")  # the k-th call of a shared module: relu_1
 
 
 def main_path(graph: LayerGraph) -> tuple[LayerInfo, ...]:
@@ -64,7 +64,7 @@ def main_path(graph: LayerGraph) -> tuple[LayerInfo, ...]:
         >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3),
         ...                           torch.nn.Flatten(), torch.nn.Linear(16, 2))
         >>> [i.name for i in main_path(analyze(net, input_size=(1, 6, 6)).graph)]
-        ['input', '0', '1', '2', '3', '4', 'output']
+        ['input_1', '0', '1', '2', '3', '4', 'output']
     """
     path = [graph[graph.output]]
     while path[-1].name != graph.input:
@@ -80,23 +80,8 @@ def _limit(analysis: Analysis) -> int:
     return max(d - math.ceil(analysis.pack.policy.exclude_output * d), 1)
 
 
-def _tappable(analysis: Analysis, info: LayerInfo) -> bool:
-    """Whether a tap on this node reads exactly its tensor (always, on fx graphs)."""
-    if analysis.graph.backend == "fx":
-        return True
-    modules = dict(analysis.model.module.named_modules())
-    return info.name in modules or _CALL_SUFFIX.sub("", info.name) in modules
-
-
 def _eligible(analysis: Analysis, info: LayerInfo) -> bool:
-    g = analysis.graph
-    return (
-        info.name not in (g.input, g.output)
-        and 1 <= info.depth <= _limit(analysis)
-        and info.shape is not None
-        and info.channels is not None
-        and _tappable(analysis, info)
-    )
+    return can_be_point(analysis.graph, info) and 1 <= info.depth <= _limit(analysis)
 
 
 def depth_points(analysis: Analysis) -> dict[int, LayerInfo]:
@@ -121,18 +106,7 @@ def depth_points(analysis: Analysis) -> dict[int, LayerInfo]:
 
 def _point(analysis: Analysis, info: LayerInfo, why: str) -> Point:
     scored = {s.node: s for s in analysis.selection.candidates}.get(info.name)
-    if scored is None:
-        scored = Scored(info.name, 0.0, (Fired("placement", why, 0.0),))
-    return Point(
-        name=info.name,
-        fx_name=info.fx_name,
-        module_path=info.module_path,
-        depth=info.depth,
-        shape=info.shape or (),
-        layout=str(info.layout or ""),
-        score=scored.score,
-        fired=scored.fired,
-    )
+    return point_at(info, scored or Scored(info.name, 0.0, (Fired("placement", why, 0.0),)))
 
 
 def _selection(analysis: Analysis, infos: Sequence[LayerInfo], note: str, why: str, distance: int) -> Selection:
@@ -206,7 +180,7 @@ def spaced(analysis: Analysis, m: int, spacing: int, position: Position = "centr
 def _module_output(graph: LayerGraph, path: str) -> LayerInfo | None:
     """The node a module's output is: the last node executed inside it."""
     inside = [i for i in graph.ordered if i.name.startswith(path + ".") or i.module_path == path
-              or i.module_path.startswith(path + ".") or _CALL_SUFFIX.sub("", i.name) == path]
+              or i.module_path.startswith(path + ".") or (i.call is not None and i.call[0] == path)]
     inside = [i for i in inside if i.name not in (graph.input, graph.output)]
     return max(inside, key=lambda i: i.order) if inside else None
 
@@ -224,7 +198,8 @@ def by_name(analysis: Analysis, names: Sequence[str]) -> Selection:
 
     Raises:
         SelectionError: a name is neither a node nor a module (the message lists close
-            matches), two names give the same node, or a node has no channel axis.
+            matches), or two names give the same node.
+        UsageError: a named node cannot be a point (from ``Analysis.choose``).
 
     Example:
         >>> import torch
@@ -253,15 +228,13 @@ def by_name(analysis: Analysis, names: Sequence[str]) -> Selection:
                 + (f"; close matches: {', '.join(close)}" if close else "")
                 + ". Hint: `autoprobe inspect MODEL --all-candidates` lists node names; a module path means its output."
             )
-        if info.channels is None or info.shape is None:
-            raise SelectionError(f"by_name: node {info.name!r} (for {name!r}) has no channel axis an adapter can read. "
-                                 "Hint: name a feature map or token sequence, e.g. a block's output.")
         if any(c.name == info.name for c in chosen):
             raise SelectionError(f"by_name: {name!r} gives node {info.name!r}, which is already chosen. "
                                  "Hint: name each point once.")
         chosen.append(info)
+    selection = analysis.choose(*(i.name for i in chosen))  # the one eligibility check for named points
     note = f"placed by autoprobe.placement.by_name: {', '.join(names)} -> {', '.join(i.name for i in chosen)}"
-    return _selection(analysis, chosen, note, "named by the user", analysis.selection.min_distance)
+    return replace(selection, notes=(*analysis.selection.notes, note))
 
 
 def random_points(analysis: Analysis, m: int, seed: int) -> Selection:

@@ -33,7 +33,7 @@ from .layout import Layout
 from .rules import Policy, RulePack
 from .trace import Backend, Mode
 
-__all__ = ["Fired", "Point", "Scored", "Selection", "select_points", "auto_points", "check_points", "can_be_point"]
+__all__ = ["Fired", "Point", "Scored", "Selection", "select_points", "auto_points", "check_points", "can_be_point", "point_at"]
 
 
 @dataclass(frozen=True)
@@ -283,7 +283,7 @@ def select_points(graph: LayerGraph, pack: RulePack, *, points: int | None = Non
     return Selection(
         model=model,
         depth=graph.depth,
-        points=tuple(_point(graph[s.node], s) for s in picked),
+        points=tuple(point_at(graph[s.node], s) for s in picked),
         candidates=tuple(scored),
         rules=pack.name,
         rules_sha256=pack.sha256,
@@ -306,7 +306,8 @@ def _greedy(graph: LayerGraph, ranked: list[Scored], m: int, distance: int) -> l
     return chosen
 
 
-def _point(info: LayerInfo, scored: Scored) -> Point:
+def point_at(info: LayerInfo, scored: Scored) -> Point:
+    """The ``Point`` for an eligible node, with the score and rules of ``scored`` (the one way a Point is made)."""
     return Point(
         name=info.name,
         fx_name=info.fx_name,
