@@ -196,32 +196,62 @@ def _bars(summary: dict, metrics: Sequence[str], title: str, path: Path) -> Path
 
 def _setting_plot(records, base, groups: dict[str, list[tuple[float, str]]], xlabel: str, title: str,
                   path: Path) -> Path | None:
-    """One line per group: mean mIoU over seeds (with sd bars) against x, the baseline as a band."""
+    """One line per group: the paired mIoU difference to the baseline (same seeds) against x, with
+    95% paired-t intervals where there are two or more seeds; n is written beside each point."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 3.4))
+    fig, ax = plt.subplots(figsize=(5.4, 3.6))
     drawn = False
     for gi, (name, points) in enumerate(groups.items()):
-        xs, ys, es = [], [], []
+        xs, ys, lo, hi = [], [], [], []
         for x, setting in points:
             rs = _select(records, task="seg", model="deeplabv3plus", method="imachsr", setting=setting)
-            if rs:
-                v = [r["metrics"]["mIoU"] * 100 for r in rs]
-                xs.append(x + 0.04 * (gi - (len(groups) - 1) / 2))
-                ys.append(statistics.fmean(v))
-                es.append(statistics.stdev(v) if len(v) > 1 else 0)
+            if not rs:
+                continue
+            d = paired(_by_seed(base, "mIoU"), _by_seed(rs, "mIoU"))
+            xs.append(x + 0.05 * (gi - (len(groups) - 1) / 2))
+            ys.append(d.mean * 100)
+            lo.append((d.mean - d.low) * 100 if d.n > 1 else 0)
+            hi.append((d.high - d.mean) * 100 if d.n > 1 else 0)
+            ax.annotate(f"n={d.n}", (xs[-1], ys[-1]), textcoords="offset points", xytext=(4, 4), fontsize=6)
         if xs:
             drawn = True
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=name)
+            ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=name)
     if not drawn:
         plt.close(fig)
         return None
-    if base:
-        b = [r["metrics"]["mIoU"] * 100 for r in base]
-        mu, sd = statistics.fmean(b), (statistics.stdev(b) if len(b) > 1 else 0)
-        ax.axhspan(mu - sd, mu + sd, color="#999999", alpha=0.25, label=f"baseline (n={len(b)}) ± sd")
-        ax.axhline(mu, color="#555555", lw=1)
-    ax.set(xlabel=xlabel, ylabel="test mIoU (%)", title=title)
+    ax.axhline(0, color="#555555", lw=1, label="baseline (paired)")
+    ax.set(xlabel=xlabel, ylabel="ΔmIoU vs baseline (points)", title=title)
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _delta_bars(records, base, settings: Sequence[tuple[str, str]], title: str, path: Path) -> Path | None:
+    """Bars: each setting's paired mIoU difference to the baseline, with its 95% t interval."""
+    plt = _plt()
+    labels, means, lows, highs, ns = [], [], [], [], []
+    for label, setting in settings:
+        rs = _select(records, task="seg", model="deeplabv3plus", method="imachsr", setting=setting)
+        if not rs:
+            continue
+        d = paired(_by_seed(base, "mIoU"), _by_seed(rs, "mIoU"))
+        labels.append(label.replace(" ", "\n", 1))
+        means.append(d.mean * 100)
+        lows.append((d.mean - d.low) * 100 if d.n > 1 else 0)
+        highs.append((d.high - d.mean) * 100 if d.n > 1 else 0)
+        ns.append(d.n)
+    if not labels:
+        return None
+    fig, ax = plt.subplots(figsize=(1.3 * len(labels) + 1.5, 3.6))
+    ax.bar(range(len(labels)), means, yerr=[lows, highs], capsize=3, color=COLORS["imachsr"])
+    for i, n in enumerate(ns):
+        ax.annotate(f"n={n}", (i, 0), textcoords="offset points", xytext=(0, -12), ha="center", fontsize=7)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(labels)), labels, fontsize=7)
+    ax.set_ylabel("ΔmIoU vs baseline (points, paired)")
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -312,8 +342,8 @@ def render(results: Path, out: Path) -> str:
                   + [(f"random draw {d}", f"random/M=3/draw={d}") for d in range(3)])
     parts.append("## Selection test (iMacHSR, same budget; seeds as listed)\n\n"
                  + _imachsr_rows(records, s_settings, base) + "\n")
-    made.append(_setting_plot(records, base, {"iMacHSR": [(i, s) for i, (_, s) in enumerate(s_settings)]},
-                              "0 auto, 1 hand, 2 last stage, 3-5 random draws", "selection test", out / "selection.png"))
+    made.append(_delta_bars(records, base, s_settings, "Selection test: iMacHSR at different points (95% paired-t CI)",
+                            out / "selection.png"))
     made.append(_qualitative(records, out))
     text = "\n".join(parts)
     (out / "tables.md").write_text(text)
