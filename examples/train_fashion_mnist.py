@@ -8,13 +8,13 @@ downloaded.
 Usage:
     apt-get install -y dataset-fashion-mnist
     python examples/train_fashion_mnist.py --epochs 1 --limit 12000
+    python examples/train_fashion_mnist.py --quick      # 512 images, a few seconds (a test runs it)
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
-import struct
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +23,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import autoprobe
+
+try:  # run as a script (examples/ on sys.path) or imported as examples.train_fashion_mnist
+    from segdata import DEBIAN_DIR, DataMissingError, read_fashion_mnist
+except ImportError:
+    from .segdata import DEBIAN_DIR, DataMissingError, read_fashion_mnist
 
 __all__ = ["SmallCNN", "train", "load_data"]
 
@@ -43,21 +48,6 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x))
 
 
-DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
-
-
-def _read_idx(path: Path) -> torch.Tensor:
-    """One IDX file (gzipped or not): a big-endian header, then uint8 values."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    zero, dtype, ndim = data[0:2], data[2], data[3]
-    if zero != b"\x00\x00" or dtype != 0x08:
-        raise SystemExit(f"{path} is not an IDX file of unsigned bytes (header {data[:4]!r}).")
-    dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
-    return torch.frombuffer(bytearray(data[4 + 4 * ndim :]), dtype=torch.uint8).reshape(dims)
-
-
 def load_data(root: Path, train: bool, limit: int | None = None) -> TensorDataset:
     """Fashion-MNIST images, normalized to mean 0 / std 1, with integer labels.
 
@@ -69,18 +59,8 @@ def load_data(root: Path, train: bool, limit: int | None = None) -> TensorDatase
     Returns:
         A ``TensorDataset`` of (1x28x28 float images, int64 labels).
     """
-    prefix = "train" if train else "t10k"
-    tensors = []
-    for kind in ("images-idx3", "labels-idx1"):
-        candidates = [root / f"{prefix}-{kind}-ubyte.gz", root / f"{prefix}-{kind}-ubyte"]
-        found = next((c for c in candidates if c.exists()), None)
-        if found is None:
-            raise SystemExit(
-                f"Fashion-MNIST not found: no {candidates[0].name} in {root}.\n"
-                "Hint: `apt-get install -y dataset-fashion-mnist` (files in /usr/share/datasets/fashion-mnist), "
-                "or pass --data DIR holding the four IDX files."
-            )
-        tensors.append(_read_idx(found)[:limit])
+    images, labels = read_fashion_mnist(root, train=train)
+    tensors = (images[:limit], labels[:limit])
     images = (tensors[0].unsqueeze(1).float() / 255 - 0.286) / 0.353
     return TensorDataset(images, tensors[1].long())
 
@@ -113,7 +93,7 @@ def train(model: nn.Module, loader: DataLoader, epochs: int) -> nn.Module:
     return probed.strip().eval()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DEBIAN_DIR, help=f"directory of the IDX files (default {DEBIAN_DIR})")
     parser.add_argument("--epochs", type=int, default=1)
@@ -121,11 +101,18 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="train on the first N images only")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (set explicitly: shared machines)")
     parser.add_argument("--save", type=Path, default=None, help="write the stripped model's state_dict here")
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true", help="512 train and 512 test images, 1 epoch (a smoke test)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.limit, args.epochs, args.batch = 512, 1, 64
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    train_set = load_data(args.data, train=True, limit=args.limit)
-    test_set = load_data(args.data, train=False)
+    try:
+        train_set = load_data(args.data, train=True, limit=args.limit)
+        test_set = load_data(args.data, train=False, limit=512 if args.quick else None)
+    except DataMissingError as exc:
+        print(exc, file=sys.stderr)
+        sys.exit(2)
     wall, cpu = time.perf_counter(), time.process_time()
     model = train(SmallCNN(), DataLoader(train_set, args.batch, shuffle=True), args.epochs)
     print(f"trained on {len(train_set)} images in {time.perf_counter() - wall:.0f} s wall, "

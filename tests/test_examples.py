@@ -1,5 +1,6 @@
 """The examples cannot rot: compare.py's --quick path trains every method on both tasks, skips
-finished runs on a rerun, and --render turns results into tables and PNGs."""
+finished runs on a rerun, and --render turns results into tables and PNGs; the Fashion-MNIST
+example trains, strips and scores in its --quick mode."""
 
 from __future__ import annotations
 
@@ -68,3 +69,17 @@ def test_a_missing_data_set_says_which_package_to_install(tmp_path):
     result = _run("--quick", "--task", "cls", "--data", str(tmp_path), "--results", str(tmp_path / "r.jsonl"))
     assert result.returncode == 2
     assert "apt-get install -y dataset-fashion-mnist" in result.stderr
+
+
+def test_fashion_mnist_example_quick_trains_strips_and_scores():
+    script = ROOT / "examples" / "train_fashion_mnist.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(script), "--quick", "--threads", "1"], capture_output=True, text=True,
+                          env=env, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "trained on 512 images" in done.stdout
+    accuracy = float(done.stdout.rsplit("test accuracy of the stripped model:", 1)[1])
+    assert 0.10 < accuracy <= 1.0  # above chance (0.10) after 8 steps
+    missing = subprocess.run([sys.executable, str(script), "--quick", "--data", "/no/such/dir"], capture_output=True,
+                             text=True, env=env, timeout=120, check=False)
+    assert missing.returncode == 2 and "apt-get install -y dataset-fashion-mnist" in missing.stderr
