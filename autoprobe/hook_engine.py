@@ -97,9 +97,10 @@ def hook_targets(
                  if v and str(v[0])]
         if not stack:
             raise InstrumentError(
-                f"point {info.name!r} is a {info.kind} op at the top level of {type(model).__name__}'s forward, from "
-                f"a {traced.backend!r} graph: forward hooks can only tap module outputs.\n"
-                "Hint: pass a selection without this point (`autoprobe.placement` picks points by name), or make "
+                f"point {info.name!r} (op kind {info.kind!r}) is computed at the top level of "
+                f"{type(model).__name__}'s forward, in a {traced.backend!r} graph: forward hooks can only tap module "
+                "outputs.\nHint: choose points that are module outputs with "
+                "`autoprobe.analyze(model, input_size=...).choose(name, ...)`, or make "
                 "fx trace the model (leaf_modules=[...] / leaf_paths=[...] around the part it cannot trace)."
             )
         key, path = stack[-1]
