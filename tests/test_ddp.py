@@ -8,28 +8,16 @@ identical across ranks and have moved.
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parent.parent
+from _torchrun import run_two_processes
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
 def test_ddp_two_cpu_processes_keep_parameters_identical(tmp_path: Path) -> None:
-    torchrun = shutil.which("torchrun")
-    command = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [*command, "--standalone", "--nproc_per_node", "2", str(ROOT / "tests" / "_ddp_worker.py"), str(tmp_path)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
-    )
-    assert result.returncode == 0, f"torchrun failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    run_two_processes("_ddp_worker.py", tmp_path, timeout=240)
 
     rank0 = torch.load(tmp_path / "rank0.pt")
     rank1 = torch.load(tmp_path / "rank1.pt")

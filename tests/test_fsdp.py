@@ -10,28 +10,16 @@ got mixed torch.Tensor and DTensor``.)
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parent.parent
+from _torchrun import run_two_processes
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
 def test_fsdp2_two_cpu_processes_match_the_single_process_losses(tmp_path: Path) -> None:
-    torchrun = shutil.which("torchrun")
-    command = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [*command, "--standalone", "--nproc_per_node", "2", str(ROOT / "tests" / "_fsdp_worker.py"), str(tmp_path)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=400,
-    )
-    assert result.returncode == 0, f"torchrun failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    run_two_processes("_fsdp_worker.py", tmp_path, timeout=400)
     for rank in (0, 1):
         saved = torch.load(tmp_path / f"rank{rank}.pt")
         assert saved["points"]

@@ -16,6 +16,7 @@ from torchvision.models.feature_extraction import get_graph_node_names
 import autoprobe
 from autoprobe.backends import LADDER, trace_with_fallbacks
 from autoprobe.trace import NodeNamer
+from toy_models import SliceThenShared
 
 
 class Dup(nn.Module):
@@ -140,30 +141,6 @@ def test_names_keep_module_paths_where_torchvision_renumbers() -> None:
 def test_every_backend_names_module_outputs_alike(backend: str) -> None:
     fx_names = {n for n in names(Dup(), "fx") if n not in ("x", "output", "mean")}
     assert fx_names <= set(names(Dup(), backend))
-
-
-class SliceThenShared(nn.Module):
-    """Issue 12.3: fx stops at the in-place slice; export counted F.relu and the module relu's calls together."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, 1, 1)
-        self.relu = nn.ReLU()
-        self.convs = nn.ModuleList(nn.Conv2d(8, 8, 3, 1, 1) for _ in range(6))
-        self.pool = nn.MaxPool2d(2)
-        self.fc = nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        x[:, :2] = x[:, :2] * 0.5
-        x = F.relu(x)
-        for i, conv in enumerate(self.convs):
-            x = conv(x)
-            if i < 5:
-                x = self.relu(x)
-            if i in (1, 3):
-                x = self.pool(x)
-        return self.fc(x.mean((2, 3)))
 
 
 def test_export_names_each_call_of_a_shared_module_and_taps_catch_it() -> None:

@@ -19,7 +19,7 @@ from autoprobe.api import analyze
 from autoprobe.errors import InstrumentError
 from autoprobe.rewrite import ProbedOutput, instrument
 from autoprobe.select import Point
-from toy_models import BranchyNet as Net
+from toy_models import BranchyNet as Net, SliceThenShared
 
 torch.set_num_threads(2)
 
@@ -184,34 +184,9 @@ def test_each_call_of_a_shared_module_is_tapped_separately() -> None:
         assert torch.equal(out.features["block.1_1"], model.block(first))
 
 
-class _SliceAssign(nn.Module):
-    """Issue 12.3's repro: fx cannot trace the in-place slice assignment; export counts the top-level
-    ``F.relu`` and the shared ``self.relu`` module's calls together."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.convs = nn.ModuleList(nn.Conv2d(8, 8, 3, padding=1) for _ in range(6))
-        self.relu = nn.ReLU()
-        self.pool = nn.MaxPool2d(2)
-        self.fc = nn.Linear(8, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        x[:, :2] = x[:, :2] * 0.5
-        x = torch.nn.functional.relu(x)
-        for i, conv in enumerate(self.convs):
-            x = conv(x)
-            if i < 5:
-                x = self.relu(x)
-            if i in (1, 3):
-                x = self.pool(x)
-        return self.fc(x.mean((2, 3)))
-
-
 def test_export_taps_land_on_the_call_the_selection_recorded() -> None:
     torch.manual_seed(0)
-    model = _SliceAssign()
+    model = SliceThenShared()
     probed = instrument(model, input_size=(3, 16, 16), points=3)
     assert probed.report.backend == "export"
     out = probed(torch.randn(2, 3, 16, 16))
@@ -225,7 +200,7 @@ def test_a_hook_on_the_wrong_call_refuses_instead_of_training_on_it() -> None:
     from autoprobe.hook_engine import HookEngine, HookTarget
 
     torch.manual_seed(0)
-    model = _SliceAssign()
+    model = SliceThenShared()
     probed = instrument(model, input_size=(3, 16, 16), points=3)
     recipe = probed._recipe
     # Shift one tap to the next call of its module: a different feature (pooled in between).

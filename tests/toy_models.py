@@ -516,3 +516,27 @@ class BranchyNet(nn.Module):
             x = x * 0.5
         x = self.stage2(self.down(x))
         return self.head(x.mean((2, 3)))
+
+
+class SliceThenShared(nn.Module):
+    """Issue 12.3: fx stops at the in-place slice; export counted F.relu and the module relu's calls together."""
+
+    def __init__(self, num_classes: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, 1, 1)
+        self.relu = nn.ReLU()
+        self.convs = nn.ModuleList(nn.Conv2d(8, 8, 3, 1, 1) for _ in range(6))
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x[:, :2] = x[:, :2] * 0.5
+        x = F.relu(x)
+        for i, conv in enumerate(self.convs):
+            x = conv(x)
+            if i < 5:
+                x = self.relu(x)
+            if i in (1, 3):
+                x = self.pool(x)
+        return self.fc(x.mean((2, 3)))
