@@ -95,7 +95,7 @@ class SegConfig:
     noise: float = 0.1
     threshold: float = 0.12
     train: int = 6000
-    val: int = 150
+    val: int = 600
     test: int = 1000
     seed: int = 0
 
