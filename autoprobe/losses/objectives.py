@@ -36,6 +36,7 @@ from .terms import _DKS_REGRESSION, NE_MAX_POSITIONS, channel_dim_for, check_reg
 __all__ = [
     "Schedule",
     "ObjectiveName",
+    "MIEstimator",
     "LossResult",
     "Objective",
     "IMacHSR",
@@ -46,11 +47,12 @@ __all__ = [
 ]
 
 Schedule = Literal["constant", "linear", "cosine"]
+MIEstimator = _math.MIEstimator
 ObjectiveName = Literal["imachsr", "dsn", "dks"]
 
 # The keyword options of make_objective each objective accepts.
 _OBJECTIVE_OPTIONS: dict[str, set[str]] = {
-    "imachsr": {"layouts", "alpha", "lam"},
+    "imachsr": {"layouts", "alpha", "lam", "mi_estimator"},
     "dsn": {"alpha"},
     "dks": {"alpha", "beta", "temperature"},
 }
@@ -243,6 +245,12 @@ class IMacHSR(Objective):
             strided grid (``NegativeEntropyLoss.max_positions``); ``None`` for the exact mean.
         target_kind: the ``TargetKind``.
         regression_loss: ``"mse"`` or ``"l1"``, the output loss for regression.
+        mi_estimator: how the MI of multiclass labels is estimated: ``"image"`` (the paper's
+            image-wise MI; the batch for classification), ``"pooled"`` (one table over the
+            batch's positions, so naming a class differently in two images costs), or
+            ``"shuffled"`` (the image-wise MI minus its value with the labels of another
+            image or sample: the plug-in estimate's upward bias removed). See
+            ``examples/mi_estimators.py`` for both properties measured.
 
     Example:
         >>> import torch
@@ -267,6 +275,7 @@ class IMacHSR(Objective):
         ne_positions: int | None = NE_MAX_POSITIONS,
         target_kind: TargetKind = "multiclass",
         regression_loss: RegressionLoss = "mse",
+        mi_estimator: MIEstimator = "image",
     ) -> None:
         super().__init__(
             points,
@@ -275,6 +284,12 @@ class IMacHSR(Objective):
             target_kind=target_kind,
             regression_loss=regression_loss,
         )
+        if mi_estimator not in _math.MI_ESTIMATORS:
+            raise InstrumentError(
+                f"unknown mi_estimator {mi_estimator!r}; expected one of {list(_math.MI_ESTIMATORS)}. "
+                "Hint: 'image' is the paper's image-wise MI."
+            )
+        self.mi_estimator: MIEstimator = mi_estimator
         self.ne_positions = check_max_positions(ne_positions)
         check_names("layout", layouts, self.points)
         self._channel_dims = {name: channel_dim_for(layouts[name]) for name in self.points}
@@ -301,14 +316,15 @@ class IMacHSR(Objective):
         terms: list[tuple[str, float, Tensor]] = []
         for name in self.points:
             head = heads[name]
-            mi = _math.heterogeneous(self.target_kind, head.logits, head.target, self.eps)
+            mi = _math.heterogeneous(self.target_kind, head.logits, head.target, self.eps, self.mi_estimator)
             terms.append((f"{self._mi_part}/{name}", self.alpha[name], mi))
             ne = _math.negative_entropy(features[name], self._channel_dims[name], self.ne_positions)
             terms.append((f"ne/{name}", self.lam[name], ne))
         return terms
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, alpha={self.alpha}, lam={self.lam}, ne_positions={self.ne_positions}"
+        estimator = "" if self.mi_estimator == "image" else f", mi_estimator={self.mi_estimator!r}"
+        return f"{super().extra_repr()}, alpha={self.alpha}, lam={self.lam}, ne_positions={self.ne_positions}{estimator}"
 
 
 class DSN(Objective):
@@ -442,6 +458,7 @@ def make_objective(
     schedule: Schedule = "constant",
     ignore_index: int = -100,
     regression_loss: RegressionLoss = "mse",
+    mi_estimator: MIEstimator | None = None,
 ) -> Objective:
     """Build an objective by name, for ``instrument``, configs and the CLI.
 
@@ -466,6 +483,7 @@ def make_objective(
         schedule: ``"constant"``, ``"linear"`` or ``"cosine"``.
         ignore_index: target value excluded from every term (labels only).
         regression_loss: ``"mse"`` or ``"l1"``; only ``target_kind="regression"`` takes ``"l1"``.
+        mi_estimator: ``"image"``, ``"pooled"`` or ``"shuffled"`` (imachsr; see ``IMacHSR``).
 
     Returns:
         An ``IMacHSR``, ``DSN`` or ``DKS``.
@@ -478,7 +496,8 @@ def make_objective(
         >>> make_objective("dsn", ["layer1", "layer3"], alpha=0.4)
         DSN(points=['layer1', 'layer3'], schedule='constant', ignore_index=-100, alpha={'layer1': 0.4, 'layer3': 0.4})
     """
-    options = {"layouts": layouts, "alpha": alpha, "lam": lam, "beta": beta, "temperature": temperature}
+    options = {"layouts": layouts, "alpha": alpha, "lam": lam, "beta": beta, "temperature": temperature,
+               "mi_estimator": mi_estimator}
     given = {key for key, option in options.items() if option is not None}
     if name not in _OBJECTIVE_OPTIONS:
         raise InstrumentError(f"unknown objective {name!r}; expected one of {list(get_args(ObjectiveName))}")
@@ -498,12 +517,14 @@ def make_objective(
         raise InstrumentError(_DKS_REGRESSION)
     # Pass only what was given, so the class defaults stay defined in one place.
     weights = {key: option for key, option in (("alpha", alpha), ("lam", lam)) if option is not None}
+    estimator = {} if mi_estimator is None else {"mi_estimator": mi_estimator}
     synergy = {key: option for key, option in (("beta", beta), ("temperature", temperature)) if option is not None}
     common = {"schedule": schedule, "ignore_index": ignore_index, "target_kind": kind}
     if name == "imachsr":
         if layouts is None:
             raise InstrumentError("objective 'imachsr' needs layouts: point name -> feature layout, for NE")
-        return IMacHSR(points, layouts, regression_loss=regression_loss, **common, **weights)  # type: ignore[arg-type]
+        return IMacHSR(points, layouts, regression_loss=regression_loss, **common, **weights,  # type: ignore[arg-type]
+                       **estimator)
     if name == "dsn":
         return DSN(points, regression_loss=regression_loss, **common, **weights)  # type: ignore[arg-type]
     return DKS(points, **common, **weights, **synergy)  # type: ignore[arg-type]
