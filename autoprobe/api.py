@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import difflib
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 from torch import nn
 
@@ -133,8 +134,12 @@ def analyze(
     num_classes: int | None = None,
     allow_real_data: bool = False,
     options: TraceOptions | None = None,
+    model_args: Mapping[str, Any] | None = None,
 ) -> Analysis:
     """Trace, detect and select for a model; see ``inspect`` for the arguments.
+
+    ``model_args`` are the keyword arguments a spec's builder is called with
+    (``{"encoder_weights": None}`` for ``segmentation_models_pytorch:Unet``); see ``models.resolve_model``.
 
     Tracing climbs the fallback ladder of ``backends.py``: fx, then ``torch.export``, then
     forward hooks, the first that yields a layer graph wins. When the winner's graph gives no
@@ -161,8 +166,12 @@ def analyze(
     if isinstance(model, str):
         # A real run needs real weights: with allow_real_data a spec is built on the CPU (fresh weights, nothing
         # downloaded), and only the hooks backend ever computes with them.
-        resolved = resolve_model(model, num_classes=num_classes, device="cpu" if opts.allow_real_data else "meta")
+        resolved = resolve_model(model, num_classes=num_classes, model_args=model_args,
+                                 device="cpu" if opts.allow_real_data else "meta")
     elif isinstance(model, nn.Module):
+        if model_args:
+            raise UsageError("model_args are the arguments of a model spec's builder; this model is already built.\n"
+                             "Hint: pass a spec string such as 'package.module:factory', or leave model_args out.")
         resolved = ResolvedModel(model, type(model).__name__, DEFAULT_INPUT_SIZE)
     else:
         raise UsageError(

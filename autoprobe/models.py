@@ -1,10 +1,18 @@
 """Resolve a model spec to an ``nn.Module``, built on the meta device for inspection.
 
 Specs:
-    ``resnet50``               a timm model name (``timm.list_models()``);
+    ``resnet50``               a timm model name (``timm.list_models()``), optionally with a
+                               pretrained tag (``convnext_atto.d2_in1k``): the tag picks that
+                               variant's config (its input size), never its weights;
     ``tv:resnet50``            a torchvision model (``torchvision.models.list_models()``),
                                classification or segmentation;
-    ``package.module:factory`` a callable returning an ``nn.Module``, called with no arguments.
+    ``package.module:factory`` a callable returning an ``nn.Module``, called with the spec's
+                               keyword arguments (``model_args``), none by default.
+
+Nothing is downloaded: ``hf-hub:`` names and torchvision weight enums
+(``tv:resnet50.IMAGENET1K_V2``, ``ResNet50_Weights.DEFAULT``) are refused with a
+``ModelSpecError`` that names the offline equivalent, and so are ``model_args`` that would
+download (``pretrained=True`` for timm, ``weights=`` for torchvision).
 
 Models named by spec are built with ``pretrained=False`` under
 ``torch.device("meta")``: no weights are allocated or downloaded, so even
@@ -25,16 +33,18 @@ import difflib
 import importlib
 import math
 import os
+import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .errors import ModelSpecError
+from .errors import ModelSpecError, UsageError
+from .kwargs import Kwargs
 
 __all__ = ["ResolvedModel", "resolve_model", "DEFAULT_INPUT_SIZE"]
 
@@ -120,36 +130,112 @@ def _build(factory: Callable[[], nn.Module], device: Device) -> nn.Module:
         return model.to("meta")
 
 
-def _timm(name: str, num_classes: int | None, device: Device) -> ResolvedModel:
+_HUB_PREFIXES = ("hf-hub:", "hf_hub:")
+# How people write a torchvision weight enum: ResNet50_Weights.IMAGENET1K_V2, torchvision.models.ResNet50_Weights.
+_WEIGHTS_ENUM = re.compile(r"^(?:tv:)?(?:torchvision\.models\.)?(?P<enum>\w+_Weights)(?:\.(?P<tag>\w+))?$")
+_OFFLINE = "autoprobe builds models offline and never downloads weights or configs"
+
+
+def _refuse_hub(spec: str) -> ModelSpecError:
     import timm
 
-    if name not in timm.list_models():
+    repo = spec.split(":", 1)[1]
+    name = repo.rsplit("/", 1)[-1]
+    known = name in timm.list_pretrained() or name in timm.list_models()
+    instead = f"use the timm name `{name}`, built with pretrained=False" if known else \
+        "use the architecture's timm name, built with pretrained=False"
+    return ModelSpecError(
+        f"model spec {spec!r} names a Hugging Face Hub repository, and {_OFFLINE}.\n"
+        f"Hint: {instead}, or write a `package.module:factory` that builds the model from a local config."
+    )
+
+
+def _refuse_weights_enum(spec: str, enum: str, tag: str | None) -> ModelSpecError:
+    import torchvision.models as tvm
+
+    owners = [n for n in tvm.list_models() if tvm.get_model_weights(n).__name__ == enum]
+    instead = f"`tv:{owners[0]}`" if owners else "`tv:NAME` (torchvision.models.list_models())"
+    return ModelSpecError(
+        f"model spec {spec!r} names torchvision weights{f' ({tag})' if tag else ''}, and {_OFFLINE}.\n"
+        f"Hint: use {instead}, built with weights=None; load a checkpoint of your own after instrumenting."
+    )
+
+
+def _call_kwargs(
+    label: str, num_classes: int | None, model_args: Kwargs, refused: Mapping[str, object]
+) -> dict[str, Any]:
+    """The keyword arguments a builder is called with: ``model_args`` plus ``num_classes``, checked.
+
+    ``refused`` maps an argument that would download (``pretrained``) to the only value allowed.
+    """
+    kwargs = model_args.to_dict()
+    if num_classes is not None:
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+            raise UsageError(f"num_classes must be a positive integer, not {num_classes!r}.\n"
+                             "Hint: pass the classifier width, e.g. num_classes=10 (CLI: --num-classes 10).")
+        if kwargs.get("num_classes", num_classes) != num_classes:
+            raise UsageError(
+                f"num_classes={num_classes} and model_args num_classes={kwargs['num_classes']!r} disagree for {label}.\n"
+                "Hint: give the classifier width once (CLI: --num-classes N, or --model-arg num_classes=N)."
+            )
+        kwargs["num_classes"] = num_classes
+    for key, allowed in refused.items():
+        if key in kwargs and kwargs[key] != allowed:
+            raise ModelSpecError(f"model argument {key}={kwargs[key]!r} for {label} would download weights, and {_OFFLINE}.\n"
+                                 f"Hint: leave {key} out (autoprobe passes {key}={allowed!r}).")
+    return kwargs
+
+
+def _rejected(label: str, exc: TypeError) -> ModelSpecError:
+    return ModelSpecError(f"building {label} with those arguments failed: TypeError: {exc}\n"
+                          "Hint: check the names against the model's constructor (--model-arg KEY=VALUE).")
+
+
+def _timm(name: str, num_classes: int | None, model_args: Kwargs, device: Device) -> ResolvedModel:
+    import timm
+
+    # A tagged name (convnext_atto.d2_in1k) selects a pretrained config: its input size, mean and std.
+    known = timm.list_pretrained() if "." in name else timm.list_models()
+    if name not in known:
         raise ModelSpecError(
-            f"unknown model {name!r}: not a timm model name.{_suggest(name, timm.list_models())}\n"
-            "Hint: use a name from `timm.list_models()`, `tv:NAME` for torchvision, or `package.module:factory`."
+            f"unknown model {name!r}: not a timm model name.{_suggest(name, known)}\n"
+            "Hint: use a name from `timm.list_models()` (or a tagged one from `timm.list_pretrained()`), "
+            "`tv:NAME` for torchvision, or `package.module:factory`."
         )
-    extra = {} if num_classes is None else {"num_classes": num_classes}
-    model = _build(lambda: timm.create_model(name, pretrained=False, **extra), device)
+    kwargs = _call_kwargs(name, num_classes, model_args, {"pretrained": False})
+    kwargs["pretrained"] = False
+    try:
+        model = _build(lambda: timm.create_model(name, **kwargs), device)
+    except TypeError as exc:
+        if not model_args:
+            raise
+        raise _rejected(name, exc) from exc
     input_size = tuple(model.pretrained_cfg.get("input_size", DEFAULT_INPUT_SIZE))
     return ResolvedModel(model, name, input_size)
 
 
-def _torchvision(name: str, num_classes: int | None, device: Device) -> ResolvedModel:
+def _torchvision(name: str, num_classes: int | None, model_args: Kwargs, device: Device) -> ResolvedModel:
     import torchvision.models as tvm
 
     names = tvm.list_models()
+    base, _, tag = name.partition(".")
+    if tag and base in names:
+        raise _refuse_weights_enum(f"tv:{name}", tvm.get_model_weights(base).__name__, tag)
     if name not in names:
         raise ModelSpecError(
             f"unknown torchvision model {name!r}.{_suggest(name, names)}\n"
             "Hint: `torchvision.models.list_models()` lists them; write it as `tv:NAME`."
         )
     segmentation = name in tvm.list_models(module=tvm.segmentation)
-    kwargs: dict[str, object] = {"weights": None}
-    if segmentation:
-        kwargs.update(weights_backbone=None, aux_loss=False)
-    if num_classes is not None:
-        kwargs["num_classes"] = num_classes
-    model = _build(lambda: tvm.get_model(name, **kwargs), device)
+    refused: dict[str, object] = {"weights": None, **({"weights_backbone": None} if segmentation else {})}
+    kwargs: dict[str, Any] = {**refused, **({"aux_loss": False} if segmentation else {})}
+    kwargs.update(_call_kwargs(f"tv:{name}", num_classes, model_args, refused))
+    try:
+        model = _build(lambda: tvm.get_model(name, **kwargs), device)
+    except TypeError as exc:
+        if not model_args:
+            raise
+        raise _rejected(f"tv:{name}", exc) from exc
     if name.startswith("inception"):
         size = (3, 299, 299)
     elif segmentation:
@@ -159,7 +245,7 @@ def _torchvision(name: str, num_classes: int | None, device: Device) -> Resolved
     return ResolvedModel(model, f"tv:{name}", size)
 
 
-def _callable(spec: str, device: Device) -> ResolvedModel:
+def _callable(spec: str, num_classes: int | None, model_args: Kwargs, device: Device) -> ResolvedModel:
     module_name, _, attr = spec.partition(":")
     # Like uvicorn and gunicorn: a user's own module in the working directory must resolve
     # even when autoprobe runs as a console script (whose sys.path lacks the cwd). The entry is
@@ -187,38 +273,67 @@ def _callable(spec: str, device: Device) -> ResolvedModel:
         factory = getattr(factory, part)
     if not callable(factory):
         raise ModelSpecError(f"{spec!r} is not callable. Hint: point to a function or class returning an nn.Module.")
+    kwargs = _call_kwargs(spec, num_classes, model_args, {})
     try:
-        model = _build(factory, device)
-    except Exception as exc:
-        raise ModelSpecError(f"calling {spec!r} failed: {type(exc).__name__}: {exc}") from exc
+        model = _build(lambda: factory(**kwargs), device)
+    except Exception as exc:  # the factory is the user's code; report whatever it raised
+        shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        raise ModelSpecError(
+            f"calling {spec}({shown}) failed: {type(exc).__name__}: {exc}\n"
+            "Hint: check the factory's arguments (--model-arg KEY=VALUE; a network download needs e.g. "
+            "--model-arg encoder_weights=None)."
+        ) from exc
     if not isinstance(model, nn.Module):
         raise ModelSpecError(f"{spec!r} returned a {type(model).__name__}, not an nn.Module.")
     return ResolvedModel(model, spec, DEFAULT_INPUT_SIZE)
 
 
-def resolve_model(spec: str, *, num_classes: int | None = None, device: Device = "meta") -> ResolvedModel:
+def resolve_model(
+    spec: str,
+    *,
+    num_classes: int | None = None,
+    model_args: Mapping[str, Any] | None = None,
+    device: Device = "meta",
+) -> ResolvedModel:
     """Build the model a spec names, on the meta device unless told otherwise.
 
     Args:
-        spec: a timm name, ``tv:NAME``, or ``package.module:factory``.
-        num_classes: override the classifier width (timm and torchvision only).
+        spec: a timm name (tagged or not), ``tv:NAME``, or ``package.module:factory``.
+        num_classes: the classifier width, passed as ``num_classes=`` to the builder (timm,
+            torchvision, or a factory that takes it).
+        model_args: further keyword arguments of the builder (``{"encoder_weights": None}``), values
+            JSON-able so a lock can record them; ``num_classes`` may be given here instead.
         device: ``"meta"`` (shapes only, nothing allocated) or ``"cpu"`` (fresh weights, to train).
 
     Returns:
         The ``ResolvedModel``.
 
     Raises:
-        ModelSpecError: unknown name (with close matches), failing import or factory.
+        ModelSpecError: unknown name (with close matches), a name or argument that would download,
+            failing import or factory.
+        UsageError: ``num_classes`` or ``model_args`` malformed, or disagreeing.
 
     Example:
         >>> resolve_model("resnet18").module.fc.weight.device.type
         'meta'
+        >>> resolve_model("resnet18", num_classes=10).module.fc.out_features
+        10
+        >>> resolve_model("convnext_atto.d2_in1k").input_size
+        (3, 224, 224)
     """
+    if not isinstance(spec, str):
+        raise UsageError(f"a model spec is a string, not {type(spec).__name__}. Hint: e.g. 'resnet50'.")
     spec = spec.strip()
     if not spec:
         raise ModelSpecError("empty model spec. Hint: give a timm name such as `resnet50`.")
+    args = model_args if isinstance(model_args, Kwargs) else Kwargs(model_args)
+    if spec.startswith(_HUB_PREFIXES):
+        raise _refuse_hub(spec)
+    enum = _WEIGHTS_ENUM.match(spec)
+    if enum:
+        raise _refuse_weights_enum(spec, enum["enum"], enum["tag"])
     if spec.startswith("tv:"):
-        return _torchvision(spec[3:], num_classes, device)
+        return _torchvision(spec[3:], num_classes, args, device)
     if ":" in spec:
-        return _callable(spec, device)
-    return _timm(spec, num_classes, device)
+        return _callable(spec, num_classes, args, device)
+    return _timm(spec, num_classes, args, device)
