@@ -30,7 +30,7 @@ import difflib
 import hashlib
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple, get_args
 
 import torch
@@ -39,7 +39,7 @@ from torch import fx, nn
 from .adapters import HeadShape, Task, adapter_parameter_count, make_adapter
 from .api import analyze, trace_options
 from .backends import trace_with_fallbacks
-from .errors import InstrumentError, SelectionError
+from .errors import InstrumentError, SelectionError, UsageError
 from .fx_engine import FxEngine, FxRecipe, trace_both_modes
 from .graph import LayerGraph, LayerInfo, build_layer_graph
 from .hook_engine import HookEngine, HookRecipe, HookTarget, hook_targets
@@ -82,6 +82,10 @@ def instrument(
     alpha: float | Mapping[str, float] | None = None,
     lam: float | Mapping[str, float] | None = None,
     schedule: Schedule = "constant",
+    label_smoothing: float = 0.0,
+    class_weights: Sequence[float] | torch.Tensor | None = None,
+    output_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    gather_mi: bool = False,
     num_classes: int | None = None,
     leaf_modules: Sequence[type[nn.Module]] = (),
     leaf_paths: Sequence[str] = (),
@@ -127,6 +131,14 @@ def instrument(
         alpha: intermediate weight (MI for imachsr, CE for dsn/dks); one value or per point.
         lam: negative-entropy weight (imachsr only); one value or per point.
         schedule: ``"constant"``, ``"linear"`` or ``"cosine"`` decay of the intermediate weights.
+        label_smoothing: epsilon in [0, 1) of the cross entropy at the output (and at every
+            head for ``"dsn"``/``"dks"``), as ``F.cross_entropy(label_smoothing=)``; class targets only.
+        class_weights: one weight per class for that cross entropy, as ``F.cross_entropy(weight=)``.
+        output_loss: a callable ``(logits, target) -> scalar`` replacing the output's loss (and
+            DSN's at each head); it gets the logits resized to the target and the target as
+            passed to ``probed.loss``. Its part is named ``"output"``.
+        gather_mi: sum the MI joint over the ranks of the default process group (imachsr, for
+            small per-GPU batches; see ``autoprobe.losses.IMacHSR``).
         num_classes: classifier width when ``model`` is a spec; with a module, checked against
             the output (K is always read from the output).
         leaf_modules: module classes fx must not trace into.
@@ -214,7 +226,10 @@ def instrument(
     sites = tuple(
         TapSite(info.name, keys[info.name], tuple((info.shape or ())[1:]), str(info.layout)) for info in infos
     )
-    objective = _make_objective(loss, infos, alpha, lam, schedule, ignore_index, resolved_task, regression_loss)
+    objective = _make_objective(
+        loss, infos, alpha, lam, schedule, ignore_index, resolved_task, regression_loss,
+        _OutputOptions(label_smoothing, class_weights, output_loss, gather_mi),
+    )
     recipe: FxRecipe | HookRecipe
     engine: FxEngine | HookEngine
     if targets is None:
@@ -573,6 +588,15 @@ def _head_shape(adapter: nn.Module, info: LayerInfo, output_shape: tuple[int, ..
     return (batch, output_shape[1], *grid)
 
 
+class _OutputOptions(NamedTuple):
+    """``instrument``'s output-loss and MI options, handed to the objective as they are."""
+
+    label_smoothing: float = 0.0
+    class_weights: Sequence[float] | torch.Tensor | None = None
+    output_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    gather_mi: bool = False
+
+
 def _make_objective(
     loss: ObjectiveName | Objective,
     infos: Sequence[LayerInfo],
@@ -582,6 +606,7 @@ def _make_objective(
     ignore_index: int,
     task: str,
     regression_loss: str,
+    extra: _OutputOptions = _OutputOptions(),
 ) -> Objective:
     names = [info.name for info in infos]
     if isinstance(loss, Objective):
@@ -589,6 +614,11 @@ def _make_objective(
             raise InstrumentError(
                 "alpha, lam, schedule and ignore_index configure a named loss; a given Objective already has its own. "
                 "Hint: set them on the Objective, or pass loss='imachsr'|'dsn'|'dks'."
+            )
+        if extra != _OutputOptions():
+            raise UsageError(
+                "label_smoothing, class_weights, output_loss and gather_mi configure a named loss; a given Objective "
+                "already has its own. Hint: pass them to the Objective (`IMacHSR(..., label_smoothing=0.1)`)."
             )
         kind = _TARGET_KINDS[task]
         if getattr(loss, "target_kind", "multiclass") != kind:
@@ -605,7 +635,13 @@ def _make_objective(
     if not isinstance(loss, str) or loss not in get_args(ObjectiveName):
         raise InstrumentError(f"unknown loss {loss!r}; expected one of {list(get_args(ObjectiveName))} or an Objective")
     layouts = {info.name: str(info.layout) for info in infos} if loss == "imachsr" else None
+    if extra.gather_mi is not False and loss != "imachsr":
+        raise UsageError(
+            f"gather_mi applies to loss='imachsr' (it gathers the MI joint); loss is {loss!r}. Hint: leave it out."
+        )
     return make_objective(
         loss, names, layouts, target_kind=_TARGET_KINDS[task], alpha=alpha, lam=lam, schedule=schedule,
         ignore_index=ignore_index, regression_loss=regression_loss,  # type: ignore[arg-type]
+        gather_mi=extra.gather_mi if loss == "imachsr" else None, label_smoothing=extra.label_smoothing,
+        class_weights=extra.class_weights, output_loss=extra.output_loss,
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Literal, cast
+from typing import Any, Literal, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -55,20 +55,70 @@ def weighted_mean(values: Tensor, weight: Tensor | None) -> Tensor:
 # --------------------------------------------------------------------------- homogeneous (the output's loss)
 
 
-def homogeneous(kind: TargetKind, logits: Tensor, target: MatchedTarget, regression_loss: RegressionLoss) -> Tensor:
+class CrossEntropyOptions(NamedTuple):
+    """How the multiclass cross entropy weighs its terms (the objectives' ``label_smoothing`` and ``class_weights``).
+
+    Attributes:
+        label_smoothing: epsilon in [0, 1): the target becomes (1 - epsilon) * target + epsilon / K.
+        class_weights: (K,) float weights w_k, or ``None`` for all ones.
+    """
+
+    label_smoothing: float = 0.0
+    class_weights: Tensor | None = None
+
+
+_PLAIN_CE = CrossEntropyOptions()
+
+
+def homogeneous(
+    kind: TargetKind,
+    logits: Tensor,
+    target: MatchedTarget,
+    regression_loss: RegressionLoss,
+    ce: CrossEntropyOptions = _PLAIN_CE,
+) -> Tensor:
     """The output's loss for ``kind``: CE, BCE-with-logits, or MSE / L1."""
     if kind == "multiclass":
-        return cross_entropy(logits, target)
+        return cross_entropy(logits, target, ce)
     if kind == "regression":
         return regression_error(logits, target, regression_loss)
     return binary_cross_entropy(logits, target)
 
 
-def cross_entropy(logits: Tensor, target: MatchedTarget) -> Tensor:
+def cross_entropy(logits: Tensor, target: MatchedTarget, options: CrossEntropyOptions = _PLAIN_CE) -> Tensor:
+    """-sum_n sum_k w_k t_nk log p_nk / sum_n sum_k w_k t_nk, t smoothed as ``options`` says.
+
+    Class ids are t = one-hot (a gather, not a product); soft targets t are used as they
+    are. The denominator is the weight of the *unsmoothed* targets, so class ids and their
+    one-hot floats give bit-identical losses, and class ids match
+    ``F.cross_entropy(weight=, label_smoothing=, ignore_index=)``.
+    """
+    weight = cast(Tensor, target.weight)  # label targets always carry a weight
     with full_precision(logits):
         log_probs = F.log_softmax(_at_least_float32(logits), dim=1)
-        picked = log_probs.gather(1, target.values.unsqueeze(1)).squeeze(1)
-        return -weighted_mean(picked, target.weight)
+        class_weights = options.class_weights
+        if class_weights is not None:
+            class_weights = class_weights.to(log_probs.dtype)
+        if target.values.is_floating_point():  # soft targets: each row sums to its position's weight
+            soft = target.values.to(log_probs.dtype)
+            if class_weights is not None:
+                soft = soft * _along_classes(class_weights, soft.dim())
+            per_position = (soft * log_probs).sum(dim=1)
+            denominator = soft.sum(dim=1)
+        else:
+            picked = log_probs.gather(1, target.values.unsqueeze(1)).squeeze(1)
+            denominator = weight if class_weights is None else weight * class_weights[target.values]
+            per_position = picked * denominator
+        if options.label_smoothing:
+            uniform = log_probs if class_weights is None else log_probs * _along_classes(class_weights, log_probs.dim())
+            epsilon = options.label_smoothing
+            per_position = (1 - epsilon) * per_position + (epsilon / logits.shape[1]) * weight * uniform.sum(dim=1)
+        return -(per_position.sum() / denominator.sum().clamp_min(_TINY))
+
+
+def _along_classes(values: Tensor, rank: int) -> Tensor:
+    """A (K,) vector shaped to broadcast along dim 1 of a rank-``rank`` tensor."""
+    return values.view(1, -1, *([1] * (rank - 2)))
 
 
 def binary_cross_entropy(logits: Tensor, target: MatchedTarget) -> Tensor:
@@ -88,51 +138,71 @@ def regression_error(logits: Tensor, target: MatchedTarget, loss: RegressionLoss
 
 
 def heterogeneous(
-    kind: TargetKind, logits: Tensor, target: MatchedTarget, eps: float, estimator: MIEstimator = "image"
+    kind: TargetKind,
+    logits: Tensor,
+    target: MatchedTarget,
+    eps: float,
+    estimator: MIEstimator = "image",
+    gather: bool = False,
 ) -> Tensor:
     """iMacHSR's intermediate loss for ``kind``: -MI for labels, 1 - Pearson r for regression.
 
     ``estimator`` (``MIEstimator``) applies to multiclass labels; the Bernoulli MI of binary
-    and multi-label targets and the correlation keep their own grouping.
+    and multi-label targets and the correlation keep their own grouping. ``gather`` sums the
+    joint tables of groups that span the batch (classification, ``"pooled"``) over the ranks
+    of the default process group; per-image groups need nothing from other ranks.
     """
     if kind == "multiclass":
-        return -mutual_information(logits, target, eps, estimator)
+        return -mutual_information(logits, target, eps, estimator, gather)
     if kind == "regression":
         return correlation_loss(logits, target, eps)
-    return -bernoulli_mutual_information(logits, target, eps)
+    return -bernoulli_mutual_information(logits, target, eps, gather)
 
 
-def mutual_information(logits: Tensor, target: MatchedTarget, eps: float, estimator: MIEstimator = "image") -> Tensor:
+def mutual_information(
+    logits: Tensor, target: MatchedTarget, eps: float, estimator: MIEstimator = "image", gather: bool = False
+) -> Tensor:
     num_classes = logits.shape[1]
     weight = cast(Tensor, target.weight)  # label targets always carry a weight
+    # Soft targets enter the joint as they are, class last like a one-hot: (B, *S, K).
+    labels = target.values.movedim(1, -1) if target.values.is_floating_point() else target.values
+    soft = labels.dim() == logits.dim()
     with full_precision(logits):
         probs = F.softmax(_at_least_float32(logits), dim=1)
         if logits.dim() == 2:  # one group: the batch
-            probs, labels, weight = probs.t().unsqueeze(0), target.values.unsqueeze(0), weight.unsqueeze(0)
+            probs, labels, weight = probs.t().unsqueeze(0), labels.unsqueeze(0), weight.unsqueeze(0)
         elif estimator == "pooled":  # one group: every position of the batch
             probs = probs.transpose(0, 1).flatten(1).unsqueeze(0)
-            labels, weight = target.values.flatten().unsqueeze(0), weight.flatten().unsqueeze(0)
+            labels = (labels.flatten(0, -2) if soft else labels.flatten()).unsqueeze(0)
+            weight = weight.flatten().unsqueeze(0)
         else:  # one group per image: its positions
-            probs, labels, weight = probs.flatten(2), target.values.flatten(1), weight.flatten(1)
-        mi = _mi_of_groups(probs, _weighted_onehot(labels, weight, num_classes, probs.dtype), weight.sum(dim=1), eps)
+            probs, weight = probs.flatten(2), weight.flatten(1)
+            labels = labels.flatten(1, -2) if soft else labels.flatten(1)
+        gather = gather and (logits.dim() == 2 or estimator == "pooled")
+        mi = _mi_of_groups(probs, _label_table(labels, weight, num_classes, probs.dtype), weight.sum(dim=1), eps,
+                           gather)
         if estimator != "shuffled":
             return mi
         # Labels of another group (independent of these predictions), or half the group away.
         dim, shift = (0, 1) if labels.shape[0] > 1 else (1, labels.shape[1] // 2)
         labels, weight = labels.roll(shift, dim), weight.roll(shift, dim)
-        chance = _mi_of_groups(probs, _weighted_onehot(labels, weight, num_classes, probs.dtype),
-                               weight.sum(dim=1), eps)
+        chance = _mi_of_groups(probs, _label_table(labels, weight, num_classes, probs.dtype),
+                               weight.sum(dim=1), eps, gather)
         return mi - chance
 
 
-def _weighted_onehot(labels: Tensor, weight: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
+def _label_table(labels: Tensor, weight: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
+    """(G, N, K) label distributions, each row scaled by its weight: one-hot class ids, or soft targets as given."""
+    if labels.is_floating_point():  # soft rows already sum to their weight
+        return labels.to(dtype)
     return F.one_hot(labels, num_classes).to(dtype) * weight.unsqueeze(-1)
 
 
-def bernoulli_mutual_information(logits: Tensor, target: MatchedTarget, eps: float) -> Tensor:
+def bernoulli_mutual_information(logits: Tensor, target: MatchedTarget, eps: float, gather: bool = False) -> Tensor:
     weight = cast(Tensor, target.weight)  # label targets always carry a weight
     with full_precision(logits):
         x = _at_least_float32(logits)
+        gather = gather and x.dim() == 2
         if x.dim() == 2:  # (B, K): one group per label, over the batch
             x, t, w = x.t(), target.values.t(), weight.t()
         else:  # (B, K, *S): one group per image and label, over its positions
@@ -140,12 +210,21 @@ def bernoulli_mutual_information(logits: Tensor, target: MatchedTarget, eps: flo
         # The two outcomes as a 2-class distribution; sigmoid(-x) avoids 1 - sigmoid(x) cancelling.
         probs = torch.stack([torch.sigmoid(-x), torch.sigmoid(x)], dim=1)  # (G, 2, N)
         labels = torch.stack([(1 - t) * w, t * w], dim=-1).to(probs.dtype)  # (G, N, 2)
-        return _mi_of_groups(probs, labels, w.sum(dim=1), eps)
+        return _mi_of_groups(probs, labels, w.sum(dim=1), eps, gather)
 
 
-def _mi_of_groups(probs: Tensor, labels: Tensor, counts: Tensor, eps: float) -> Tensor:
-    """Mean over groups with weight of I(pred; label) from probs (G, Kp, N) and weighted labels (G, N, Kl)."""
-    joint = torch.bmm(probs, labels) / counts.clamp_min(_TINY).view(-1, 1, 1)
+def _mi_of_groups(probs: Tensor, labels: Tensor, counts: Tensor, eps: float, gather: bool = False) -> Tensor:
+    """Mean over groups with weight of I(pred; label) from probs (G, Kp, N) and weighted labels (G, N, Kl).
+
+    With ``gather`` the unnormalised tables and counts are summed over the ranks first, so
+    every rank gets the MI of the combined batch. The sum's backward sums the (equal)
+    gradients of all ranks, world_size times one rank's share; DDP then averages the
+    parameter gradients over the ranks, which gives the combined batch's gradient.
+    """
+    joint = torch.bmm(probs, labels)
+    if gather:
+        joint, counts = _sum_over_ranks(joint), _sum_over_ranks(counts)
+    joint = joint / counts.clamp_min(_TINY).view(-1, 1, 1)
     log_joint = joint.clamp_min(eps).log()
     log_pred = joint.sum(dim=2, keepdim=True).clamp_min(eps).log()
     log_label = joint.sum(dim=1, keepdim=True).clamp_min(eps).log()
@@ -153,6 +232,17 @@ def _mi_of_groups(probs: Tensor, labels: Tensor, counts: Tensor, eps: float) -> 
     # A group with no valid position carries no estimate; leave it out of the mean.
     present = (counts > 0).to(mi.dtype)
     return (mi * present).sum() / present.sum().clamp_min(1)
+
+
+def _sum_over_ranks(t: Tensor) -> Tensor:
+    """``t`` summed over the default process group's ranks, differentiably; ``t`` itself on one process."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return t
+    if torch.distributed.get_world_size() == 1:
+        return t
+    from torch.distributed.nn.functional import all_reduce  # imported late: it loads the distributed autograd ops
+
+    return all_reduce(t)
 
 
 def correlation_loss(logits: Tensor, target: MatchedTarget, eps: float) -> Tensor:
@@ -210,15 +300,20 @@ def _position_grid(z: Tensor, channel_dim: int, max_positions: int | None) -> Te
     """A view of ``z`` on a strided grid of about ``max_positions`` positions, at a random offset."""
     channel = channel_dim % z.dim()
     spatial = [d for d in range(1, z.dim()) if d != channel]
-    positions = math.prod(z.shape[d] for d in spatial)
+    positions = 1
+    for d in spatial:  # a loop, not math.prod over a generator: torch.compile traces it without a graph break
+        positions *= z.shape[d]
     if max_positions is None or positions <= max_positions:
         return z
     stride = math.ceil((positions / max_positions) ** (1 / len(spatial)))
-    index: list[slice] = [slice(None)] * z.dim()
     for d in spatial:
         step = min(stride, z.shape[d])
-        index[d] = slice(int(torch.randint(step, ())), None, step)
-    return z[tuple(index)]
+        # offset + step * i, i < size // step: the same count at every offset, so the grid's shape
+        # does not depend on the random draw (a compiled graph keeps static shapes and no host sync).
+        offset = torch.randint(step, (), device=z.device)
+        index = offset + step * torch.arange(z.shape[d] // step, device=z.device)
+        z = z.index_select(d, index)
+    return z
 
 
 class _NegativeEntropy(torch.autograd.Function):

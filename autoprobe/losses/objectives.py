@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal, NamedTuple, get_args
 
+import torch
 from torch import Tensor, nn
 
-from ..errors import InstrumentError
+from ..errors import InstrumentError, UsageError
 from ..layout import Layout
 from . import _math
 from ._checks import (
     check_int,
     check_max_positions,
     check_names,
+    check_output_options,
     check_points,
     check_positive_float,
     check_weight,
@@ -52,7 +54,7 @@ ObjectiveName = Literal["imachsr", "dsn", "dks"]
 
 # The keyword options of make_objective each objective accepts.
 _OBJECTIVE_OPTIONS: dict[str, set[str]] = {
-    "imachsr": {"layouts", "alpha", "lam", "mi_estimator"},
+    "imachsr": {"layouts", "alpha", "lam", "mi_estimator", "gather_mi"},
     "dsn": {"alpha"},
     "dks": {"alpha", "beta", "temperature"},
 }
@@ -102,6 +104,23 @@ class Objective(nn.Module, abc.ABC):
         ignore_index: target value excluded from every term.
         target_kind: ``"multiclass"``, ``"binary"``, ``"multilabel"`` or ``"regression"``.
         regression_loss: ``"mse"`` or ``"l1"``, the output loss for regression.
+        label_smoothing: epsilon in [0, 1) of the multiclass cross entropy (output and DSN
+            heads): the target becomes (1 - epsilon) * target + epsilon / K, as
+            ``F.cross_entropy(label_smoothing=)``. The MI terms read the unsmoothed target.
+        class_weights: K weights of the multiclass cross entropy (output and DSN heads), as
+            ``F.cross_entropy(weight=)``: the mean divides by the summed weights of the targets.
+            The MI terms are not weighted: reweighting the joint would change the label
+            distribution whose information they measure.
+        output_loss: a callable ``(logits, target) -> scalar`` replacing the output's loss
+            (and DSN's at each head, called with the head's logits resized to the target);
+            it gets the logits at the target's size and the user's target as passed. Its part
+            is ``"output"``. A module-level function or an ``nn.Module`` pickles with the model.
+
+    Soft class targets (multiclass, floats (B, K, *S) whose rows are distributions: timm's
+    Mixup / CutMix, dense CutMix masks) are taken wherever class ids are: CE is
+    -sum_k t_k log p_k, the MI joint sums p_n t_n^T in place of p_n e_(y_n)^T (the expected
+    one-hot), DSN heads compare with the area-resized target, and a row of zeros is ignored.
+    One-hot floats give exactly the loss of their class ids.
 
     Example:
         >>> import torch
@@ -123,6 +142,9 @@ class Objective(nn.Module, abc.ABC):
         ignore_index: int = -100,
         target_kind: TargetKind = "multiclass",
         regression_loss: RegressionLoss = "mse",
+        label_smoothing: float = 0.0,
+        class_weights: Sequence[float] | Tensor | None = None,
+        output_loss: Callable[[Tensor, Tensor], Tensor] | None = None,
     ) -> None:
         super().__init__()
         self.points: tuple[str, ...] = check_points(points)
@@ -132,11 +154,33 @@ class Objective(nn.Module, abc.ABC):
         self.ignore_index = check_int("ignore_index", ignore_index)
         self.target_kind: TargetKind = check_target_kind(target_kind)
         self.regression_loss: RegressionLoss = check_regression_loss(regression_loss)
+        weights = check_output_options(self.target_kind, label_smoothing, class_weights, output_loss)
+        self.label_smoothing = float(label_smoothing)
+        self.output_loss = output_loss
+        # A buffer so `.to(device)` moves it; not persistent, so state_dicts keep only weights.
+        self.class_weights: Tensor | None
+        self.register_buffer("class_weights", weights, persistent=False)
 
     @property
     def output_part(self) -> str:
-        """The name of the output loss in ``LossResult.parts``: ``"ce"``, ``"mse"`` or ``"l1"``."""
+        """The name of the output loss in ``LossResult.parts``: ``"ce"``, ``"mse"``, ``"l1"``, or ``"output"``."""
+        if self.output_loss is not None:
+            return "output"
         return self.regression_loss if self.target_kind == "regression" else "ce"
+
+    def _homogeneous(self, branch: _Branch, matcher: TargetMatcher) -> Tensor:
+        """The output's loss of one branch: the user's ``output_loss``, else CE / BCE / MSE / L1."""
+        if self.output_loss is None:
+            options = _math.CrossEntropyOptions(self.label_smoothing, self.class_weights)
+            return _math.homogeneous(self.target_kind, branch.logits, branch.target, self.regression_loss, options)
+        value = self.output_loss(resize_logits(branch.logits, matcher.size), matcher.original)
+        if not torch.compiler.is_compiling() and not (isinstance(value, Tensor) and value.dim() == 0):
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise InstrumentError(
+                f"output_loss returned {shape}; it must return a scalar tensor. "
+                "Hint: reduce it, e.g. `reduction='mean'` or `.mean()`."
+            )
+        return value
 
     def forward(
         self,
@@ -170,7 +214,7 @@ class Objective(nn.Module, abc.ABC):
         self._check_inputs(output, heads, features, target)
         matcher = TargetMatcher(target, self.target_kind, rank=output.dim(), ignore_index=self.ignore_index)
         out = _Branch(resize_logits(output, matcher.size), matcher.at(matcher.size))
-        main = _math.homogeneous(self.target_kind, out.logits, out.target, self.regression_loss)
+        main = self._homogeneous(out, matcher)
         total = main
         parts = {self.output_part: main.detach()}
         branches = {name: self._branch(heads[name], output, matcher) for name in self.points}
@@ -207,12 +251,23 @@ class Objective(nn.Module, abc.ABC):
                 )
         if self.uses_features:
             check_names("feature", features, self.points)
+        if self.class_weights is not None and self.class_weights.numel() != output.shape[1]:
+            raise InstrumentError(
+                f"class_weights has {self.class_weights.numel()} weights; the output has K={output.shape[1]} classes. "
+                "Hint: pass one weight per class."
+            )
         check_target_values(target, self.target_kind, output.shape[1], self.ignore_index, what="output")
 
     def extra_repr(self) -> str:
         kind = "" if self.target_kind == "multiclass" else f", target_kind={self.target_kind!r}"
         if self.target_kind == "regression":
             kind += f", regression_loss={self.regression_loss!r}"
+        if self.label_smoothing:
+            kind += f", label_smoothing={self.label_smoothing}"
+        if self.class_weights is not None:
+            kind += f", class_weights={[round(w, 6) for w in self.class_weights.tolist()]}"
+        if self.output_loss is not None:
+            kind += f", output_loss={getattr(self.output_loss, '__name__', type(self.output_loss).__name__)}"
         return f"points={list(self.points)}, schedule={self.schedule!r}, ignore_index={self.ignore_index}{kind}"
 
 
@@ -251,6 +306,13 @@ class IMacHSR(Objective):
             ``"shuffled"`` (the image-wise MI minus its value with the labels of another
             image or sample: the plug-in estimate's upward bias removed). See
             ``examples/mi_estimators.py`` for both properties measured.
+        gather_mi: sum the MI joint tables over the ranks of the default process group
+            before taking the MI, so each rank's MI is the combined batch's (classification,
+            and ``mi_estimator="pooled"``; per-image tables need no other rank). For small
+            per-GPU batches, where one rank's K x K table is too sparse to estimate. Under DDP
+            the gradients then equal one process's on the combined batch. Off, or on one
+            process, each rank estimates from its own batch.
+        label_smoothing, class_weights, output_loss: see ``Objective``.
 
     Example:
         >>> import torch
@@ -276,6 +338,10 @@ class IMacHSR(Objective):
         target_kind: TargetKind = "multiclass",
         regression_loss: RegressionLoss = "mse",
         mi_estimator: MIEstimator = "image",
+        gather_mi: bool = False,
+        label_smoothing: float = 0.0,
+        class_weights: Sequence[float] | Tensor | None = None,
+        output_loss: Callable[[Tensor, Tensor], Tensor] | None = None,
     ) -> None:
         super().__init__(
             points,
@@ -283,7 +349,15 @@ class IMacHSR(Objective):
             ignore_index=ignore_index,
             target_kind=target_kind,
             regression_loss=regression_loss,
+            label_smoothing=label_smoothing,
+            class_weights=class_weights,
+            output_loss=output_loss,
         )
+        if not isinstance(gather_mi, bool):
+            raise UsageError(
+                f"gather_mi must be True or False; got {gather_mi!r}. Hint: True sums the MI tables over the ranks."
+            )
+        self.gather_mi = gather_mi
         if mi_estimator not in _math.MI_ESTIMATORS:
             raise InstrumentError(
                 f"unknown mi_estimator {mi_estimator!r}; expected one of {list(_math.MI_ESTIMATORS)}. "
@@ -316,7 +390,9 @@ class IMacHSR(Objective):
         terms: list[tuple[str, float, Tensor]] = []
         for name in self.points:
             head = heads[name]
-            mi = _math.heterogeneous(self.target_kind, head.logits, head.target, self.eps, self.mi_estimator)
+            mi = _math.heterogeneous(
+                self.target_kind, head.logits, head.target, self.eps, self.mi_estimator, self.gather_mi
+            )
             terms.append((f"{self._mi_part}/{name}", self.alpha[name], mi))
             ne = _math.negative_entropy(features[name], self._channel_dims[name], self.ne_positions)
             terms.append((f"ne/{name}", self.lam[name], ne))
@@ -324,6 +400,7 @@ class IMacHSR(Objective):
 
     def extra_repr(self) -> str:
         estimator = "" if self.mi_estimator == "image" else f", mi_estimator={self.mi_estimator!r}"
+        estimator += ", gather_mi=True" if self.gather_mi else ""
         return f"{super().extra_repr()}, alpha={self.alpha}, lam={self.lam}, ne_positions={self.ne_positions}{estimator}"
 
 
@@ -344,6 +421,7 @@ class DSN(Objective):
         ignore_index: target value excluded from every loss.
         target_kind: the ``TargetKind``.
         regression_loss: ``"mse"`` or ``"l1"``, for regression.
+        label_smoothing, class_weights, output_loss: see ``Objective``; they apply at every head.
 
     Example:
         >>> import torch
@@ -361,6 +439,9 @@ class DSN(Objective):
         ignore_index: int = -100,
         target_kind: TargetKind = "multiclass",
         regression_loss: RegressionLoss = "mse",
+        label_smoothing: float = 0.0,
+        class_weights: Sequence[float] | Tensor | None = None,
+        output_loss: Callable[[Tensor, Tensor], Tensor] | None = None,
     ) -> None:
         super().__init__(
             points,
@@ -368,20 +449,16 @@ class DSN(Objective):
             ignore_index=ignore_index,
             target_kind=target_kind,
             regression_loss=regression_loss,
+            label_smoothing=label_smoothing,
+            class_weights=class_weights,
+            output_loss=output_loss,
         )
         self.alpha = per_point("alpha", alpha, self.points)
 
     def _terms(
         self, output: _Branch, heads: Mapping[str, _Branch], features: Mapping[str, Tensor], matcher: TargetMatcher
     ) -> list[tuple[str, float, Tensor]]:
-        return [
-            (
-                f"dsn/{name}",
-                self.alpha[name],
-                _math.homogeneous(self.target_kind, heads[name].logits, heads[name].target, self.regression_loss),
-            )
-            for name in self.points
-        ]
+        return [(f"dsn/{name}", self.alpha[name], self._homogeneous(heads[name], matcher)) for name in self.points]
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, alpha={self.alpha}"
@@ -406,6 +483,7 @@ class DKS(DSN):
         schedule: how alpha and beta change over training.
         ignore_index: label value excluded from CE and synergy.
         target_kind: ``"multiclass"``, ``"binary"`` or ``"multilabel"``.
+        label_smoothing, class_weights, output_loss: see ``Objective``.
 
     Example:
         >>> import torch
@@ -424,10 +502,16 @@ class DKS(DSN):
         schedule: Schedule = "constant",
         ignore_index: int = -100,
         target_kind: TargetKind = "multiclass",
+        label_smoothing: float = 0.0,
+        class_weights: Sequence[float] | Tensor | None = None,
+        output_loss: Callable[[Tensor, Tensor], Tensor] | None = None,
     ) -> None:
         if check_target_kind(target_kind) == "regression":
             raise InstrumentError(_DKS_REGRESSION)
-        super().__init__(points, alpha=alpha, schedule=schedule, ignore_index=ignore_index, target_kind=target_kind)
+        super().__init__(
+            points, alpha=alpha, schedule=schedule, ignore_index=ignore_index, target_kind=target_kind,
+            label_smoothing=label_smoothing, class_weights=class_weights, output_loss=output_loss,
+        )
         self.beta = check_weight("beta", beta)
         self.temperature = check_positive_float("temperature", temperature)
 
@@ -459,6 +543,10 @@ def make_objective(
     ignore_index: int = -100,
     regression_loss: RegressionLoss = "mse",
     mi_estimator: MIEstimator | None = None,
+    gather_mi: bool | None = None,
+    label_smoothing: float = 0.0,
+    class_weights: Sequence[float] | Tensor | None = None,
+    output_loss: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> Objective:
     """Build an objective by name, for ``instrument``, configs and the CLI.
 
@@ -484,6 +572,10 @@ def make_objective(
         ignore_index: target value excluded from every term (labels only).
         regression_loss: ``"mse"`` or ``"l1"``; only ``target_kind="regression"`` takes ``"l1"``.
         mi_estimator: ``"image"``, ``"pooled"`` or ``"shuffled"`` (imachsr; see ``IMacHSR``).
+        gather_mi: sum the MI tables over the ranks (imachsr; see ``IMacHSR``).
+        label_smoothing: epsilon of the multiclass cross entropy (see ``Objective``).
+        class_weights: K weights of the multiclass cross entropy (see ``Objective``).
+        output_loss: a callable ``(logits, target) -> scalar`` replacing the output's loss (see ``Objective``).
 
     Returns:
         An ``IMacHSR``, ``DSN`` or ``DKS``.
@@ -497,7 +589,7 @@ def make_objective(
         DSN(points=['layer1', 'layer3'], schedule='constant', ignore_index=-100, alpha={'layer1': 0.4, 'layer3': 0.4})
     """
     options = {"layouts": layouts, "alpha": alpha, "lam": lam, "beta": beta, "temperature": temperature,
-               "mi_estimator": mi_estimator}
+               "mi_estimator": mi_estimator, "gather_mi": gather_mi}
     given = {key for key, option in options.items() if option is not None}
     if name not in _OBJECTIVE_OPTIONS:
         raise InstrumentError(f"unknown objective {name!r}; expected one of {list(get_args(ObjectiveName))}")
@@ -517,9 +609,11 @@ def make_objective(
         raise InstrumentError(_DKS_REGRESSION)
     # Pass only what was given, so the class defaults stay defined in one place.
     weights = {key: option for key, option in (("alpha", alpha), ("lam", lam)) if option is not None}
-    estimator = {} if mi_estimator is None else {"mi_estimator": mi_estimator}
+    estimator = {key: option for key, option in (("mi_estimator", mi_estimator), ("gather_mi", gather_mi))
+                 if option is not None}
     synergy = {key: option for key, option in (("beta", beta), ("temperature", temperature)) if option is not None}
-    common = {"schedule": schedule, "ignore_index": ignore_index, "target_kind": kind}
+    common = {"schedule": schedule, "ignore_index": ignore_index, "target_kind": kind,
+              "label_smoothing": label_smoothing, "class_weights": class_weights, "output_loss": output_loss}
     if name == "imachsr":
         if layouts is None:
             raise InstrumentError("objective 'imachsr' needs layouts: point name -> feature layout, for NE")

@@ -3,7 +3,10 @@
 Four target kinds (``TargetKind``), each with the logits it goes with (``S`` is the
 spatial extent: nothing for classification, ``(L,)``, ``(H, W)`` or ``(D, H, W)``):
 
-- ``"multiclass"``: integer class ids (B, *S) for K >= 2 logits (B, K, *S);
+- ``"multiclass"``: integer class ids (B, *S) for K >= 2 logits (B, K, *S), or soft class
+  targets: floats (B, K, *S) whose rows (dim 1) are distributions over the K classes (timm's
+  Mixup / CutMix targets, label-smoothed one-hot, a teacher's softmax); a row of zeros marks
+  an ignored position, as ``ignore_index`` does for class ids;
 - ``"binary"``: 0/1 masks (B, *S) or (B, 1, *S) for one logit channel (B, 1, *S);
 - ``"multilabel"``: 0/1 per class (B, K, *S) for K independent logits (B, K, *S);
 - ``"regression"``: floats (B, C, *S) for C outputs (B, C, *S) (flow, depth, heatmaps).
@@ -55,6 +58,7 @@ __all__ = [
     "check_target",
     "check_target_kind",
     "check_target_values",
+    "is_soft_target",
     "resize_logits",
 ]
 
@@ -77,11 +81,12 @@ class MatchedTarget(NamedTuple):
     """A target at one resolution, in the form the loss kernels read.
 
     Attributes:
-        values: multiclass: int64 class ids (B, *S), ignored positions set to 0;
+        values: multiclass: int64 class ids (B, *S), ignored positions set to 0, or soft
+            targets, float (B, K, *S) rows summing to the position's weight;
             binary / multilabel: float32 (B, K, *S) in [0, 1] (K = 1 for binary), 0 where
             ignored; regression: float32 (B, C, *S).
         weight: float32 weight of each position in [0, 1], 0 where ignored: (B, *S) for
-            multiclass, ``values``' shape for binary / multilabel (fractional after area
+            multiclass (a soft target row's sum), ``values``' shape for binary / multilabel (fractional after area
             downsampling); ``None`` for regression, where every element counts.
     """
 
@@ -126,9 +131,12 @@ class TargetMatcher:
 
     Attributes:
         size: the target's own spatial size.
+        soft: whether it holds soft class targets (B, K, *S) rather than class ids.
+        original: the target as passed.
     """
 
     def __init__(self, target: Tensor, kind: TargetKind, *, rank: int, ignore_index: int) -> None:
+        self.original = target  # as the user passed it, for a custom output loss
         if target.dtype == torch.bool:
             target = target.to(torch.uint8)
         if kind == "binary" and target.dim() == rank - 1:
@@ -136,7 +144,10 @@ class TargetMatcher:
         self.kind = kind
         self.ignore_index = ignore_index
         self._target = target
-        self.size: tuple[int, ...] = tuple(target.shape[1:] if kind == "multiclass" else target.shape[2:])
+        # Soft class targets carry the class axis, like the logits; class ids do not.
+        self.soft = is_soft_target(target, kind, rank)
+        ids = kind == "multiclass" and not self.soft
+        self.size: tuple[int, ...] = tuple(target.shape[1:] if ids else target.shape[2:])
         self._cache: dict[tuple[int, ...], MatchedTarget] = {}
 
     def at(self, size: tuple[int, ...]) -> MatchedTarget:
@@ -148,6 +159,10 @@ class TargetMatcher:
 
     def _match(self, size: tuple[int, ...]) -> MatchedTarget:
         target = self._target
+        if self.soft:
+            # Area averaging keeps each row a distribution (its sum the valid fraction), like 0/1 masks.
+            values = target.float() if size == self.size else _AREA[len(size)](self.at(self.size).values, size)
+            return MatchedTarget(values, values.sum(dim=1))
         if self.kind == "multiclass":
             if size != self.size:
                 target = _nearest_exact(target, size)
@@ -165,6 +180,16 @@ class TargetMatcher:
         # Ignored positions hold 0, so the pooled values sum only valid ones.
         values = torch.where(weight > 0, area(native.values, size) / weight.clamp_min(1e-12), 0.0)
         return MatchedTarget(values, weight)
+
+
+def is_soft_target(target: Tensor, kind: TargetKind, rank: int) -> bool:
+    """Whether ``target`` holds soft class targets (B, K, *S) for multiclass logits of ``rank`` dims.
+
+    Example:
+        >>> is_soft_target(torch.tensor([[0.3, 0.7]]), "multiclass", 2), is_soft_target(torch.tensor([1]), "multiclass", 2)
+        (True, False)
+    """
+    return kind == "multiclass" and target.dtype.is_floating_point and target.dim() == rank
 
 
 def _nearest_exact(target: Tensor, size: tuple[int, ...]) -> Tensor:
@@ -244,15 +269,16 @@ def _check_multiclass(logits: Tensor, target: Tensor, *, what: str) -> None:
             f"{what} has K={channels} channel; a multiclass loss needs K >= 2 class logits. Hint: for one-logit "
             f"binary masks pass {_TASK_HINT['binary']} to instrument (target_kind='binary' to make_objective)."
         )
-    if target.dtype.is_floating_point or target.dtype == torch.bool:
-        if target.dtype.is_floating_point and target.dim() == logits.dim() and target.shape[:2] == logits.shape[:2]:
+    if target.dtype.is_floating_point and target.dim() == logits.dim():
+        if target.shape[:2] != logits.shape[:2]:
             raise InstrumentError(
-                f"the target of shape {tuple(target.shape)} and dtype {target.dtype} is shaped like {what} "
-                f"{tuple(logits.shape)}, a regression target, but the objective is multiclass (integer class "
-                f"ids). Hint: for continuous targets pass {_TASK_HINT['regression']} to instrument "
-                f"(target_kind='regression'); for 0/1 per class pass {_TASK_HINT['multilabel']}; for one-hot or soft "
-                "class labels pass `target.argmax(1)`."
+                f"soft class targets of shape {tuple(target.shape)} do not fit {what} of shape "
+                f"{tuple(logits.shape)}: they need shape (B, K{_AXES[spatial]}) with B={batch}, K={channels}"
+                + (", any spatial size of the same rank (it is resized)" if spatial else "")
+                + ". Hint: for class ids pass an integer tensor without the class axis."
             )
+        return  # soft class targets: their values are checked by check_target_values
+    if target.dtype.is_floating_point or target.dtype == torch.bool:
         raise InstrumentError(
             f"labels must be integer class ids; got dtype {target.dtype}. Hint: pass target.long() for class ids, "
             f"{_TASK_HINT['binary']} / {_TASK_HINT['multilabel']} for 0/1 masks, or {_TASK_HINT['regression']} "
@@ -284,7 +310,9 @@ def check_target_values(target: Tensor, kind: TargetKind, num_classes: int, igno
         return
     if target.dtype == torch.bool:
         return
-    if kind == "multiclass":
+    if kind == "multiclass" and target.dtype.is_floating_point:
+        _check_soft_values(target, what)
+    elif kind == "multiclass":
         bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
         if bool(bad.any()):
             raise InstrumentError(
@@ -306,3 +334,21 @@ def check_target_values(target: Tensor, kind: TargetKind, num_classes: int, igno
                 f"probabilities in [0, 1]) or ignore_index={ignore_index}. Hint: for class ids pass "
                 f"{_TASK_HINT['multiclass']}; for continuous values pass {_TASK_HINT['regression']}."
             )
+
+
+# How far a soft target row's sum may be from 1 (or 0): float32 sums of K probabilities.
+_SOFT_SUM_TOLERANCE = 1e-3
+
+
+def _check_soft_values(target: Tensor, what: str) -> None:
+    sums = target.sum(dim=1)
+    in_range = bool(((target >= 0) & (target <= 1)).all())
+    rows_fit = bool((((sums - 1).abs() <= _SOFT_SUM_TOLERANCE) | (sums.abs() <= _SOFT_SUM_TOLERANCE)).all())
+    if not (in_range and rows_fit):
+        raise InstrumentError(
+            f"the float target of shape {tuple(target.shape)} is shaped like {what}, so it is read as soft class "
+            "targets, but its rows (dim 1) are not distributions: values must lie in [0, 1] and each row sum to 1 "
+            "(or 0 for an ignored position). Hint: if it is a regression target (flow, depth, heatmaps), pass "
+            f"{_TASK_HINT['regression']} to instrument; for 0/1 per class pass {_TASK_HINT['multilabel']}; "
+            "for logits, pass `target.softmax(1)`."
+        )
