@@ -1,7 +1,8 @@
 """The tracing fallback ladder: fx -> torch.export -> forward hooks.
 
 Each model here is one fx cannot trace, for a reason users' models really have
-(a branch on ``x.ndim``, a branch on tensor values). The ladder must pick the
+(a branch on ``x.device``, a branch on tensor values); a branch on ``x.ndim`` fx now
+specializes to the traced size (tests/test_meta_tracer.py). The ladder must pick the
 next backend that works, still produce a selection with at least one point,
 and say which backend it used and why it fell back.
 """
@@ -40,13 +41,19 @@ def test_traceable_model_stays_on_fx_without_notes():
     assert not any(n.startswith("backend ") for n in selection.notes)
 
 
-def test_shape_branch_falls_back_to_export():
-    analysis = analyze(_on_meta("ndim"), input_size=SIZE)
+def test_shape_branch_stays_on_fx_specialized():
+    selection = analyze(_on_meta("ndim"), input_size=SIZE).selection
+    assert selection.backend == "fx"
+    assert any(n.startswith("fx specialized the graph to input shape (2, 3, 32, 32)") for n in selection.notes), selection.notes
+
+
+def test_device_branch_falls_back_to_export():
+    analysis = analyze(_on_meta("device"), input_size=SIZE)
     selection = analysis.selection
     assert selection.backend == "export"
     assert analysis.graph.backend == "export"
     assert len(selection.points) >= 1
-    assert any("backend fx failed" in n and "x.ndim == 3" in n for n in selection.notes), selection.notes
+    assert any("backend fx failed" in n and "x.device.type" in n for n in selection.notes), selection.notes
     assert "fell back to backend export" in selection.notes
     assert selection_to_dict(selection, analysis.graph)["backend"] == "export"
 

@@ -1,6 +1,6 @@
 """``instrument`` on models fx cannot trace: forward-hook taps from export and hooks selections.
 
-Each model branches in a way fx cannot record (on ``x.ndim``: export can decide it; on
+Each model branches in a way fx cannot record (on ``x.device``: export can decide it; on
 tensor values: only the hooks backend's real run can). The probed model must train
 every adapter, return the same ``ProbedOutput`` as on the fx path, leave no hook on
 the user's modules between calls, and strip to a bit-identical model.
@@ -43,7 +43,7 @@ class Block(nn.Module):
 
 
 class TinyViT(nn.Module):
-    """Patch embedding, four blocks, mean-pooled head; ``x.ndim`` decides batching, so fx fails."""
+    """Patch embedding, four blocks, mean-pooled head; ``x.device`` decides a copy, so fx fails."""
 
     def __init__(self, dim: int = 16) -> None:
         super().__init__()
@@ -52,8 +52,8 @@ class TinyViT(nn.Module):
         self.head = nn.Linear(dim, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim == 3:
-            x = x.unsqueeze(0)
+        if x.device.type == "mps":  # fx traces on meta and cannot know the device
+            x = x.contiguous()
         x = self.patch(x).flatten(2).transpose(1, 2)
         return self.head(self.blocks(x).mean(1))
 
@@ -64,7 +64,7 @@ def _hooks_on(model: nn.Module) -> int:
 
 @pytest.mark.parametrize(
     ("make", "backend"),
-    [(lambda: Net("ndim"), "export"), (lambda: Net("value"), "hooks"), (TinyViT, "export")],
+    [(lambda: Net("device"), "export"), (lambda: Net("value"), "hooks"), (TinyViT, "export")],
     ids=["export-cnn", "hooks-cnn", "export-vit"],
 )
 def test_fallback_selection_trains_every_adapter_and_strips_bit_identical(make, backend: str) -> None:
@@ -138,7 +138,7 @@ def test_probed_fallback_model_survives_torch_save_and_load() -> None:
 
 def test_top_level_function_point_cannot_be_hooked() -> None:
     torch.manual_seed(0)
-    model = Net("ndim")
+    model = Net("device")
     analysis = analyze(model, input_size=SIZE)
     pool = analysis.graph["mean"]  # the global pool in Net.forward itself: no module to hook
     assert analysis.selection.backend == "export" and pool.module_path == ""

@@ -497,7 +497,8 @@ class _Residual(nn.Module):
 
 
 class BranchyNet(nn.Module):
-    """A small residual CNN; ``branch`` picks the control flow fx cannot trace."""
+    """A small residual CNN; ``branch`` picks its control flow: ``ndim`` (a shape, fx specializes it),
+    ``device`` (fx cannot decide it, export can), ``value`` (only a real run can decide it)."""
 
     def __init__(self, branch: str = "none") -> None:
         super().__init__()
@@ -509,8 +510,10 @@ class BranchyNet(nn.Module):
         self.head = nn.Linear(32, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.branch == "ndim" and x.ndim == 3:  # shape-dependent: export can decide it, fx cannot
+        if self.branch == "ndim" and x.ndim == 3:  # shape-dependent: fx decides it at the traced size
             x = x.unsqueeze(0)
+        if self.branch == "device" and x.device.type == "mps":  # device-dependent: export decides it, fx cannot
+            x = x.contiguous()
         x = self.stage1(self.stem(x))
         if self.branch == "value" and x.sum() > 0:  # value-dependent: only a real run can decide it
             x = x * 0.5
