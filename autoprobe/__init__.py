@@ -2,7 +2,9 @@
 
 ``inspect`` previews the points a model would be supervised at; ``instrument``
 returns a trainable model with adapters and loss taps at those points; its
-``strip()`` gives back the plain model. torch and timm are imported on first
+``strip()`` gives back the plain model. ``tune`` searches output-only training, DSN
+and iMacHSR settings on a validation split and returns the best (never worse than
+output-only there). torch and timm are imported on first
 use, so the CLI starts fast.
 """
 
@@ -15,6 +17,8 @@ __all__ = [
     "inspect",
     "analyze",
     "instrument",
+    "tune",
+    "TuneResult",
     "TraceOptions",
     "Layout",
     "Probed",
@@ -41,6 +45,8 @@ _HOME = {
     "inspect": "api",
     "analyze": "api",
     "instrument": "rewrite",
+    "tune": "tuning",
+    "TuneResult": "tuning",
     "TraceOptions": "trace",
     "Layout": "layout",
     "Probed": "probed",

@@ -1,0 +1,110 @@
+"""autoprobe.tune: successive halving on validation that returns deep supervision only where it beats
+output-only training, deterministic for a seed, resumable, and strict about its input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import autoprobe
+from autoprobe import UsageError, tune
+
+
+class _Detach(nn.Module):
+    def forward(self, t):
+        return t.detach()
+
+
+def _data():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1024, 1, 8, 8, generator=gen)
+    # four classes: the signs of the means of two opposite quadrants
+    y = (x[:, 0, :4, :4].mean((1, 2)) > 0).long() * 2 + (x[:, 0, 4:, 4:].mean((1, 2)) > 0).long()
+    train = [(x[i : i + 32], y[i : i + 32]) for i in range(0, 768, 32)]
+    return train, [(x[768:], y[768:])]
+
+
+def _cut_net():
+    """The output's gradient never reaches the zero-initialised stem (a detach sits above it), so
+    output-only training leaves it blank; a head on the stem is the known-good setting."""
+    stem = nn.Conv2d(1, 4, 3, padding=1)
+    nn.init.zeros_(stem.weight)
+    nn.init.zeros_(stem.bias)
+    return nn.Sequential(stem, nn.Tanh(), nn.Conv2d(4, 8, 3, padding=1), nn.Tanh(), _Detach(),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(512, 4))
+
+
+def _plain_net():
+    conv = lambda i, o: [nn.Conv2d(i, o, 3, padding=1), nn.ReLU()]  # noqa: E731
+    return nn.Sequential(*conv(1, 8), *conv(8, 8), *conv(8, 8), *conv(8, 8), nn.Flatten(), nn.Linear(512, 4))
+
+
+_STEM_HEAD = {"objective": ["dsn"], "alpha": [1.0], "points": [1], "position": ["input"], "schedule": ["constant"]}
+# Weights that swamp the output loss with an input-side term: worse than output-only on this task.
+_HARMFUL = {"objective": ["dsn", "imachsr"], "alpha": [100.0], "lam": [100.0], "points": [1], "position": ["input"],
+            "schedule": ["constant"]}
+
+
+def test_a_known_good_setting_wins_and_its_instrument_arguments_reproduce_it():
+    train, val = _data()
+    result = tune(_cut_net, train, val, task="classification", steps=60, lr=3e-3, search=_STEM_HEAD, progress=False)
+    assert result.chosen.objective == "dsn" and result.chosen.position == "input"
+    assert result.score > result.output_only_score + 0.3
+    assert [row.candidate.label for row in result.table] == ["output", "dsn/alpha=1.0/M=1/input"]
+    assert result.cost_steps <= 4 * 60
+    probed = autoprobe.instrument(_cut_net(), **result.instrument_kwargs)
+    assert list(probed.selection.names) == ["1"] and type(probed.objective).__name__ == "DSN"
+    assert probed.objective.alpha == {"1": 1.0}
+
+
+def test_output_only_is_returned_when_no_candidate_beats_it():
+    train, val = _data()
+    result = tune(_plain_net, train, val, task="classification", steps=60, lr=3e-3, search=_HARMFUL, progress=False)
+    assert result.chosen.objective == "output" and result.instrument_kwargs is None
+    full = [row.score for row in result.table if row.steps == 60]
+    assert len(full) >= 2 and result.score == max(full) == result.output_only_score
+
+
+def test_the_same_seed_gives_the_same_table_and_an_interrupted_search_resumes(tmp_path):
+    train, val = _data()
+    options = dict(task="classification", steps=18, lr=3e-3, search=_HARMFUL, progress=False, seed=1)
+    first = tune(_plain_net, train, val, **options)
+    assert tune(_plain_net, train, val, **options) == first
+
+    class Stop(Exception):
+        pass
+
+    lines: list[str] = []
+
+    def stop_after_three(line: str) -> None:
+        lines.append(line)
+        if len(lines) == 3:
+            raise Stop
+
+    state = tmp_path / "tune.jsonl"
+    with pytest.raises(Stop):
+        tune(_plain_net, train, val, **{**options, "progress": stop_after_three, "state": state})
+    built = []
+
+    def counting_factory():
+        built.append(1)
+        return _plain_net()
+
+    resumed = tune(counting_factory, train, val, **{**options, "state": state})
+    assert resumed.table == first.table and resumed.chosen == first.chosen
+    assert resumed.cost_steps == first.cost_steps
+    assert len(built) < sum(len(row.scores) for row in first.table)  # finished rungs were not retrained
+
+
+def test_bad_input_is_a_usage_error_with_a_hint():
+    train, val = _data()
+    with pytest.raises(UsageError, match="validation set is empty.*Hint"):
+        tune(_plain_net, train, [], task="classification", steps=10, progress=False)
+    with pytest.raises(UsageError, match="max_cost=1.5 is too small for one candidate.*Hint"):
+        tune(_plain_net, train, val, task="classification", steps=10, max_cost=1.5, progress=False)
+    with pytest.raises(UsageError, match=r"unknown search key\(s\) \['weight'\].*Hint"):
+        tune(_plain_net, train, val, task="classification", steps=10, search={"weight": [1]}, progress=False)
+    with pytest.raises(UsageError, match="one-shot iterator.*Hint"):
+        tune(_plain_net, iter(train), val, task="classification", steps=10, progress=False)
