@@ -467,7 +467,7 @@ def _selection_test() -> list[Placement]:
 def _seg_pilots() -> list[RunSpec]:
     """Baseline regime pilots, seed 0, scored on validation only (issue 15 section 2)."""
     return [RunSpec("seg", "deeplabv3plus", "baseline", 0, steps, batch, lr=lr, pilot=True)
-            for steps, batch, lr in ((1500, 16, 3e-3), (3000, 16, 3e-3), (1500, 16, 1e-3), (3000, 32, 3e-3))]
+            for steps, batch, lr in ((1500, 16, 3e-3), (3000, 16, 3e-3), (1500, 16, 1e-3))]
 
 
 GRIDS = {
