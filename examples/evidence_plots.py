@@ -15,11 +15,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["load", "paired", "render"]
+__all__ = ["load", "paired", "summary_rows", "render"]
 
-METHODS = ("baseline", "dsn", "imachsr", "dks")
+METHODS = ("baseline", "dsn", "imachsr", "dks", "tuned")
 SEG_METRICS = ("mIoU", "mF1", "mPrecision", "mRecall")
-COLORS = {"baseline": "#555555", "dsn": "#1f77b4", "imachsr": "#d62728", "dks": "#2ca02c"}
+COLORS = {"baseline": "#555555", "dsn": "#1f77b4", "imachsr": "#d62728", "dks": "#2ca02c", "tuned": "#9467bd"}
 
 
 @dataclass(frozen=True)
@@ -38,10 +38,15 @@ class Paired:
 
 
 def load(path: Path) -> list[dict]:
-    """The non-quick records of a results file."""
+    """The non-quick records of a results file (pilots included; ``_main`` leaves them out)."""
     if not path.exists():
         return []
     return [r for r in (json.loads(x) for x in path.read_text().splitlines() if x.strip()) if not r.get("quick")]
+
+
+def _main(records: Sequence[dict]) -> list[dict]:
+    """The runs scored on test: pilots choose settings on validation and never enter a table of results."""
+    return [r for r in records if not r.get("pilot")]
 
 
 # Student t 0.975 quantiles for 1..10 degrees of freedom (no scipy needed for a table this small).
@@ -82,8 +87,7 @@ def _select(records, **want) -> list[dict]:
 
 
 def _method_table(records: list[dict], task: str, model: str, metrics: Sequence[str]) -> tuple[str, dict]:
-    rows = {m: _select(records, task=task, model=model, method=m, setting="none" if m == "baseline" else "auto")
-            for m in METHODS}
+    rows = {m: _select(records, task=task, model=model, method=m, setting=_SETTING.get(m, "auto")) for m in METHODS}
     base = rows["baseline"]
     head = ["method", "seeds"] + [f"{k} (%)" for k in metrics] + [f"Δ{metrics[0]} vs baseline [95% CI]",
                                                                    "wall s/run", "CPU s/run", "CPU-time ratio",
@@ -108,6 +112,9 @@ def _method_table(records: list[dict], task: str, model: str, metrics: Sequence[
         lines.append("| " + " | ".join(cells) + " |")
         summary[m] = {"diff": diff, "records": rs}
     return "\n".join(lines), summary
+
+
+_SETTING = {"baseline": "none", "tuned": "tuned"}
 
 
 def _imachsr_rows(records: list[dict], settings: Sequence[tuple[str, str]], base: list[dict]) -> str:
@@ -142,7 +149,7 @@ def _curves(records: list[dict], task: str, model: str, out: Path) -> Path | Non
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     drawn = False
     for m in METHODS:
-        rs = _select(records, task=task, model=model, method=m, setting="none" if m == "baseline" else "auto")
+        rs = _select(records, task=task, model=model, method=m, setting=_SETTING.get(m, "auto"))
         if not rs:
             continue
         drawn = True
@@ -298,11 +305,138 @@ def _qualitative(records: list[dict], out: Path) -> Path | None:
     return path
 
 
+# ----------------------------------------------------------------------------- summary.json and pilots
+
+_MODELS = (("seg", "deeplabv3plus"), ("seg", "unet"), ("cls", "resnet18n"), ("cls", "vit"))
+
+
+def _trivial_pixel_accuracy(record: dict) -> float:
+    """The all-background predictor's pixel accuracy on the record's test set (regenerated from its config)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    try:
+        from segdata import SegConfig, load_segmentation
+    finally:
+        sys.path.pop(0)
+    cfg = SegConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in record["data"].items()})
+    return float((load_segmentation(cfg).test.labels == 0).double().mean())
+
+
+def summary_rows(records: Sequence[dict]) -> list[dict]:
+    """The rows of ``summary.json`` (schema in issue 15 section 5): one per task, model, method and
+    regime (steps, batch), over the test-scored runs; ``delta`` and ``ci95`` paired by seed against the
+    ``baseline`` row of the same task, model and regime (null for the baseline itself)."""
+    runs = _main(records)
+    rows: list[dict] = []
+    trivial: dict[str, float] = {}
+    for task, model in _MODELS:
+        regimes = sorted({(r["steps"], r["batch"]) for r in _select(runs, task=task, model=model)})
+        for steps, batch in regimes:
+            base = _select(runs, task=task, model=model, method="baseline", setting="none", steps=steps, batch=batch)
+            metric = "mIoU" if task == "seg" else "accuracy"
+            for m in METHODS:
+                rs = _select(runs, task=task, model=model, method=m, setting=_SETTING.get(m, "auto"), steps=steps,
+                             batch=batch)
+                if not rs:
+                    continue
+                values = [r["metrics"][metric] for r in sorted(rs, key=lambda r: r["seed"])]
+                d = None if m == "baseline" else paired(_by_seed(base, metric), _by_seed(rs, metric))
+                pixel = trivial_acc = None
+                if task == "seg":
+                    pixel = statistics.fmean(r["metrics"]["pixel_acc"] for r in rs)
+                    key = json.dumps(rs[0]["data"], sort_keys=True)
+                    if key not in trivial:
+                        trivial[key] = _trivial_pixel_accuracy(rs[0])
+                    trivial_acc = trivial[key]
+                rows.append({
+                    "task": task, "model": model, "method": m, "seeds": sorted(r["seed"] for r in rs),
+                    "metric": "miou" if task == "seg" else "accuracy",
+                    "mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+                    "delta": None if d is None or d.n == 0 else d.mean,
+                    "ci95": None if d is None or d.n < 2 else [d.low, d.high],
+                    "pixel_accuracy": pixel, "trivial_pixel_accuracy": trivial_acc, "steps": steps, "batch": batch,
+                })
+    return rows
+
+
+def _flattening(steps: Sequence[int], values: Sequence[float]) -> float:
+    """The share of the final validation score added in the last quarter of training (linear
+    interpolation of the validation curve at 75% of the steps); the regime rule wants < 0.10."""
+    at = 0.75 * steps[-1]
+    for (s0, v0), (s1, v1) in zip(zip(steps, values), zip(steps[1:], values[1:])):
+        if s0 <= at <= s1:
+            start = v0 + (v1 - v0) * (at - s0) / (s1 - s0)
+            return (values[-1] - start) / values[-1] if values[-1] else math.nan
+    return math.nan
+
+
+def _pilot_table(records: Sequence[dict]) -> str:
+    pilots = [r for r in records if r.get("pilot")]
+    if not pilots:
+        return "(no pilots recorded)"
+    head = ["model", "method", "seed", "steps x batch", "lr", "val mIoU (%)", "val pixel acc (%)",
+            "last-quarter share of final val mIoU", "CPU s", "wall s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in pilots:
+        c = r["curve"]
+        lines.append(f"| {r['model']} | {r['method']} | {r['seed']} | {r['steps']} x {r['batch']} | {r.get('lr', '-')} "
+                     f"| {r['metrics']['mIoU'] * 100:.2f} | {r['metrics']['pixel_acc'] * 100:.2f} "
+                     f"| {_flattening(c['val_step'], c['val']):.3f} | {r['times']['cpu_s']:.0f} | {r['times']['wall_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def _pilot_curves(records: Sequence[dict], out: Path) -> Path | None:
+    pilots = [r for r in records if r.get("pilot")]
+    if not pilots:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.6, 3.6))
+    for r in pilots:
+        ax.plot(r["curve"]["val_step"], r["curve"]["val"], marker="o",
+                label=f"{r['steps']}x{r['batch']}, lr {r.get('lr')}")
+    ax.set(xlabel="step", ylabel="validation mIoU (item classes)", title="Baseline regime pilots (validation only)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "pilots.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _term_curves(records: Sequence[dict], out: Path) -> Path | None:
+    """Each logged loss term along training (mean over seeds), one panel per method with terms."""
+    plt = _plt()
+    runs = [r for r in _main(records) if r["task"] == "seg" and r["model"] == "deeplabv3plus"
+            and r["method"] in ("dsn", "imachsr") and r["setting"] == "auto" and r["curve"].get("terms")]
+    methods = [m for m in ("dsn", "imachsr") if any(r["method"] == m for r in runs)]
+    if not methods:
+        return None
+    fig, axes = plt.subplots(1, len(methods), figsize=(5.6 * len(methods), 3.8), squeeze=False)
+    for ax, m in zip(axes[0], methods):
+        rs = [r for r in runs if r["method"] == m]
+        steps = rs[0]["curve"]["step"]
+        for name in sorted(rs[0]["curve"]["terms"]):
+            mat = [r["curve"]["terms"][name] for r in rs if len(r["curve"]["terms"].get(name, ())) == len(steps)]
+            ax.plot(steps, [statistics.fmean(col) for col in zip(*mat)], label=f"{name} (n={len(mat)})", lw=1)
+        ax.axhline(0, color="black", lw=0.5)
+        ax.set(xlabel="step", ylabel="unweighted term value (10-step mean)", title=f"{m}: terms along training")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    path = out / "terms_deeplabv3plus.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def render(results: Path, out: Path) -> str:
-    """Write ``tables.md`` and the PNGs into ``out``; return the tables' text."""
-    records = load(results)
+    """Write ``tables.md``, ``summary.json`` and the PNGs into ``out``; return the tables' text."""
+    everything = load(results)
+    records = _main(everything)
     out.mkdir(parents=True, exist_ok=True)
-    parts = [f"# Tables rendered from {results.name} ({len(records)} runs)\n"]
+    parts = [f"# Tables rendered from {results.name} ({len(records)} test-scored runs, "
+             f"{len(everything) - len(records)} validation pilots)\n",
+             "## Regime pilots (baseline, validation split only)\n\n" + _pilot_table(everything) + "\n"]
     made: list[Path] = []
     summaries = {}
     for task, model, metrics in (("seg", "deeplabv3plus", SEG_METRICS), ("seg", "unet", SEG_METRICS),
@@ -345,6 +479,11 @@ def render(results: Path, out: Path) -> str:
     made.append(_delta_bars(records, base, s_settings, "Selection test: iMacHSR at different points (95% paired-t CI)",
                             out / "selection.png"))
     made.append(_qualitative(records, out))
+    made.append(_pilot_curves(everything, out))
+    made.append(_term_curves(records, out))
+    summary = {"rows": summary_rows(everything)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    made.append(out / "summary.json")
     text = "\n".join(parts)
     (out / "tables.md").write_text(text)
     print(text)

@@ -61,6 +61,27 @@ def test_quick_trains_every_method_on_both_tasks_then_skips_them(tmp_path):
     assert rendered.returncode == 0, rendered.stderr[-3000:]
     tables = (out / "tables.md").read_text()
     assert "## seg / deeplabv3plus" in tables and "## cls / resnet18n" in tables
+    # summary.json: the schema other tools read (issue 15 section 5), deltas paired against the baseline
+    rows = json.loads((out / "summary.json").read_text())["rows"]
+    assert {(r["task"], r["method"]) for r in rows} == {(t, m) for t in ("seg", "cls")
+                                                        for m in ("baseline", "dsn", "imachsr", "dks")}
+    for row in rows:
+        assert set(row) == {"task", "model", "method", "seeds", "metric", "mean", "sd", "delta", "ci95",
+                            "pixel_accuracy", "trivial_pixel_accuracy", "steps", "batch"}
+        assert row["metric"] == ("miou" if row["task"] == "seg" else "accuracy") and 0 <= row["mean"] <= 1
+        assert (row["delta"] is None) == (row["method"] == "baseline") and row["ci95"] is None  # one seed
+        assert (row["trivial_pixel_accuracy"] is None) == (row["task"] == "cls")
+    seg = {r["method"]: r for r in rows if r["task"] == "seg"}
+    assert seg["imachsr"]["delta"] == pytest.approx(seg["imachsr"]["mean"] - seg["baseline"]["mean"])
+    assert 0.5 < seg["baseline"]["trivial_pixel_accuracy"] < 1
+
+    # a validation pilot is listed as a pilot and kept out of the results
+    pilot = {**records[0], "quick": False, "pilot": True, "method": "imachsr", "setting": "auto"}
+    full.write_text(full.read_text() + json.dumps(pilot) + "\n")
+    again = _run("--render", "--results", str(full), "--out", str(out))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "1 validation pilots" in (out / "tables.md").read_text()
+    assert json.loads((out / "summary.json").read_text())["rows"] == rows
     assert {p.name for p in out.glob("*.png")} >= {"curves_deeplabv3plus.png", "bars_deeplabv3plus.png",
                                                    "qualitative_seg.png"}
 
