@@ -24,11 +24,42 @@ from .sizes import format_input_size, parse_input_size
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
 
+    from .kwargs import Kwargs
+
 __all__ = ["main"]
 
 
 def _input_size(text: str | None) -> tuple[int, ...] | None:
     return parse_input_size(text, argument="--input-size") if text is not None else None
+
+
+def _kwargs(pairs: Sequence[str], option: str) -> Kwargs:
+    """Repeated ``KEY=VALUE`` options as one ``Kwargs``; a key given twice with two values is refused."""
+    from .kwargs import Kwargs, parse_kwarg
+
+    found: dict[str, object] = {}
+    for text in pairs:
+        key, value = parse_kwarg(text, option)
+        if key in found and found[key] != value:
+            raise OptionError(f"{option} {key} is given twice ({found[key]!r} and {value!r}). Hint: give each KEY once.")
+        found[key] = value
+    return Kwargs(found, where=option)
+
+
+def _model_args(args: argparse.Namespace) -> Kwargs:
+    """``--model-arg`` options plus ``--num-classes`` (the builder's ``num_classes=``)."""
+    found = _kwargs(args.model_arg, "--model-arg").to_dict()
+    if args.num_classes is not None:
+        if args.num_classes < 1:
+            raise OptionError(f"--num-classes {args.num_classes}: need at least 1 class. "
+                              "Hint: give the classifier width, e.g. --num-classes 10, or leave it out.")
+        if found.get("num_classes", args.num_classes) != args.num_classes:
+            raise OptionError(f"--num-classes {args.num_classes} and --model-arg num_classes={found['num_classes']!r} "
+                              "disagree. Hint: give the width once.")
+        found["num_classes"] = args.num_classes
+    from .kwargs import Kwargs
+
+    return Kwargs(found, where="--model-arg")
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -40,23 +71,40 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         "--leaf", action="append", default=[], metavar="MODULE_PATH",
         help="keep this submodule as one node when fx cannot trace it (repeatable)",
     )
+    parser.add_argument(
+        "--model-arg", action="append", default=[], metavar="KEY=VALUE",
+        help="keyword argument of the model's builder, VALUE a Python literal or a bare word taken as a string "
+        "(repeatable), e.g. --model-arg encoder_weights=None",
+    )
+    parser.add_argument("--num-classes", type=int, metavar="N", help="classifier width, passed as num_classes=N to the builder")
+    parser.add_argument(
+        "--input-name", metavar="NAME",
+        help="the forward parameter that receives the input, for a model called as model(NAME=x) (default: the first)",
+    )
+    parser.add_argument(
+        "--forward-arg", action="append", default=[], metavar="KEY=VALUE",
+        help="further forward argument, fixed while tracing (repeatable), e.g. --forward-arg return_dict=False",
+    )
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(
         prog="autoprobe", description="Find deep-supervision points in any PyTorch model and train with them."
     )
+    parser.add_argument("--version", action="version", version=f"autoprobe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     inspect = sub.add_parser("inspect", help="preview the chosen points of a model")
-    inspect.add_argument("model", metavar="MODEL", help="timm name, tv:NAME (torchvision) or package.module:factory")
+    inspect.add_argument("model", metavar="MODEL", help="timm name (tagged or not), tv:NAME (torchvision) or package.module:factory")
     _add_model_options(inspect)
     inspect.add_argument("--format", choices=("table", "json"), default="table")
     inspect.add_argument("--all-candidates", action="store_true", help="list every candidate, not only the points")
     inspect.add_argument("--graph", metavar="FILE", help="write an SVG picture of the layer graph")
     inspect.add_argument(
-        "--input-name", metavar="NAME",
-        help="the forward parameter that receives the input, for a model called as model(NAME=x) (default: the first)",
+        "--html", metavar="FILE",
+        help="write one self-contained HTML page to browse the model: stages, blocks and layers, points marked, a search box",
     )
     inspect.add_argument(
         "--allow-real-data", action="store_true",
@@ -137,9 +185,10 @@ def _lock(args: argparse.Namespace) -> int:
 
     from .lock import ModelRequest, Outcome, plan_lock, run_lock
 
+    model_args, forward = _model_args(args), _kwargs(args.forward_arg, "--forward-arg")
     overrides = ModelRequest(
         "", _input_size(args.input_size), args.mode, args.rules, _points(args.points),
-        tuple(args.leaf),
+        tuple(args.leaf), model_args or None, args.input_name, forward or None,
     )
     workers = _workers(args.jobs)
     plan = plan_lock(args.models, output=args.output, overrides=overrides, pyproject=Path("pyproject.toml"))
@@ -173,19 +222,32 @@ def _lock(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     import time
 
-    from .lock import check_lock, lockfile_path
+    from .lock import Outcome, check_lock, lockfile_path
     from .lockconfig import load_config
+    from .lockdiff import diff_entries
     from .lockfile import dumps_lock, read_lock, save_lock
 
     workers = _workers(args.jobs)
     config = load_config(Path("pyproject.toml"))
     path = lockfile_path(args.file, config)
-    total = len(read_lock(path).entries)
+    locked = read_lock(path).entries
+    total = len(locked)
     start = time.perf_counter()
     progress, task = _progress(total, "checking")
+
+    def done(outcome: Outcome) -> None:
+        # Without a terminal (CI logs) there is no bar: one line per model as it finishes shows progress.
+        if progress.disable:
+            if outcome.entry is None:
+                state = "could not be recomputed"
+            else:
+                changes = diff_entries(locked[outcome.key], outcome.entry).changes
+                state = f"changed ({len(changes)} difference{'s' * (len(changes) != 1)})" if changes else "unchanged"
+            print(f"checked {outcome.key}: {state} ({outcome.seconds:.1f} s)", flush=True)
+        progress.update(task, advance=1, last=outcome.key)
+
     with progress:
-        result = check_lock(path, pyproject=config, workers=workers,
-                            on_done=lambda o: progress.update(task, advance=1, last=o.key))
+        result = check_lock(path, pyproject=config, workers=workers, on_done=done)
     seconds = time.perf_counter() - start
 
     if result.versions:
@@ -227,11 +289,13 @@ def _inspect(args: argparse.Namespace) -> int:
 
     from .trace import TraceOptions
 
+    model_args, forward = _model_args(args), _kwargs(args.forward_arg, "--forward-arg")
     options = TraceOptions(mode=args.mode, leaf_paths=tuple(args.leaf), input_name=args.input_name,
-                           allow_real_data=args.allow_real_data)
+                           forward_kwargs=forward.to_dict(), allow_real_data=args.allow_real_data)
     size = _input_size(args.input_size)
     try:
-        analysis = analyze(args.model, input_size=size, rules=args.rules, points=_points(args.points), options=options)
+        analysis = analyze(args.model, input_size=size, rules=args.rules, points=_points(args.points), options=options,
+                           model_args=model_args)
     except TraceError as exc:
         if args.allow_real_data or "allow_real_data" not in str(exc):
             raise
@@ -254,6 +318,14 @@ def _inspect(args: argparse.Namespace) -> int:
             path.write_text(render_svg(analysis.selection, analysis.graph), encoding="utf-8")
         except OSError as exc:
             raise OptionError(f"cannot write --graph {str(path)!r}: {exc.strerror}. Hint: check the folder exists.") from exc
+    if args.html:
+        from .html_view import model_view, render_html
+
+        path = Path(args.html)
+        try:
+            path.write_text(render_html(model_view(analysis.selection, analysis.graph)), encoding="utf-8")
+        except OSError as exc:
+            raise OptionError(f"cannot write --html {str(path)!r}: {exc.strerror}. Hint: check the folder exists.") from exc
     if args.format == "json":
         sys.stdout.write(to_json(selection_to_dict(analysis.selection, analysis.graph)))
     else:
@@ -264,6 +336,8 @@ def _inspect(args: argparse.Namespace) -> int:
         console.print(render_table(analysis.selection, analysis.graph, all_candidates=args.all_candidates))
         if args.graph:
             console.print(f"graph picture written to {args.graph}")
+        if args.html:
+            console.print(f"HTML view written to {args.html}")
     return 0
 
 

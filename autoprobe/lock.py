@@ -32,12 +32,12 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import LockError
-from .lockconfig import ModelRequest, ProjectConfig, load_config, resolve_settings
+from .lockconfig import ModelRequest, ProjectConfig, is_given, load_config, resolve_settings
 from .lockdiff import diff_entries, version_changes
 from .lockentry import entry_from_analysis, lock_entry, versions
 from .lockfile import DEFAULT_LOCKFILE, Lock, LockEntry, LockSettings, read_lock, resolve_rules, save_lock
@@ -360,12 +360,13 @@ def stale_models(config: ProjectConfig, lock: Lock, lock_dir: Path) -> list[str]
             continue
         stored = entry.settings.to_json()
         wanted = resolve_settings(request, defaults=config.defaults, lock_dir=lock_dir).to_json()
-        for name in ("input_size", "mode", "rules", "points", "leaf"):
-            explicit = any(getattr(r, name) not in (None, ()) for r in (request, config.defaults))
-            if explicit and stored[name] != wanted[name]:
+        for f in fields(LockSettings):
+            name = f.name
+            explicit = any(is_given(getattr(r, name)) for r in (request, config.defaults))
+            if explicit and stored.get(name) != wanted.get(name):
                 lines.append(
-                    f"{request.spec}: {config.path.name} asks for {name} {wanted[name]!r}, the lock has "
-                    f"{stored[name]!r}; run `autoprobe lock`"
+                    f"{request.spec}: {config.path.name} asks for {name} {wanted.get(name)!r}, the lock has "
+                    f"{stored.get(name)!r}; run `autoprobe lock`"
                 )
     return lines
 

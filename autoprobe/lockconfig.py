@@ -26,23 +26,25 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LockError
+from .kwargs import Kwargs
 from .lockfile import DEFAULT_LOCKFILE, LockSettings, looks_like_path, parse_setting, rules_for_storage
 from .trace import Mode
 
-__all__ = ["ModelRequest", "ProjectConfig", "load_config", "resolve_settings"]
+__all__ = ["ModelRequest", "ProjectConfig", "load_config", "resolve_settings", "is_given"]
 
-_SETTINGS = ("input_size", "mode", "rules", "points", "leaf")
+_SETTINGS = ("input_size", "mode", "rules", "points", "leaf", "model_args", "input_name", "forward_kwargs")
 _TABLE_KEYS = ("models", "lockfile", "rules", "mode", "input_size")
 _HINT = "Hint: fix the value in pyproject.toml."
 
 
 @dataclass(frozen=True)
 class ModelRequest:
-    """One model to lock: its spec and the settings asked for (``None`` or ``()`` = not given).
+    """One model to lock: its spec and the settings asked for (``None``, ``()`` or empty = not given).
 
     Attributes:
         spec: the model spec; also the key in the lock.
-        input_size, mode, rules, points, leaf: overrides, checked like ``LockSettings``.
+        input_size, mode, rules, points, leaf, model_args, input_name, forward_kwargs: overrides,
+            checked like ``LockSettings``.
 
     Example:
         >>> ModelRequest("resnet18", input_size=224).input_size
@@ -55,6 +57,9 @@ class ModelRequest:
     rules: str | None = None
     points: int | None = None
     leaf: tuple[str, ...] = ()
+    model_args: Kwargs | None = None
+    input_name: str | None = None
+    forward_kwargs: Kwargs | None = None
 
     def __post_init__(self) -> None:
         for name in _SETTINGS:
@@ -99,7 +104,9 @@ def load_config(path: str | Path = "pyproject.toml") -> ProjectConfig | None:
 
     Recognised keys: ``models`` (a list of specs, or inline tables
     ``{model = "tv:fcn_resnet50", rules = "dense", input_size = [3, 256, 256], mode = "eval",
-    points = 4, leaf = ["blocks.0"]}``), ``lockfile`` (default ``autoprobe.lock``) and the
+    points = 4, leaf = ["blocks.0"], model_args = ["encoder_weights=None"], input_name = "pixel_values",
+    forward_kwargs = ["return_dict=False"]}``; ``model_args`` and ``forward_kwargs`` are ``KEY=VALUE``
+    strings as on the command line, since TOML has no ``None``), ``lockfile`` (default ``autoprobe.lock``) and the
     project-wide defaults ``rules``, ``mode`` and ``input_size``. A rules path is relative
     to the pyproject's folder.
 
@@ -158,6 +165,16 @@ def load_config(path: str | Path = "pyproject.toml") -> ProjectConfig | None:
     return ProjectConfig(path, tuple(models), base / lockfile, defaults)
 
 
+def is_given(value: Any) -> bool:
+    """Whether a ``ModelRequest`` setting was given: not ``None``, ``()`` or an empty ``Kwargs``.
+
+    Example:
+        >>> is_given(None), is_given(()), is_given(Kwargs()), is_given("train")
+        (False, False, False, True)
+    """
+    return value is not None and value != () and not (isinstance(value, Kwargs) and not value)
+
+
 def resolve_settings(
     request: ModelRequest,
     *,
@@ -186,7 +203,7 @@ def resolve_settings(
     order = [r for r in (cli, request, defaults) if r is not None]
     given: dict[str, Any] = {}
     for f in fields(LockSettings):
-        value = next((getattr(r, f.name) for r in order if getattr(r, f.name) not in (None, ())), None)
+        value = next((getattr(r, f.name) for r in order if is_given(getattr(r, f.name))), None)
         if value is not None:
             given[f.name] = value
     settings = LockSettings(**given)

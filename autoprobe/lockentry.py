@@ -7,6 +7,7 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import replace
 from enum import Enum
 from importlib import metadata
 from pathlib import Path
@@ -47,7 +48,7 @@ def entry_from_analysis(analysis: Analysis, settings: LockSettings) -> LockEntry
         (3, 224, 224)
     """
     sel = analysis.selection
-    resolved = LockSettings(tuple(sel.input_shape[1:]), settings.mode, settings.rules, settings.points, settings.leaf)
+    resolved = replace(settings, input_size=tuple(sel.input_shape[1:]))
     return LockEntry(
         settings=resolved,
         rule_pack=RulePackRef(sel.rules, sel.rules_sha256),
@@ -105,7 +106,9 @@ def lock_entry(
         input_size=settings.input_size,
         rules=resolve_rules(settings.rules, base_dir),
         points=settings.points,
-        options=TraceOptions(mode=settings.mode, leaf_paths=settings.leaf),
+        options=TraceOptions(mode=settings.mode, leaf_paths=settings.leaf, input_name=settings.input_name,
+                             forward_kwargs=settings.forward_kwargs.to_dict()),
+        model_args=settings.model_args.to_dict(),
     )
     return entry_from_analysis(analysis, settings)
 

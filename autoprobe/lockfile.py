@@ -24,8 +24,14 @@ Format (``LOCK_VERSION`` 1)::
       }
     }
 
+Three settings are written only when set, so entries without them keep their bytes:
+``model_args`` (the keyword arguments of the model's builder, ``{"encoder_weights": null}``),
+``input_name`` (the forward parameter the input is passed as, ``"pixel_values"``) and
+``forward_kwargs`` (further forward arguments, fixed while tracing). Their values are JSON
+literals (``kwargs.Kwargs``), so replaying an entry needs nothing but the file.
+
 The text is canonical JSON (sorted keys, two-space indent, trailing newline)
-with no floats, so the same records write the same bytes in every process,
+with no floats (except where a model or forward argument is one), so the same records write the same bytes in every process,
 under every ``PYTHONHASHSEED``. Scores and the candidate list are left out on
 purpose: scores follow the pack's weights (already covered by its hash) and the
 candidate list changes with every harmless detector tweak. Rules are listed by
@@ -49,7 +55,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, get_args
 
-from .errors import InputSizeError, LockError
+from .errors import InputSizeError, LockError, OptionError, UsageError
+from .kwargs import Kwargs, parse_kwarg
 from .sizes import parse_input_size
 from .trace import Mode
 
@@ -94,16 +101,20 @@ def parse_setting(name: str, value: Any, where: str, *, prefix: str = "", hint: 
     """The one validator of a lock setting, for the lockfile, ``[tool.autoprobe]`` and the Python API.
 
     Args:
-        name: ``input_size``, ``mode``, ``rules``, ``points`` or ``leaf``.
+        name: ``input_size``, ``mode``, ``rules``, ``points``, ``leaf``, ``model_args``, ``input_name``
+            or ``forward_kwargs``.
         value: the value as given (JSON, TOML or Python); ``None`` is valid for ``input_size``
-            (the model's own) and ``points`` (the pack's automatic M).
+            (the model's own), ``points`` (the pack's automatic M) and ``input_name`` (the first
+            parameter). ``model_args`` and ``forward_kwargs`` take a mapping, or a list of
+            ``"KEY=VALUE"`` strings as typed on the command line (TOML has no ``None``).
         where: names the file and model (or the function) in a message, e.g. ``"x.lock model 'resnet18'"``.
         prefix: put before ``name`` in a message (``"settings."`` in a lockfile).
         hint: appended to the message (what to do).
 
     Returns:
         The typed value: ``input_size`` a tuple (read by ``sizes.parse_input_size``: one integer
-        ``s`` means ``(3, s, s)``), ``leaf`` a tuple of module paths, the others unchanged.
+        ``s`` means ``(3, s, s)``), ``leaf`` a tuple of module paths, ``model_args`` and
+        ``forward_kwargs`` a ``Kwargs``, the others unchanged.
 
     Raises:
         LockError: the value has the wrong type or range; the message names ``where`` and the setting.
@@ -141,10 +152,28 @@ def parse_setting(name: str, value: Any, where: str, *, prefix: str = "", hint: 
         if isinstance(value, (list, tuple)) and all(isinstance(p, str) for p in value):
             return tuple(value)
         raise LockError(f"{label} must be a list of module paths, not {value!r}.{tail}")
+    if name == "input_name":
+        if value is None or (isinstance(value, str) and value.isidentifier()):
+            return value
+        raise LockError(f"{label} must be null or a forward parameter's name, not {value!r}.{tail}")
+    if name in _KWARG_SETTINGS:
+        return _kwargs(value, label, tail)
     raise LockError(f"{where}: unknown setting {prefix}{name}. Known settings: {', '.join(_SETTING_NAMES)}.{tail}")
 
 
-_SETTING_NAMES = ("input_size", "leaf", "mode", "points", "rules")
+def _kwargs(value: Any, label: str, tail: str) -> Kwargs:
+    """``model_args`` / ``forward_kwargs``: a mapping, or ``"KEY=VALUE"`` strings (the CLI's form)."""
+    try:
+        if isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value):
+            return Kwargs(dict(parse_kwarg(item, label) for item in value), where=label)
+        return Kwargs(value, where=label)
+    except (UsageError, OptionError) as exc:
+        raise LockError(f"{str(exc).splitlines()[0].split(' Hint:')[0]}{tail}") from exc
+
+
+_SETTING_NAMES = ("forward_kwargs", "input_name", "input_size", "leaf", "mode", "model_args", "points", "rules")
+# Settings written only when set, so that entries without them keep their bytes.
+_KWARG_SETTINGS = ("model_args", "forward_kwargs")
 
 
 @dataclass(frozen=True)
@@ -162,6 +191,9 @@ class LockSettings:
             lockfile's folder once stored).
         points: a forced M, or ``None`` for the pack's automatic M.
         leaf: module paths kept as single nodes.
+        model_args: keyword arguments of the model's builder (``Kwargs``; empty: none).
+        input_name: the forward parameter the input is passed as; ``None`` is the first.
+        forward_kwargs: further forward arguments, fixed while tracing (``Kwargs``; empty: none).
 
     Example:
         >>> LockSettings((3, 224, 224)).to_json()["input_size"]
@@ -177,6 +209,9 @@ class LockSettings:
     rules: str = "default"
     points: int | None = None
     leaf: tuple[str, ...] = ()
+    model_args: Kwargs = Kwargs()
+    input_name: str | None = None
+    forward_kwargs: Kwargs = Kwargs(where="forward_kwargs")
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -214,13 +249,26 @@ class LockSettings:
         return cls(**{k: parse_setting(k, v, where, prefix=prefix, hint=hint) for k, v in values.items()})
 
     def to_json(self) -> dict[str, Any]:
-        """The settings as stored in a lock entry."""
+        """The settings as stored in a lock entry; ``model_args``, ``input_name`` and ``forward_kwargs`` only when set.
+
+        Example:
+            >>> LockSettings(model_args={"encoder_weights": None}).to_json()["model_args"]
+            {'encoder_weights': None}
+            >>> "input_name" in LockSettings().to_json()
+            False
+        """
+        optional = {
+            "model_args": self.model_args.to_json() if self.model_args else None,
+            "input_name": self.input_name,
+            "forward_kwargs": self.forward_kwargs.to_json() if self.forward_kwargs else None,
+        }
         return {
             "input_size": list(self.input_size) if self.input_size is not None else None,
             "mode": self.mode,
             "rules": self.rules,
             "points": self.points,
             "leaf": list(self.leaf),
+            **{k: v for k, v in optional.items() if v is not None},
         }
 
 

@@ -20,7 +20,17 @@ from .adapters import adapter_parameters
 from .graph import LayerGraph, LayerInfo
 from .select import Fired, Selection
 
-__all__ = ["SCHEMA_VERSION", "selection_to_dict", "to_json", "render_table", "render_svg", "json_schema"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "KIND_COLOURS",
+    "selection_to_dict",
+    "to_json",
+    "render_table",
+    "render_svg",
+    "json_schema",
+    "output_classes",
+    "adapter_params",
+]
 
 SCHEMA_VERSION = 1
 
@@ -40,7 +50,7 @@ def selection_to_dict(selection: Selection, graph: LayerGraph | None = None) -> 
         A dict that validates against ``json_schema()``.
     """
     chosen = set(selection.names)
-    classes = _classes(graph) if graph is not None else None
+    classes = output_classes(graph) if graph is not None else None
     candidates = []
     for c in selection.candidates:
         entry: dict[str, Any] = {"name": c.node, "score": c.score, "chosen": c.node in chosen, "rules": _fired(c.fired)}
@@ -70,7 +80,7 @@ def selection_to_dict(selection: Selection, graph: LayerGraph | None = None) -> 
                 "score": p.score,
                 "reason": p.reason,
                 "rules": _fired(p.fired),
-                **({} if graph is None else {"adapter_params": _adapter_params(graph[p.name], classes)}),
+                **({} if graph is None else {"adapter_params": adapter_params(graph[p.name], classes)}),
             }
             for p in selection.points
         ],
@@ -78,14 +88,34 @@ def selection_to_dict(selection: Selection, graph: LayerGraph | None = None) -> 
     }
 
 
-def _classes(graph: LayerGraph) -> int | None:
-    """K from the output's shape when it is logits, (B, K) or (B, K, H, W); else unknown."""
+def output_classes(graph: LayerGraph) -> int | None:
+    """K from the output's shape when it is logits, (B, K) or (B, K, H, W); else unknown.
+
+    Example:
+        >>> from autoprobe.api import analyze
+        >>> output_classes(analyze("resnet18").graph)
+        1000
+    """
     shape = graph[graph.output].shape
     return shape[1] if shape is not None and len(shape) in (2, 4) and shape[1] >= 2 else None
 
 
-def _adapter_params(info: LayerInfo, classes: int | None) -> int | None:
-    """Parameters of the adapter ``instrument`` would put at this node, when it can tell."""
+def adapter_params(info: LayerInfo, classes: int | None) -> int | None:
+    """Parameters of the adapter ``instrument`` would put at this node, when it can tell.
+
+    Args:
+        info: the node.
+        classes: K, from ``output_classes``; ``None`` when unknown.
+
+    Returns:
+        ``C * K + K`` for a node of C channels, or ``None`` when C or K is unknown.
+
+    Example:
+        >>> from autoprobe.api import analyze
+        >>> graph = analyze("resnet18").graph
+        >>> adapter_params(graph["layer1.1.act2"], output_classes(graph))
+        65000
+    """
     return adapter_parameters(info.channels, classes) if classes and info.channels else None
 
 
@@ -119,32 +149,32 @@ def render_table(selection: Selection, graph: LayerGraph, *, all_candidates: boo
     for column in ("#", "point", "depth", "shape", "adapter", "score", "rules", "reason"):
         table.add_column(column, overflow="fold", no_wrap=column in ("#", "depth", "score", "adapter"))
     chosen = {p.name: i for i, p in enumerate(selection.points, 1)}
-    classes = _classes(graph)
+    classes = output_classes(graph)
     rows = selection.candidates if all_candidates else [s for s in selection.candidates if s.node in chosen]
     for s in rows:
         info = graph[s.node]
         mark = f"P{chosen[s.node]}" if s.node in chosen else ""
         style = "bold" if mark else "dim"
-        params = _adapter_params(info, classes)
+        params = adapter_params(info, classes)
         table.add_row(
             mark, s.node, str(info.depth), "x".join(map(str, info.shape or ())),
             "-" if params is None else f"{params:,}", f"{s.score:.2f}",
             ", ".join(dict.fromkeys(f.detector for f in s.fired)), s.fired[0].reason, style=style,
         )
     parts = [head, table]
-    chosen_params = [_adapter_params(graph[p.name], classes) for p in selection.points]
+    chosen_params = [adapter_params(graph[p.name], classes) for p in selection.points]
     if chosen_params and None not in chosen_params:
         parts.append(Text(f"adapters: {sum(chosen_params):,} parameters in all (C*K + K each, K={classes})"))
     parts.extend(Text(f"note: {n}", style="yellow") for n in selection.notes)
     return Group(*parts)
 
 
-_KIND_COLOURS = {
+KIND_COLOURS = {
     "input": "#e0e0e0", "output": "#e0e0e0", "conv": "#cfe2ff", "linear": "#cfe2ff", "weight": "#cfe2ff",
     "norm": "#eeeeee", "act": "#d1f0d1", "gate": "#d1f0d1", "pool": "#c8ecec", "attention": "#e3d4f5",
     "add": "#ffe0b3", "cat": "#ffe0b3", "mul": "#ffe0b3", "resize": "#c8ecec",
 }
-_SHOWN = frozenset(_KIND_COLOURS)
+_SHOWN = frozenset(KIND_COLOURS)
 
 
 def _contracted(graph: LayerGraph) -> nx.DiGraph:
@@ -216,7 +246,7 @@ def render_svg(selection: Selection, graph: LayerGraph) -> str:
         out.append(f'<path d="{path}" fill="none" stroke="{colour}" stroke-width="1.2"/>')
     for name in drawn.nodes:
         info, (x, y) = graph[name], pos[name]
-        fill, stroke, sw = _KIND_COLOURS.get(info.kind, "#ffffff"), "#616161", 1
+        fill, stroke, sw = KIND_COLOURS.get(info.kind, "#ffffff"), "#616161", 1
         if name in scored:
             fill, stroke, sw = "#ffe9a8", "#b26a00", 1.5
         label = name if len(name) <= 30 else "…" + name[-29:]

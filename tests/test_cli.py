@@ -274,3 +274,169 @@ def test_allow_real_data_runs_a_value_branching_model_once_and_says_so(tmp_path:
     data = json.loads(result.stdout)
     assert data["backend"] == "hooks" and data["depth"] == 2
     assert any("ran the model once on real values" in note for note in data["notes"])
+
+
+# ----------------------------------------------------------------------------- version, names, arguments (issue 17)
+
+
+def test_version_from_the_script_and_python_m(capsys: Capsys) -> None:
+    import subprocess
+    import sys
+
+    from autoprobe import __version__
+
+    with pytest.raises(SystemExit) as caught:
+        main(["--version"])
+    assert caught.value.code == 0 and capsys.readouterr().out == f"autoprobe {__version__}\n"
+    result = subprocess.run([sys.executable, "-m", "autoprobe", "--version"], capture_output=True, text=True, check=False,
+                            timeout=120)
+    assert (result.returncode, result.stdout) == (0, f"autoprobe {__version__}\n")
+
+
+def test_a_tagged_timm_name_takes_its_variants_config(capsys: Capsys) -> None:
+    from autoprobe.models import resolve_model
+
+    code, out, _ = inspect_cli(capsys, "convnext_atto.d2_in1k", "--format", "json")
+    assert code == 0 and json.loads(out)["model"] == "convnext_atto.d2_in1k"
+    tagged = resolve_model("vit_tiny_patch16_384.augreg_in21k_ft_in1k")
+    assert tagged.input_size == (3, 384, 384) and tagged.module.pretrained_cfg["tag"] == "augreg_in21k_ft_in1k"
+
+
+@pytest.mark.parametrize(
+    ("spec", "instead"),
+    [
+        ("hf-hub:timm/resnet50.a1_in1k", "use the timm name `resnet50.a1_in1k`"),
+        ("hf_hub:someone/private-net", "use the architecture's timm name"),
+        ("tv:resnet50.IMAGENET1K_V2", "use `tv:resnet50`"),
+        ("ResNet50_Weights.IMAGENET1K_V2", "use `tv:resnet50`"),
+        ("tv:ResNet50_Weights.DEFAULT", "use `tv:resnet50`"),
+    ],
+)
+def test_names_that_mean_a_download_are_refused_offline(capsys: Capsys, spec: str, instead: str) -> None:
+    code, _, err = inspect_cli(capsys, spec)
+    assert_user_error(code, err, repr(spec), "never downloads", f"Hint: {instead}")
+
+
+@pytest.mark.parametrize("spec", ["resnet18", "tv:resnet18"])
+def test_num_classes_sets_the_classifier_width(capsys: Capsys, spec: str) -> None:
+    code, out, _ = inspect_cli(capsys, spec, "--num-classes", "10", "--format", "json")
+    assert code == 0
+    data = json.loads(out)
+    # An adapter is C*K + K with K=10: the width reached the builder.
+    assert [p["adapter_params"] for p in data["points"]] == [p["shape"][1] * 10 + 10 for p in data["points"]]
+
+
+FACTORY_SOURCE = """\
+from torch import nn
+
+
+def build(width, blocks=2, head=None, name="plain", weights="download-me"):
+    if weights is not None:
+        raise RuntimeError("this factory would download weights; pass weights=None")
+    assert isinstance(name, str) and isinstance(head, dict) and isinstance(head["pool"], tuple)
+    layers, channels = [], 3
+    for _ in range(blocks):
+        layers += [nn.Conv2d(channels, width, 3, stride=2, padding=1), nn.ReLU()]
+        channels = width
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(head["pool"]), nn.Flatten(), nn.Linear(width, 10))
+
+
+class Deep(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+    def forward(self, x, deep=False):
+        x = self.a(x)
+        return self.head(self.b(x) if deep else x)
+"""
+
+
+def test_model_args_reach_the_factory_as_python_literals(capsys: Capsys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_module(tmp_path, "arg_factory", FACTORY_SOURCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = ("arg_factory:build", "--input-size", "3,32,32", "--format", "json")
+    code, _, err = inspect_cli(capsys, *args, "--model-arg", "width=8")
+    assert_user_error(code, err, "would download weights", "weights=None")
+    code, out, _ = inspect_cli(capsys, *args, "--model-arg", "width=8", "--model-arg", "blocks=3", "--model-arg",
+                               "weights=None", "--model-arg", "name=resnet34", "--model-arg", "head={'pool': (1, 1)}")
+    assert code == 0
+    assert json.loads(out)["depth"] == 4  # three convs and the linear: blocks=3 reached the factory
+
+
+def test_smp_unet_inspects_offline_with_its_weights_argument(capsys: Capsys) -> None:
+    code, out, _ = inspect_cli(capsys, "segmentation_models_pytorch:Unet", "--model-arg", "encoder_weights=None",
+                               "--model-arg", "encoder_name=resnet18", "--model-arg", "classes=3", "--format", "json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["model"] == "segmentation_models_pytorch:Unet"
+    # Adapters are C*K + K with K=3: classes=3 reached the factory.
+    assert [p["adapter_params"] for p in data["points"]] == [p["shape"][1] * 3 + 3 for p in data["points"]]
+
+
+def test_forward_args_are_fixed_while_tracing(capsys: Capsys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_module(tmp_path, "deep_flag", FACTORY_SOURCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    depths = []
+    for extra in ((), ("--forward-arg", "deep=True")):
+        code, out, _ = inspect_cli(capsys, "deep_flag:Deep", "--input-size", "3,16,16", "--format", "json", *extra)
+        assert code == 0
+        depths.append(json.loads(out)["depth"])
+    assert depths == [3, 5]
+
+
+@pytest.mark.parametrize(
+    ("option", "fragments"),
+    [
+        (("--model-arg", "encoder_weights"), ("--model-arg 'encoder_weights': expected KEY=VALUE", "Hint:")),
+        (("--model-arg", "encoder_weights=none"), ("'none' is not a Python literal", "encoder_weights=None")),
+        (("--model-arg", "x=a b"), ("--model-arg x=a b", "neither a Python literal nor a bare word", "Hint:")),
+        (("--model-arg", "1x=2"), ("--model-arg '1x=2'", "Hint:")),
+        (("--model-arg", "x={1, 2}"), ("--model-arg x", "is a set", "Hint:")),
+        (("--model-arg", "x=1", "--model-arg", "x=2"), ("--model-arg x is given twice", "Hint:")),
+        (("--model-arg", "pretrained=True"), ("pretrained=True", "would download", "Hint: leave pretrained out")),
+        (("--model-arg", "no_such_arg=1"), ("no_such_arg", "--model-arg KEY=VALUE")),
+        (("--num-classes", "0"), ("--num-classes 0", "Hint:")),
+        (("--num-classes", "3", "--model-arg", "num_classes=4"), ("--num-classes 3", "num_classes=4", "Hint:")),
+        (("--forward-arg", "deep"), ("--forward-arg 'deep': expected KEY=VALUE", "Hint:")),
+    ],
+)
+def test_bad_model_and_forward_arguments_exit_2_naming_the_option(capsys: Capsys, option: tuple[str, ...],
+                                                                  fragments: tuple[str, ...]) -> None:
+    code, _, err = inspect_cli(capsys, "resnet18", *option)
+    assert_user_error(code, err, *fragments)
+
+
+# ----------------------------------------------------------------------------- the README runs
+
+
+def _readme_block(after: str) -> str:
+    """The fenced block that follows the line ``after`` in the README (the line itself excluded)."""
+    text = (TESTS.parent / "README.md").read_text(encoding="utf-8")
+    start = text.index(after + "\n") + len(after) + 1
+    return text[start:text.index("```", start)]
+
+
+def test_readme_example_table_is_what_inspect_prints(capsys: Capsys) -> None:
+    shown = _readme_block("$ autoprobe inspect resnet50")
+    code, out, _ = inspect_cli(capsys, "resnet50")
+    assert code == 0
+    assert [line.rstrip() for line in out.splitlines()] == [line.rstrip() for line in shown.splitlines()]
+
+
+@pytest.mark.parametrize("section", ["A factory that downloads by default needs its offline argument:", "### HTML view"])
+def test_readme_commands_run(capsys: Capsys, section: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shlex
+
+    monkeypatch.chdir(tmp_path)
+    text = (TESTS.parent / "README.md").read_text(encoding="utf-8")
+    start = text.index("```bash\n", text.index(section)) + len("```bash\n")
+    (command,) = text[start:text.index("```", start)].strip().splitlines()
+    words = shlex.split(command)
+    assert words[:2] == ["autoprobe", "inspect"]
+    assert main(words[1:]) == 0
+    capsys.readouterr()
+    html = [w for i, w in enumerate(words) if i and words[i - 1] == "--html"]
+    assert all((tmp_path / name).stat().st_size > 10_000 for name in html)

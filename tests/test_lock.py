@@ -268,6 +268,22 @@ def test_check_passes_on_an_unchanged_lock(locked: Path, capsys: pytest.CaptureF
     assert "1 unchanged, 0 changed" in capsys.readouterr().out
 
 
+def test_check_without_a_terminal_prints_a_line_per_model_as_it_finishes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """In a CI log there is no progress bar: each model says it is done, before the summary."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["lock", "resnet18", "vgg11", "-o", "two.lock"]) == 0
+    _edit(tmp_path / "two.lock", lambda data: data["models"]["vgg11"].update(depth=3))
+    capsys.readouterr()
+    assert main(["check", "two.lock"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    done = [line.rsplit(" (", 1)[0] for line in lines if line.startswith("checked ") and " in " not in line]
+    assert done == ["checked resnet18: unchanged", "checked vgg11: changed (1 difference)"]
+    assert lines.index(next(line for line in lines if line.startswith("checked vgg11:"))) < lines.index(
+        next(line for line in lines if line.startswith("checked 2 models")))
+
+
 def test_changing_one_entry_fails_check_with_a_diff_naming_model_and_point(
     locked: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -132,3 +132,114 @@ def test_the_cli_writes_what_the_python_api_writes(tmp_path: Path, monkeypatch: 
     assert main(["lock", "resnet18", "--mode", "train", "--points", "2", "-o", "cli.lock"]) == 0
     lock_models(["resnet18"], output="api.lock", overrides=ModelRequest("", mode="train", points=2), pyproject=None)
     assert (tmp_path / "cli.lock").read_bytes() == (tmp_path / "api.lock").read_bytes()
+
+
+# ----------------------------------------------------------------- model and forward arguments (issues 17, 18.6)
+
+# A factory with keyword arguments, and a model called as model(pixel_values=x): its first forward parameter is
+# not the input. Written to tmp_path and imported from the current directory, as a user's module would be.
+FACTORY_SOURCE = """\
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, width, blocks, head):
+        super().__init__()
+        layers, channels = [], 3
+        for _ in range(blocks):
+            layers += [nn.Conv2d(channels, width, 3, stride=2, padding=1), nn.ReLU()]
+            channels = width
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, head["classes"]))
+
+    def forward(self, scale=None, pixel_values=None):
+        return self.head(self.body(pixel_values))
+
+
+def build(width=8, blocks=2, head=None, weights="download-me"):
+    if weights is not None:
+        raise RuntimeError("this factory would download weights; pass weights=None")
+    return Net(width, blocks, head or {"classes": 4})
+
+
+def tiny_vit():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                       intermediate_size=64, num_labels=5)
+    return ViTForImageClassification(config)
+"""
+
+
+@pytest.fixture
+def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    (tmp_path / "user_models.py").write_text(FACTORY_SOURCE, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_model_args_and_input_name_are_locked_and_replayed(user_module: Path) -> None:
+    request = ModelRequest("user_models:build", input_size=(3, 32, 32), input_name="pixel_values",
+                           model_args={"weights": None, "blocks": 3, "head": {"classes": 6}})
+    run = lock_models([request, "resnet18"], output="x.lock", pyproject=None)
+    assert not run.failed
+    stored = json.loads((user_module / "x.lock").read_text())["models"]
+    assert stored["user_models:build"]["settings"]["model_args"] == {"blocks": 3, "head": {"classes": 6}, "weights": None}
+    assert stored["user_models:build"]["settings"]["input_name"] == "pixel_values"
+    assert run.entries["user_models:build"].depth == 4  # three convs and the head: blocks=3 reached the factory
+    # Recorded only when set: an entry without them keeps the bytes it always had.
+    assert set(stored["resnet18"]["settings"]) == {"input_size", "leaf", "mode", "points", "rules"}
+    assert check_lock("x.lock", workers=2).failed == ()  # replayed in worker processes too
+
+    # The replay uses what is recorded: without the input name the input goes to `scale`.
+    lock = read_lock("x.lock")
+    entry = lock.entries["user_models:build"]
+    edited = replace(entry, settings=replace(entry.settings, input_name=None))
+    (user_module / "x.lock").write_text(dumps_lock(replace(lock, entries={**lock.entries, "user_models:build": edited})))
+    (report,) = check_lock("x.lock").failed
+    assert report.key == "user_models:build" and report.error
+
+
+def test_pyproject_model_args_use_the_command_line_form(user_module: Path) -> None:
+    pyproject = user_module / "pyproject.toml"
+    pyproject.write_text(
+        '[tool.autoprobe]\nmodels = [{model = "user_models:build", input_size = 32, input_name = "pixel_values", '
+        'model_args = ["weights=None", "head={\'classes\': 6}"], forward_kwargs = ["scale=2"]}]\n'
+    )
+    (request,) = load_config(pyproject).models
+    assert request.model_args == {"weights": None, "head": {"classes": 6}} and request.forward_kwargs == {"scale": 2}
+    run = lock_models(pyproject=pyproject)
+    assert not run.failed and check_lock(pyproject=pyproject).failed == ()
+    # Asking for other arguments makes the lock stale, naming the setting.
+    pyproject.write_text(pyproject.read_text().replace("weights=None", "weights=None\", \"blocks=3"))
+    (line,) = check_lock(pyproject=pyproject).stale
+    assert line.startswith("user_models:build: pyproject.toml asks for model_args")
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ('model_args = ["weights"]', "expected KEY=VALUE"),
+        ('model_args = ["weights=none"]', "'none' is not a Python literal"),
+        ('model_args = {"not a name" = 1}', "key 'not a name' is not a Python identifier"),
+        ('input_name = "pixel values"', "input_name must be null or a forward parameter's name"),
+        ('forward_kwargs = 3', "forward_kwargs must be a mapping"),
+    ],
+)
+def test_bad_model_or_forward_arguments_in_pyproject_name_the_key(user_module: Path, table: str, message: str) -> None:
+    pyproject = user_module / "pyproject.toml"
+    pyproject.write_text(f'[tool.autoprobe]\nmodels = [{{model = "user_models:build", {table}}}]\n')
+    with pytest.raises(LockError) as caught:
+        load_config(pyproject)
+    assert message in str(caught.value) and "models[0]" in str(caught.value) and "Hint: fix the value" in str(caught.value)
+
+
+def test_a_tiny_hugging_face_model_called_by_keyword_is_locked(user_module: Path) -> None:
+    request = ModelRequest("user_models:tiny_vit", input_size=(3, 32, 32), input_name="pixel_values",
+                           forward_kwargs={"return_dict": False})
+    run = lock_models([request], output="hf.lock", pyproject=None)
+    assert not run.failed, run.failed
+    settings = json.loads((user_module / "hf.lock").read_text())["models"]["user_models:tiny_vit"]["settings"]
+    assert (settings["input_name"], settings["forward_kwargs"]) == ("pixel_values", {"return_dict": False})
+    assert run.entries["user_models:tiny_vit"].num_points >= 1
+    assert check_lock("hf.lock").failed == ()
