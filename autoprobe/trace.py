@@ -43,6 +43,7 @@ __all__ = [
     "trace_fx",
     "default_leaf_modules",
     "default_autowrap_functions",
+    "INPLACE_META",
 ]
 
 Mode = Literal["train", "eval"]
@@ -360,11 +361,41 @@ class _ShapeProxy(fx.Proxy):
 
     def __format__(self, spec: str) -> str:
         # An f-string of a size (smp's "Wrong input shape height={h}") reads its value; fx's own
-        # Proxy would print ``Proxy(getitem_1)``. A value that cannot be read keeps that form.
+        # Proxy would print ``Proxy(getitem_1)``. A value that cannot be read keeps that form. Not a
+        # specialization: timm formats sizes into the messages of asserts fx records symbolically.
         try:
-            return format(self.tracer.concrete(self, "format"), spec)  # type: ignore[attr-defined]
+            return format(self.tracer.concrete(self, "format", record=False), spec)  # type: ignore[attr-defined]
         except fx.proxy.TraceError:
             return format(repr(self), spec)
+
+
+INPLACE_META = "autoprobe_inplace"
+"""``node.meta`` key of a node traced from the model's ``x += y`` (``-=``, ``*=``, ...): the in-place operator.
+
+fx's Proxy has no in-place operators, so Python runs ``x += y`` as ``x = x + y`` and the trace holds an
+out-of-place ``add``. The node stays that ``add`` (its name and op are what analysis, the lock and the
+detectors read); the meta key lets the fx engine run it in place again, as the model does. Out of place,
+every residual block of a ResNet allocates and page-faults a fresh block-output-sized tensor.
+"""
+
+# (out-of-place operator, in-place operator, the Proxy method Python calls for the in-place form)
+_INPLACE_OPERATORS = tuple(
+    (getattr(operator, name), getattr(operator, "i" + name.rstrip("_")), f"__i{name.rstrip('_')}__")
+    for name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "lshift", "rshift", "and_", "or_", "xor")
+)
+
+
+def _traced_inplace(out_of_place: Callable[[Any, Any], Any], in_place: Callable[[Any, Any], Any]) -> Callable[..., Any]:
+    def method(self: fx.Proxy, other: Any) -> fx.Proxy:
+        proxy = self.tracer.create_proxy("call_function", out_of_place, (self, other), {})
+        proxy.node.meta[INPLACE_META] = in_place
+        return proxy
+
+    return method
+
+
+for _out_of_place, _in_place, _method in _INPLACE_OPERATORS:
+    setattr(_ShapeProxy, _method, _traced_inplace(_out_of_place, _in_place))
 
 
 class _ShapeAttribute(fx.proxy.Attribute, _ShapeProxy):
@@ -481,7 +512,7 @@ class _QualnameTracer(fx.Tracer):
         self._record("iter")
         return iter([obj[i] for i in range(count)])
 
-    def concrete(self, obj: fx.Proxy, how: str) -> Any:
+    def concrete(self, obj: fx.Proxy, how: str, *, record: bool = True) -> Any:
         """The value of ``obj`` at the traced size, for Python that needs it (``bool``, ``int``, ``len``).
 
         Raises:
@@ -495,7 +526,8 @@ class _QualnameTracer(fx.Tracer):
                 "symbolically traced variables cannot be used as inputs to control flow: "
                 f"{node.name} is {type(value).__name__}-valued, not read from shapes"
             )
-        self._record(how)
+        if record:
+            self._record(how)
         return value
 
     def drop_reads(self, graph: fx.Graph) -> None:
@@ -871,24 +903,104 @@ def propagate_shapes(
     torch.func.functional_call(runner, twins, args, strict=False)
 
 
+_WINDOWED_OPS = frozenset({
+    "conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d", "conv_transpose2d",
+    "conv_transpose3d", "max_pool1d", "max_pool2d", "max_pool3d", "max_pool1d_with_indices",
+    "max_pool2d_with_indices", "max_pool3d_with_indices", "avg_pool1d", "avg_pool2d", "avg_pool3d",
+    "lp_pool1d", "lp_pool2d", "lp_pool3d", "unfold", "im2col", "pixel_unshuffle",
+})
+"""Ops whose output size is the input's size less a window, over a stride: they shrink a small input to 0."""
+
+_WINDOWED_MODULES: tuple[type[nn.Module], ...] = (
+    nn.modules.conv._ConvNd, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._LPPoolNd, nn.Unfold, nn.PixelUnshuffle,
+)
+
+_LONG_AXIS = 1 << 30
+"""An axis length no input reaches: a slice empty even there is empty by construction, not by the input."""
+
+
+def _is_empty(meta: Any) -> bool:
+    """Whether a node's first tensor has an axis of size 0 besides the batch."""
+    first = first_tensor_meta(meta)
+    return first is not None and len(first.shape) >= 2 and 0 in tuple(first.shape)[1:]
+
+
+def _slices(node: fx.Node) -> list[slice] | None:
+    """The constant slices a ``getitem``/ATen ``slice`` node applies, or ``None`` for another op or a bound
+    only known at run time."""
+    from .axes import op_name
+
+    name = op_name(node.target)
+    if node.op == "call_function" and name == "getitem" and len(node.args) == 2:
+        index = node.args[1]
+        parts = index if isinstance(index, tuple) else (index,)
+        found = [p for p in parts if isinstance(p, slice)]
+    elif node.op == "call_function" and name == "slice":
+        # ATen's slice(tensor, dim, start, end, step), export's spelling of a Python slice.
+        start, end, step = (tuple(node.args[2:5]) + (None, None, None))[:3]
+        found = [slice(start, end, step)]
+    else:
+        return None
+    bounds = [b for p in found for b in (p.start, p.stop, p.step)]
+    return found if all(b is None or isinstance(b, int) for b in bounds) else None
+
+
+def _shrinks_by_input(node: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
+    """Whether ``node``'s zero-size axis is the traced input's doing: a windowed op (conv, pooling,
+    unfold) or a slice that is not empty at any length, applied to a tensor that was not empty."""
+    from .axes import op_name
+
+    if node.op == "call_module":
+        return isinstance(modules.get(str(node.target)), _WINDOWED_MODULES)
+    if node.op in ("call_function", "call_method") and op_name(node.target) in _WINDOWED_OPS:
+        return True
+    slices = _slices(node)
+    # ``q[:, :, :0]`` (timm's prefix tokens when there are none) is empty at every size: the model's choice.
+    return bool(slices) and not any(len(range(*s.indices(_LONG_AXIS))) == 0 for s in slices)
+
+
 def check_spatial(traced: Traced, size_argument: str = "input_size=") -> None:
-    """Refuse an input the model shrinks to nothing: some tensor on the way has a zero-sized spatial axis.
+    """Refuse an input the model shrinks to nothing: an axis computed from the input reaches size 0.
+
+    Only the node that *makes* an empty axis from non-empty tensors is judged, and only a windowed op
+    (conv, pooling, unfold) or a slice that is empty because the axis is short, on a tensor computed
+    from the input, blames the input. A zero-size tensor the model makes on purpose (smp's
+    ``torch.empty(B, 0, H, W)`` placeholder, timm's ``q[:, :, :0]`` when a model has no prefix tokens)
+    is left alone, and so is everything computed from it.
 
     Raises:
-        InputSizeError: a node's output has an axis of size 0; the message names the node.
+        InputSizeError: a windowed op or a slice shrank an axis of the input's data to 0; the message
+            names the node.
+
+    Example:
+        >>> import torch
+        >>> class Placeholder(torch.nn.Module):
+        ...     def forward(self, x):
+        ...         return torch.empty([x.shape[0], 0, 4, 4]), x
+        >>> check_spatial(trace_fx(Placeholder(), (3, 8, 8)))  # made on purpose: no error
     """
     from .sizes import format_input_size
 
+    modules = dict(traced.graph_module.named_modules())
+    from_input: set[fx.Node] = set()
     for node in traced.graph_module.graph.nodes:
+        inputs = node.all_input_nodes
+        if node.name == traced.input_node or any(i in from_input for i in inputs):
+            from_input.add(node)
         meta = node.meta.get("tensor_meta")
+        if not _is_empty(meta) or node not in from_input or node.op == "placeholder":
+            continue
+        fed = [i for i in inputs if first_tensor_meta(i.meta.get("tensor_meta")) is not None]
+        if any(_is_empty(i.meta.get("tensor_meta")) for i in fed) or not _shrinks_by_input(node, modules):
+            continue
         first = first_tensor_meta(meta)
-        if first is not None and len(first.shape) >= 2 and 0 in tuple(first.shape)[1:]:
-            name = traced.qualnames.get(node.name, node.name)
-            raise InputSizeError(
-                f"input size {traced.input_shape[1:]} is smaller than the model's total stride: node {name!r} "
-                f"has shape {tuple(first.shape)}, an axis of size 0.\nHint: pass a larger size "
-                f"({format_input_size(traced.input_shape[1:], argument=size_argument)} is too small)."
-            )
+        name = traced.qualnames.get(node.name, node.name)
+        raise InputSizeError(
+            f"input size {traced.input_shape[1:]} is smaller than the model's total stride: node {name!r} "
+            f"has shape {tuple(first.shape)}, an axis of size 0.\nHint: pass a larger size "
+            f"({format_input_size(traced.input_shape[1:], argument=size_argument)} is too small)."
+        )
 
 
 def first_tensor_meta(meta: Any) -> TensorMetadata | None:

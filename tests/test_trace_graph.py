@@ -182,3 +182,68 @@ def test_a_dataclass_output_is_traced_through_its_fields() -> None:
 
     g = graph_of(Net(), (3, 8, 8))
     assert g.depth == 2 and [n.name for n in g if n.weight] == ["conv", "fc"]
+
+
+# ----------------------------------------------------------------------------- "input too small"
+
+
+class _Placeholder(nn.Module):
+    """smp's MiT encoder: a ``torch.empty(B, 0, H, W)`` stage output the decoder never reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        features = [torch.empty([b, 0, h, w], dtype=x.dtype, device=x.device), self.conv(x)]
+        return self.head(features[-1]) + features[0].sum()
+
+
+class _NoPrefixTokens(nn.Module):
+    """timm's rotary attention: ``q[:, :, :npt]`` with no prefix tokens is empty at every size."""
+
+    def __init__(self, prefix: int = 0) -> None:
+        super().__init__()
+        self.prefix = prefix
+        self.embed = nn.Conv2d(3, 8, 4, stride=4)
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.embed(x).flatten(2).transpose(1, 2)
+        q = torch.cat([q[:, : self.prefix], q[:, self.prefix :] * 2], dim=1)
+        return self.proj(q)
+
+
+class _Strided(nn.Module):
+    """A 4x4-stride pooling after a valid 3x3 conv: a 2x2 input pools to 0x0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.pool = nn.AvgPool2d(4, stride=4, ceil_mode=False)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.conv(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("model", [_Placeholder, _NoPrefixTokens], ids=["placeholder", "empty-slice"])
+def test_a_zero_size_axis_the_model_makes_on_purpose_is_not_the_inputs_fault(model: Callable[[], nn.Module]) -> None:
+    traced = trace_model(model(), (3, 16, 16))
+    empty = [n for n in traced.graph_module.graph.nodes if 0 in tuple(getattr(n.meta.get("tensor_meta"), "shape", ()))]
+    assert empty  # the model does make a zero-size tensor, and tracing carries on
+
+
+def test_a_windowed_op_that_shrinks_the_input_to_nothing_blames_the_input() -> None:
+    from autoprobe.errors import InputSizeError
+    from autoprobe.trace import check_spatial
+
+    traced = trace_model(_Strided(), (3, 8, 8))
+    pool = next(n for n in traced.graph_module.graph.nodes if n.target == "pool")
+    # Shape the pool's output as a 2x2 input would have (0x0), without the kernel's own size check.
+    meta = pool.meta["tensor_meta"]
+    pool.meta["tensor_meta"] = meta._replace(shape=torch.Size((2, 8, 0, 0)))
+    with pytest.raises(InputSizeError, match=r"smaller than the model's total stride: node 'pool' has shape \(2, 8, 0, 0\)"):
+        check_spatial(traced)
