@@ -191,6 +191,7 @@ def tune(
     eta: int = 3,
     lr: float = 1e-3,
     optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None,
+    lr_factor: Callable[[int], float] | None = None,
     score: Scorer | None = None,
     rules: str | None = None,
     seed: int = 0,
@@ -217,6 +218,9 @@ def tune(
             times longer.
         lr: AdamW's learning rate, constant (when ``optimizer`` is None).
         optimizer: a factory ``params -> Optimizer``, instead of AdamW(lr).
+        lr_factor: ``step -> factor`` on each parameter group's initial learning rate at that step
+            of the full run (warm-up, cosine decay); a function of the step, so a candidate that
+            continues from a checkpoint follows the full run's schedule. None: constant.
         score: ``(model, val) -> float``, higher is better; default accuracy (classification)
             or mean IoU over the classes present in truth or prediction (dense).
         rules: the rule pack for automatic points; default ``"dense"`` for dense tasks.
@@ -251,7 +255,8 @@ def tune(
     candidates, dropped = _fit_budget(space, rungs, eta, steps, max_cost, seed)
     scorer = score if score is not None else (_accuracy if task == "classification" else _miou_scorer(ignore_index))
     say = _progress(progress)
-    run = _Runner(model, train_batches, val_batches, task, lr, optimizer, scorer, rules, seed, device, ignore_index,
+    run = _Runner(model, train_batches, val_batches, task, lr, optimizer, lr_factor, scorer, rules, seed, device,
+                  ignore_index,
                   _State(Path(state), _fingerprint(candidates, rungs, seed, lr, task)) if state is not None else None,
                   steps)
     dev = torch.device(device)
@@ -456,10 +461,10 @@ def _fingerprint(candidates: Sequence[Candidate], rungs: Sequence[int], seed: in
 class _Runner:
     """Trains candidates rung by rung, keeping each one's weights between rungs."""
 
-    def __init__(self, model, train, val, task, lr, optimizer, scorer, rules, seed, device, ignore_index, state,
-                 full_steps):
+    def __init__(self, model, train, val, task, lr, optimizer, lr_factor, scorer, rules, seed, device, ignore_index,
+                 state, full_steps):
         self.model, self.train, self.val, self.task = model, train, val, task
-        self.lr, self.optimizer, self.scorer = lr, optimizer, scorer
+        self.lr, self.optimizer, self.lr_factor, self.scorer = lr, optimizer, lr_factor, scorer
         self.rules = rules if rules is not None else ("dense" if task == "dense" else "default")
         self.seed, self.device, self.ignore_index, self.state = seed, torch.device(device), ignore_index, state
         self.scores: dict[Candidate, list[float]] = {}
@@ -525,6 +530,8 @@ class _Runner:
         trainable = probed if probed is not None else model
         trainable.to(self.device)
         opt = (self.optimizer or (lambda p: torch.optim.AdamW(p, lr=self.lr)))(trainable.parameters())
+        for group in opt.param_groups:
+            group.setdefault("initial_lr", group["lr"])
         blob = self.blobs.get(c)
         if blob is None and done and self.state is not None and self.state.weights(c).exists():
             blob = torch.load(self.state.weights(c), map_location=self.device, weights_only=False)
@@ -540,6 +547,9 @@ class _Runner:
         for step in range(done, to_steps):
             x, y = next(batches)
             x, y = x.to(self.device), y.to(self.device)
+            if self.lr_factor is not None:
+                for group in opt.param_groups:
+                    group["lr"] = group["initial_lr"] * self.lr_factor(step)
             if probed is None:
                 loss = _output_loss(model(x), y, self.ignore_index)
             else:

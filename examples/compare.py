@@ -40,6 +40,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -65,6 +66,7 @@ __all__ = ["Placement", "RunSpec", "GRIDS", "grid_specs", "run_one", "main"]
 ROOT = Path(__file__).resolve().parent.parent
 EVIDENCE = ROOT / "examples" / "evidence"
 RESULTS = EVIDENCE / "runs.jsonl"
+TUNE_STATE = Path(os.environ.get("AUTOPROBE_TUNE_STATE", "/tmp/autoprobe_tune_state"))
 METHODS = ("baseline", "dsn", "imachsr", "dks")
 NUM_SEG_CLASSES = 11
 BASE_UNIT = 2  # weight layers per base unit of distance: one ResNet BasicBlock (two 3x3 convs)
@@ -134,7 +136,9 @@ class RunSpec:
 
     @property
     def setting(self) -> str:
-        return "none" if self.method == "baseline" else self.placement.label
+        if self.method in ("baseline", "tuned"):
+            return "none" if self.method == "baseline" else "tuned"
+        return self.placement.label
 
     def key(self) -> str:
         return json.dumps([self.task, self.model, self.method, self.setting, self.seed, self.steps, self.batch,
@@ -280,17 +284,25 @@ def run_one(spec: RunSpec, data, cfg: SegConfig, device: str, threads: int) -> d
     model = build_model(spec.model)
     points: list[str] = []
     notes: list[str] = []
-    if spec.method == "baseline":
+    tuned = None
+    if spec.method == "tuned":
+        tuned = _tune(spec, data, device)
+        torch.manual_seed(spec.seed)
+        model = build_model(spec.model)
+    if spec.method == "baseline" or (tuned is not None and tuned.instrument_kwargs is None):
         trainable: nn.Module = model
         probed = None
     else:
         import autoprobe
 
-        selection = make_selection(model, spec, size)
-        kwargs = {"rules": "dense"} if spec.task == "seg" and selection is None else {}
-        if spec.placement.kind == "auto" and spec.placement.points is not None:
-            kwargs["points"] = spec.placement.points
-        probed = autoprobe.instrument(model, selection, loss=spec.method, input_size=size, **kwargs)
+        if tuned is not None:
+            probed = autoprobe.instrument(model, **tuned.instrument_kwargs)
+        else:
+            selection = make_selection(model, spec, size)
+            kwargs = {"rules": "dense"} if spec.task == "seg" and selection is None else {}
+            if spec.placement.kind == "auto" and spec.placement.points is not None:
+                kwargs["points"] = spec.placement.points
+            probed = autoprobe.instrument(model, selection, loss=spec.method, input_size=size, **kwargs)
         points = list(probed.selection.names)
         notes = list(probed.selection.notes)
         trainable = probed
@@ -371,6 +383,11 @@ def run_one(spec: RunSpec, data, cfg: SegConfig, device: str, threads: int) -> d
         "key": spec.key(),
         "points": points,
         "selection_notes": notes,
+        "tune": None if tuned is None else {
+            "chosen": tuned.chosen.label, "val_score": tuned.score, "output_only_val_score": tuned.output_only_score,
+            "cost_steps": tuned.cost_steps, "dropped": tuned.dropped,
+            "table": [{"candidate": row.candidate.label, "steps": row.steps, "scores": list(row.scores),
+                       "error": row.error} for row in tuned.table]},
         "metrics": {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()},
         "curve": curve,
         "times": {
@@ -393,6 +410,44 @@ def run_one(spec: RunSpec, data, cfg: SegConfig, device: str, threads: int) -> d
         "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
         "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+class _TrainBatches:
+    """The training batches of a run, re-iterable (``autoprobe.tune`` reads them once per candidate)."""
+
+    def __init__(self, split: Split, spec: RunSpec) -> None:
+        self.split, self.spec = split, spec
+
+    def __iter__(self):
+        for idx in _batches(len(self.split), self.spec.batch, self.spec.steps, self.spec.seed):
+            yield self.split.images[idx], self.split.labels[idx]
+
+
+def _tune(spec: RunSpec, data, device: str):
+    """``autoprobe.tune`` on the training and validation splits only (never test), at the run's budget,
+    optimizer and learning-rate schedule; resumable from a state file beside the results."""
+    import autoprobe
+
+    val = data.val if spec.task == "seg" else Split(data.val.images[:CLS_VAL], data.val.labels[:CLS_VAL])
+    val_batches = [(val.images[i : i + 100], val.labels[i : i + 100]) for i in range(0, len(val), 100)]
+    # Candidates' weights (about 140 MB each for DeepLabV3+ with AdamW's moments) stay out of the repository.
+    state = None if spec.quick else TUNE_STATE / f"{spec.task}_{spec.model}_s{spec.seed}_{spec.steps}x{spec.batch}.jsonl"
+    if state is not None:
+        state.parent.mkdir(parents=True, exist_ok=True)
+    return autoprobe.tune(
+        lambda: build_model(spec.model), _TrainBatches(data.train, spec), val_batches,
+        task="dense" if spec.task == "seg" else "classification", steps=spec.steps, seed=spec.seed,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=WEIGHT_DECAY),
+        lr_factor=_lr_lambda(spec.steps), device=device, state=state,
+        rules="dense" if spec.task == "seg" else "default",
+        score=lambda model, batches: _score_val(model, batches, spec.task),
+    )
+
+
+def _score_val(model: nn.Module, batches, task: str) -> float:
+    images, labels = zip(*batches)
+    v = evaluate(model, Split(torch.cat(images), torch.cat(labels)), task)
+    return v["mIoU" if task == "seg" else "accuracy"]
 
 
 _PROVENANCE: dict | None = None
@@ -481,6 +536,7 @@ GRIDS = {
     "pilot-seg": _seg_pilots,
     "primary": lambda: _primary(("baseline", "imachsr")),
     "primary-dsn": lambda: _primary(("dsn",)),
+    "primary-tuned": lambda: _primary(("tuned",)),
     "seg-main": lambda: _methods("seg", "deeplabv3plus", range(5), SEG_STEPS, SEG_BATCH),
     "selection": lambda: _imachsr(_selection_test(), (0, 1)),
     "ablate-m": lambda: _imachsr(_ablation_m(), (0, 1)),

@@ -69,7 +69,9 @@ def test_output_only_is_returned_when_no_candidate_beats_it():
 
 def test_the_same_seed_gives_the_same_table_and_an_interrupted_search_resumes(tmp_path):
     train, val = _data()
-    options = dict(task="classification", steps=18, lr=3e-3, search=_HARMFUL, progress=False, seed=1)
+    # a decaying learning rate: a resumed candidate must follow the full run's schedule
+    options = dict(task="classification", steps=18, lr=3e-3, search=_HARMFUL, progress=False, seed=1,
+                   lr_factor=lambda step: 1 - step / 18)
     first = tune(_plain_net, train, val, **options)
     assert tune(_plain_net, train, val, **options) == first
 
