@@ -12,18 +12,21 @@ kept out of the module tree, so each tensor appears once in ``state_dict`` and
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
-from .errors import InstrumentError
+from .errors import InstrumentError, UsageError
 from .losses import LossResult, Objective
 from .outputs import OutputSpec
 from .select import Selection
 from .taps import ADAPTERS, MODEL, Recipe, TapEngine
 
-__all__ = ["Probed", "ProbedOutput", "RewriteReport", "Tap"]
+__all__ = ["Probed", "ProbedOutput", "ProbedLossOutput", "LabeledOutput", "RewriteReport", "Tap"]
 
 
 class ProbedOutput(NamedTuple):
@@ -45,6 +48,42 @@ class ProbedOutput(NamedTuple):
     output: Any
     heads: dict[str, Tensor]
     features: dict[str, Tensor]
+
+
+class LabeledOutput(dict):  # type: ignore[type-arg]
+    """A dict output returned with ``labels=``: ``loss`` first, then the model's entries, each
+    also readable as an attribute (``out.loss``, ``out.logits``), as a Hugging Face ``ModelOutput``.
+
+    Example:
+        >>> out = LabeledOutput({"loss": 1.0, "logits": 2.0})
+        >>> out.loss, out["logits"], list(out)
+        (1.0, 2.0, ['loss', 'logits'])
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"the output has no entry {name!r}; it has {list(self)}") from None
+
+
+class ProbedLossOutput(NamedTuple):
+    """What ``Probed.forward`` returns when called with ``labels=`` on a model whose output is not a dict.
+
+    The loss comes first, so code that takes ``outputs[0]`` as the loss (the Hugging Face
+    Trainer does for tuples) finds it. A Hugging Face ``ModelOutput`` (a dataclass with a
+    ``loss`` field) is returned as its own class instead, with ``loss`` set, and this record
+    as its ``autoprobe`` attribute.
+
+    Attributes:
+        loss: ``Probed.loss``'s total.
+        parts: its parts, detached, by name.
+        output: the ``ProbedOutput`` of the forward.
+    """
+
+    loss: Tensor
+    parts: dict[str, Tensor]
+    output: ProbedOutput
 
 
 @dataclass(frozen=True)
@@ -179,6 +218,15 @@ class Probed(nn.Module):
     from a fallback backend (``report.backend`` is ``export`` or ``hooks``) the forward runs
     the model itself, with tapping hooks registered for that call only.
 
+    Called with ``labels=`` (the Hugging Face convention, so ``transformers.Trainer`` trains it
+    as it is), the forward also computes ``loss(out, labels)``: a ``ModelOutput`` comes back
+    as its own class with ``.loss`` set to the total (its other fields as the model returned
+    them, the ``ProbedLossOutput`` as ``.autoprobe``), a dict as a ``LabeledOutput`` (``loss``
+    first, then its entries, also as attributes); any other output comes back as a
+    ``ProbedLossOutput``. ``labels`` is never passed to the user's model. For the Trainer,
+    ``inspect.signature(probed.forward)`` is the model's own forward's, plus ``labels``, and
+    ``config`` and ``save_pretrained`` are the plain model's (``autoprobe.hf``).
+
     Distributed training: wrap the probed model, after ``instrument``. DDP:
     ``DDP(probed)``. FSDP2: ``fully_shard`` each block of ``probed.model`` (e.g.
     ``for b in probed.model.blocks: fully_shard(b)``), then ``fully_shard(probed)`` as the
@@ -244,17 +292,41 @@ class Probed(nn.Module):
         self._output = output
         # Start in the user's mode; nn.Module would say train, and switching would touch the user's flags.
         self.training = model.training
+        self._expose_signature()
 
-    def forward(self, *args: Any, **kwargs: Any) -> ProbedOutput:
+    # The Hugging Face Trainer reads this before `model(**batch)`: autoprobe's loss is a plain mean
+    # over the batch, so the Trainer must not pass `num_items_in_batch` (the traced model cannot take it).
+    accepts_loss_kwargs = False
+
+    def _expose_signature(self) -> None:
+        """Give this instance a ``forward`` whose signature is the model's, plus ``labels``.
+
+        Libraries that filter a batch by the forward's parameters (the Hugging Face Trainer's
+        column filter) read ``inspect.signature(probed.forward)``; the class's
+        ``(*args, labels=None, **kwargs)`` would make them drop every input. An instance
+        attribute, so each Probed carries its own model's signature; rebuilt on unpickling.
+        """
+        call = Probed.forward.__get__(self)
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return call(*args, **kwargs)
+
+        forward.__signature__ = _call_signature(getattr(self, MODEL))  # type: ignore[attr-defined]
+        forward.__doc__ = Probed.forward.__doc__
+        object.__setattr__(self, "forward", forward)
+
+    def forward(self, *args: Any, labels: Tensor | None = None, **kwargs: Any) -> Any:
         """Run the model in the current mode with its taps.
 
         Args:
             *args: the model's inputs, as the model takes them (at the size given to
                 ``instrument`` for dense tasks and token grids).
+            labels: the target; when given, the loss is computed too (see the class).
             **kwargs: keyword inputs, as the model takes them (``pixel_values=x``).
 
         Returns:
-            ``ProbedOutput(output, heads, features)``.
+            ``ProbedOutput(output, heads, features)``; with ``labels``, the model's
+            ``ModelOutput`` with ``loss`` set, or a ``ProbedLossOutput``.
 
         Example:
             >>> import torch
@@ -267,7 +339,53 @@ class Probed(nn.Module):
             (torch.Size([2, 10]), torch.Size([2, 8, 16, 16]))
         """
         output, heads, features = self._engine.run(self.training, args, kwargs)
-        return ProbedOutput(output, heads, features)
+        out = ProbedOutput(output, heads, features)
+        if labels is None:
+            return out
+        total, parts = self.loss(out, labels)
+        record = ProbedLossOutput(total, parts, out)
+        if _has_loss_field(output):
+            # A Hugging Face ModelOutput: its own class, loss first (its field order), other fields as returned.
+            labeled = dataclasses.replace(output, loss=total)
+        elif isinstance(output, Mapping):
+            labeled = LabeledOutput({"loss": total, **{k: v for k, v in output.items() if k != "loss"}})
+        else:
+            return record
+        object.__setattr__(labeled, "autoprobe", record)
+        return labeled
+
+    @property
+    def config(self) -> Any:
+        """The plain model's ``config`` (Hugging Face models), so code that reads ``model.config`` works."""
+        model = getattr(self, MODEL)
+        if not hasattr(model, "config"):
+            raise AttributeError(f"{type(model).__name__} has no config; it is not a Hugging Face model")
+        return model.config
+
+    def save_pretrained(self, save_directory: Any, **kwargs: Any) -> Any:
+        """Save the plain model with its own ``save_pretrained``: ``from_pretrained`` gives it back, trained.
+
+        The adapters are not saved: they exist for training. To keep them (to resume), save
+        ``probed.state_dict()``; ``autoprobe.plain_state_dict`` reads the plain model's
+        weights back out of such a checkpoint.
+
+        Args:
+            save_directory: as the model's ``save_pretrained`` takes it.
+            **kwargs: passed on (``safe_serialization``, ``state_dict`` of the *plain* model, ...).
+
+        Returns:
+            What the model's ``save_pretrained`` returns.
+
+        Raises:
+            UsageError: the model has no ``save_pretrained`` (it is not a Hugging Face model).
+        """
+        model = getattr(self, MODEL)
+        if not callable(getattr(model, "save_pretrained", None)):
+            raise UsageError(
+                f"{type(model).__name__} has no save_pretrained; it is not a Hugging Face model. "
+                "Hint: `torch.save(probed.strip().state_dict(), path)` saves the plain model's weights."
+            )
+        return model.save_pretrained(save_directory, **kwargs)
 
     def logits(self, out: ProbedOutput) -> Tensor:
         """The selected prediction tensor of ``out.output`` (``report.output`` says which).
@@ -366,8 +484,34 @@ class Probed(nn.Module):
         # would lose the sharing with ``self.model``; keep the recipe and rebuild instead.
         state = self.__dict__.copy()
         state.pop("_engine", None)
+        state.pop("forward", None)  # a closure over this instance; rebuilt
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._engine = self._recipe.build(getattr(self, MODEL), getattr(self, ADAPTERS))
+        self._expose_signature()
+
+
+def _has_loss_field(output: Any) -> bool:
+    return dataclasses.is_dataclass(output) and any(f.name == "loss" for f in dataclasses.fields(output))
+
+
+def _call_signature(model: nn.Module) -> inspect.Signature:
+    """The model's forward's signature, with a keyword ``labels`` added where it has none."""
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):  # a builtin or C forward: no names to expose
+        signature = inspect.signature(_any_call)
+    parameters = list(signature.parameters.values())
+    if "labels" not in signature.parameters:
+        labels = inspect.Parameter("labels", inspect.Parameter.KEYWORD_ONLY, default=None)
+        tail = len(parameters) - (parameters and parameters[-1].kind is inspect.Parameter.VAR_KEYWORD)
+        parameters.insert(tail, labels)
+    return signature.replace(parameters=parameters, return_annotation=inspect.Signature.empty)
+
+
+def _any_call(*args: Any, **kwargs: Any) -> None:
+    """Stands in for a forward whose signature cannot be read."""
+
+

@@ -119,7 +119,7 @@ class Objective(nn.Module, abc.ABC):
     Soft class targets (multiclass, floats (B, K, *S) whose rows are distributions: timm's
     Mixup / CutMix, dense CutMix masks) are taken wherever class ids are: CE is
     -sum_k t_k log p_k, the MI joint sums p_n t_n^T in place of p_n e_(y_n)^T (the expected
-    one-hot), DSN heads compare with the area-resized target, and a row of zeros is ignored.
+    one-hot), and DSN heads compare with the area-resized target. Soft targets have no ignored positions.
     One-hot floats give exactly the loss of their class ids.
 
     Example:

@@ -5,8 +5,9 @@ spatial extent: nothing for classification, ``(L,)``, ``(H, W)`` or ``(D, H, W)`
 
 - ``"multiclass"``: integer class ids (B, *S) for K >= 2 logits (B, K, *S), or soft class
   targets: floats (B, K, *S) whose rows (dim 1) are distributions over the K classes (timm's
-  Mixup / CutMix targets, label-smoothed one-hot, a teacher's softmax); a row of zeros marks
-  an ignored position, as ``ignore_index`` does for class ids;
+  Mixup / CutMix targets, label-smoothed one-hot, a teacher's softmax); they have no ignored
+  positions (a float target of zeros, or of any values whose rows are not distributions, is
+  refused, naming ``task='regression'``);
 - ``"binary"``: 0/1 masks (B, *S) or (B, 1, *S) for one logit channel (B, 1, *S);
 - ``"multilabel"``: 0/1 per class (B, K, *S) for K independent logits (B, K, *S);
 - ``"regression"``: floats (B, C, *S) for C outputs (B, C, *S) (flow, depth, heatmaps).
@@ -336,19 +337,19 @@ def check_target_values(target: Tensor, kind: TargetKind, num_classes: int, igno
             )
 
 
-# How far a soft target row's sum may be from 1 (or 0): float32 sums of K probabilities.
+# How far a soft target row's sum may be from 1: float32 sums of K probabilities.
 _SOFT_SUM_TOLERANCE = 1e-3
 
 
 def _check_soft_values(target: Tensor, what: str) -> None:
     sums = target.sum(dim=1)
     in_range = bool(((target >= 0) & (target <= 1)).all())
-    rows_fit = bool((((sums - 1).abs() <= _SOFT_SUM_TOLERANCE) | (sums.abs() <= _SOFT_SUM_TOLERANCE)).all())
+    rows_fit = bool(((sums - 1).abs() <= _SOFT_SUM_TOLERANCE).all())
     if not (in_range and rows_fit):
         raise InstrumentError(
             f"the float target of shape {tuple(target.shape)} is shaped like {what}, so it is read as soft class "
-            "targets, but its rows (dim 1) are not distributions: values must lie in [0, 1] and each row sum to 1 "
-            "(or 0 for an ignored position). Hint: if it is a regression target (flow, depth, heatmaps), pass "
+            "targets, but its rows (dim 1) are not distributions: values must lie in [0, 1] and each row sum to 1. "
+            "Hint: if it is a regression target (flow, depth, heatmaps), pass "
             f"{_TASK_HINT['regression']} to instrument; for 0/1 per class pass {_TASK_HINT['multilabel']}; "
             "for logits, pass `target.softmax(1)`."
         )
