@@ -129,6 +129,8 @@ class RunSpec:
     quick: bool = False
     lr: float | None = None  # None: the task's LR
     pilot: bool = False  # scored on validation only; the test split is never evaluated
+    # iMacHSR's options other than the defaults, e.g. (("lam", 0.0),) or (("mi_estimator", "pooled"),)
+    options: tuple[tuple[str, float | str], ...] = ()
 
     @property
     def learning_rate(self) -> float:
@@ -138,7 +140,7 @@ class RunSpec:
     def setting(self) -> str:
         if self.method in ("baseline", "tuned"):
             return "none" if self.method == "baseline" else "tuned"
-        return self.placement.label
+        return "/".join([self.placement.label] + [f"{k}={v}" for k, v in self.options])
 
     def key(self) -> str:
         return json.dumps([self.task, self.model, self.method, self.setting, self.seed, self.steps, self.batch,
@@ -297,6 +299,8 @@ def run_one(spec: RunSpec, data, cfg: SegConfig, device: str, threads: int) -> d
 
         if tuned is not None:
             probed = autoprobe.instrument(model, **tuned.instrument_kwargs)
+        elif spec.options:
+            probed = _instrument_with_options(model, spec, size)
         else:
             selection = make_selection(model, spec, size)
             kwargs = {"rules": "dense"} if spec.task == "seg" and selection is None else {}
@@ -410,6 +414,20 @@ def run_one(spec: RunSpec, data, cfg: SegConfig, device: str, threads: int) -> d
         "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
         "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def _instrument_with_options(model: nn.Module, spec: RunSpec, size: tuple[int, ...]):
+    """iMacHSR at the automatic points with options instrument has no keyword for (``mi_estimator``)."""
+    import autoprobe
+    from autoprobe.api import analyze
+    from autoprobe.losses import IMacHSR
+
+    if spec.method != "imachsr" or spec.placement.kind != "auto":
+        raise SystemExit(f"{spec.key()}: options apply to iMacHSR at automatic points")
+    selection = analyze(model, input_size=size, rules="dense" if spec.task == "seg" else "default",
+                        points=spec.placement.points).selection
+    objective = IMacHSR(selection.names, {p.name: p.layout for p in selection.points}, **dict(spec.options))
+    return autoprobe.instrument(model, selection, loss=objective, input_size=size)
 
 
 class _TrainBatches:
@@ -532,8 +550,19 @@ def _primary(methods: Sequence[str]) -> list[RunSpec]:
     return [RunSpec("seg", "deeplabv3plus", m, s, SEG_STEPS, SEG_BATCH) for s in range(5) for m in methods]
 
 
+def _diagnosis(seeds: Sequence[int]) -> list[RunSpec]:
+    """Issue 15 section 3, on validation only: iMacHSR's terms one at a time, a light weight, a
+    decaying schedule and the two other MI estimators. Both terms at the defaults, and the baseline,
+    are the primary grid's runs (their validation curves are recorded)."""
+    variants = ((("lam", 0.0),), (("alpha", 0.0),), (("mi_estimator", "pooled"),), (("mi_estimator", "shuffled"),),
+                (("alpha", 0.1),), (("schedule", "cosine"),))
+    return [RunSpec("seg", "deeplabv3plus", "imachsr", s, SEG_STEPS, SEG_BATCH, pilot=True, options=v)
+            for s in seeds for v in variants]
+
+
 GRIDS = {
     "pilot-seg": _seg_pilots,
+    "diagnose": lambda: _diagnosis((0, 1)),
     "primary": lambda: _primary(("baseline", "imachsr")),
     "primary-dsn": lambda: _primary(("dsn",)),
     "primary-tuned": lambda: _primary(("tuned",)),

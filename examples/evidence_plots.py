@@ -375,19 +375,62 @@ def _pilot_table(records: Sequence[dict]) -> str:
     pilots = [r for r in records if r.get("pilot")]
     if not pilots:
         return "(no pilots recorded)"
-    head = ["model", "method", "seed", "steps x batch", "lr", "val mIoU (%)", "val pixel acc (%)",
+    head = ["model", "method", "setting", "seed", "steps x batch", "lr", "val mIoU (%)", "val pixel acc (%)",
             "last-quarter share of final val mIoU", "CPU s", "wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in pilots:
         c = r["curve"]
-        lines.append(f"| {r['model']} | {r['method']} | {r['seed']} | {r['steps']} x {r['batch']} | {r.get('lr', '-')} "
+        lines.append(f"| {r['model']} | {r['method']} | {r['setting']} | {r['seed']} | {r['steps']} x {r['batch']} "
+                     f"| {r.get('lr', '-')} "
                      f"| {r['metrics']['mIoU'] * 100:.2f} | {r['metrics']['pixel_acc'] * 100:.2f} "
                      f"| {_flattening(c['val_step'], c['val']):.3f} | {r['times']['cpu_s']:.0f} | {r['times']['wall_s']:.0f} |")
     return "\n".join(lines)
 
 
+def _final_val(records: Sequence[dict], **want) -> dict[int, float]:
+    """Seed -> the last validation score on the curve (test-scored runs record it along training)."""
+    return {r["seed"]: r["curve"]["val"][-1] for r in _select(records, **want)}
+
+
+def _term_means(r: dict) -> tuple[float, float]:
+    """Sum over points of the MI and of the NE term, averaged over the last quarter of the logged steps."""
+    terms = r["curve"].get("terms", {})
+    tail = max(1, len(r["curve"]["step"]) // 4)
+    mi = sum(statistics.fmean(v[-tail:]) for k, v in terms.items() if k.startswith("mi/"))
+    ne = sum(statistics.fmean(v[-tail:]) for k, v in terms.items() if k.startswith("ne/"))
+    return mi, ne
+
+
+def _diagnosis_table(records: Sequence[dict]) -> str:
+    """iMacHSR's variants on validation (pilots) beside the primary grid's baseline and default iMacHSR,
+    paired by seed on the final validation mIoU."""
+    runs = _main(records)
+    regime = dict(task="seg", model="deeplabv3plus")
+    variants = sorted({r["setting"] for r in records if r.get("pilot") and r["method"] == "imachsr"})
+    if not variants:
+        return "(no diagnosis runs recorded yet)"
+    base = _final_val(runs, method="baseline", setting="none", **regime)
+    default = _final_val(runs, method="imachsr", setting="auto", **regime)
+    head = ["iMacHSR variant", "seeds", "final val mIoU (%)", "Δ vs baseline [95% CI]", "Δ vs default iMacHSR [95% CI]",
+            "MI, sum over points (nats, last quarter)", "NE, sum over points (nats, last quarter)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = [("default (alpha 0.5, lam 0.01, image MI, constant): primary grid", None)] + [(v, v) for v in variants]
+    for label, setting in rows:
+        rs = (_select(runs, method="imachsr", setting="auto", **regime) if setting is None
+              else [r for r in records if r.get("pilot") and r["method"] == "imachsr" and r["setting"] == setting])
+        if not rs:
+            lines.append(f"| {label} | (not run yet) | | | | | |")
+            continue
+        val = {r["seed"]: r["curve"]["val"][-1] for r in rs}
+        mi_ne = [_term_means(r) for r in rs]
+        lines.append(f"| {label} | {','.join(map(str, sorted(val)))} | {_ms(list(val.values()))} "
+                     f"| {paired(base, val).text()} | {'-' if setting is None else paired(default, val).text()} "
+                     f"| {statistics.fmean(m for m, _ in mi_ne):.3f} | {statistics.fmean(n for _, n in mi_ne):.3f} |")
+    return "\n".join(lines)
+
+
 def _pilot_curves(records: Sequence[dict], out: Path) -> Path | None:
-    pilots = [r for r in records if r.get("pilot")]
+    pilots = [r for r in records if r.get("pilot") and r["method"] == "baseline"]
     if not pilots:
         return None
     plt = _plt()
@@ -436,7 +479,9 @@ def render(results: Path, out: Path) -> str:
     out.mkdir(parents=True, exist_ok=True)
     parts = [f"# Tables rendered from {results.name} ({len(records)} test-scored runs, "
              f"{len(everything) - len(records)} validation pilots)\n",
-             "## Regime pilots (baseline, validation split only)\n\n" + _pilot_table(everything) + "\n"]
+             "## Pilots (validation split only)\n\n" + _pilot_table(everything) + "\n",
+             "## Term diagnosis (validation split, paired by seed on the final validation mIoU)\n\n"
+             + _diagnosis_table(everything) + "\n"]
     made: list[Path] = []
     summaries = {}
     for task, model, metrics in (("seg", "deeplabv3plus", SEG_METRICS), ("seg", "unet", SEG_METRICS),
