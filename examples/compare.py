@@ -563,6 +563,8 @@ def _diagnosis(seeds: Sequence[int]) -> list[RunSpec]:
 GRIDS = {
     "pilot-seg": _seg_pilots,
     "diagnose": lambda: _diagnosis((0, 1)),
+    "diagnose0": lambda: _diagnosis((0,)),
+    "diagnose1": lambda: _diagnosis((1,)),
     "primary": lambda: _primary(("baseline", "imachsr")),
     "primary-dsn": lambda: _primary(("dsn",)),
     "primary-tuned": lambda: _primary(("tuned",)),
