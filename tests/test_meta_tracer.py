@@ -262,3 +262,14 @@ def test_smp_models_trace_with_fx(arch: str) -> None:
     assert not any(n.startswith("backend fx failed") for n in selection.notes), selection.notes
     assert any("segmentation_models_pytorch.base.model:" in n for n in selection.notes), selection.notes
     assert len(selection.points) >= 1
+
+
+def test_hugging_face_vit_from_config_traces_with_fx() -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=2,
+                                    image_size=32, patch_size=8)
+    with torch.device("meta"):
+        model = transformers.ViTForImageClassification(config)
+    selection = analyze(model, input_size=SIZE, options=TraceOptions(input_name="pixel_values")).selection
+    assert selection.backend == "fx"
+    assert any("transformers.models.vit.modeling_vit:" in n for n in selection.notes), selection.notes
