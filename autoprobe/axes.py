@@ -271,7 +271,18 @@ def _cat(args: tuple, kwargs: dict, env: _Env) -> Labels:
 
 
 def _stack(args: tuple, kwargs: dict, env: _Env) -> Labels:
-    return None  # a new axis of unknown meaning in front of (or among) the old ones
+    tensors = args[0] if args else kwargs.get("tensors", ())
+    shape = _out_shape(env)
+    if shape is None or not isinstance(tensors, (list, tuple)) or not tensors:
+        return None
+    d = _dim(args[1] if len(args) > 1 else kwargs.get("dim", 0), len(shape))
+    if d is None:
+        return None
+    # The inputs vote as for cat; the new axis means nothing an adapter can read (``?``), so the stack is no feature,
+    # but a reduction over that axis (FPN's ``torch.stack(levels).sum(0)``) gets the inputs' labels back.
+    inner = shape[:d] + shape[d + 1 :]
+    lab = _broadcast(list(tensors), inner, env)
+    return None if lab is None else lab[:d] + "?" + lab[d:]
 
 
 def _split(args: tuple, kwargs: dict, env: _Env) -> Labels:
@@ -759,6 +770,8 @@ def module_axes(module: nn.Module, args: tuple, kwargs: Mapping[str, Any], env: 
         ("torch.nn.modules.activation", "torch.nn.modules.dropout")
     ):
         return _elementwise(args, dict(kwargs), env)
+    if home == "torch.nn.modules.padding":
+        return _same_as_first(args, dict(kwargs), env)  # ZeroPad2d & co. grow the spatial axes, keep every label
     if isinstance(module, (nn.Softmax, nn.LogSoftmax, nn.Softmin)):
         return _elementwise(args, dict(kwargs), env)
     shape = _out_shape(env)

@@ -199,17 +199,55 @@ class LayerGraph:
             chain.append(idom[chain[-1]])
         return tuple(reversed(chain))
 
-    def spine_before(self, name: str) -> str:
-        """The nearest spine node that dominates ``name`` (``name`` itself if it is on the spine)."""
-        spine, idom = set(self.spine), self.dominators
-        while name not in spine:
+    @cached_property
+    def pivot(self) -> str:
+        """The lowest-resolution feature: fewest positions above one, the latest such node in execution order.
+
+        In a classifier it ends the last stage (on the spine); in an encoder-decoder it is the encoder's
+        bottom, which the decoder reads and the spine bypasses through the skips.
+        """
+        maps = [i for i in self.ordered if i.channels is not None and i.positions is not None and i.positions > 1]
+        if not maps:
+            return self.output
+        return min(maps, key=lambda i: (i.positions, -i.order)).name
+
+    @cached_property
+    def trunk(self) -> tuple[str, ...]:
+        """The spine through the pivot: the nodes every path from the input to the pivot, or from it to the output,
+        passes through, in order.
+
+        Every spine node lies on it (in a DAG a node every path crosses is before the pivot on all of them or after
+        it on all). In an encoder-decoder whose stages each feed the decoder (U-Net skips, FPN laterals, a low-level
+        branch beside the ASPP) the spine holds only the first stage; the trunk adds every encoder stage (the
+        dominators of the encoder's bottom) and the decoder's chain (its post-dominators). It is the spine itself
+        unless the first spine node after the pivot is at a higher resolution than the pivot (the decoder came back
+        up): so a classifier, whose lowest resolution rejoins the spine as low, keeps its spine.
+        """
+        down, up = [self.pivot], [self.pivot]
+        idom, ipdom = self.dominators, self.post_dominators
+        spine = set(self.spine)
+        rejoin = self.pivot
+        while rejoin != self.output and (rejoin not in spine or rejoin != self.pivot and self[rejoin].positions is None):
+            rejoin = ipdom[rejoin]  # the first spine node after the pivot that is a map (FPN's stack is none)
+        if rejoin == self.pivot or (self[rejoin].positions or 0) <= self[self.pivot].positions:
+            return self.spine  # no round trip: the pivot is on the spine or inside a block that rejoins it as low
+        while down[-1] != self.input:
+            down.append(idom[down[-1]])
+        while up[-1] != self.output:
+            up.append(ipdom[up[-1]])
+        return tuple(reversed(down)) + tuple(up[1:])
+
+    def trunk_before(self, name: str) -> str:
+        """The nearest trunk node that dominates ``name`` (``name`` itself if it is on the trunk)."""
+        trunk, idom = set(self.trunk), self.dominators
+        while name not in trunk:
             name = idom[name]
         return name
 
-    def spine_after(self, name: str) -> str:
-        """The nearest spine node that post-dominates ``name`` (``name`` itself if it is on the spine)."""
-        spine, ipdom = set(self.spine), self.post_dominators
-        while name not in spine:
+    def trunk_after(self, name: str) -> str:
+        """The nearest trunk node that post-dominates ``name`` (``name`` itself if it is on the trunk)."""
+        trunk, ipdom = set(self.trunk), self.post_dominators
+        while name not in trunk:
             name = ipdom[name]
         return name
 

@@ -242,7 +242,7 @@ def instrument(
     report = RewriteReport(
         model=label,
         task=resolved_task,
-        task_source="given" if task is not None else "inferred",
+        task_source="given" if task is not None else "inferred from K=1" if resolved_task == "binary" else "inferred",
         num_classes=classes,
         input_shape=placed.train.input_shape,
         output_shape=output_shape,
@@ -440,7 +440,12 @@ def _run_example_output(model: nn.Module, traced: Traced, options: TraceOptions)
 
 
 def _resolve_task(task: Task | None, output_shape: tuple[int, ...], label: str) -> tuple[str, HeadShape]:
-    """The task name for the report and the adapters' head shape, checked against the output."""
+    """The task name for the report and the adapters' head shape, checked against the output.
+
+    With ``task=None`` a (B, K) output is ``classification`` and a (B, K, *S) one ``dense``, except K=1: one logit
+    has no class-id meaning, so it is ``binary`` (0/1 targets, plus ``ignore_index``), and the report says it was
+    inferred from K=1.
+    """
     if task is not None and task not in get_args(Task):
         raise InstrumentError(f"unknown task {task!r}; expected one of {list(get_args(Task))} or None to infer it")
     rank = len(output_shape)
@@ -459,10 +464,12 @@ def _resolve_task(task: Task | None, output_shape: tuple[int, ...], label: str) 
                 f"{task} needs {shapes} logits. Hint: leave task=None to infer it, or select other logits with output=."
             )
         if classes < 2:
+            if task is None:
+                return "binary", head  # one logit has no other class-id meaning: 0/1 targets (plus ignore_index)
             raise InstrumentError(
-                f"{label}'s output has K={classes} channel; class-id targets need K >= 2 logits.\n"
-                "Hint: for one sigmoid logit with 0/1 targets pass task='binary'; for a continuous target pass "
-                "task='regression'."
+                f"task={task!r} needs K >= 2 logits for class ids; {label}'s output has K={classes} channel.\n"
+                "Hint: for one sigmoid logit with 0/1 targets pass task='binary' (or leave task=None); for a "
+                "continuous target pass task='regression'."
             )
         return head, head
     if task == "binary" and classes != 1:

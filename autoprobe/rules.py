@@ -36,6 +36,7 @@ from .errors import RuleError
 __all__ = ["DetectorRule", "Policy", "RulePack", "load_rules", "builtin_packs"]
 
 _POSITIONS = ("input", "centre", "output", "none")
+_SPREADS = ("greedy", "strata")
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,9 @@ class Policy:
         position_strength: how strongly the bias scales a score, in [0, 1].
         exclude_output: fraction of D next to the output where no point goes (the head's zone).
         min_score: candidates scoring below this are never picked.
+        spread: ``greedy`` picks the best-scoring candidates that keep ``min_distance``; ``strata`` cuts the
+            usable depth into M equal strata and takes the best candidate of each first (an encoder-decoder's
+            points then reach its decoder), then fills empty strata greedily.
     """
 
     points: int | None = None
@@ -69,6 +73,7 @@ class Policy:
     position_strength: float = 0.25
     exclude_output: float = 0.1
     min_score: float = 0.0
+    spread: str = "greedy"
 
 
 _DEFAULT_POLICY = Policy()
@@ -89,6 +94,8 @@ _POLICY_SCHEMA: dict[str, Option] = {
     "position_strength": Option(float, _policy_default("position_strength"), "strength of the position bias, 0..1"),
     "exclude_output": Option(float, _policy_default("exclude_output"), "fraction of D next to the output kept free of points"),
     "min_score": Option(float, _policy_default("min_score"), "candidates below this score are never picked"),
+    "spread": Option(str, _policy_default("spread"), "greedy by score, or the best of each of M depth strata first",
+                     _SPREADS),
 }
 _AUTO_KEYS = frozenset({"points", "min_distance"})
 

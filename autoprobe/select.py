@@ -271,10 +271,11 @@ def select_points(graph: LayerGraph, pack: RulePack, *, points: int | None = Non
     distance = policy.min_distance if policy.min_distance is not None else max(1, math.floor(spread))
 
     ranked = sorted(eligible, key=lambda s: (-s.score, graph[s.node].order))
-    chosen = _greedy(graph, ranked, m, distance)
+    pick = _strata if policy.spread == "strata" and not fell_back else _greedy
+    chosen = pick(graph, ranked, m, distance, usable)
     while len(chosen) < m and distance > 1:
         distance = max(1, distance // 2)
-        chosen = _greedy(graph, ranked, m, distance)
+        chosen = pick(graph, ranked, m, distance, usable)
         notes.append(f"min_distance relaxed to {distance} to place {m} points")
     if len(chosen) < m:
         notes.append(f"only {len(chosen)} of {m} points could be placed: too few candidates at distinct depths")
@@ -295,15 +296,30 @@ def select_points(graph: LayerGraph, pack: RulePack, *, points: int | None = Non
     )
 
 
-def _greedy(graph: LayerGraph, ranked: list[Scored], m: int, distance: int) -> list[Scored]:
-    chosen: list[Scored] = []
+def _greedy(
+    graph: LayerGraph, ranked: list[Scored], m: int, distance: int, usable: int, chosen: tuple[Scored, ...] = ()
+) -> list[Scored]:
+    """The best-scoring candidates (``ranked`` is best first) that keep ``distance`` from each other and ``chosen``."""
+    picked = list(chosen)
     for s in ranked:
+        if len(picked) >= m:
+            break
         depth = graph[s.node].depth
-        if all(abs(depth - graph[c.node].depth) >= distance for c in chosen):
-            chosen.append(s)
-            if len(chosen) == m:
-                break
-    return chosen
+        if s not in picked and all(abs(depth - graph[c.node].depth) >= distance for c in picked):
+            picked.append(s)
+    return picked
+
+
+def _strata(graph: LayerGraph, ranked: list[Scored], m: int, distance: int, usable: int) -> list[Scored]:
+    """The best candidate of each of ``m`` equal strata of the usable depth, strongest stratum first, each keeping
+    ``distance`` from those taken; strata with no such candidate are then filled greedily from the rest."""
+    strata: dict[int, list[Scored]] = defaultdict(list)
+    for s in ranked:
+        strata[min(m - 1, (graph[s.node].depth - 1) * m // usable)].append(s)
+    picked: list[Scored] = []
+    for _, members in sorted(strata.items(), key=lambda kv: (-kv[1][0].score, kv[0])):
+        picked = _greedy(graph, members, len(picked) + 1, distance, usable, tuple(picked))
+    return _greedy(graph, ranked, m, distance, usable, tuple(picked))
 
 
 def point_at(info: LayerInfo, scored: Scored) -> Point:

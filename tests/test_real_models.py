@@ -154,9 +154,21 @@ def test_binary_unet_with_one_logit_trains_with_dense_rules() -> None:
     assert all(h.shape == (2, 1, 32, 32) for h in probed(x).heads.values())
 
 
-def test_binary_needs_the_task_said() -> None:
+def test_binary_is_inferred_from_one_logit_and_takes_class_ids() -> None:
+    x = torch.randn(2, *IMAGE)
+    y = (torch.rand(2, 32, 32, generator=torch.Generator().manual_seed(0)) > 0.5).long()
+    y[0, 0, :4] = 255  # ignore_index
+    probed, parts = _train_step_and_strip(UNet(num_classes=1, width=8, depth=2), x, y, rules="dense", ignore_index=255)
+    assert (probed.report.task, probed.report.task_source) == ("binary", "inferred from K=1")
+    assert "binary (inferred from K=1)" in probed.report.summary()
+    probed.train()
+    with pytest.raises(InstrumentError, match="does not fit"):  # a class id 2 is no 0/1 target
+        probed.loss(probed(x), torch.full((2, 32, 32), 2))
+
+
+def test_class_ids_said_on_one_logit_are_refused() -> None:
     with pytest.raises(InstrumentError, match="pass task='binary'"):
-        instrument(UNet(num_classes=1, width=8, depth=2), input_size=IMAGE, rules="dense")
+        instrument(UNet(num_classes=1, width=8, depth=2), input_size=IMAGE, rules="dense", task="dense")
 
 
 @pytest.mark.parametrize("label_resolution", ["upsample", "downsample"])

@@ -166,8 +166,9 @@ def test_fallback_when_nothing_fires(ruler: LayerGraph) -> None:
 def test_points_carry_their_record() -> None:
     g = graph_of(ToyUNet())
     sel = select_points(g, load_rules("default"))
-    assert sel.names == ("enc1.1.add", *UNET_SKIPS)
-    join = sel.points[1]
+    # enc2.1.add ends the second encoder stage: it feeds join2's skip, so it is off the spine, but on the trunk.
+    assert sel.names == ("enc1.1.add", "enc2.1.add", UNET_SKIPS[0])
+    join = sel.points[2]
     assert (join.name, join.module_path, join.depth, join.shape, join.layout) == (
         "join2.cat", "join2", 10, (2, 32, 8, 8), "NCHW"
     )
@@ -178,10 +179,22 @@ def test_points_carry_their_record() -> None:
 def test_pack_position_moves_transformer_points() -> None:
     g = graph_of(ToyTransformer(ATTENTIONS["sdpa"], depth=6))
     assert select_points(g, load_rules("default")).names == ("blocks.0.add", "blocks.1.add", "blocks.2.add")
-    assert select_points(g, load_rules("dense")).names == ("blocks.1.add", "blocks.2.add", "blocks.3.add")
+    # dense: centred, and one point per third of the depth (spread = "strata")
+    assert select_points(g, load_rules("dense")).names == ("blocks.1.add", "blocks.2.add", "blocks.4.add")
 
 
 def test_selection_is_a_pure_function_of_graph_and_pack() -> None:
     g = graph_of(ToyUNet())
     pack = load_rules("dense")
     assert select_points(g, pack) == select_points(g, pack)
+
+
+def test_strata_take_the_best_of_each_third_of_the_depth() -> None:
+    import dataclasses
+
+    g = graph_of(ToyTransformer(ATTENTIONS["sdpa"], depth=6))  # D = 26, usable 23: thirds end at depths 8, 16, 23
+    pack = load_rules("default")
+    strata = dataclasses.replace(pack, policy=dataclasses.replace(pack.policy, spread="strata"))
+    assert select_points(g, pack).names == ("blocks.0.add", "blocks.1.add", "blocks.2.add")  # greedy: the 3 best
+    assert [p.depth for p in select_points(g, strata).points] == [3, 11, 19]  # one per third
+    assert load_rules("dense").policy.spread == "strata" and pack.policy.spread == "greedy"

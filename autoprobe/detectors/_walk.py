@@ -50,3 +50,13 @@ def merges(graph: LayerGraph) -> Iterator[tuple[LayerInfo, list[LayerInfo]]]:
             inputs = graph.predecessors(info.name)
             if len(inputs) >= 2:
                 yield info, inputs
+
+
+def merge_feature(graph: LayerGraph, merge: LayerInfo) -> str | None:
+    """The feature a merge makes: the merge itself, or, when its output has no layout (``torch.stack`` puts the
+    branches on a new leading axis), the first node with one that every path from it passes through (the
+    ``sum`` that folds the stacked branches); ``None`` when none comes before the output."""
+    name, ipdom = merge.name, graph.post_dominators
+    while name != graph.output and graph[name].channels is None:
+        name = ipdom[name]
+    return name if name != graph.output else None

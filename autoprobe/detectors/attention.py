@@ -4,7 +4,7 @@ Attention ops are recognised by what they compute, not by model: a
 ``scaled_dot_product_attention`` call, an ``nn.MultiheadAttention`` or a leaf
 module whose class says Attention, or a softmax whose result is multiplied
 with another tensor (softmax over tokens, then ``attn @ v``). The point snaps
-to the spine: after the attention = the residual merge that adds its output
+to the trunk (``LayerGraph.trunk``): after the attention = the residual merge that adds its output
 back, before = the feature entering the attention block.
 
 Passing example (fires)::
@@ -44,11 +44,11 @@ def detect(graph: LayerGraph, options: Mapping[str, Any]) -> tuple[Candidate, ..
             continue
         what = f"{info.name} ({info.module_type if info.op == 'call_module' else info.target})"
         if options["position"] in ("before", "both"):
-            node = graph.spine_before(info.name)
+            node = graph.trunk_before(info.name)
             if node != graph.input:
                 found.setdefault(node, Candidate(node, ID, f"before attention {what}"))
         if options["position"] in ("after", "both"):
-            node = graph.spine_after(info.name)
+            node = graph.trunk_after(info.name)
             if node != graph.output:
                 found.setdefault(node, Candidate(node, ID, f"after attention {what}"))
     return tuple(found.values())

@@ -30,7 +30,7 @@ ID = "bottleneck"
 SUMMARY = "local minimum of channel width (compression before an expansion)"
 OPTIONS = {
     "min_ratio": Option(float, 2.0, "how many times wider the neighbours must be"),
-    "snap": Option(bool, False, "move the point to the nearest spine node before it"),
+    "snap": Option(bool, False, "move the point to the nearest trunk node before it"),
 }
 
 
@@ -52,7 +52,7 @@ def detect(graph: LayerGraph, options: Mapping[str, Any]) -> tuple[Candidate, ..
         before = max(_widths_before(graph, info), default=0)
         if before < width * ratio:
             continue
-        node = graph.spine_before(info.name) if options["snap"] else info.name
+        node = graph.trunk_before(info.name) if options["snap"] else info.name
         reason = f"{before} -> {width} -> {wider_after[0].channels} channels at {info.name}"
         found.setdefault(node, Candidate(node, ID, f"bottleneck {reason}"))
     return tuple(found.values())

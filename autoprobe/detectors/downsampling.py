@@ -4,8 +4,10 @@ Fires where a node's feature has at least ``min_factor`` times fewer positions
 (H*W, or tokens) than the feature entering it: strided convs, pooling, patch
 merging. Global pooling (down to one position) is a read-out, not a
 downsampling, and is skipped. With ``snap`` the point moves to the network's
-spine (the nodes every path passes through), so a stride inside a residual
-branch marks the block input, not a branch-internal tensor.
+trunk (``LayerGraph.trunk``: the nodes every path to or from the lowest-resolution feature passes
+through), so a stride inside a residual branch marks the block input, not a branch-internal tensor,
+and a stride in an encoder stage that feeds a decoder (FPN, U-Net) marks that stage's input rather
+than the first stage's end.
 
 Passing example (fires)::
 
@@ -30,7 +32,7 @@ SUMMARY = "before or after a drop in spatial size or token count (strided conv, 
 OPTIONS = {
     "position": Option(str, "before", "where the point goes relative to the reduction", ("before", "after", "both")),
     "min_factor": Option(float, 2.0, "minimum ratio of positions in to positions out"),
-    "snap": Option(bool, True, "move the point to the nearest spine node (block input or output)"),
+    "snap": Option(bool, True, "move the point to the nearest trunk node (block input or output)"),
 }
 
 
@@ -52,10 +54,10 @@ def detect(graph: LayerGraph, options: Mapping[str, Any]) -> tuple[Candidate, ..
                 continue  # only a space-to-depth reshape (patch merging) trades positions for channels
             change = f"{_size(source)} -> {_size(info)} at {info.name} ({info.module_type or info.target})"
             if options["position"] in ("before", "both"):
-                node = graph.spine_before(source.name) if options["snap"] else source.name
+                node = graph.trunk_before(source.name) if options["snap"] else source.name
                 found.setdefault((node, "before"), Candidate(node, ID, f"before downsampling {change}"))
             if options["position"] in ("after", "both"):
-                node = graph.spine_after(info.name) if options["snap"] else info.name
+                node = graph.trunk_after(info.name) if options["snap"] else info.name
                 found.setdefault((node, "after"), Candidate(node, ID, f"after downsampling {change}"))
     return tuple(found.values())
 

@@ -6,7 +6,7 @@ the deepest input of every node. A norm or activation of another family than
 the one carried marks a change: BatchNorm to LayerNorm at a CoAtNet's first
 transformer stage, ReLU to hard-swish in a MobileNetV3. Gates (sigmoid in
 squeeze-excite) are not activations here. With ``snap`` the point is the
-spine node the change happens after (the feature entering the new regime).
+trunk node (``LayerGraph.trunk``) the change happens after (the feature entering the new regime).
 
 Passing example (fires at the GELU)::
 
@@ -30,7 +30,7 @@ SUMMARY = "the normalization or activation family changes (BatchNorm -> LayerNor
 OPTIONS = {
     "norms": Option(bool, True, "report normalization changes"),
     "acts": Option(bool, True, "report activation changes"),
-    "snap": Option(bool, True, "move the point to the spine node before the change"),
+    "snap": Option(bool, True, "move the point to the trunk node before the change"),
 }
 
 
@@ -52,7 +52,7 @@ def detect(graph: LayerGraph, options: Mapping[str, Any]) -> tuple[Candidate, ..
             act = info.act
         carried[info.name] = (norm, act)
         if changes:
-            node = graph.spine_before(info.name) if options["snap"] else info.name
+            node = graph.trunk_before(info.name) if options["snap"] else info.name
             if node != graph.input:
                 found.setdefault(node, Candidate(node, ID, f"{'; '.join(changes)} at {info.name}"))
     return tuple(found.values())

@@ -1,12 +1,17 @@
 """stage-boundary: the last node of a run of blocks before the representation changes.
 
-Walks the spine (nodes every input-to-output path passes through: the block
+Walks the trunk (``LayerGraph.trunk``: the nodes every path from the input to the
+lowest-resolution feature, or from it to the output, passes through; the block
 outputs of a residual network, every layer of a plain one) and groups it into
-runs of equal representation (channels, positions). The last spine node of
+runs of equal representation (channels, positions). The last trunk node of
 each run holding at least ``min_depth`` weight layers is a stage boundary: the
-end of a ResNet stage, a Swin stage, a ViT's patch embedding.
+end of a ResNet stage, a Swin stage, a ViT's patch embedding. In an
+encoder-decoder every encoder stage ends on the trunk even when it also feeds
+the decoder (a U-Net skip, an FPN lateral, the ASPP input) and so does not
+dominate the output; the decoder's chain after the encoder's bottom is on the
+trunk too.
 
-Block ends (the last spine node of a module that contains a residual merge,
+Block ends (the last trunk node of a module that contains a residual merge,
 e.g. each transformer layer) are emitted too, with strength ``block_weight``,
 so that architectures with one long stage (ViT) still have candidates spread
 over their depth.
@@ -42,42 +47,48 @@ def _rep(info: LayerInfo) -> tuple[int | None, int | None]:
 
 
 def detect(graph: LayerGraph, options: Mapping[str, Any]) -> tuple[Candidate, ...]:
-    spine = [graph[n] for n in graph.spine if is_feature(graph[n]) and graph[n].spatial is not None]
+    trunk = [graph[n] for n in graph.trunk if is_feature(graph[n]) and graph[n].spatial is not None]
     found: list[Candidate] = []
     run_start = 0
-    for i, info in enumerate(spine):
-        last = i + 1 == len(spine)
-        if not last and _rep(spine[i + 1]) == _rep(info):
+    for i, info in enumerate(trunk):
+        last = i + 1 == len(trunk)
+        if not last and _rep(trunk[i + 1]) == _rep(info):
             continue
-        run = spine[run_start : i + 1]
-        entry_depth = spine[run_start - 1].depth if run_start else 0
+        run = trunk[run_start : i + 1]
+        entry_depth = trunk[run_start - 1].depth if run_start else 0
         if info.kind != "input" and info.depth - entry_depth >= options["min_depth"]:
-            nxt = f"{_describe(spine[i + 1])} next" if not last else "the head next"
+            nxt = f"{_describe(trunk[i + 1])} next" if not last else "the head next"
             found.append(
                 Candidate(
                     info.name, ID,
-                    f"end of stage {run[0].name}..{info.name} ({_describe(info)}, {len(run)} spine nodes); {nxt}",
+                    f"end of stage {run[0].name}..{info.name} ({_describe(info)}, {len(run)} {_where(graph, run)} nodes); {nxt}",
                 )
             )
         run_start = i + 1
     if options["block_weight"] > 0:
         stage_ends = {c.node for c in found}
-        found.extend(_block_ends(graph, spine, stage_ends, options["block_weight"]))
+        found.extend(_block_ends(graph, trunk, stage_ends, options["block_weight"]))
     return tuple(found)
 
 
-def _block_ends(graph: LayerGraph, spine: list[LayerInfo], skip: set[str], strength: float) -> list[Candidate]:
-    """Last spine node of each module whose spine run contains a residual merge."""
+def _block_ends(graph: LayerGraph, trunk: list[LayerInfo], skip: set[str], strength: float) -> list[Candidate]:
+    """Last trunk node of each module whose trunk run contains a residual merge."""
     found = []
-    for i, info in enumerate(spine):
+    for i, info in enumerate(trunk):
         block = _block(info)
-        if not block or (i + 1 < len(spine) and _block(spine[i + 1]) == block):
+        if not block or (i + 1 < len(trunk) and _block(trunk[i + 1]) == block):
             continue
-        run = [s for s in spine[: i + 1] if _block(s) == block]
+        run = [s for s in trunk[: i + 1] if _block(s) == block]
         merged = any(s.kind in ("add", "cat") and len(graph.predecessors(s.name)) >= 2 for s in run)
         if merged and info.name not in skip:
             found.append(Candidate(info.name, ID, f"end of residual block {block} ({_describe(info)})", strength))
     return found
+
+
+def _where(graph: LayerGraph, run: list[LayerInfo]) -> str:
+    """``spine`` when every path to the output crosses the run (a classifier's stage), else ``trunk``."""
+    spine = set(graph.spine)
+    return "spine" if all(i.name in spine for i in run) else "trunk"
 
 
 def _block(info: LayerInfo) -> str:
