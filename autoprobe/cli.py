@@ -62,6 +62,13 @@ def _model_args(args: argparse.Namespace) -> Kwargs:
     return Kwargs(found, where="--model-arg")
 
 
+def _input_name(name: str | None) -> str | None:
+    if name is not None and not name.isidentifier():
+        raise OptionError(f"--input-name {name!r}: not a parameter name. Hint: give the forward parameter that takes "
+                          "the input, e.g. --input-name pixel_values.")
+    return name
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rules", default="default", metavar="PACK|FILE", help="built-in pack name or .toml file")
     parser.add_argument("--input-size", metavar="C,H,W", help="input size without batch (default: the model's own)")
@@ -188,7 +195,7 @@ def _lock(args: argparse.Namespace) -> int:
     model_args, forward = _model_args(args), _kwargs(args.forward_arg, "--forward-arg")
     overrides = ModelRequest(
         "", _input_size(args.input_size), args.mode, args.rules, _points(args.points),
-        tuple(args.leaf), model_args or None, args.input_name, forward or None,
+        tuple(args.leaf), model_args or None, _input_name(args.input_name), forward or None,
     )
     workers = _workers(args.jobs)
     plan = plan_lock(args.models, output=args.output, overrides=overrides, pyproject=Path("pyproject.toml"))
@@ -290,7 +297,7 @@ def _inspect(args: argparse.Namespace) -> int:
     from .trace import TraceOptions
 
     model_args, forward = _model_args(args), _kwargs(args.forward_arg, "--forward-arg")
-    options = TraceOptions(mode=args.mode, leaf_paths=tuple(args.leaf), input_name=args.input_name,
+    options = TraceOptions(mode=args.mode, leaf_paths=tuple(args.leaf), input_name=_input_name(args.input_name),
                            forward_kwargs=forward.to_dict(), allow_real_data=args.allow_real_data)
     size = _input_size(args.input_size)
     try:

@@ -28,7 +28,7 @@ when the fixture is used, so it costs nothing in test suites that do not use it.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -130,6 +130,9 @@ class AutoprobeSnapshot:
         rules: str = "default",
         points: int | None = None,
         leaf: Sequence[str] = (),
+        model_args: Mapping[str, Any] | None = None,
+        input_name: str | None = None,
+        forward_kwargs: Mapping[str, Any] | None = None,
     ) -> LockEntry:
         """Fail the test unless ``model``'s selection equals its baseline.
 
@@ -142,6 +145,9 @@ class AutoprobeSnapshot:
             rules: a built-in pack name or a ``.toml`` path (relative to the current directory).
             points: force M.
             leaf: module paths to keep as single nodes.
+            model_args: keyword arguments of a spec's builder (``{"encoder_weights": None}``).
+            input_name: the forward parameter the input is passed as (``"pixel_values"``).
+            forward_kwargs: further forward arguments, fixed while tracing (JSON-able values).
 
         Returns:
             The recomputed ``LockEntry`` (what ``autoprobe lock`` writes), when it matches.
@@ -157,7 +163,8 @@ class AutoprobeSnapshot:
         from .lockfile import LockSettings
 
         settings = LockSettings.parse(
-            {"input_size": input_size or None, "mode": mode, "rules": rules, "points": points, "leaf": leaf},
+            {"input_size": input_size or None, "mode": mode, "rules": rules, "points": points, "leaf": leaf,
+             "model_args": model_args or {}, "input_name": input_name, "forward_kwargs": forward_kwargs or {}},
             "autoprobe_snapshot.check", hint="Hint: fix the argument in the test.",
         )
         key = name or (model.strip() if isinstance(model, str) else type(model).__name__)

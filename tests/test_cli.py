@@ -326,6 +326,20 @@ def test_num_classes_sets_the_classifier_width(capsys: Capsys, spec: str) -> Non
     assert [p["adapter_params"] for p in data["points"]] == [p["shape"][1] * 10 + 10 for p in data["points"]]
 
 
+def test_num_classes_and_model_args_in_python() -> None:
+    from autoprobe.errors import ModelSpecError, UsageError
+    from autoprobe.models import resolve_model
+
+    assert resolve_model("resnet18", num_classes=10).module.fc.out_features == 10
+    assert resolve_model("tv:resnet18", model_args={"num_classes": 7}).module.fc.out_features == 7
+    with pytest.raises(UsageError, match="num_classes=3 and model_args num_classes=4 disagree"):
+        resolve_model("resnet18", num_classes=3, model_args={"num_classes": 4})
+    with pytest.raises(UsageError, match="num_classes must be a positive integer"):
+        resolve_model("resnet18", num_classes=0)
+    with pytest.raises(ModelSpecError, match="weights='DEFAULT' for tv:resnet18 would download"):
+        resolve_model("tv:resnet18", model_args={"weights": "DEFAULT"})
+
+
 FACTORY_SOURCE = """\
 from torch import nn
 
@@ -401,12 +415,17 @@ def test_forward_args_are_fixed_while_tracing(capsys: Capsys, tmp_path: Path, mo
         (("--num-classes", "0"), ("--num-classes 0", "Hint:")),
         (("--num-classes", "3", "--model-arg", "num_classes=4"), ("--num-classes 3", "num_classes=4", "Hint:")),
         (("--forward-arg", "deep"), ("--forward-arg 'deep': expected KEY=VALUE", "Hint:")),
+        (("--input-name", "pixel values"), ("--input-name 'pixel values': not a parameter name", "Hint:")),
     ],
 )
 def test_bad_model_and_forward_arguments_exit_2_naming_the_option(capsys: Capsys, option: tuple[str, ...],
                                                                   fragments: tuple[str, ...]) -> None:
     code, _, err = inspect_cli(capsys, "resnet18", *option)
     assert_user_error(code, err, *fragments)
+    if "--model-arg" in fragments[0] or "--num-classes" in fragments[0] or "--input-name" in fragments[0]:
+        # `lock` takes the same options and refuses the same values, before computing anything.
+        code = main(["lock", "resnet18", *option, "-o", str(TESTS / "never-written.lock")])
+        assert_user_error(code, capsys.readouterr().err, *fragments)
 
 
 # ----------------------------------------------------------------------------- the README runs

@@ -161,6 +161,8 @@ def test_a_broken_baseline_fails_with_a_way_out(pytester: pytest.Pytester) -> No
     ({"mode": "both"}, "autoprobe_snapshot.check: mode must be 'eval' or 'train', not 'both'."),
     ({"points": 0}, "autoprobe_snapshot.check: points must be null or a positive integer, not 0."),
     ({"input_size": (3, -1, 8)}, "autoprobe_snapshot.check: input_size (3, -1, 8) is not an input size"),
+    ({"input_name": "pixel values"}, "autoprobe_snapshot.check: input_name must be null or a forward parameter's name"),
+    ({"model_args": {"weights": object}}, "autoprobe_snapshot.check: model_args['weights'] is a type"),
 ])
 def test_a_bad_argument_raises_a_lock_error_naming_it(tmp_path: Path, kwargs: dict, message: str) -> None:
     from autoprobe.errors import LockError
@@ -171,3 +173,18 @@ def test_a_bad_argument_raises_a_lock_error_naming_it(tmp_path: Path, kwargs: di
         snapshot.check("resnet18", **kwargs)
     assert message in str(caught.value) and "Hint: fix the argument in the test." in str(caught.value)
     assert not snapshot.path.exists()
+
+
+def test_model_arguments_are_part_of_the_snapshot(tmp_path: Path) -> None:
+    from autoprobe.pytest_plugin import AutoprobeSnapshot
+
+    snapshot = AutoprobeSnapshot(tmp_path / "t.autoprobe.json", False, [], tmp_path)
+    settings = {"input_size": (3, 64, 64), "model_args": {"num_classes": 7}}
+    with pytest.raises(pytest.fail.Exception, match="no baseline for 'tv:resnet18' yet"):
+        snapshot.check("tv:resnet18", **settings)
+    stored = json.loads(snapshot.path.read_text())["models"]["tv:resnet18"]["settings"]
+    assert stored["model_args"] == {"num_classes": 7}
+    assert snapshot.check("tv:resnet18", **settings).settings.model_args == {"num_classes": 7}
+    # Other arguments are another selection setting: the snapshot fails, naming them.
+    with pytest.raises(pytest.fail.Exception, match="'model_args': {'num_classes': 7}} -> .*'num_classes': 3"):
+        snapshot.check("tv:resnet18", input_size=(3, 64, 64), model_args={"num_classes": 3})
