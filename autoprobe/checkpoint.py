@@ -126,7 +126,7 @@ def _load(path: Path) -> Mapping[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch raises several types for unreadable files
         raise UsageError(
-            f"cannot read {path} as a weights-only checkpoint ({type(error).__name__}: {str(error)[:200]}). "
+            f"cannot read {path} as a weights-only checkpoint (torch.load raised {type(error).__name__}). "
             "Hint: if it is a pickled Probed (`torch.save(probed)`), load it yourself with "
             "`torch.load(path, weights_only=False)` (only from a source you trust) and pass the module."
         ) from error
