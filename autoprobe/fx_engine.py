@@ -42,7 +42,7 @@ from torch import fx, nn
 from .errors import SelectionError
 from .graph import LayerGraph, build_layer_graph
 from .taps import ADAPTERS, MODEL, EngineResult, TapSite
-from .trace import Traced, TraceOptions, trace_fx
+from .trace import INPLACE_META, Traced, TraceOptions, trace_fx
 
 __all__ = ["FxRecipe", "FxEngine", "trace_both_modes"]
 
@@ -196,6 +196,10 @@ def _tapped_graph_module(
     for node in graph.nodes:
         if node.op in ("call_module", "get_attr"):
             node.target = f"{MODEL}.{node.target}"
+        elif INPLACE_META in node.meta:
+            # The model's own `x += y`, traced out of place: run it in place, as the model does (no fresh
+            # block-sized tensor per residual add). A tap on x is copied first (`_mutated_later`).
+            node.target = node.meta[INPLACE_META]
     output = _bracket_inlined_modules(graph, model, qualnames, output)
     by_qualname = {name: node for node, name in qualnames.items()}
     order = {node: i for i, node in enumerate(graph.nodes)}
