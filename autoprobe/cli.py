@@ -48,6 +48,8 @@ def _kwargs(pairs: Sequence[str], option: str) -> Kwargs:
 
 def _model_args(args: argparse.Namespace) -> Kwargs:
     """``--model-arg`` options plus ``--num-classes`` (the builder's ``num_classes=``)."""
+    from .kwargs import Kwargs
+
     found = _kwargs(args.model_arg, "--model-arg").to_dict()
     if args.num_classes is not None:
         if args.num_classes < 1:
@@ -57,8 +59,6 @@ def _model_args(args: argparse.Namespace) -> Kwargs:
             raise OptionError(f"--num-classes {args.num_classes} and --model-arg num_classes={found['num_classes']!r} "
                               "disagree. Hint: give the width once.")
         found["num_classes"] = args.num_classes
-    from .kwargs import Kwargs
-
     return Kwargs(found, where="--model-arg")
 
 
