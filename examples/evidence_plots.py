@@ -144,6 +144,13 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _curves(records: list[dict], task: str, model: str, out: Path) -> Path | None:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -169,11 +176,7 @@ def _curves(records: list[dict], task: str, model: str, out: Path) -> Path | Non
     axes[1].set(xlabel="step", ylabel="val mIoU" if task == "seg" else "val accuracy",
                 title=f"{model}: validation (mean ± sd over seeds)")
     axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    path = out / f"curves_{model}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / f"curves_{model}.png")
 
 
 def _bars(summary: dict, metrics: Sequence[str], title: str, path: Path) -> Path | None:
@@ -195,10 +198,7 @@ def _bars(summary: dict, metrics: Sequence[str], title: str, path: Path) -> Path
     ax.set_ylabel("paired difference to baseline (points)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def _setting_plot(records, base, groups: dict[str, list[tuple[float, str]]], xlabel: str, title: str,
@@ -229,10 +229,7 @@ def _setting_plot(records, base, groups: dict[str, list[tuple[float, str]]], xla
     ax.axhline(0, color="#555555", lw=1, label="baseline (paired)")
     ax.set(xlabel=xlabel, ylabel="ΔmIoU vs baseline (points)", title=title)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def _delta_bars(records, base, settings: Sequence[tuple[str, str]], title: str, path: Path) -> Path | None:
@@ -259,10 +256,7 @@ def _delta_bars(records, base, settings: Sequence[tuple[str, str]], title: str, 
     ax.set_xticks(range(len(labels)), labels, fontsize=7)
     ax.set_ylabel("ΔmIoU vs baseline (points, paired)")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def _qualitative(records: list[dict], out: Path) -> Path | None:
@@ -298,11 +292,7 @@ def _qualitative(records: list[dict], out: Path) -> Path | None:
                 ax.set_title(name, fontsize=9)
     fig.suptitle("DeepLabV3+/ResNet-18, seed 0, first test canvases (colour = class, dark blue = background)",
                  fontsize=8)
-    fig.tight_layout()
-    path = out / "qualitative_seg.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "qualitative_seg.png")
 
 
 # ----------------------------------------------------------------------------- summary.json and pilots
@@ -440,11 +430,7 @@ def _pilot_curves(records: Sequence[dict], out: Path) -> Path | None:
                 label=f"{r['steps']}x{r['batch']}, lr {r.get('lr')}")
     ax.set(xlabel="step", ylabel="validation mIoU (item classes)", title="Baseline regime pilots (validation only)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "pilots.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "pilots.png")
 
 
 def _term_curves(records: Sequence[dict], out: Path) -> Path | None:
@@ -465,11 +451,7 @@ def _term_curves(records: Sequence[dict], out: Path) -> Path | None:
         ax.axhline(0, color="black", lw=0.5)
         ax.set(xlabel="step", ylabel="unweighted term value (10-step mean)", title=f"{m}: terms along training")
         ax.legend(fontsize=6)
-    fig.tight_layout()
-    path = out / "terms_deeplabv3plus.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "terms_deeplabv3plus.png")
 
 
 def render(results: Path, out: Path) -> str:
