@@ -150,3 +150,15 @@ def test_save_pretrained_and_the_callback_refuse_what_they_cannot_serve() -> Non
     # A model whose output is a tensor: the loss comes first in a ProbedLossOutput.
     out = probed(torch.randn(2, 3, 8, 8), labels=torch.tensor([0, 2]))
     assert isinstance(out, autoprobe.probed.ProbedLossOutput) and out[0] is out.loss and out.loss.ndim == 0
+
+
+def test_the_readme_block_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from _readme import python_block
+
+    monkeypatch.chdir(tmp_path)  # it writes runs/vit
+    scope: dict[str, object] = {}
+    exec(compile(python_block("### Hugging Face Trainer"), "README.md", "exec"), scope)
+    assert "ce" in scope["trainer"].state.log_history[0]  # type: ignore[union-attr]
+    loaded = ViTForImageClassification.from_pretrained(str(tmp_path / "runs" / "vit" / "final"))
+    trained = scope["probed"].strip().state_dict()  # type: ignore[union-attr]
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in trained.items())

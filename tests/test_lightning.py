@@ -114,3 +114,13 @@ def test_plain_state_dict_refuses_what_is_not_one_probed(tmp_path: Path) -> None
         plain_state_dict(tmp_path / "pickled.pt")
     with pytest.raises(UsageError, match=r"holds no tensors"):
         plain_state_dict({"epoch": 1})
+
+
+def test_the_readme_block_is_the_recipes_code() -> None:
+    from _readme import python_block
+
+    recipe = [line.strip() for line in (ROOT / "examples" / "lightning_probed.py").read_text().splitlines()]
+    position = 0
+    for line in python_block("### Lightning").splitlines():
+        if line.strip():
+            position = recipe.index(line.strip(), position) + 1  # in order, each line as the recipe has it

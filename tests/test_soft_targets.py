@@ -209,3 +209,12 @@ def test_class_weights_of_the_wrong_width_and_options_beside_a_given_objective()
     with pytest.raises(UsageError, match=r"a given Objective already has its own.*Hint"):
         autoprobe.instrument(net, input_size=(3, 8, 8), loss=DSN(list(names)), label_smoothing=0.1)
     assert math.isfinite(DSN([], label_smoothing=0.1)(torch.randn(2, 3), {}, {}, torch.tensor([0, 1])).total.item())
+
+
+def test_the_readme_block_runs() -> None:
+    from _readme import python_block
+
+    scope: dict[str, object] = {}
+    exec(compile(python_block("### Soft targets and custom losses"), "README.md", "exec"), scope)
+    assert scope["y"].shape == (8, 10) and any(name.startswith("mi/") for name in scope["parts"])  # type: ignore[union-attr]
+    assert "output" in scope["parts"] and "class_weights=" in scope["smoothed"].report.objective  # type: ignore[union-attr]
