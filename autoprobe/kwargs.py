@@ -25,25 +25,30 @@ import keyword
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from .errors import OptionError, UsageError
+from .errors import AutoprobeError, OptionError, UsageError
 
 __all__ = ["Kwargs", "parse_kwarg", "freeze_value", "thaw_value"]
 
 _MISSPELT = {"none": "None", "null": "None", "true": "True", "false": "False"}
+# Each caller words its own next step (a Python call, a command-line option, a pyproject key) and picks the
+# error its users expect; the hint carries its separator, since API messages put the hint on a line of its own.
+_VALUE_HINT = "\nHint: give a literal value, or build the object inside a `module:factory` of your own."
+_KEY_HINT = "\nHint: use the parameter's name, e.g. {'num_classes': 10}."
 
 
-def freeze_value(value: Any, where: str) -> Any:
+def freeze_value(value: Any, where: str, *, error: type[AutoprobeError] = UsageError, hint: str = _VALUE_HINT) -> Any:
     """A JSON-able value made immutable: lists and tuples -> tuples, mappings -> ``Kwargs``.
 
     Args:
         value: the value as given (Python, TOML or JSON).
         where: names the argument in a message (``"model_args['classes']"``).
+        error, hint: the exception raised for a value that cannot be recorded, and the next step appended.
 
     Returns:
         The frozen value.
 
     Raises:
-        UsageError: a value a lockfile cannot record (a tensor, a set, bytes, a class).
+        UsageError: (or ``error``) a value a lockfile cannot record (a tensor, a set, bytes, a class).
 
     Example:
         >>> freeze_value([1, [2, 3]], "x")
@@ -52,13 +57,12 @@ def freeze_value(value: Any, where: str) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, (list, tuple)):
-        return tuple(freeze_value(v, f"{where}[{i}]") for i, v in enumerate(value))
+        return tuple(freeze_value(v, f"{where}[{i}]", error=error, hint=hint) for i, v in enumerate(value))
     if isinstance(value, Mapping):
-        return Kwargs(value, where=where)
-    raise UsageError(
+        return Kwargs(value, where=where, error=error, hint=hint)
+    raise error(
         f"{where} is a {type(value).__name__} ({value!r:.60}); only None, booleans, numbers, strings, lists and "
-        "tables can be recorded and replayed.\nHint: give a literal value, or build the object inside a "
-        "`module:factory` of your own."
+        f"tables can be recorded and replayed.{hint}"
     )
 
 
@@ -84,9 +88,12 @@ class Kwargs(Mapping[str, Any]):
     Args:
         values: name -> value (a mapping, or ``None`` for none).
         where: names the arguments in a message (``"model_args"``).
+        error, hint: the exception raised for bad input, and the next step appended (default: a
+            ``UsageError`` with a hint for a Python call).
 
     Raises:
-        UsageError: a key that is not a Python identifier, or a value a lockfile cannot record.
+        UsageError: (or ``error``) not a mapping, a key that is not a Python identifier, or a value a
+            lockfile cannot record.
 
     Example:
         >>> args = Kwargs({"classes": 3, "decoder_channels": [64, 32]})
@@ -101,18 +108,26 @@ class Kwargs(Mapping[str, Any]):
 
     __slots__ = ("_items",)
 
-    def __init__(self, values: Mapping[str, Any] | None = None, *, where: str = "model_args") -> None:
+    def __init__(
+        self,
+        values: Mapping[str, Any] | None = None,
+        *,
+        where: str = "model_args",
+        error: type[AutoprobeError] = UsageError,
+        hint: str | None = None,
+    ) -> None:
         if values is None:
             values = {}
         if not isinstance(values, Mapping):
-            raise UsageError(f"{where} must be a mapping of keyword arguments, not {values!r:.60}.\n"
-                             "Hint: pass a dict, e.g. {'num_classes': 10}.")
+            raise error(f"{where} must be a mapping of keyword arguments, not {values!r:.60}."
+                        f"{_KEY_HINT if hint is None else hint}")
         items = []
         for key, value in values.items():
             if not (isinstance(key, str) and key.isidentifier() and not keyword.iskeyword(key)):
-                raise UsageError(f"{where}: key {key!r} is not a Python identifier, so it cannot be a keyword argument.\n"
-                                 "Hint: use the parameter's name, e.g. {'num_classes': 10}.")
-            items.append((key, freeze_value(value, f"{where}[{key!r}]")))
+                raise error(f"{where}: key {key!r} is not a Python identifier, so it cannot be a keyword argument."
+                            f"{_KEY_HINT if hint is None else hint}")
+            items.append((key, freeze_value(value, f"{where}[{key!r}]", error=error,
+                                            hint=_VALUE_HINT if hint is None else hint)))
         self._items: tuple[tuple[str, Any], ...] = tuple(sorted(items))
 
     def __getitem__(self, key: str) -> Any:
@@ -148,19 +163,23 @@ class Kwargs(Mapping[str, Any]):
         return {k: _json(v) for k, v in self._items}
 
 
-def parse_kwarg(text: str, option: str = "--model-arg") -> tuple[str, Any]:
+def parse_kwarg(
+    text: str, option: str = "--model-arg", *, error: type[AutoprobeError] = OptionError, hint: str | None = None
+) -> tuple[str, Any]:
     """One ``KEY=VALUE`` as typed on the command line or in ``[tool.autoprobe]``.
 
     Args:
         text: ``KEY=VALUE``; VALUE a Python literal, or a bare word taken as a string.
         option: the option (or pyproject key) it came from, for messages.
+        error, hint: the exception raised for bad input, and the next step appended instead of the
+            command line's (for a pyproject key: ``LockError`` and " Hint: fix the value in pyproject.toml.").
 
     Returns:
         ``(key, frozen value)``.
 
     Raises:
-        OptionError: no ``=``, a key that is no identifier, a misspelt literal (``none``), a value
-            that is neither a literal nor a bare word, or one a lockfile cannot record.
+        OptionError: (or ``error``) no ``=``, a key that is no identifier, a misspelt literal (``none``),
+            a value that is neither a literal nor a bare word, or one a lockfile cannot record.
 
     Example:
         >>> parse_kwarg("encoder_weights=None"), parse_kwarg("decoder_channels=[64, 32]"), parse_kwarg("name=resnet34")
@@ -173,20 +192,18 @@ def parse_kwarg(text: str, option: str = "--model-arg") -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     key, raw = key.strip(), raw.strip()
     if not sep or not key.isidentifier() or keyword.iskeyword(key):
-        raise OptionError(f"{option} {text!r}: expected KEY=VALUE with KEY a parameter name. "
-                          f"Hint: {option} encoder_weights=None (VALUE a Python literal or a bare word).")
+        raise error(f"{option} {text!r}: expected KEY=VALUE with KEY a parameter name."
+                    + (f" Hint: {option} encoder_weights=None (VALUE a Python literal or a bare word)." if hint is None else hint))
     if raw.lower() in _MISSPELT and raw != _MISSPELT[raw.lower()]:
-        raise OptionError(f"{option} {text}: {raw!r} is not a Python literal. Hint: write {key}={_MISSPELT[raw.lower()]} "
-                          f"(Python spelling), or {key}=\"'{raw}'\" for the string.")
+        raise error(f"{option} {text}: {raw!r} is not a Python literal."
+                    + (f" Hint: write {key}={_MISSPELT[raw.lower()]} (Python spelling), or {key}=\"'{raw}'\" for the string."
+                       if hint is None else hint))
     try:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         # A name needs no quotes (encoder_name=resnet34); anything else unparsable is a typo.
         if not raw.replace("-", "_").replace(".", "_").isidentifier():
-            raise OptionError(f"{option} {text}: {raw!r} is neither a Python literal nor a bare word. "
-                              f"Hint: quote a string ({key}=\"'{raw}'\") or fix the literal.") from None
+            raise error(f"{option} {text}: {raw!r} is neither a Python literal nor a bare word."
+                        + (f" Hint: quote a string ({key}=\"'{raw}'\") or fix the literal." if hint is None else hint)) from None
         value = raw
-    try:
-        return key, freeze_value(value, f"{option} {key}")
-    except UsageError as exc:
-        raise OptionError(str(exc).replace("\nHint:", " Hint:")) from exc
+    return key, freeze_value(value, f"{option} {key}", error=error, hint=" " + _VALUE_HINT.strip() if hint is None else hint)

@@ -55,7 +55,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, get_args
 
-from .errors import InputSizeError, LockError, OptionError, UsageError
+from .errors import InputSizeError, LockError
 from .kwargs import Kwargs, parse_kwarg
 from .sizes import parse_input_size
 from .trace import Mode
@@ -163,12 +163,9 @@ def parse_setting(name: str, value: Any, where: str, *, prefix: str = "", hint: 
 
 def _kwargs(value: Any, label: str, tail: str) -> Kwargs:
     """``model_args`` / ``forward_kwargs``: a mapping, or ``"KEY=VALUE"`` strings (the CLI's form)."""
-    try:
-        if isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value):
-            return Kwargs(dict(parse_kwarg(item, label) for item in value), where=label)
-        return Kwargs(value, where=label)
-    except (UsageError, OptionError) as exc:
-        raise LockError(f"{str(exc).splitlines()[0].split(' Hint:')[0]}{tail}") from exc
+    if isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value):
+        value = dict(parse_kwarg(item, label, error=LockError, hint=tail) for item in value)
+    return Kwargs(value, where=label, error=LockError, hint=tail)
 
 
 _SETTING_NAMES = ("forward_kwargs", "input_name", "input_size", "leaf", "mode", "model_args", "points", "rules")
