@@ -252,6 +252,48 @@ class LayerGraph:
         return name
 
 
+    def token_grid(self, name: str, rank: int) -> tuple[tuple[int, ...], int] | None:
+        """The grid of ``rank`` spatial axes the tokens of feature ``name`` form, and its prefix-token count, or ``None``.
+
+        The grid is the earliest map (a tensor with ``rank`` spatial axes) among ``name``'s ancestors whose positions,
+        plus prefix tokens (cls, registers) concatenated between it and ``name``, make the token count: the patch
+        embedding the tokens were flattened from. Maps an op other than a reshape computed come first, so a view of
+        the tokens themselves (``t.transpose(1, 2).unsqueeze(2)``, a 1x16 "map" of a 2x8 patch grid) is no grid. A
+        map of fewer positions (SegFormer's spatial-reduction conv beside its attention) is not one either.
+
+        Example:
+            >>> import torch
+            >>> from autoprobe.trace import trace_model
+            >>> class Tokens(torch.nn.Module):
+            ...     def __init__(self):
+            ...         super().__init__()
+            ...         self.embed, self.proj = torch.nn.Conv2d(3, 8, 4, 4), torch.nn.Linear(8, 8)
+            ...     def forward(self, x):
+            ...         return self.proj(self.embed(x).flatten(2).transpose(1, 2))
+            >>> build_layer_graph(trace_model(Tokens(), (3, 8, 32))).token_grid("proj", 2)
+            ((2, 8), 0)
+        """
+        info = self[name]
+        if info.spatial is None or len(info.spatial) != 1:
+            return None
+        tokens = info.spatial[0]
+        ancestors = nx.ancestors(self.nx_graph, name)
+        maps = sorted(
+            (self[a] for a in ancestors
+             if self[a].layout is not None and self[a].spatial is not None and len(self[a].spatial) == rank
+             and self[a].positions is not None and 0 < self[a].positions <= tokens),
+            key=lambda m: (m.kind == "reshape", m.order),
+        )
+        for grid in maps:
+            prefix = tokens - grid.positions
+            if prefix == 0:
+                return tuple(grid.spatial), 0
+            between = nx.descendants(self.nx_graph, grid.name) & ancestors
+            if any(self[b].kind == "cat" for b in between):
+                return tuple(grid.spatial), prefix
+        return None
+
+
 def _callable_name(target: Any) -> str:
     name = getattr(target, "__name__", None) or str(target)
     return name.rsplit(".", 1)[-1]

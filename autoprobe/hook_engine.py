@@ -6,12 +6,12 @@ calls. This engine runs the model's own forward with forward hooks that exist on
 that call (registered on entry, removed on exit, also on error), so they never survive
 into ``strip()`` or ``torch.save``.
 
-Which module call a point is: read from the trace, never from its name. A point the
-tracer recorded as a module call's output (``Traced.module_calls``: module path and call
-index) is tapped at that call. A function inside a module (export's ``blocks.0.add``) is
-tapped at the output of the module call it sits in, found from the node's
-``nn_module_stack`` (whose keys are unique per call), the nearest value a hook can see
-(``Tap.moved`` says so).
+Which module call a point is: read from the trace, never from its name. A point is the
+output of a module call the tracer recorded (``Traced.module_calls``: module path and call
+index), and is tapped at exactly that call. A function inside a module (export's
+``blocks.0.add``) is no point on this engine: a hook sees only the module's output, another
+value, and autoprobe taps every point exactly where it is named (``select.can_be_point``
+keeps such nodes out of every selection; this engine refuses one made by hand).
 
 Every caught tensor is checked against what the selection recorded (its shape without the
 batch, and the rank of its layout) on every forward: a hook that catches another call's
@@ -24,10 +24,10 @@ from __future__ import annotations
 import functools
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
-from torch import Tensor, fx, nn
+from torch import Tensor, nn
 
 from .errors import InstrumentError
 from .graph import LayerGraph, LayerInfo
@@ -46,16 +46,14 @@ class HookTarget:
     Attributes:
         module: the module's path.
         call: which of its calls in one forward (0 for the first).
-        moved: whether this is the output of the module the point sits in, not the point itself.
 
     Example:
-        >>> HookTarget("block", 1, moved=False).label
+        >>> HookTarget("block", 1).label
         'block#1'
     """
 
     module: str
     call: int
-    moved: bool
 
     @property
     def label(self) -> str:
@@ -75,70 +73,27 @@ def hook_targets(
         infos: the points' layer info, in order.
 
     Returns:
-        (target, info of the tapped value, renamed to the point) per point.
+        (target, the point's info) per point: the hook catches exactly the point's value.
 
     Raises:
-        InstrumentError: a point is a function at the top level of the forward (no module
-            output holds it), or the module output it would be tapped at has no channel axis.
+        InstrumentError: a point is not a module call's output (a function inside a module or at the
+            top level of the forward), so no forward hook sees its value.
     """
-    nodes = {n.name: n for n in traced.graph_module.graph.nodes}
-    by_fx_name = {info.fx_name: info for info in graph}
-    first_path = {id(m): path for path, m in model.named_modules()}
-    canonical = {path: first_path[id(m)] for path, m in model.named_modules(remove_duplicate=False)}
     result: list[tuple[HookTarget, LayerInfo]] = []
     for info in infos:
-        node = nodes[info.fx_name]
-        if info.fx_name in traced.module_calls:
-            # The tracer recorded this node as the output of one module call: hook exactly that call.
-            path, call = traced.module_calls[info.fx_name]
-            result.append((HookTarget(path, call, moved=False), info))
-            continue
-        stack = [(key, canonical.get(str(v[0]), str(v[0]))) for key, v in (node.meta.get("nn_module_stack") or {}).items()
-                 if v and str(v[0])]
-        if not stack:
+        if info.fx_name not in traced.module_calls:
+            where = f"inside module {info.module_path}" if info.module_path else "at the top level of the forward"
             raise InstrumentError(
-                f"point {info.name!r} (op kind {info.kind!r}) is computed at the top level of "
-                f"{type(model).__name__}'s forward, in a {traced.backend!r} graph: forward hooks can only tap module "
-                "outputs.\nHint: choose points that are module outputs with "
-                "`autoprobe.analyze(model, input_size=...).choose(name, ...)`, or make "
-                "fx trace the model (leaf_modules=[...] / leaf_paths=[...] around the part it cannot trace)."
+                f"point {info.name!r} (op kind {info.kind!r}) is computed {where} of {type(model).__name__}, not as a "
+                f"module's output, in a {traced.backend!r} graph: forward hooks can only tap module outputs, and "
+                "autoprobe taps a point exactly where it is named.\nHint: choose points that are module outputs with "
+                "`autoprobe.analyze(model, input_size=...).choose(name, ...)`, or make fx trace the model "
+                "(leaf_modules=[...] / leaf_paths=[...] around the part it cannot trace)."
             )
-        key, path = stack[-1]
-        exit_node = _call_exit(traced, key)
-        target = HookTarget(path, _call_index_export(traced, key, path, canonical), moved=exit_node is not node)
-        tapped = info if exit_node is node else by_fx_name.get(exit_node.name)
-        if tapped is None or tapped.channels is None or tapped.layout in (None, "") or (
-            tapped.spatial is None and tapped.layout != "NC"
-        ):
-            where = f"{tapped.layout or 'no layout'} {tapped.shape}" if tapped is not None else "no tensor"
-            raise InstrumentError(
-                f"point {info.name!r} is tapped at module {path}'s output, which has no channel axis an adapter "
-                f"can read ({where}). Hint: choose another point."
-            )
-        result.append((target, replace(tapped, name=info.name)))
+        # The tracer recorded this node as the output of one module call: hook exactly that call.
+        path, call = traced.module_calls[info.fx_name]
+        result.append((HookTarget(path, call), info))
     return result
-
-
-def _stack_keys(node: fx.Node) -> list[str]:
-    return list((node.meta.get("nn_module_stack") or {}).keys())
-
-
-def _call_exit(traced: Traced, key: str) -> fx.Node:
-    """The last node of module call ``key`` whose value is read outside that call."""
-    members = [n for n in traced.graph_module.graph.nodes if key in _stack_keys(n)]
-    inside = set(members)
-    leaving = [n for n in members if "tensor_meta" in n.meta and any(u not in inside for u in n.users)]
-    return leaving[-1] if leaving else members[-1]
-
-
-def _call_index_export(traced: Traced, key: str, path: str, canonical: dict[str, str]) -> int:
-    """Which call of module ``path`` the stack key ``key`` is, counting distinct calls in graph order."""
-    seen: list[str] = []
-    for node in traced.graph_module.graph.nodes:
-        for other, value in (node.meta.get("nn_module_stack") or {}).items():
-            if value and canonical.get(str(value[0]), str(value[0])) == path and other not in seen:
-                seen.append(other)
-    return seen.index(key)
 
 
 @dataclass(frozen=True)

@@ -105,9 +105,8 @@ class Tap:
         fx_names: on the fx engine, the tapped node's name in the train-mode and eval-mode
             graphs; ``None`` on the hook engine.
         hooked: on the hook engine, the module call a forward hook taps (``path``, or
-            ``path#N`` for its N-th later call); ``None`` on the fx engine.
-        moved: on the hook engine, whether that is the output of the module the point sits
-            in rather than the point itself.
+            ``path#N`` for its N-th later call), whose output is the point itself; ``None`` on
+            the fx engine.
     """
 
     point: str
@@ -120,7 +119,6 @@ class Tap:
     cloned: bool
     fx_names: tuple[str, str] | None = None
     hooked: str | None = None
-    moved: bool = False
 
 
 @dataclass(frozen=True)
@@ -192,8 +190,6 @@ class RewriteReport:
         ]
         for tap in self.taps:
             copy = ", copied (in-place op follows)" if tap.cloned and tap.hooked is None else ""
-            if tap.moved:
-                copy += f", tapped at module {tap.hooked}'s output"
             lines.append(
                 f"  {tap.point}: {tap.layout} {tap.feature_shape[1:]} -> {tap.adapter_type} "
                 f"{tap.head_shape[1:]}, {tap.parameters:,} params{copy}"

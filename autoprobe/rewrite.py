@@ -49,7 +49,7 @@ from .models import resolve_model
 from .outputs import OutputSelector, OutputSpec
 from .probed import Probed, ProbedOutput, RewriteReport, Tap
 from .rules import RulePack
-from .select import Selection
+from .select import Selection, why_not_point
 from .sizes import parse_input_size
 from .taps import ADAPTERS, TapSite
 from .trace import Traced, TraceOptions, forward_call, training_mode
@@ -309,7 +309,6 @@ def _taps(
             cloned=engine.cloned(info.name),
             fx_names=engine.fx_names[info.name] if isinstance(engine, FxEngine) else None,
             hooked=targets[i].label if targets is not None else None,
-            moved=targets[i].moved if targets is not None else False,
         ))
     return tuple(taps)
 
@@ -354,7 +353,8 @@ def _check_selection(
 
     A selection fits when the graph of the mode it was made in has its depth D and,
     at each point, a node of that name with the same feature shape and layout, and
-    the point also exists in the other mode's graph.
+    the point also exists in the other mode's graph. Every point must be one ``inspect``
+    could choose (``select.can_be_point``): tapped exactly where it is named.
     """
     reference = graphs.get(selection.mode, graphs["eval"] if "eval" in graphs else next(iter(graphs.values())))
     origin = f"the selection (made for {selection.model!r} at input {selection.input_shape[1:]})"
@@ -392,6 +392,16 @@ def _check_selection(
                 "an adapter can read (e.g. window attention folds positions into the batch).\n"
                 "Hint: choose another point, e.g. the block output after it."
             )
+        why = why_not_point(reference, reference[point.name])
+        if why == "grid":
+            raise InstrumentError(
+                f"point {point.name!r} is a {info.layout} token feature ({have}) feeding a dense output, but the graph "
+                "does not say which grid its tokens form (no map before it whose grid, plus concatenated prefix "
+                "tokens, makes its token count).\nHint: choose a point with a spatial map, or one after the tokens "
+                "are reshaped back to a grid; `autoprobe.inspect(model)` chooses only such points."
+            )
+        # "untappable" (a function inside a module on export/hooks) is refused by hook_targets, which names where
+        # the value is computed: the one contract is that a point is tapped exactly where it is named.
         infos.append(info)
     return infos
 
@@ -548,42 +558,20 @@ def _make_adapters(
 
 
 def _token_grid(graph: LayerGraph, info: LayerInfo, rank: int) -> tuple[tuple[int, ...], int]:
-    """The grid a token feature forms and its prefix-token count, read from the graph.
+    """The grid a token feature forms and its prefix-token count, read from the graph (``LayerGraph.token_grid``).
 
-    The grid is the spatial size of the nearest channels-first map the tokens were made from
-    (the patch embedding's output); the tokens beyond it are prefix tokens (cls, registers),
-    which must come from a concatenation after that map. Anything else is refused.
+    Selection never chooses a token feature without one for a dense output (``select.can_be_point``); this refuses
+    one chosen otherwise (a hand-made or stale selection).
     """
-    tokens = info.spatial[0] if info.spatial else None
-    seen: set[str] = set()
-    frontier = [info.name]
-    concatenated = False
-    while frontier:
-        current = max(frontier, key=lambda n: graph[n].order)
-        frontier.remove(current)
-        node = graph[current]
-        concatenated = concatenated or node.kind == "cat"
-        if node is not info and node.layout and node.shape is not None and node.spatial:
-            layout = Layout.parse(node.layout)
-            if layout.rank == rank + 2:
-                grid = tuple(node.spatial)
-                size = 1
-                for s in grid:
-                    size *= s
-                prefix = (tokens or 0) - size
-                if tokens is not None and (prefix == 0 or (prefix > 0 and concatenated)):
-                    return grid, prefix
-                break
-        for pred in graph.predecessors(current):
-            if pred.name not in seen:
-                seen.add(pred.name)
-                frontier.append(pred.name)
-    raise InstrumentError(
-        f"point {info.name!r} is a {info.layout} token feature ({tokens} tokens) feeding a {rank}-D dense output, but "
-        "the graph does not say which grid its tokens form (no patch-embedding map before it whose grid, plus "
-        "concatenated prefix tokens, makes its token count).\nHint: choose a point with a spatial map, or one "
-        "after the tokens are reshaped back to a grid."
-    )
+    found = graph.token_grid(info.name, rank)
+    if found is None:
+        raise InstrumentError(
+            f"point {info.name!r} is a {info.layout} token feature ({info.spatial[0] if info.spatial else '?'} tokens) "
+            f"feeding a {rank}-D dense output, but the graph does not say which grid its tokens form (no map before it "
+            "whose grid, plus concatenated prefix tokens, makes its token count).\nHint: choose a point with a spatial "
+            "map, or one after the tokens are reshaped back to a grid."
+        )
+    return found
 
 
 def _head_shape(adapter: nn.Module, info: LayerInfo, output_shape: tuple[int, ...], batch: int) -> tuple[int, ...]:

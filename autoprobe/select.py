@@ -33,7 +33,10 @@ from .layout import Layout
 from .rules import Policy, RulePack
 from .trace import Backend, Mode
 
-__all__ = ["Fired", "Point", "Scored", "Selection", "select_points", "auto_points", "check_points", "can_be_point", "point_at"]
+__all__ = [
+    "Fired", "Point", "Scored", "Selection", "select_points", "auto_points", "check_points", "can_be_point", "point_at",
+    "why_not_point",
+]
 
 
 @dataclass(frozen=True)
@@ -175,23 +178,31 @@ def _in_range(graph: LayerGraph, info: LayerInfo, policy: Policy) -> bool:
     return 1 <= info.depth <= max(limit, 1) and info.kind != "output" and info.shape is not None
 
 
-def _why_not(graph: LayerGraph, info: LayerInfo) -> str:
-    """Why a node in the depth range cannot be a point, or ``""`` when it can."""
+def why_not_point(graph: LayerGraph, info: LayerInfo) -> str:
+    """Why a node in the depth range cannot be a point: ``layout`` (no layout the ops decide), ``untappable``
+    (on export/hooks, not a module call's output), ``grid`` (a token feature of a dense output whose grid the
+    graph does not show); ``""`` when it can."""
     if info.layout is None or info.channels is None:
         return "layout"
     if graph.backend != "fx" and info.call is None:
         return "untappable"
+    out = graph[graph.output].shape
+    if out is not None and len(out) > 3 and info.spatial is not None and len(info.spatial) != len(out) - 2:
+        # A dense output's adapter lays the tokens on a grid: only one the graph shows (the patch embedding's).
+        if graph.token_grid(info.name, len(out) - 2) is None:
+            return "grid"
     return ""
 
 
 def can_be_point(graph: LayerGraph, info: LayerInfo) -> bool:
-    """Whether ``instrument`` can tap ``info`` on its graph's backend: a feature with a layout the ops decide,
-    not the input or output, and on export/hooks the output of a module call (what a forward hook sees)."""
-    return info.kind not in ("input", "output") and info.shape is not None and not _why_not(graph, info)
+    """Whether ``instrument`` can tap ``info`` exactly where it is named on its graph's backend: a feature with a
+    layout the ops decide, not the input or output; on export/hooks the output of a module call (what a forward hook
+    sees); and, for a dense output, a token feature only when the graph shows the grid its tokens form."""
+    return info.kind not in ("input", "output") and info.shape is not None and not why_not_point(graph, info)
 
 
 def _eligible(graph: LayerGraph, info: LayerInfo, policy: Policy) -> bool:
-    return _in_range(graph, info, policy) and not _why_not(graph, info)
+    return _in_range(graph, info, policy) and not why_not_point(graph, info)
 
 
 def _skipped_notes(graph: LayerGraph, scored: list[Scored], policy: Policy) -> list[str]:
@@ -200,7 +211,7 @@ def _skipped_notes(graph: LayerGraph, scored: list[Scored], policy: Policy) -> l
     for s in scored:
         info = graph[s.node]
         if _in_range(graph, info, policy) and s.score >= policy.min_score:
-            why = _why_not(graph, info)
+            why = why_not_point(graph, info)
             if why:
                 reasons[why].append(s.node)
     notes = []
@@ -209,6 +220,13 @@ def _skipped_notes(graph: LayerGraph, scored: list[Scored], policy: Policy) -> l
         notes.append(
             f"{len(names)} candidate(s) not eligible: the graph's ops do not decide their layout "
             f"(no channel axis an adapter can read): {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+        )
+    if reasons["grid"]:
+        names = reasons["grid"]
+        notes.append(
+            f"{len(names)} candidate(s) not eligible: token features whose grid the graph does not show (no map "
+            f"before them with their token count), for a dense output: {', '.join(names[:5])}"
+            f"{' ...' if len(names) > 5 else ''}"
         )
     if reasons["untappable"]:
         names = reasons["untappable"]

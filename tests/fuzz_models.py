@@ -28,7 +28,7 @@ from autoprobe.errors import AutoprobeError
 
 FAMILIES = (
     "sequential", "residual", "inception", "unet", "attention", "normmix", "shared", "control", "inplace",
-    "conv1d", "conv3d", "functional",
+    "conv1d", "conv3d", "functional", "encdec",
 )
 
 
@@ -173,6 +173,42 @@ class _UNet(nn.Module):
         else:
             u = self.reduce(F.interpolate(d2, scale_factor=2.0, mode="nearest"))
         return self.head(self.dec1(torch.cat([u, e1], 1)))
+
+
+class _EncDec(nn.Module):
+    """A multi-scale encoder whose every stage feeds the decoder through a lateral 1x1 conv, merged top-down
+    (FPN, PAN) and then summed over a stack (smp's FPN) or concatenated and fused (UPerNet)."""
+
+    def __init__(self, r: random.Random) -> None:
+        super().__init__()
+        c, stages = _width(r), r.randint(2, 3)
+        widths = [c * 2**i for i in range(stages)]
+        self.stages = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(3 if i == 0 else widths[i - 1], w, 3, 1 if i == 0 else 2, 1), _norm(r, w), _act(r),
+                          *(m for _ in range(r.randint(0, 2)) for m in (nn.Conv2d(w, w, 3, 1, 1), _act(r))))
+            for i, w in enumerate(widths)
+        )
+        d = r.choice([4, 8])
+        self.laterals = nn.ModuleList(nn.Conv2d(w, d, 1) for w in widths)
+        self.smooth = nn.ModuleList(nn.Sequential(nn.Conv2d(d, d, 3, 1, 1), _act(r)) for _ in widths)
+        self.merge = r.choice(["sum", "cat"])
+        self.fuse = nn.Conv2d(d * len(widths) if self.merge == "cat" else d, d, 3, 1, 1)
+        self.head = nn.Conv2d(d, r.randint(2, 4), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = []
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x)
+        p = self.laterals[-1](features[-1])
+        pyramid = [p]
+        for lateral, feature in zip(self.laterals[-2::-1], features[-2::-1]):
+            p = lateral(feature) + F.interpolate(p, size=feature.shape[-2:], mode="nearest")
+            pyramid.append(p)
+        size = features[0].shape[-2:]
+        levels = [F.interpolate(s(q), size=size, mode="nearest") for s, q in zip(self.smooth, pyramid)]
+        merged = torch.stack(levels).sum(0) if self.merge == "sum" else torch.cat(levels, 1)
+        return self.head(self.fuse(merged))
 
 
 class _Attention(nn.Module):
@@ -343,6 +379,8 @@ def build(family: str, seed: int) -> Case:
         return Case(family, seed, _UNet(r), two_d, dense=True)
     if family == "attention":
         return Case(family, seed, _Attention(r), two_d)
+    if family == "encdec":
+        return Case(family, seed, _EncDec(r), two_d, dense=True)
     if family == "control":
         model = _Control(r)
         return Case(family, seed, model, two_d, needs_values=model.kind == "value")
@@ -429,6 +467,12 @@ def check(case: Case) -> str:
         if not case.needs_values:
             raise Broken(f"the forward refused a model without value branches: {exc}") from exc
         return f"refused: {type(exc).__name__} (forward)"
+    # One contract: every point inspect chose is tapped by its own name, with the shape inspect recorded.
+    if [t.point for t in probed.report.taps] != list(selection.names):
+        raise Broken(f"instrument tapped {[t.point for t in probed.report.taps]}, inspect chose {selection.names}")
+    for tap, point in zip(probed.report.taps, selection.points):
+        if tuple(tap.feature_shape) != tuple(point.shape):
+            raise Broken(f"tap {tap.point} has shape {tap.feature_shape}, inspect recorded {point.shape}")
     for tap in probed.report.taps:
         feature = out.features[tap.point]
         if tuple(feature.shape) != tuple(tap.feature_shape):

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from autoprobe.api import analyze
-from autoprobe.errors import InstrumentError
+from autoprobe.errors import InstrumentError, UsageError
 from autoprobe.rewrite import ProbedOutput, instrument
 from autoprobe.select import Point
 from toy_models import BranchyNet as Net, SliceThenShared
@@ -104,21 +104,19 @@ def _points(graph, names):  # noqa: ANN001, ANN202
     )
 
 
-def test_function_inside_a_block_is_tapped_at_the_block_output() -> None:
+def test_function_inside_a_block_is_refused_not_moved_to_the_block_output() -> None:
+    # One contract: a point is tapped exactly where it is named. Export sees the first residual add inside each
+    # block, a forward hook only the block's output (another value), so such a point is no point on this backend.
     torch.manual_seed(0)
     model = TinyViT()
     analysis = analyze(model, input_size=SIZE)
-    # The first residual add of each block is a function inside it: export sees it, a hook cannot.
     adds = [n.name for n in analysis.graph if n.kind == "add" and n.module_path.startswith("blocks.")][::2][:3]
     assert adds and analysis.selection.backend == "export"
-    probed = instrument(model, dataclasses.replace(analysis.selection, points=_points(analysis.graph, adds)))
-    tapped = {tap.point: tap.hooked for tap in probed.report.taps}
-    assert tapped and all(point.startswith(f"{module}.") for point, module in tapped.items()), tapped
-    assert all(module.startswith("blocks.") for module in tapped.values())
-    out = probed(torch.randn(2, *SIZE))
-    for point, feature in out.features.items():
-        assert feature.shape == (2, 16, 16), point  # (B, tokens, dim) of the block's output
-    assert "tapped at module blocks." in probed.report.summary()
+    assert not set(adds) & {p.name for p in analysis.selection.points}  # inspect never chooses them
+    with pytest.raises(InstrumentError, match=r"(?s)inside module blocks\.0.*exactly where it is named"):
+        instrument(model, dataclasses.replace(analysis.selection, points=_points(analysis.graph, adds)))
+    with pytest.raises(UsageError, match="not a module output"):
+        analysis.choose(adds[0])
 
 
 def test_probed_fallback_model_survives_torch_save_and_load() -> None:
@@ -175,7 +173,6 @@ def test_each_call_of_a_shared_module_is_tapped_separately() -> None:
     points = _points(graph, ("block.1", "block.1_1"))
     probed = instrument(model, dataclasses.replace(analysis.selection, points=points), allow_real_data=True).eval()
     assert [t.hooked for t in probed.report.taps] == ["block.1", "block.1#1"]
-    assert "tapped at module" not in probed.report.summary()  # both are the points themselves
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         out = probed(x)
@@ -206,7 +203,7 @@ def test_a_hook_on_the_wrong_call_refuses_instead_of_training_on_it() -> None:
     # Shift one tap to the next call of its module: a different feature (pooled in between).
     pooled = next(i for i, t in enumerate(recipe.targets) if t.module == "relu")
     wrong = list(recipe.targets)
-    wrong[pooled] = HookTarget(wrong[pooled].module, wrong[pooled].call + 2, moved=False)
+    wrong[pooled] = HookTarget(wrong[pooled].module, wrong[pooled].call + 2)
     engine = HookEngine(model, getattr(probed, "autoprobe_adapters"), recipe.sites, wrong)
     with pytest.raises(InstrumentError, match=r"caught a tensor of shape .* but the selection recorded"):
         engine.run(True, (torch.randn(2, 3, 16, 16),), {})
