@@ -1,8 +1,10 @@
 """The ``autoprobe`` command line: a thin layer over ``api.analyze`` and the ``lock`` API.
 
-``inspect`` calls ``analyze``; ``lock`` calls ``lock.plan_lock`` and ``lock.run_lock``;
-``check`` calls ``lock.check_lock``. This module only parses flags, prints, and
-words messages for a command-line user (a flag instead of a Python keyword).
+``inspect`` calls ``analyze`` (and ``html_view`` for ``--html``); ``lock`` calls
+``lock.plan_lock`` and ``lock.run_lock``; ``check`` calls ``lock.check_lock``. This module
+only parses flags, prints, and words messages for a command-line user (a flag instead of a
+Python keyword). ``--model-arg`` and ``--forward-arg`` are parsed by ``kwargs.parse_kwarg``,
+the same parser that reads them from ``[tool.autoprobe]``.
 Every user error (an ``AutoprobeError``) prints one short message with a hint
 and exits 2; a bad flag value is an ``OptionError``; exit 1 is reserved for a
 failing check. torch and timm are imported only by the commands that need them,
