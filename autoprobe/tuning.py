@@ -438,12 +438,14 @@ class _State:
                 self.records[(rec["candidate"], rec["steps"])] = rec["scores"]
         self.fingerprint = fingerprint
 
-    def weights(self, c: Candidate) -> Path:
-        return self.dir / f"{_slug(c.label)}.pt"
+    def weights(self, c: Candidate, steps: int) -> Path:
+        # One file per rung: a crash between saving the weights and recording the rung cannot leave
+        # a later rung's weights under an earlier rung's record.
+        return self.dir / f"{_slug(c.label)}@{steps}.pt"
 
     def save(self, c: Candidate, steps: int, scores: list[float], blob: dict[str, Any]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        torch.save(blob, self.weights(c))
+        torch.save(blob, self.weights(c, steps))
         with self.path.open("a") as f:
             f.write(json.dumps({"fingerprint": self.fingerprint, "candidate": c.label, "steps": steps,
                                 "scores": scores}) + "\n")
@@ -533,8 +535,8 @@ class _Runner:
         for group in opt.param_groups:
             group.setdefault("initial_lr", group["lr"])
         blob = self.blobs.get(c)
-        if blob is None and done and self.state is not None and self.state.weights(c).exists():
-            blob = torch.load(self.state.weights(c), map_location=self.device, weights_only=False)
+        if blob is None and done and self.state is not None and self.state.weights(c, done).exists():
+            blob = torch.load(self.state.weights(c, done), map_location=self.device, weights_only=False)
         if blob is not None:
             trainable.load_state_dict(blob["model"])
             opt.load_state_dict(blob["optimizer"])
