@@ -14,28 +14,36 @@ hooked the way a person would: with a forward hook on the enclosing module when 
 last node, otherwise with a forward *pre*-hook on the module that consumes it (``blocks.3.norm2``).
 The script checks once that the hand-written features and the probed ones are equal.
 
+With ``--compile``, a fourth variant, ``compiled``: the autoprobe step with forward and loss compiled
+as one graph (``torch.compile(fullgraph=True)``, inductor), its backward AOTAutograd's compiled graph,
+the SGD step eager; the first call (the compile) is timed apart.
+
 Timing is ``overhead.py``'s: variants interleaved in one process on the same batch, order rotated
 and reversed every repeat, one ratio per repeat, median over repeats (wall and CPU time).
 
 Usage:
     python benchmarks/handhook.py                                  # resnet50, vit_small_patch16_224, batch 32
     python benchmarks/handhook.py --models resnet18 --batch 8 --repeats 3
+    python benchmarks/handhook.py --models resnet50 --compile                 # adds the compiled step
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import statistics
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # script: overhead.py is a sibling
 from overhead import time_interleaved  # noqa: E402
 
-__all__ = ["hand_step", "build", "main"]
+__all__ = ["Setup", "setup", "hand_step", "compiled_step", "build", "main"]
 
 
 def _hook_plan(probed, analysis_graph) -> list[tuple[str, str, str]]:  # noqa: ANN001
@@ -89,11 +97,28 @@ def hand_step(model, adapters, keys, plan, objective, optimizer, x, y) -> Callab
     return step
 
 
-def build(name: str, batch: int, loss: str) -> tuple[dict[str, Callable[[], None]], str]:
-    """plain / hand / autoprobe step functions on one timm model and batch."""
+class Setup(NamedTuple):
+    """One model, its probed form and a batch, shared by every variant.
+
+    Attributes:
+        model: the timm model (``pretrained=False``), trained in place by every variant.
+        probed: ``autoprobe.instrument(model)`` with the given loss.
+        x: the input batch.
+        y: its class ids.
+        plan: (point, module path, ``"post"`` | ``"pre"``) for the hand-written hooks.
+    """
+
+    model: Any
+    probed: Any
+    x: Any
+    y: Any
+    plan: list[tuple[str, str, str]]
+
+
+def setup(name: str, batch: int, loss: str) -> Setup:
+    """Build the model, instrument it, draw the batch (seed 0) and plan the hand-written hooks."""
     import timm
     import torch
-    import torch.nn.functional as F
 
     import autoprobe
     from autoprobe.api import analyze
@@ -104,8 +129,37 @@ def build(name: str, batch: int, loss: str) -> tuple[dict[str, Callable[[], None
     x = torch.randn(batch, *size)
     y = torch.randint(0, model.num_classes, (batch,))
     probed = autoprobe.instrument(model, input_size=size, loss=loss)
-    graph = analyze(model, input_size=size).graph
-    plan = _hook_plan(probed, graph)
+    plan = _hook_plan(probed, analyze(model, input_size=size).graph)
+    return Setup(model, probed, x, y, plan)
+
+
+def compiled_step(probed, optimizer, x, y) -> Callable[[], None]:  # noqa: ANN001
+    """The autoprobe step with forward and loss compiled as one graph (``torch.compile(fullgraph=True)``).
+
+    The backward is AOTAutograd's compiled backward graph of that same graph; the optimizer step
+    (SGD, foreach) runs eagerly: compiling it gains nothing measurable on CPU, and it costs compile time.
+    """
+    import torch
+
+    def forward_and_loss(x, y):  # noqa: ANN001, ANN202
+        return probed.loss(probed(x), y).total
+
+    compiled = torch.compile(forward_and_loss, fullgraph=True)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        compiled(x, y).backward()
+        optimizer.step()
+
+    return step
+
+
+def build(name: str, batch: int, loss: str, compile_variant: bool = False) -> tuple[dict[str, Callable[[], None]], str]:
+    """plain / hand / autoprobe (and ``compiled``) step functions on one timm model and batch."""
+    import torch
+    import torch.nn.functional as F
+
+    model, probed, x, y, plan = setup(name, batch, loss)
     # Same heads, same weights; keyed like the probed model's ModuleDict.
     keys = dict(zip(probed.selection.names, probed.autoprobe_adapters.keys()))
     adapters = copy.deepcopy(probed.autoprobe_adapters)
@@ -146,6 +200,9 @@ def build(name: str, batch: int, loss: str) -> tuple[dict[str, Callable[[], None
     probed.train()
     where = ", ".join(f"{p} ({'pre-hook on ' if k == 'pre' else 'hook on '}{m})" for p, m, k in plan)
     steps = {"plain": plain, "hand": hand_step(model, adapters, keys, plan, objective, hand_opt, x, y), "autoprobe": auto}
+    if compile_variant:
+        compiled_opt = torch.optim.SGD(probed.parameters(), lr=1e-3, momentum=0.9)
+        steps["compiled"] = compiled_step(probed, compiled_opt, x, y)
     return steps, f"{name}: backend {probed.selection.backend}, {len(plan)} points: {where}"
 
 
@@ -161,6 +218,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--compile", action="store_true",
+                        help="add the variant `compiled`: torch.compile of forward + loss (fullgraph), compiled backward")
     args = parser.parse_args(argv)
 
     import torch
@@ -168,25 +227,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, batch={args.batch}, loss={args.loss}, "
           f"repeats={args.repeats}, warmup={args.warmup}, load average at start {os.getloadavg()[0]:.1f}", flush=True)
-    print("| model | autoprobe / hand (wall) | autoprobe / hand (CPU) | autoprobe / plain (wall) | autoprobe / plain (CPU) "
-          "| hand / plain (CPU) | step s: plain / hand / autoprobe (median wall) |")
-    print("|---|---|---|---|---|---|---|")
+    header = ("| model | autoprobe / hand (wall) | autoprobe / hand (CPU) | autoprobe / plain (wall) "
+              "| autoprobe / plain (CPU) | hand / plain (CPU) | step s: plain / hand / autoprobe (median wall) |")
+    if args.compile:
+        header += " compiled / autoprobe (wall, CPU) | compiled / hand (wall, CPU) | compiled step s | first call s, wall / CPU (compiles) |"
+    print(header)
+    print("|---" * (header.count("|") - 1) + "|")
     notes = []
+    raw = []
     for name in args.models:
-        steps, note = build(name, args.batch, args.loss)
+        steps, note = build(name, args.batch, args.loss, compile_variant=args.compile)
         notes.append(note)
+        compile_s = compile_cpu = 0.0
+        if args.compile:
+            start, start_cpu = time.perf_counter(), time.process_time()
+            steps["compiled"]()  # the first call compiles
+            compile_s, compile_cpu = time.perf_counter() - start, time.process_time() - start_cpu
         t = time_interleaved(steps, args.repeats, args.warmup)
         med = {k: statistics.median(v.wall) for k, v in t.items()}
-        print(f"| {name} | {_median_ratio(t['autoprobe'].wall, t['hand'].wall):.3f} "
-              f"| {_median_ratio(t['autoprobe'].cpu, t['hand'].cpu):.3f} "
-              f"| {_median_ratio(t['autoprobe'].wall, t['plain'].wall):.3f} "
-              f"| {_median_ratio(t['autoprobe'].cpu, t['plain'].cpu):.3f} "
-              f"| {_median_ratio(t['hand'].cpu, t['plain'].cpu):.3f} "
-              f"| {med['plain']:.2f} / {med['hand']:.2f} / {med['autoprobe']:.2f} |", flush=True)
+        row = (f"| {name} | {_median_ratio(t['autoprobe'].wall, t['hand'].wall):.3f} "
+               f"| {_median_ratio(t['autoprobe'].cpu, t['hand'].cpu):.3f} "
+               f"| {_median_ratio(t['autoprobe'].wall, t['plain'].wall):.3f} "
+               f"| {_median_ratio(t['autoprobe'].cpu, t['plain'].cpu):.3f} "
+               f"| {_median_ratio(t['hand'].cpu, t['plain'].cpu):.3f} "
+               f"| {med['plain']:.2f} / {med['hand']:.2f} / {med['autoprobe']:.2f} |")
+        if args.compile:
+            row += (f" {_median_ratio(t['compiled'].wall, t['autoprobe'].wall):.3f}, "
+                    f"{_median_ratio(t['compiled'].cpu, t['autoprobe'].cpu):.3f} "
+                    f"| {_median_ratio(t['compiled'].wall, t['hand'].wall):.3f}, "
+                    f"{_median_ratio(t['compiled'].cpu, t['hand'].cpu):.3f} "
+                    f"| {med['compiled']:.2f} | {compile_s:.0f} / {compile_cpu:.0f} |")
+        print(row, flush=True)
+        raw.append({"model": name, "threads": args.threads,
+                    **{f"{k}_{kind}": [round(v, 3) for v in getattr(times, kind)]
+                       for k, times in t.items() for kind in ("wall", "cpu")}})
         del steps
     print(f"load average at end {os.getloadavg()[0]:.1f}")
     for n in notes:
         print(n)
+    for r in raw:
+        print(json.dumps(r))
     return 0
 
 
