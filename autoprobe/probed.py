@@ -410,7 +410,8 @@ class Probed(nn.Module):
 
         Args:
             out: what ``forward`` returned for the batch.
-            target: class ids (B,) / (B, *S) (``ignore_index`` allowed), 0/1 masks for
+            target: class ids (B,) / (B, *S) (``ignore_index`` allowed) or soft class targets
+                (B, K, *S) whose rows are distributions (Mixup / CutMix), 0/1 masks for
                 binary and multi-label tasks, float targets (B, K, *S) for regression. Dense
                 targets may be at another resolution than the logits (the objective resizes).
             progress: fraction of training done in [0, 1]; needed by decaying schedules.
