@@ -24,19 +24,29 @@ from .models import DEFAULT_INPUT_SIZE, ResolvedModel, resolve_model
 from .rules import RulePack, load_rules
 from .select import Fired, Scored, Selection, can_be_point, check_points, point_at, select_points
 from .sizes import parse_input_size
-from .trace import TraceOptions
+from .trace import TraceOptions, Traced
 
 __all__ = ["Analysis", "analyze", "inspect"]
 
 
 @dataclass(frozen=True)
 class Analysis:
-    """Everything the read-only stages produced for one model."""
+    """Everything the read-only stages produced for one model.
+
+    Attributes:
+        model: the resolved model (built on meta for a spec).
+        graph: the layer graph the selection was made on.
+        pack: the rule pack.
+        selection: the chosen points.
+        traced: the trace ``graph`` was built from (the selection's mode); ``instrument`` reuses it
+            instead of tracing that mode again when it made this analysis itself.
+    """
 
     model: ResolvedModel
     graph: LayerGraph
     pack: RulePack
     selection: Selection
+    traced: Traced | None = None
 
     def choose(self, *names: str) -> Selection:
         """This analysis's selection with exactly the points ``names``, chosen by hand.
@@ -183,7 +193,7 @@ def analyze(
     # The fallback ladder (fx -> export -> hooks) lives in backends.py; every rung it skips is noted.
     trace = functools.partial(trace_with_fallbacks, resolved.module, size, opts)
     ladder = trace()
-    graph = ladder.graph
+    graph, traced = ladder.graph, ladder.traced
     selection = select_points(graph, pack, points=points, model=resolved.label)
     notes = list(ladder.notes)
     remaining = LADDER[LADDER.index(ladder.backend) + 1 :]
@@ -198,12 +208,12 @@ def analyze(
             if finer_selection.points:
                 notes.append(f"backend {ladder.backend} gave no eligible point; retried with {list(remaining)}")
                 notes.extend(finer.notes)
-                graph, selection = finer.graph, finer_selection
+                graph, selection, traced = finer.graph, finer_selection, finer.traced
             else:
                 notes.append(f"backend {finer.backend} gave no eligible point either; kept {ladder.backend}")
     if notes:
         selection = replace(selection, notes=(*notes, *selection.notes))
-    return Analysis(resolved, graph, pack, selection)
+    return Analysis(resolved, graph, pack, selection, traced)
 
 
 def inspect(

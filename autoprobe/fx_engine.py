@@ -229,9 +229,8 @@ def _tapped_graph_module(
     holder = fx.GraphModule(nn.Module(), fx.Graph(), class_name=f"Probed{type(model).__name__}")
     setattr(holder, MODEL, model)
     setattr(holder, ADAPTERS, adapters)
-    holder.graph = graph
     graph.lint()
-    holder.recompile()
+    holder.graph = graph  # the setter compiles the code: once per graph
     return holder, cloned, fx_names
 
 

@@ -37,7 +37,7 @@ import torch
 from torch import fx, nn
 
 from .adapters import HeadShape, Task, adapter_parameter_count, make_adapter
-from .api import analyze, trace_options
+from .api import Analysis, analyze, trace_options
 from .backends import trace_with_fallbacks
 from .errors import InstrumentError, SelectionError, UsageError
 from .fx_engine import FxEngine, FxRecipe, trace_both_modes
@@ -52,7 +52,7 @@ from .rules import RulePack
 from .select import Selection, why_not_point
 from .sizes import parse_input_size
 from .taps import ADAPTERS, TapSite
-from .trace import Traced, TraceOptions, forward_call, training_mode
+from .trace import Traced, TraceOptions, forward_call, trace_fx, training_mode
 
 __all__ = ["instrument", "Probed", "ProbedOutput", "RewriteReport", "Tap", "ADAPTERS", "LabelResolution"]
 
@@ -174,13 +174,16 @@ def instrument(
         >>> total, parts = probed.loss(out, torch.tensor([1, 7]))
         >>> total.backward()
     """
-    module, label = _live_model(model, num_classes)
+    module, label, spec_size = _live_model(model, num_classes)
     opts = trace_options(options, leaf_modules=leaf_modules, leaf_paths=leaf_paths, allow_real_data=allow_real_data)
+    analysis: Analysis | None = None
     if selection is None:
-        selection = analyze(
-            model if isinstance(model, str) else module, input_size=input_size, rules=rules, points=points,
-            num_classes=num_classes, options=dataclasses.replace(opts, mode="eval"),
-        ).selection
+        # The live module itself, a spec's too (built once, on the CPU): its trace is then reused below.
+        analysis = analyze(
+            module, input_size=input_size if input_size is not None else spec_size, rules=rules, points=points,
+            options=dataclasses.replace(opts, mode="eval"),
+        )
+        selection = dataclasses.replace(analysis.selection, model=label)
     elif points is not None or not (isinstance(rules, str) and rules == "default"):
         raise SelectionError(
             "instrument got a selection and also rules/points to make one; pass one or the other. "
@@ -196,7 +199,9 @@ def instrument(
         )
     size = _input_size(input_size, selection)
 
-    placed = _place(module, selection, size, opts, label)
+    # The selection's own trace, when this call made it: reused, not traced again.
+    made_here = analysis is not None and analysis.traced is not None
+    placed = _place(module, selection, size, opts, label, (analysis.traced, analysis.graph) if made_here else None)
     infos, targets = placed.infos, placed.targets
     spec = OutputSpec.resolve(output, placed.example, model=label)
     output_shape = tuple(int(s) for s in spec.select(placed.example).shape)
@@ -267,22 +272,44 @@ class _Placement(NamedTuple):
     example: Any  # one output of the model (meta tensors), for the output selector
 
 
-def _place(module: nn.Module, selection: Selection, size: tuple[int, ...], opts: TraceOptions, label: str) -> _Placement:
-    """Trace the model the way its selection was made and check the selection against it."""
+def _place(
+    module: nn.Module,
+    selection: Selection,
+    size: tuple[int, ...],
+    opts: TraceOptions,
+    label: str,
+    made: tuple[Traced, LayerGraph] | None = None,
+) -> _Placement:
+    """Trace the model the way its selection was made and check the selection against it.
+
+    ``made`` is the trace and graph the selection was made on, when they are of ``module`` itself:
+    that mode is not traced again, so a call that selects and instruments traces each mode once.
+    """
+    reuse = made if made is not None and made[0].backend == selection.backend and made[0].mode == selection.mode else None
     if selection.backend == "fx":
-        train_traced, eval_traced = trace_both_modes(module, size, opts)
+        if reuse is not None and selection.mode == "eval":
+            eval_traced, eval_graph = reuse
+            train_traced = trace_fx(module, size, dataclasses.replace(opts, mode="train"))
+        else:
+            train_traced, eval_traced = trace_both_modes(module, size, opts)
+            eval_graph = build_layer_graph(eval_traced)
         graph = build_layer_graph(train_traced)
-        infos = _check_selection(selection, {"train": graph, "eval": build_layer_graph(eval_traced)}, label)
+        infos = _check_selection(selection, {"train": graph, "eval": eval_graph}, label)
         return _Placement(train_traced, eval_traced, graph, tuple(infos), None, _fx_example_output(train_traced))
     # The model runs its own Python, whatever its mode: one graph, in the selection's mode, to check against.
     options = dataclasses.replace(opts, mode=selection.mode)
-    rung = trace_with_fallbacks(module, size, options, backends=(selection.backend,))
-    infos = _check_selection(selection, {selection.mode: rung.graph}, label)
-    placed = hook_targets(module, rung.traced, rung.graph, infos)
+    traced, rung_graph = reuse if reuse is not None else _one_rung(module, size, options, selection.backend)
+    infos = _check_selection(selection, {selection.mode: rung_graph}, label)
+    placed = hook_targets(module, traced, rung_graph, infos)
     return _Placement(
-        rung.traced, None, rung.graph, tuple(info for _, info in placed), tuple(target for target, _ in placed),
-        _run_example_output(module, rung.traced, options),
+        traced, None, rung_graph, tuple(info for _, info in placed), tuple(target for target, _ in placed),
+        _run_example_output(module, traced, options),
     )
+
+
+def _one_rung(module: nn.Module, size: tuple[int, ...], options: TraceOptions, backend: str) -> tuple[Traced, LayerGraph]:
+    rung = trace_with_fallbacks(module, size, options, backends=(backend,))
+    return rung.traced, rung.graph
 
 
 def _taps(
@@ -316,8 +343,8 @@ def _taps(
 # --------------------------------------------------------------------------- resolving
 
 
-def _live_model(model: nn.Module | str, num_classes: int | None) -> tuple[nn.Module, str]:
-    """The module to train and its label; specs are built on the CPU with fresh weights."""
+def _live_model(model: nn.Module | str, num_classes: int | None) -> tuple[nn.Module, str, tuple[int, ...] | None]:
+    """The module to train, its label and a spec's input size; specs are built on the CPU with fresh weights."""
     if isinstance(model, nn.Module):
         device = next((t.device for t in (*model.parameters(), *model.buffers())), None)
         if device is not None and device.type == "meta":
@@ -333,11 +360,11 @@ def _live_model(model: nn.Module | str, num_classes: int | None) -> tuple[nn.Mod
                 "which tracing cannot read. Hint: instrument the plain model first, then shard the probed one: "
                 "`probed = instrument(model); [fully_shard(b) for b in probed.model.blocks]; fully_shard(probed)`."
             )
-        return model, type(model).__name__
+        return model, type(model).__name__, None
     if not isinstance(model, str):
         raise InstrumentError(f"model must be an nn.Module or a model spec string; got {type(model).__name__}")
     resolved = resolve_model(model, num_classes=num_classes, device="cpu")
-    return resolved.module, resolved.label
+    return resolved.module, resolved.label, tuple(resolved.input_size)
 
 
 def _input_size(given: Sequence[int] | None, selection: Selection) -> tuple[int, ...]:

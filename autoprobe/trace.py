@@ -821,6 +821,22 @@ class _ShapeProp(fx.Interpreter):
         self.input_shape = input_shape
         self.size_argument = size_argument
 
+    def call_module(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        module = self.fetch_attr(target)
+        if (
+            module.training
+            and isinstance(module, nn.modules.batchnorm._BatchNorm)
+            and len(args) == 1
+            and isinstance(args[0], torch.Tensor)
+            and args[0].dim() in (2, 3, 4, 5)
+            and args[0].shape[1] == module.num_features
+        ):
+            # Train-mode batch norm on meta runs ATen's decomposition, op by op (5x a ResNet's eval
+            # propagation); its output is its input's shape, dtype and layout, and its running
+            # statistics are the twins', so nothing else would be learned.
+            return torch.empty_like(args[0])
+        return super().call_module(target, args, kwargs)
+
     def run_node(self, n: fx.Node) -> Any:
         try:
             result = super().run_node(n)

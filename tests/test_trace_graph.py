@@ -247,3 +247,27 @@ def test_a_windowed_op_that_shrinks_the_input_to_nothing_blames_the_input() -> N
     pool.meta["tensor_meta"] = meta._replace(shape=torch.Size((2, 8, 0, 0)))
     with pytest.raises(InputSizeError, match=r"smaller than the model's total stride: node 'pool' has shape \(2, 8, 0, 0\)"):
         check_spatial(traced)
+
+
+# ----------------------------------------------------------------------------- one pass
+
+
+@pytest.mark.parametrize("spec", ["resnet18", "live"])
+def test_instrument_traces_each_mode_once(spec: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 18.1: the selection's eval trace is reused; only the train mode is traced again."""
+    from autoprobe import trace
+    from autoprobe.rewrite import instrument
+
+    modes: list[str] = []
+    trace_fx = trace.trace_fx
+
+    def counted(model, size, options=trace.TraceOptions()):  # noqa: ANN001, ANN202
+        modes.append(options.mode)
+        return trace_fx(model, size, options)
+
+    for module in ("autoprobe.trace", "autoprobe.backends", "autoprobe.rewrite", "autoprobe.fx_engine"):
+        monkeypatch.setattr(f"{module}.trace_fx", counted, raising=False)
+    monkeypatch.setitem(__import__("autoprobe.backends").backends._TRACERS, "fx", counted)
+    probed = instrument("resnet18" if spec == "resnet18" else resnet18(num_classes=10), input_size=(3, 64, 64))
+    assert sorted(modes) == ["eval", "train"]
+    assert probed.selection.model == ("resnet18" if spec == "resnet18" else "ResNet")
