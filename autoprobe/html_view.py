@@ -32,7 +32,7 @@ from typing import Any
 
 from .graph import LayerGraph, LayerInfo
 from .report import KIND_COLOURS, adapter_params, output_classes
-from .select import Fired, Selection
+from .select import Fired, Selection, can_be_point, why_not_point
 
 __all__ = ["NodeRecord", "GroupRecord", "ModelView", "model_view", "render_html"]
 
@@ -48,7 +48,10 @@ class NodeRecord:
             layers from the input, and execution order.
         point: 1-based point number when chosen, else ``None``; ``candidate`` when a rule fired.
         score, rules, reason: the selection's score and the rules that fired (the strongest first).
-        adapter_params: parameters of the adapter ``instrument`` would put here, when known.
+        eligible: ``""`` when the node can be a point (``Analysis.choose`` takes it), else why not
+            (``layout``, ``untappable``, ``grid``, or ``input``/``output``).
+        adapter_params: parameters of the adapter ``instrument`` would put here, when it can be a point
+            and the sizes are known.
         inputs, outputs: neighbouring node names in the layer graph.
     """
 
@@ -66,6 +69,7 @@ class NodeRecord:
     score: float | None
     rules: tuple[Fired, ...]
     reason: str
+    eligible: str
     adapter_params: int | None
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
@@ -162,6 +166,7 @@ def model_view(selection: Selection, graph: LayerGraph) -> ModelView:
     nodes = []
     for info in infos:
         parent, found = parents[info.name], scored.get(info.name)
+        eligible = can_be_point(graph, info)
         label = info.name[len(parent) + 1:] if parent and info.name.startswith(parent + ".") else info.name
         nodes.append(NodeRecord(
             name=info.name, label=label, kind=info.kind, op=info.op, module_type=info.module_type or "",
@@ -169,7 +174,9 @@ def model_view(selection: Selection, graph: LayerGraph) -> ModelView:
             point=chosen.get(info.name), candidate=found is not None,
             score=round(found.score, 6) if found else None, rules=found.fired if found else (),
             reason=found.fired[0].reason if found and found.fired else "",
-            adapter_params=adapter_params(info, classes) if info.name in scored else None,
+            eligible="" if eligible else (info.kind if info.kind in ("input", "output") else why_not_point(graph, info)
+                                          or "no shape"),
+            adapter_params=adapter_params(info, classes) if eligible else None,
             inputs=tuple(p.name for p in graph.predecessors(info.name)),
             outputs=tuple(s.name for s in graph.successors(info.name)),
         ))
@@ -246,8 +253,9 @@ def _node_html(node: NodeRecord) -> str:
 
 def _group_html(group: GroupRecord) -> str:
     marks = "".join(f'<span class="badge">P{p}</span>' for p in group.points)
-    if group.candidates > len(group.points):
-        marks += f'<span class="cand">{group.candidates - len(group.points)} candidate{"s" * (group.candidates - len(group.points) != 1)}</span>'
+    others = group.candidates - len(group.points)
+    if others:
+        marks += f'<span class="cand">{others} candidate{"s" * (others != 1)}</span>'
     first, last = group.depths
     body = "".join(_item_html(c) for c in group.children)
     return (
@@ -267,6 +275,7 @@ def _record_json(node: NodeRecord) -> dict[str, Any]:
         "name": node.name, "kind": node.kind, "op": node.op, "module_type": node.module_type,
         "shape": list(node.shape), "layout": node.layout, "depth": node.depth, "order": node.order,
         "point": node.point, "candidate": node.candidate, "score": node.score, "reason": node.reason,
+        "eligible": node.eligible,
         "rules": [{"detector": f.detector, "reason": f.reason, "score": round(f.score, 6)} for f in node.rules],
         "adapter_params": node.adapter_params, "inputs": list(node.inputs), "outputs": list(node.outputs),
     }
@@ -380,6 +389,8 @@ _JS = """
 (function () {
   "use strict";
   var records = JSON.parse(document.getElementById("records").textContent);
+  var WHY = {layout: "no layout the ops decide", untappable: "not a module output on this backend",
+    grid: "a token feature whose grid the graph does not show", input: "the model's input", output: "the model's output"};
   var tree = document.getElementById("tree"), panel = document.getElementById("record");
   var search = document.getElementById("search"), count = document.getElementById("count");
   function esc(s) { return String(s).replace(/[&<>"]/g, function (c) {
@@ -406,6 +417,7 @@ _JS = """
     var rows = [["role", role], ["kind", r.kind + " (" + r.op + (r.module_type ? ", " + r.module_type : "") + ")"],
       ["shape", r.shape.join(" x ") || "-"], ["layout", r.layout || "unknown (not eligible)"], ["depth", r.depth],
       ["score", r.score === null ? "-" : r.score], ["reason", r.reason || "-"],
+      ["can be a point", r.eligible ? "no (" + (WHY[r.eligible] || r.eligible) + ")" : "yes: Analysis.choose takes it"],
       ["adapter", r.adapter_params === null ? "-" : r.adapter_params.toLocaleString("en-US") + " parameters"]];
     var html = "<h2>" + esc(name) + "</h2><table>" + rows.map(function (row) {
       return "<tr><td>" + row[0] + "</td><td>" + esc(row[1]) + "</td></tr>"; }).join("");

@@ -124,6 +124,14 @@ def test_page_in_headless_chromium(browser, analysed: Analysed, tmp_path: Path) 
                      "stage-boundary", "before downsampling 28x28 -> 14x14", "513,000 parameters"):
         assert fragment in record, record
 
+    # A layer no rule flagged still says whether it can be chosen by hand, and its adapter's size.
+    browser.find_element(By.CSS_SELECTOR, '.node[data-node="layer2.3.conv1"]').click()
+    record = browser.find_element(By.ID, "record").text
+    assert "not a candidate" in record and "yes: Analysis.choose takes it" in record
+    assert "129,000 parameters" in record  # 128 channels x 1000 classes + 1000
+    browser.find_element(By.CSS_SELECTOR, '.node[data-node="x"]').click()
+    assert "no (the model's input)" in browser.find_element(By.ID, "record").text
+
     # The point list jumps to a layer in a collapsed stage and opens it.
     browser.find_element(By.CSS_SELECTOR, f'.point-link[data-node="{names[-1]}"]').click()
     assert browser.find_element(By.CSS_SELECTOR, f'.node[data-node="{names[-1]}"]').is_displayed()
