@@ -162,3 +162,20 @@ def test_the_readme_block_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     loaded = ViTForImageClassification.from_pretrained(str(tmp_path / "runs" / "vit" / "final"))
     trained = scope["probed"].strip().state_dict()  # type: ignore[union-attr]
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in trained.items())
+
+
+def test_a_plain_pytorch_model_trains_and_evaluates_with_the_plain_trainer(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1),
+                              torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4))
+    probed = autoprobe.instrument(net, input_size=(3, 8, 8))
+    data = [{"input": torch.randn(3, 8, 8), "labels": i % 4} for i in range(16)]  # nn.Sequential's input is `input`
+    args = TrainingArguments(str(tmp_path), max_steps=2, logging_steps=1, report_to="none", use_cpu=True,
+                             per_device_train_batch_size=4, per_device_eval_batch_size=4, disable_tqdm=True)
+    trainer = Trainer(model=probed, args=args, train_dataset=data, eval_dataset=data[:8],
+                      callbacks=[AutoprobeCallback(probed)])
+    trainer.train()
+    metrics = trainer.evaluate()
+    point = probed.selection.names[0]
+    assert {"eval_loss", "eval_ce", f"eval_mi/{point}"} <= set(metrics)
+    assert {"loss", "ce", f"ne/{point}"} <= set(trainer.state.log_history[0])
