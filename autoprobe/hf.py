@@ -103,6 +103,17 @@ class AutoprobeCallback(TrainerCallback):
         if isinstance(record, ProbedLossOutput):
             (self._train if module.training else self._eval).add(record.parts)
 
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """Refuse the Trainer's own label smoothing: it takes ``labels`` away from the Probed, so no term would train."""
+        if args.label_smoothing_factor:
+            raise UsageError(
+                f"TrainingArguments(label_smoothing_factor={args.label_smoothing_factor}) makes the Trainer compute "
+                "its own loss on the logits, without autoprobe's terms. Hint: leave it at 0 and pass "
+                f"`instrument(..., label_smoothing={args.label_smoothing_factor})`."
+            )
+
     def on_log(
         self,
         args: TrainingArguments,

@@ -179,3 +179,12 @@ def test_a_plain_pytorch_model_trains_and_evaluates_with_the_plain_trainer(tmp_p
     point = probed.selection.names[0]
     assert {"eval_loss", "eval_ce", f"eval_mi/{point}"} <= set(metrics)
     assert {"loss", "ce", f"ne/{point}"} <= set(trainer.state.log_history[0])
+
+
+def test_the_trainers_own_label_smoothing_is_refused_with_the_instrument_option(tmp_path: Path) -> None:
+    probed = autoprobe.instrument(_vit(), input_size=IMAGE, options=autoprobe.TraceOptions(input_name="pixel_values"))
+    args = TrainingArguments(str(tmp_path), max_steps=1, report_to="none", use_cpu=True, label_smoothing_factor=0.1,
+                             disable_tqdm=True)
+    trainer = Trainer(model=probed, args=args, train_dataset=_Images(4, 0), callbacks=[AutoprobeCallback(probed)])
+    with pytest.raises(UsageError, match=r"label_smoothing_factor=0.1.*Hint.*instrument\(\.\.\., label_smoothing=0.1\)"):
+        trainer.train()
