@@ -436,6 +436,7 @@ class _QualnameTracer(fx.Tracer):
         self._order: dict[fx.Node, int] = {}
         self._twins: dict[str, dict[str, torch.Tensor]] = {}
         self._device_dependent: set[fx.Node] = set()
+        self._tensor_paths: tuple[dict[int, str], dict[int, str]] | None = None
         self._evaluating = False
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -460,9 +461,28 @@ class _QualnameTracer(fx.Tracer):
             self.current_qualname = previous
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
-        if self._evaluating:
+        """fx's rule (a parameter, then a buffer, of the root becomes a ``get_attr`` node named by its first
+        path), found by identity in a table built once: fx scans every parameter per access, which is
+        quadratic in models that read parameters directly (ConvNeXt's layer scales, ViT's embeddings)."""
+        if self._evaluating or not isinstance(attr_val, torch.Tensor):
             return attr_val
-        return super().getattr(attr, attr_val, parameter_proxy_cache)
+        if self._tensor_paths is None:
+            params: dict[int, str] = {}
+            buffers: dict[int, str] = {}
+            for name, param in self.root.named_parameters():
+                params.setdefault(id(param), name)
+            for name, buffer in self.root.named_buffers():
+                buffers.setdefault(id(buffer), name)
+            self._tensor_paths = (params, buffers)
+        params, buffers = self._tensor_paths
+        name = params.get(id(attr_val)) if isinstance(attr_val, nn.Parameter) else None
+        if name is None and self.proxy_buffer_attributes:
+            name = buffers.get(id(attr_val))
+        if name is None:
+            return attr_val
+        if name not in parameter_proxy_cache:
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+        return parameter_proxy_cache[name]
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, *rest):  # noqa: ANN001
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, *rest)
