@@ -515,6 +515,11 @@ def _getitem(args: tuple, kwargs: dict, env: _Env) -> Labels:
     items = index if isinstance(index, tuple) else (index,)
     if sum(1 for it in items if it is Ellipsis) > 1:
         return None
+    # One constant list of positions (``x[:, :, [0, 1, 8, ...]]``, a gather along one axis) keeps that axis where it
+    # is; with an integer or another list beside it, advanced indexing may move axes to the front.
+    picks = [it for it in items if _positions(it)]
+    if len(picks) > 1 or picks and any(isinstance(it, int) and not isinstance(it, bool) for it in items):
+        return None
     consumed = sum(1 for it in items if it is not None and it is not Ellipsis)
     out: list[str] = []
     pos = 0
@@ -525,7 +530,7 @@ def _getitem(args: tuple, kwargs: dict, env: _Env) -> Labels:
             pos += take
         elif it is None:
             out.append("S")
-        elif isinstance(it, slice):
+        elif isinstance(it, slice) or _positions(it):
             if pos >= len(lab):
                 return None
             out.append(lab[pos])
@@ -538,6 +543,21 @@ def _getitem(args: tuple, kwargs: dict, env: _Env) -> Labels:
     shape = _out_shape(env)
     result = "".join(out)
     return result if shape is None or len(shape) == len(result) else None
+
+
+def _im2col(args: tuple, kwargs: dict, env: _Env) -> Labels:
+    """``nn.Unfold`` / ``im2col``: (N, C, *S) -> (N, C * prod(kernel), L), every patch's values a feature of its
+    position (TNT's pixel embedding, timm's sliding-window ops)."""
+    lab, _ = _first_tensor(args[:1], env)
+    shape = _out_shape(env)
+    if lab is None or shape is None or len(shape) != 3:
+        return None
+    return lab[0] + "CS"
+
+
+def _positions(index: Any) -> bool:
+    """Whether ``index`` is a constant flat list of integer positions."""
+    return isinstance(index, list) and bool(index) and all(isinstance(i, int) and not isinstance(i, bool) for i in index)
 
 
 def _slice(args: tuple, kwargs: dict, env: _Env) -> Labels:
@@ -699,6 +719,7 @@ _RULES: dict[str, Callable[[tuple, dict, _Env], Labels]] = {
                      "_scaled_dot_product_attention_math"), _sdpa),
     **dict.fromkeys(("multi_head_attention_forward", "_native_multi_head_attention"), _mha),
     **dict.fromkeys(("expand", "expand_as", "broadcast_to"), _expand),
+    "im2col": _im2col,
 }
 _AXIS_MOVERS = frozenset(
     {"permute", "transpose", "swapaxes", "swapdims", "t", "movedim", "moveaxis", "flatten", "unflatten", "view",
@@ -752,6 +773,8 @@ def module_axes(module: nn.Module, args: tuple, kwargs: Mapping[str, Any], env: 
         return _channels_first(args, dict(kwargs), env)
     if isinstance(module, nn.Linear):
         return _linear(args, dict(kwargs), env)
+    if isinstance(module, nn.Unfold):
+        return _im2col(args, dict(kwargs), env)
     if isinstance(module, nn.LayerNorm):
         return _layer_norm((args[0], tuple(module.normalized_shape)), {}, env) if args else None
     rms = getattr(nn, "RMSNorm", None)
@@ -794,3 +817,63 @@ def _last_layer(module: nn.Module) -> nn.Module | None:
         return layers[-1]
     return None
 
+
+
+def run_labels(fn: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any], labels: Mapping[int, Axes],
+               batch: int = 2) -> Labels:
+    """The labels of ``fn(*args, **kwargs)``, by running it and propagating labels one torch function at a time.
+
+    For a Python function fx keeps whole (timm's autowrapped ``deblockify``, ``window_partition``): no rule names
+    it, but the torch functions inside it each have one. ``args`` hold meta tensors (shapes only, nothing is
+    computed); ``labels`` maps ``id(tensor)`` to the labels of each input tensor.
+
+    Example:
+        >>> import torch
+        >>> x = torch.empty(2, 4, 6, 8, device="meta")
+        >>> run_labels(lambda t: t.flatten(2).transpose(1, 2), (x,), {}, {id(x): "NCSS"})
+        'NSC'
+    """
+    import torch
+    from torch.overrides import TorchFunctionMode
+    from torch.utils.weak import WeakIdKeyDictionary
+
+    known: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+    def labels_of(value: Any) -> Labels:
+        if isinstance(value, torch.Tensor):
+            return known.get(value)
+        if isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
+            return tuple(known.get(v) for v in value)
+        return None
+
+    def shape_of(value: Any) -> Shape | None:
+        return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+    def shapes(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return tuple(value.shape)
+        return tuple(shapes(v) for v in value) if isinstance(value, (tuple, list)) else None
+
+    def store(value: Any, lab: Labels) -> None:
+        if isinstance(value, torch.Tensor):
+            known[value] = lab if isinstance(lab, str) and len(lab) == value.dim() else "?" * value.dim()
+        elif isinstance(value, (tuple, list)):
+            parts = lab if isinstance(lab, tuple) and len(lab) == len(value) else (None,) * len(value)
+            for v, part in zip(value, parts):
+                store(v, part)
+
+    class _Mode(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            kwargs = kwargs or {}
+            result = func(*args, **kwargs)
+            name = op_name(func)
+            if not (name == "getitem" and args and isinstance(args[0], (tuple, list))):
+                store(result, propagate(name, args, kwargs, _Env(labels_of, shape_of, shapes(result), batch)))
+            return result
+
+    for value in [*args, *kwargs.values()]:
+        if isinstance(value, torch.Tensor) and id(value) in labels:
+            known[value] = labels[id(value)]
+    with _Mode():
+        result = fn(*args, **kwargs)
+    return labels_of(result)

@@ -22,6 +22,7 @@ and selection never chooses it. A layout never depends on the input size.
 
 from __future__ import annotations
 
+import inspect
 import math
 import operator
 from collections.abc import Iterator
@@ -30,10 +31,11 @@ from functools import cached_property
 from typing import Any
 
 import networkx as nx
+import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from .axes import Labels, _Env, input_axes, layout_of, module_axes, op_name, propagate
+from .axes import Labels, _Env, input_axes, layout_of, module_axes, op_name, propagate, run_labels
 from .errors import TraceError
 from .layout import Layout
 from .trace import Backend, Mode, Traced, first_tensor_meta
@@ -423,10 +425,53 @@ def _node_labels(
             found = module_axes(modules[str(node.target)], node.args, node.kwargs, env)
         else:
             found = propagate(op_name(node.target), node.args, node.kwargs, env)
+            if _opaque(node) and not _decided(found):
+                found = _run_opaque(node, labels_of, batch) or found
         # Only tensors computed from the input are data; a parameter's transpose or expand has no labels.
         fed = any(labels.get(a) is not None for a in node.all_input_nodes)
         labels[node] = _known_rank(found, out) if fed else found
     return labels
+
+
+def _opaque(node: fx.Node) -> bool:
+    """A call of a plain Python function fx kept whole (timm's autowrapped ``deblockify``), not a torch op."""
+    target = node.target
+    return node.op == "call_function" and inspect.isfunction(target) and not (
+        getattr(target, "__module__", "") or "").startswith("torch")
+
+
+def _decided(labels: Labels) -> bool:
+    if isinstance(labels, tuple):
+        return all(_decided(part) for part in labels)
+    return isinstance(labels, str) and "?" not in labels
+
+
+def _run_opaque(node: fx.Node, labels_of: Any, batch: int) -> Labels:
+    """The labels of an opaque function's output, from the torch ops inside it, run on meta tensors of its inputs'
+    shapes (``axes.run_labels``); ``None`` when an argument is a value only known at run time."""
+    known: dict[int, str] = {}
+    unknown = False
+
+    def materialize(arg: fx.Node) -> Any:
+        nonlocal unknown
+        meta = arg.meta.get("tensor_meta")
+        if not isinstance(meta, TensorMetadata):
+            unknown = True
+            return None
+        tensor = torch.empty(tuple(meta.shape), dtype=meta.dtype, device="meta")
+        lab = labels_of(arg)
+        if isinstance(lab, str):
+            known[id(tensor)] = lab
+        return tensor
+
+    args = fx.node.map_arg(node.args, materialize)
+    kwargs = fx.node.map_arg(node.kwargs, materialize)
+    if unknown:
+        return None
+    try:
+        return run_labels(node.target, tuple(args), dict(kwargs), known, batch)
+    except (RuntimeError, TypeError, ValueError, IndexError, NotImplementedError):
+        return None  # it does not run on meta tensors (reads values): its axes stay unknown, and notes say so
 
 
 def _known_rank(labels: Labels, out: Any) -> Labels:
