@@ -352,6 +352,14 @@ def _diagnosis(reason: str) -> str:
     return next((text for pattern, text in DIAGNOSES if re.search(pattern, reason)), "not yet diagnosed")
 
 
+def _expected_points(depth: int) -> int:
+    """M = round(ln D) of the default pack (the selection's own rule, ``select.auto_points``)."""
+    from autoprobe.rules import load_rules
+    from autoprobe.select import auto_points
+
+    return auto_points(max(depth, 1), load_rules().policy)
+
+
 def _md_escape(text: str) -> str:
     text = re.sub(r"/\S*?/site-packages/", "", text)  # the install prefix is noise; the package path is enough
     return text.replace("|", "\\|").replace("\n", " ").strip()
@@ -443,6 +451,24 @@ def render_markdown(results: Sequence[Result], meta: dict[str, Any]) -> str:
         ]
     else:
         lines.append("None: every model got a selection with at least one point.")
+    lines.append("")
+
+    short = [r for r in ok if len(r.points) < _expected_points(r.depth)]
+    lines += [
+        "## Fewer points than M = round(ln D)",
+        "",
+        f"{len(short)} of {len(ok)} models ({len(short) / max(len(ok), 1):.1%}; target: at most 1%) got fewer points "
+        "than the default pack's M. Each row gives the selection's own notes, which say why (too few eligible "
+        "candidates at distinct depths, or candidates without a layout).",
+        "",
+    ]
+    if short:
+        lines += ["| model | backend | D | M | points | why (the selection's notes) |", "|---|---|---:|---:|---:|---|"]
+        lines += [
+            f"| `{r.model}` | {r.backend} | {r.depth} | {_expected_points(r.depth)} | {len(r.points)} | "
+            f"{_md_escape('; '.join(n for n in r.notes if 'relaxed' not in n))[:500]} |"
+            for r in short
+        ]
     lines.append("")
 
     fallbacks = [r for r in ok if r.backend != "fx"]
