@@ -175,8 +175,8 @@ def trace_with_fallbacks(
         ...         super().__init__()
         ...         self.conv = torch.nn.Conv2d(3, 8, 3)
         ...     def forward(self, x):
-        ...         if x.ndim == 3:  # fx cannot decide this on a Proxy
-        ...             x = x[None]
+        ...         if x.device.type == "cpu":  # a device read: tracing on meta cannot know it
+        ...             x = x * 2
         ...         return self.conv(x)
         >>> result = trace_with_fallbacks(Branchy(), (3, 16, 16))
         >>> result.backend, [a.backend for a in result.failed], result.graph.depth

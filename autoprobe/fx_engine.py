@@ -224,6 +224,8 @@ def _tapped_graph_module(
         with graph.inserting_after(feature):
             heads[site.point] = graph.call_module(f"{ADAPTERS}.{site.key}", (feature,))
         features[site.point] = feature
+    if traced.output_type is not None:
+        output = graph.call_function(traced.output_type, kwargs=output)  # the model's own ModelOutput
     graph.output((output, heads, features))
 
     holder = fx.GraphModule(nn.Module(), fx.Graph(), class_name=f"Probed{type(model).__name__}")

@@ -189,6 +189,9 @@ class Traced:
             A forward hook on that module taps exactly that node at that call.
         input_node: the fx name of the placeholder that receives the input.
         notes: what the backend did that a user should know (a real-data run), in plain words.
+        output_type: the dict subclass the model returns (a Hugging Face ``ModelOutput``) where the
+            graph returns it lowered to a plain dict (fx does); ``None`` when the graph returns the
+            model's own object.
     """
 
     graph_module: fx.GraphModule
@@ -200,6 +203,7 @@ class Traced:
     module_calls: dict[str, tuple[str, int]] = field(default_factory=dict)
     input_node: str = ""
     notes: tuple[str, ...] = ()
+    output_type: type | None = None
 
 
 class NodeNamer:
@@ -438,6 +442,7 @@ class _QualnameTracer(fx.Tracer):
         self._device_dependent: set[fx.Node] = set()
         self._tensor_paths: tuple[dict[int, str], dict[int, str]] | None = None
         self._evaluating = False
+        self._dict_types: list[tuple[tuple[Any, ...], type]] = []
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self._leaf_paths or isinstance(m, self._leaf_types):
@@ -483,6 +488,22 @@ class _QualnameTracer(fx.Tracer):
         if name not in parameter_proxy_cache:
             parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
         return parameter_proxy_cache[name]
+
+    def create_arg(self, a: Any) -> Any:
+        lowered = super().create_arg(a)
+        # fx lowers a dict subclass (a Hugging Face ModelOutput) to a plain dict; remember its class so
+        # the instrumented graph can hand back the model's own object (``output_type``).
+        if isinstance(a, dict) and type(a) is not dict:
+            self._dict_types.append((tuple(a), type(a)))
+        return lowered
+
+    def output_type(self, graph: fx.Graph) -> type | None:
+        """The dict subclass the traced forward returned, which fx lowered to a plain dict; else ``None``."""
+        returned = graph.output_node().args[0]
+        if not isinstance(returned, dict):
+            return None
+        keys = tuple(returned)
+        return next((cls for fields, cls in reversed(self._dict_types) if fields == keys), None)
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, *rest):  # noqa: ANN001
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, *rest)
@@ -1105,7 +1126,8 @@ def trace_fx(model: nn.Module, input_size: Sequence[int], options: TraceOptions 
         propagate_shapes(gm, input_shape, inputs)
     qualnames, calls = _fx_names(graph, tracer.node_scope, model)
     notes = _specialization_note(tracer.specializations, input_shape)
-    return finish_trace(model, gm, qualnames, calls, input_shape, options, "fx", input_node, notes)
+    traced = finish_trace(model, gm, qualnames, calls, input_shape, options, "fx", input_node, notes)
+    return dataclasses.replace(traced, output_type=tracer.output_type(graph))
 
 
 def finish_trace(

@@ -273,3 +273,21 @@ def test_hugging_face_vit_from_config_traces_with_fx() -> None:
     selection = analyze(model, input_size=SIZE, options=TraceOptions(input_name="pixel_values")).selection
     assert selection.backend == "fx"
     assert any("transformers.models.vit.modeling_vit:" in n for n in selection.notes), selection.notes
+
+
+def test_a_returned_model_output_keeps_its_class_through_fx() -> None:
+    """fx lowers a returned dict subclass to a plain dict; the trace records the class and the
+    instrumented model returns the model's own ``ModelOutput`` again."""
+    transformers = pytest.importorskip("transformers")
+    from autoprobe import instrument
+    from autoprobe.trace import trace_fx
+
+    config = transformers.ViTConfig(num_hidden_layers=2, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                                    image_size=32, patch_size=8, num_labels=4)
+    model = transformers.ViTForImageClassification(config)
+    traced = trace_fx(model, SIZE, TraceOptions(input_name="pixel_values"))
+    assert traced.output_type is transformers.modeling_outputs.ImageClassifierOutput
+    assert trace_fx(torch.nn.Conv2d(3, 4, 3), SIZE).output_type is None
+    out = instrument(model, input_size=SIZE)(torch.randn(2, *SIZE))
+    assert type(out.output) is transformers.modeling_outputs.ImageClassifierOutput
+    assert out.output.logits.shape == (2, 4)
