@@ -876,4 +876,6 @@ def run_labels(fn: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any], l
             known[value] = labels[id(value)]
     with _Mode():
         result = fn(*args, **kwargs)
+    if isinstance(result, (tuple, list)):  # (tokens, grid size) and the like: each tensor's labels, None for the rest
+        return tuple(known.get(v) if isinstance(v, torch.Tensor) else None for v in result)
     return labels_of(result)

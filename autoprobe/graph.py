@@ -422,7 +422,10 @@ def _node_labels(
             continue
         env = _Env(labels_of, shape_of, out, batch)
         if node.op == "call_module":
-            found = module_axes(modules[str(node.target)], node.args, node.kwargs, env)
+            module = modules[str(node.target)]
+            found = module_axes(module, node.args, node.kwargs, env)
+            if not type(module).__module__.startswith("torch.") and not _decided(found):
+                found = _run_opaque(node, labels_of, batch, module) or found  # a leaf block fx kept whole
         else:
             found = propagate(op_name(node.target), node.args, node.kwargs, env)
             if _opaque(node) and not _decided(found):
@@ -446,9 +449,10 @@ def _decided(labels: Labels) -> bool:
     return isinstance(labels, str) and "?" not in labels
 
 
-def _run_opaque(node: fx.Node, labels_of: Any, batch: int) -> Labels:
-    """The labels of an opaque function's output, from the torch ops inside it, run on meta tensors of its inputs'
-    shapes (``axes.run_labels``); ``None`` when an argument is a value only known at run time."""
+def _run_opaque(node: fx.Node, labels_of: Any, batch: int, module: nn.Module | None = None) -> Labels:
+    """The labels of an opaque function's or leaf block's output, from the torch ops inside it, run on meta tensors
+    of its inputs' shapes (``axes.run_labels``; a block's weights are meta twins, through ``functional_call``, so
+    the model's own are never touched); ``None`` when an argument is a value only known at run time."""
     known: dict[int, str] = {}
     unknown = False
 
@@ -468,8 +472,15 @@ def _run_opaque(node: fx.Node, labels_of: Any, batch: int) -> Labels:
     kwargs = fx.node.map_arg(node.kwargs, materialize)
     if unknown:
         return None
+    fn: Any = node.target
+    if module is not None:
+        twins = {name: torch.empty_like(t, device="meta") for name, t in
+                 [*module.named_parameters(), *module.named_buffers()]}
+
+        def fn(*args: Any, **kwargs: Any) -> Any:
+            return torch.func.functional_call(module, twins, args, kwargs)
     try:
-        return run_labels(node.target, tuple(args), dict(kwargs), known, batch)
+        return run_labels(fn, tuple(args), dict(kwargs), known, batch)
     except (RuntimeError, TypeError, ValueError, IndexError, NotImplementedError):
         return None  # it does not run on meta tensors (reads values): its axes stay unknown, and notes say so
 

@@ -72,3 +72,37 @@ def test_a_function_fx_keeps_whole_gets_the_labels_of_the_ops_inside_it() -> Non
     g = graph_of(Nested(), (3, 16, 16))
     opaque = next(n for n in g if n.target == "regroup")
     assert opaque.layout == "NHWC" and g["conv"].layout == "NCHW"
+
+
+class Embeds(nn.Module):
+    """naflexvit's embedding: patches as tokens, returned with the grid they came from (a tuple)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(48, 8)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        b, c, h, w = x.shape
+        patches = x.reshape(b, c, h // 4, 4, w // 4, 4).permute(0, 2, 4, 3, 5, 1).reshape(b, (h // 4) * (w // 4), -1)
+        return self.proj(patches), (h // 4, w // 4)
+
+
+class FlexViT(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embeds = Embeds()
+        self.mlp = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens, _ = self.embeds(x)
+        tokens = tokens + self.mlp(tokens)
+        return self.head(tokens.mean(1))
+
+
+def test_a_leaf_block_gets_the_labels_of_the_ops_inside_it_on_meta_weights() -> None:
+    model = FlexViT()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    g = graph_of(model, (3, 16, 16), leaf_modules=(Embeds,))
+    assert g["embeds"].op == "call_module" and g["add"].layout == "NLC" and g["mlp.3"].layout == "NLC"
+    assert all(torch.equal(before[k], v) and v.device.type == "cpu" for k, v in model.state_dict().items())
