@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
-import itertools
 import operator
 import sys
 from collections.abc import Callable, Sequence
@@ -50,9 +49,10 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from torch.overrides import TorchFunctionMode
 
-from .errors import AutoprobeError, InputSizeError, TraceError, UsageError
+from .errors import AutoprobeError, InputSizeError, RealDataNeeded, TraceError, UsageError
 from .axes import Labels, _Env, input_axes, op_name, propagate
 from .graph import _FUNCTION_KINDS, LayerGraph, build_layer_graph
+from .meta import ValueReadCheck, ValuesNeeded, device_of, meta_twins, seeded_run
 from .trace import (
     Backend,
     NodeNamer,
@@ -61,7 +61,6 @@ from .trace import (
     finish_trace,
     forward_call,
     has_tensor,
-    needs_values,
     tensor_meta,
     trace_fx,
     training_mode,
@@ -198,15 +197,15 @@ def trace_with_fallbacks(
             # fx traced the model and its own code rejected the size while shapes were
             # propagated; export and hooks would run that same code and fail the same way.
             raise
-        except _RealDataNeeded as exc:
+        except _HooksNeedValues as exc:
             # The last rung needs values and the user has not allowed a real run: say how to allow it.
             failed.append(Attempt(backend, "TraceError", _first_line(exc)))
             listing = "\n".join(f"  - {a}" for a in failed)
-            raise TraceError(
-                f"no tracing backend could trace {type(model).__name__} without running it on real values:\n{listing}\n"
-                "Hint: the model branches on tensor values. Pass allow_real_data=True (inspect, analyze, instrument, "
+            raise RealDataNeeded(
+                f"no tracing backend could trace {type(model).__name__} without running it on real values:\n{listing}",
+                "the model branches on tensor values. Pass allow_real_data=True (inspect, analyze, instrument, "
                 "TraceOptions) to let the hooks backend run it once on a seeded random batch (no_grad, buffers "
-                "cloned, the model left unchanged), or make its control flow depend on shapes only."
+                "cloned, the model left unchanged), or make its control flow depend on shapes only.",
             ) from exc
         except AutoprobeError as exc:
             failed.append(Attempt(backend, type(exc).__name__, _first_line(exc)))
@@ -219,11 +218,6 @@ def trace_with_fallbacks(
         f"no tracing backend could trace {type(model).__name__}:\n{listing}\n"
         "Hint: mark the failing submodule as a leaf (`--leaf PATH`), or give the model a forward that takes one tensor."
     ) from first
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    first = next(itertools.chain(model.parameters(), model.buffers()), None)
-    return first.device if first is not None else torch.device("cpu")
 
 
 def _is_leaf(module: nn.Module, path: str, leaf_types: tuple[type[nn.Module], ...], leaf_paths: frozenset[str]) -> bool:
@@ -558,7 +552,7 @@ def trace_export(model: nn.Module, input_size: Sequence[int], options: TraceOpti
     """
     input_shape = (options.batch_size, *(int(s) for s in input_size))
     call = forward_call(model, options)
-    device = _device_of(model)
+    device = device_of(model)
     example = torch.zeros(input_shape, device=device)
     args, kwargs = _call_arguments(call, example, device)
     captured = io.StringIO()
@@ -706,7 +700,7 @@ def _hook_points(
     return points
 
 
-class _RealDataNeeded(TraceError):
+class _HooksNeedValues(TraceError):
     """The hooks backend needs a real run (the forward reads tensor values) and the options do not allow one."""
 
 
@@ -747,12 +741,12 @@ def trace_hooks(model: nn.Module, input_size: Sequence[int], options: TraceOptio
     call = forward_call(model, options)
     points = _hook_points(model, options.leaf_types(), frozenset(options.leaf_paths))
     modules = dict(points)
-    device = _device_of(model)
+    device = device_of(model)
     notes: tuple[str, ...] = ()
     try:
         calls, provenance, output, example = _hooked_run(model, options, call, points, input_shape, live=False)
     except TraceError as exc:
-        if not needs_values(exc.__cause__ or exc):
+        if not isinstance(exc.__cause__, ValuesNeeded):
             raise
         if device.type == "meta" and options.allow_real_data:
             raise TraceError(
@@ -761,7 +755,7 @@ def trace_hooks(model: nn.Module, input_size: Sequence[int], options: TraceOptio
                 "allow_real_data=True, or make its control flow depend on shapes only."
             ) from exc
         if not options.allow_real_data:
-            raise _RealDataNeeded(
+            raise _HooksNeedValues(
                 f"forward hooks: the forward reads tensor values, which a meta run does not have ({_first_line(exc)}); "
                 "running the model on real values is off (allow_real_data=False)."
             ) from exc
@@ -813,18 +807,13 @@ def _hooked_run(
     live: bool,
 ) -> tuple[list[_Call], _Provenance, Any, torch.Tensor]:
     """One hooked forward: on meta twins of every weight (``live=False``) or for real on a seeded batch."""
-    device = _device_of(model)
     if live:
-        generator = torch.Generator().manual_seed(0)
-        example = torch.randn(input_shape, generator=generator).to(device)
-        twins = {name: b.clone() for name, b in model.named_buffers()}
-        args, kwargs = _call_arguments(call, example, device)
+        run = seeded_run(model, input_shape)
+        example, twins = run.example, run.buffers
+        args, kwargs = _call_arguments(call, example, run.device)
     else:
         example = torch.empty(input_shape, device="meta")
-        twins = {
-            name: torch.empty_like(t, device="meta")
-            for name, t in (*model.named_parameters(), *model.named_buffers())
-        }
+        twins = meta_twins(model, remove_duplicate=True)
         args, kwargs = _call_arguments(call, example, torch.device("meta"))
     provenance = _Provenance(input_shape[0])
     calls: list[_Call] = []
@@ -837,7 +826,8 @@ def _hooked_run(
     provenance.tag(example, frozenset({_INPUT}))
     provenance.set_labels(example, input_axes(example.dim()))
     try:
-        with training_mode(model, options.train), torch.no_grad(), provenance:
+        # On meta, an op that needs values raises ValuesNeeded: the caller decides on that type.
+        with training_mode(model, options.train), torch.no_grad(), provenance, contextlib.nullcontext() if live else ValueReadCheck():
             output = torch.func.functional_call(model, twins, args, kwargs, strict=False)
     except Exception as exc:  # the model's own forward; report whatever it raised
         where = "one real forward pass" if live else "a meta-device run"

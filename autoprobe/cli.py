@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import AutoprobeError, InputSizeError, OptionError, TraceError
-from .sizes import format_input_size, parse_input_size
+from .errors import AutoprobeError, InputSizeError, OptionError, RealDataNeeded
+from .sizes import parse_input_size, reword_size_error
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
@@ -305,22 +305,19 @@ def _inspect(args: argparse.Namespace) -> int:
     try:
         analysis = analyze(args.model, input_size=size, rules=args.rules, points=_points(args.points), options=options,
                            model_args=model_args)
-    except TraceError as exc:
-        if args.allow_real_data or "allow_real_data" not in str(exc):
-            raise
+    except RealDataNeeded as exc:
         # The API's hint names its keyword; a CLI user gets the flags that do the same.
-        reasons = str(exc).split("\nHint:")[0]
-        raise TraceError(
-            f"{reasons}\nHint: the model branches on tensor values. Rerun with `--allow-real-data` to let the hooks "
-            "backend run it once on a seeded random batch (no_grad, the model left unchanged), or keep the branching "
-            "submodule as one node with `--leaf MODULE_PATH`."
+        raise RealDataNeeded(
+            exc.reasons,
+            "the model branches on tensor values. Rerun with `--allow-real-data` to let the hooks backend run it "
+            "once on a seeded random batch (no_grad, the model left unchanged), or keep the branching submodule as "
+            "one node with `--leaf MODULE_PATH`.",
         ) from exc
     except InputSizeError as exc:
-        if size is None:
+        if size is None or exc.parts is None:
             raise
         # The API's message names its keyword (input_size=(3, 100, 100)); a CLI user typed the flag.
-        python, flag = format_input_size(size), format_input_size(size, argument="--input-size")
-        raise InputSizeError(str(exc).replace(python, flag)) from exc
+        raise reword_size_error(exc, "--input-size") from exc
     if args.graph:
         path = Path(args.graph)
         try:

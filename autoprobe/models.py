@@ -45,6 +45,7 @@ from torch.overrides import TorchFunctionMode
 
 from .errors import ModelSpecError, UsageError
 from .kwargs import Kwargs
+from .meta import needs_values
 
 __all__ = ["ResolvedModel", "resolve_model", "DEFAULT_INPUT_SIZE"]
 
@@ -117,13 +118,16 @@ def _build(factory: Callable[[], nn.Module], device: Device) -> nn.Module:
     """Call the factory with its weights on ``device``, without allocating them for meta."""
     if device == "cpu":
         return factory()
-    try:
+    def on_meta() -> nn.Module:
         with torch.device("meta"):
             return factory()
-    except (NotImplementedError, RuntimeError) as exc:
-        # The constructor read a value back from a tensor ("Cannot copy out of meta tensor",
-        # "Tensor.item() cannot be called on meta tensors"); any other error is the factory's own.
-        if "meta" not in str(exc):
+
+    try:
+        return on_meta()
+    except (NotImplementedError, RuntimeError):
+        # Only a constructor that read a value back from a tensor (RegNet's widths, ``.tolist()``)
+        # gets the fallback; any other error is the factory's own.
+        if not needs_values(on_meta):
             raise
         with _SmallTensorsReal():
             model = factory()

@@ -45,6 +45,7 @@ from .graph import LayerGraph, LayerInfo, build_layer_graph
 from .hook_engine import HookEngine, HookRecipe, HookTarget, hook_targets
 from .layout import Layout
 from .losses import Objective, ObjectiveName, Schedule, make_objective
+from .meta import device_of, meta_twins, seeded_run
 from .models import resolve_model
 from .outputs import OutputSelector, OutputSpec
 from .probed import Probed, ProbedOutput, RewriteReport, Tap
@@ -346,8 +347,7 @@ def _taps(
 def _live_model(model: nn.Module | str, num_classes: int | None) -> tuple[nn.Module, str, tuple[int, ...] | None]:
     """The module to train, its label and a spec's input size; specs are built on the CPU with fresh weights."""
     if isinstance(model, nn.Module):
-        device = next((t.device for t in (*model.parameters(), *model.buffers())), None)
-        if device is not None and device.type == "meta":
+        if device_of(model).type == "meta":
             raise InstrumentError(
                 f"{type(model).__name__} is on the meta device: it has no weights to train. "
                 "Hint: build it on a real device (or pass its spec string, which instrument builds on the CPU)."
@@ -458,10 +458,7 @@ def _run_example_output(model: nn.Module, traced: Traced, options: TraceOptions)
     """One output of the model, for its structure: on meta twins of its weights, or, where the hooks
     backend had to run it for real (``allow_real_data``), on the same kind of seeded batch."""
     call = forward_call(model, options)
-    twins = {
-        name: torch.empty_like(t, device="meta")
-        for name, t in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False))
-    }
+    twins = meta_twins(model)
     with training_mode(model, options.train), torch.no_grad():
         try:
             inputs = {call.input_name: torch.empty(traced.input_shape, device="meta"), **call.example_kwargs("meta")}
@@ -469,11 +466,9 @@ def _run_example_output(model: nn.Module, traced: Traced, options: TraceOptions)
         except Exception:  # the model reads values (the hooks backend's case): run one real batch instead
             if traced.backend != "hooks" or not options.allow_real_data:
                 raise
-        device = next((t.device for t in model.parameters()), torch.device("cpu"))
-        example = torch.randn(traced.input_shape, generator=torch.Generator().manual_seed(0)).to(device)
-        clones = {name: b.clone() for name, b in model.named_buffers(remove_duplicate=False)}
-        inputs = {call.input_name: example, **call.example_kwargs(device)}
-        return torch.func.functional_call(model, clones, (), inputs, strict=False)
+        run = seeded_run(model, traced.input_shape)
+        inputs = {call.input_name: run.example, **call.example_kwargs(run.device)}
+        return torch.func.functional_call(model, run.buffers, (), inputs, strict=False)
 
 
 def _resolve_task(task: Task | None, output_shape: tuple[int, ...], label: str) -> tuple[str, HeadShape]:

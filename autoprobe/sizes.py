@@ -20,9 +20,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .errors import InputSizeError
+from .errors import InputSizeError, SizeErrorParts
 
-__all__ = ["parse_input_size", "format_input_size"]
+__all__ = ["parse_input_size", "format_input_size", "size_error", "reword_size_error"]
 
 
 def _hint(argument: str) -> str:
@@ -78,3 +78,36 @@ def format_input_size(size: Sequence[int], *, argument: str = "input_size=") -> 
     if argument.startswith("--"):
         return f"{argument} {','.join(str(s) for s in size)}"
     return f"{argument.rstrip('=')}={tuple(size)!r}"
+
+
+def size_error(parts: SizeErrorParts, *, argument: str = "input_size=") -> InputSizeError:
+    """The ``InputSizeError`` of ``parts``, its hint ending with the size as ``argument``'s caller writes it.
+
+    Args:
+        parts: the reason, the hint, the size that failed and the verdict on it.
+        argument: how the caller names the size (``"input_size="``, ``"--input-size"``).
+
+    Returns:
+        The error, with ``parts`` kept on it for ``reword_size_error``.
+
+    Example:
+        >>> parts = SizeErrorParts("input size (3, 8, 8) is too small", "pass a larger size", (3, 8, 8), "is too small")
+        >>> print(reword_size_error(size_error(parts), "--input-size"))
+        input size (3, 8, 8) is too small
+        Hint: pass a larger size (--input-size 3,8,8 is too small).
+    """
+    given = format_input_size(parts.size, argument=argument)
+    return InputSizeError(f"{parts.reason}\nHint: {parts.hint} ({given} {parts.verdict}).", parts=parts)
+
+
+def reword_size_error(error: InputSizeError, argument: str) -> InputSizeError:
+    """``error`` worded for a caller that names the size ``argument``; an error without parts as it is.
+
+    Args:
+        error: an error from ``size_error``, or any other ``InputSizeError``.
+        argument: how this caller names the size.
+
+    Returns:
+        A new error (chain it with ``from error``), or ``error`` itself when it has no parts.
+    """
+    return size_error(error.parts, argument=argument) if error.parts is not None else error

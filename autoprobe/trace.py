@@ -31,7 +31,9 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
-from .errors import AutoprobeError, InputSizeError, TraceError, UsageError
+from .errors import AutoprobeError, SizeErrorParts, TraceError, UsageError
+from .meta import meta_twins, needs_values
+from .sizes import size_error
 
 __all__ = [
     "Mode",
@@ -638,11 +640,7 @@ class _QualnameTracer(fx.Tracer):
                 path = str(node.target)
                 module = self.root.get_submodule(path)
                 if path not in self._twins:
-                    self._twins[path] = {
-                        name: torch.empty_like(t, device="meta")
-                        for name, t in (*module.named_parameters(remove_duplicate=False),
-                                        *module.named_buffers(remove_duplicate=False))
-                    }
+                    self._twins[path] = meta_twins(module)
                 return torch.func.functional_call(module, self._twins[path], tuple(args), dict(kwargs), strict=False)
         except Exception as exc:  # any op that meta tensors cannot run, or that needs data (.item())
             raise _NoValue(f"cannot be evaluated on meta ({type(exc).__name__} at {node.name}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
@@ -832,18 +830,6 @@ def _fx_trace(
     return graph_module, graph, tracer
 
 
-def needs_values(exc: BaseException) -> bool:
-    """An error from reading a value (``.item()``, ``bool(t)``) that a meta tensor does not have."""
-    text = str(exc)
-    return (
-        "meta tensors" in text
-        or "data-dependent" in text.lower()
-        or "Cannot access data pointer" in text
-        or "Cannot copy out of meta tensor" in text
-        or "on meta" in text and "not supported" in text
-    )
-
-
 def _target_name(n: fx.Node) -> str:
     return n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
 
@@ -885,7 +871,7 @@ class _ShapeProp(fx.Interpreter):
             raise
         except Exception as exc:
             where = f"node {n.name} ({n.op} {_target_name(n)})"
-            if needs_values(exc):
+            if needs_values(lambda: super(_ShapeProp, self).run_node(n)):
                 raise TraceError(
                     f"{where} needs real tensor values ({type(exc).__name__}: {str(exc).splitlines()[0]}): "
                     "autoprobe propagates shapes without computing anything.\nHint: make its control flow "
@@ -893,13 +879,10 @@ class _ShapeProp(fx.Interpreter):
                 ) from exc
             # An assert's message was formatted while tracing, so its numbers read ``Proxy(getitem_2)``.
             reason = _PROXY.sub("<traced value>", str(exc).splitlines()[0]) if str(exc) else ""
-            from .sizes import format_input_size
-
-            raise InputSizeError(
+            raise size_error(SizeErrorParts(
                 f"input size {self.input_shape[1:]} does not fit the model: {where} failed with "
-                f"{type(exc).__name__}: {reason}\nHint: pass the size the model was built for "
-                f"({format_input_size(self.input_shape[1:], argument=self.size_argument)} failed)."
-            ) from exc
+                f"{type(exc).__name__}: {reason}", "pass the size the model was built for", self.input_shape[1:], "failed",
+            ), argument=self.size_argument) from exc
         meta = fx.node.map_aggregate(
             _fields(result), lambda v: _extract_tensor_metadata(v) if isinstance(v, torch.Tensor) else v
         )
@@ -952,10 +935,7 @@ def propagate_shapes(
         TraceError: a node needs tensor values.
     """
     runner = _Runner(gm, input_shape, size_argument)
-    twins = {
-        name: torch.empty_like(t, device="meta")
-        for name, t in (*runner.named_parameters(remove_duplicate=False), *runner.named_buffers(remove_duplicate=False))
-    }
+    twins = meta_twins(runner)
     args = tuple(inputs) if inputs is not None else (torch.empty(input_shape, device="meta"),)
     torch.func.functional_call(runner, twins, args, strict=False)
 
@@ -1037,8 +1017,6 @@ def check_spatial(traced: Traced, size_argument: str = "input_size=") -> None:
         ...         return torch.empty([x.shape[0], 0, 4, 4]), x
         >>> check_spatial(trace_fx(Placeholder(), (3, 8, 8)))  # made on purpose: no error
     """
-    from .sizes import format_input_size
-
     modules = dict(traced.graph_module.named_modules())
     from_input: set[fx.Node] = set()
     for node in traced.graph_module.graph.nodes:
@@ -1053,11 +1031,11 @@ def check_spatial(traced: Traced, size_argument: str = "input_size=") -> None:
             continue
         first = first_tensor_meta(meta)
         name = traced.qualnames.get(node.name, node.name)
-        raise InputSizeError(
+        raise size_error(SizeErrorParts(
             f"input size {traced.input_shape[1:]} is smaller than the model's total stride: node {name!r} "
-            f"has shape {tuple(first.shape)}, an axis of size 0.\nHint: pass a larger size "
-            f"({format_input_size(traced.input_shape[1:], argument=size_argument)} is too small)."
-        )
+            f"has shape {tuple(first.shape)}, an axis of size 0.", "pass a larger size", traced.input_shape[1:],
+            "is too small",
+        ), argument=size_argument)
 
 
 def first_tensor_meta(meta: Any) -> TensorMetadata | None:
