@@ -265,14 +265,14 @@ class LayerGraph:
 
         Example:
             >>> import torch
-            >>> from autoprobe.trace import trace_model
+            >>> from autoprobe.trace import trace_fx
             >>> class Tokens(torch.nn.Module):
             ...     def __init__(self):
             ...         super().__init__()
             ...         self.embed, self.proj = torch.nn.Conv2d(3, 8, 4, 4), torch.nn.Linear(8, 8)
             ...     def forward(self, x):
             ...         return self.proj(self.embed(x).flatten(2).transpose(1, 2))
-            >>> build_layer_graph(trace_model(Tokens(), (3, 8, 32))).token_grid("proj", 2)
+            >>> build_layer_graph(trace_fx(Tokens(), (3, 8, 32))).token_grid("proj", 2)
             ((2, 8), 0)
         """
         info = self[name]
@@ -499,16 +499,16 @@ def build_layer_graph(traced: Traced) -> LayerGraph:
     """Turn a traced model into a ``LayerGraph``.
 
     Args:
-        traced: the result of ``trace.trace_model``.
+        traced: the result of ``trace.trace_fx`` (or of any backend).
 
     Returns:
         The layer graph; every node reachable from the input that reaches the output.
 
     Example:
         >>> import torch
-        >>> from autoprobe.trace import trace_model
+        >>> from autoprobe.trace import trace_fx
         >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
-        >>> g = build_layer_graph(trace_model(net, (3, 16, 16)))
+        >>> g = build_layer_graph(trace_fx(net, (3, 16, 16)))
         >>> g.depth, [n.name for n in g if n.weight]
         (2, ['0', '2'])
     """

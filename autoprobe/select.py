@@ -260,13 +260,13 @@ def select_points(graph: LayerGraph, pack: RulePack, *, points: int | None = Non
 
     Example:
         >>> import torch
-        >>> from autoprobe.trace import trace_model
+        >>> from autoprobe.trace import trace_fx
         >>> from autoprobe.graph import build_layer_graph
         >>> from autoprobe.rules import load_rules
         >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
         ...                           torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
         ...                           torch.nn.Linear(512, 10))
-        >>> select_points(build_layer_graph(trace_model(net, (3, 16, 16))), load_rules()).names
+        >>> select_points(build_layer_graph(trace_fx(net, (3, 16, 16))), load_rules()).names
         ('1',)
     """
     check_points(points)

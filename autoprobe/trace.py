@@ -41,7 +41,6 @@ __all__ = [
     "TraceOptions",
     "Traced",
     "NodeNamer",
-    "trace_model",
     "trace_fx",
     "default_leaf_modules",
     "default_autowrap_functions",
@@ -1133,45 +1132,3 @@ def finish_trace(
     )
     check_spatial(traced)
     return traced
-
-
-def trace_model(
-    model: nn.Module,
-    input_size: Sequence[int],
-    options: TraceOptions | None = None,
-    *,
-    train: bool | None = None,
-    leaf_modules: Sequence[type[nn.Module]] = (),
-    leaf_paths: Sequence[str] = (),
-    batch_size: int = 2,
-) -> Traced:
-    """``trace_fx`` with either a ``TraceOptions`` or the older keywords (kept while callers switch).
-
-    Example:
-        >>> import torch
-        >>> trace_model(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3)), (3, 16, 16), train=True).mode
-        'train'
-    """
-    return trace_fx(model, input_size, _options(options, train, leaf_modules, leaf_paths, batch_size))
-
-
-def _options(
-    options: TraceOptions | None,
-    train: bool | None,
-    leaf_modules: Sequence[type[nn.Module]],
-    leaf_paths: Sequence[str],
-    batch_size: int,
-) -> TraceOptions:
-    """The ``TraceOptions`` of a call that gave either a record or the older keywords, not both."""
-    if options is None:
-        return TraceOptions(
-            mode="train" if train else "eval",
-            leaf_modules=leaf_modules,  # type: ignore[arg-type]  # TraceOptions checks and freezes it
-            leaf_paths=leaf_paths,  # type: ignore[arg-type]
-            batch_size=batch_size,
-        )
-    if not isinstance(options, TraceOptions):
-        raise UsageError(f"options must be a TraceOptions, not {type(options).__name__}.")
-    if train is not None or leaf_modules or leaf_paths or batch_size != 2:
-        raise UsageError("pass either options=TraceOptions(...) or the keywords train/leaf_modules/leaf_paths/batch_size, not both.")
-    return options

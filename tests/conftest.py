@@ -25,7 +25,7 @@ from autoprobe.detectors import Candidate, detector
 from autoprobe.graph import LayerGraph, build_layer_graph
 from autoprobe.rules import load_rules
 from autoprobe.select import Selection, select_points
-from autoprobe.trace import trace_model
+from autoprobe.trace import TraceOptions, trace_fx
 
 torch.set_num_threads(1)
 
@@ -46,8 +46,8 @@ REFERENCE_MODELS = (
 
 
 def graph_of(model: nn.Module, input_size: Sequence[int] = (3, 16, 16), **trace_options: Any) -> LayerGraph:
-    """The layer graph of ``model`` for one input of ``input_size`` (batch excluded)."""
-    return build_layer_graph(trace_model(model, input_size, **trace_options))
+    """The layer graph of ``model`` for one input of ``input_size`` (batch excluded); keywords are ``TraceOptions`` fields."""
+    return build_layer_graph(trace_fx(model, input_size, TraceOptions(**trace_options)))
 
 
 def detect(graph: LayerGraph, detector_id: str, **options: Any) -> tuple[Candidate, ...]:

@@ -20,7 +20,7 @@ from autoprobe.errors import InputSizeError, TraceError
 from autoprobe.graph import _FUNCTION_KINDS, build_layer_graph
 from autoprobe.report import selection_to_dict
 from autoprobe.trace import TraceOptions
-from autoprobe.trace import trace_model
+from autoprobe.trace import trace_fx
 from toy_models import BranchyNet as Net
 
 SIZE = (3, 32, 32)
@@ -60,7 +60,7 @@ def test_device_branch_falls_back_to_export():
 
 def test_export_graph_matches_fx_graph_on_a_traceable_model():
     model = _on_meta("none")
-    fx_graph = build_layer_graph(trace_model(model, SIZE))
+    fx_graph = build_layer_graph(trace_fx(model, SIZE))
     export_graph = build_layer_graph(trace_export(model, SIZE))
     assert export_graph.depth == fx_graph.depth == 7
     weights = lambda g: [n.name for n in g if n.weight]  # noqa: E731

@@ -48,7 +48,7 @@ from autoprobe.models import resolve_model
 from autoprobe.report import to_json
 from autoprobe.rules import load_rules
 from autoprobe.select import select_points
-from autoprobe.trace import TraceOptions, trace_model
+from autoprobe.trace import TraceOptions, trace_fx
 
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE_LOCK = REPO / "autoprobe.lock"
@@ -191,7 +191,7 @@ def test_selection_does_not_depend_on_batch_size(name: str) -> None:
     model, pack = resolve_model(name).module, load_rules()
     seen = []
     for batch in (1, 2, 5):
-        traced = trace_model(model, (3, 224, 224), TraceOptions(batch_size=batch))
+        traced = trace_fx(model, (3, 224, 224), TraceOptions(batch_size=batch))
         selection = select_points(build_layer_graph(traced), pack)
         assert all(p.shape[0] == batch for p in selection.points)
         seen.append((_verdicts(selection), [p.shape[1:] for p in selection.points], selection.depth))

@@ -12,7 +12,7 @@ from torchvision.models import resnet18
 from torchvision.models.feature_extraction import get_graph_node_names
 
 from autoprobe.models import resolve_model
-from autoprobe.trace import trace_model
+from autoprobe.trace import TraceOptions, trace_fx
 from conftest import graph_of, snapshot
 from toy_models import ATTENTIONS, Branchy, ChannelsLast, ToyTransformer, ToyUNet, TrainOnlyScale, conv_chain
 
@@ -87,7 +87,7 @@ def test_attention_scores_have_no_channel_axis() -> None:
 def test_names_match_torchvision_feature_extraction(build: Callable[[], nn.Module]) -> None:
     model = build()
     expected = get_graph_node_names(model)[1]  # eval-mode names, without the output node
-    traced = trace_model(model, (3, 32, 32))
+    traced = trace_fx(model, (3, 32, 32))
     assert list(traced.qualnames.values()) == [*expected, "output"]
 
 
@@ -114,7 +114,7 @@ def test_live_model_is_not_mutated(train: bool) -> None:
     with torch.no_grad():
         model.bn.running_mean.uniform_()
     before = snapshot(model)
-    traced = trace_model(model, (3, 16, 16), train=train)
+    traced = trace_fx(model, (3, 16, 16), TraceOptions(mode="train" if train else "eval"))
     assert traced.mode == ("train" if train else "eval")
     assert snapshot(model) == before
     assert int(model.bn.num_batches_tracked) == 0
@@ -123,8 +123,8 @@ def test_live_model_is_not_mutated(train: bool) -> None:
 
 def test_train_flag_selects_the_traced_graph() -> None:
     model = TrainOnlyScale().eval()
-    assert "mul" in graph_of(model, (3, 8, 8), train=True)
-    assert "mul" not in graph_of(model, (3, 8, 8), train=False)
+    assert "mul" in graph_of(model, (3, 8, 8), mode="train")
+    assert "mul" not in graph_of(model, (3, 8, 8), mode="eval")
     assert model.training is False
 
 
@@ -132,7 +132,7 @@ def test_live_model_sees_no_real_tensor() -> None:
     model = Branchy()
     seen = []
     model.stem.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
-    trace_model(model, (3, 16, 16))
+    trace_fx(model, (3, 16, 16))
     # Shape propagation runs the recorded graph on plain meta tensors (no FakeTensor mode, no real data).
     assert seen and all(type(t) is torch.Tensor and t.device.type == "meta" for t in seen)
 
@@ -231,7 +231,7 @@ class _Strided(nn.Module):
 
 @pytest.mark.parametrize("model", [_Placeholder, _NoPrefixTokens], ids=["placeholder", "empty-slice"])
 def test_a_zero_size_axis_the_model_makes_on_purpose_is_not_the_inputs_fault(model: Callable[[], nn.Module]) -> None:
-    traced = trace_model(model(), (3, 16, 16))
+    traced = trace_fx(model(), (3, 16, 16))
     empty = [n for n in traced.graph_module.graph.nodes if 0 in tuple(getattr(n.meta.get("tensor_meta"), "shape", ()))]
     assert empty  # the model does make a zero-size tensor, and tracing carries on
 
@@ -240,7 +240,7 @@ def test_a_windowed_op_that_shrinks_the_input_to_nothing_blames_the_input() -> N
     from autoprobe.errors import InputSizeError
     from autoprobe.trace import check_spatial
 
-    traced = trace_model(_Strided(), (3, 8, 8))
+    traced = trace_fx(_Strided(), (3, 8, 8))
     pool = next(n for n in traced.graph_module.graph.nodes if n.target == "pool")
     # Shape the pool's output as a 2x2 input would have (0x0), without the kernel's own size check.
     meta = pool.meta["tensor_meta"]
