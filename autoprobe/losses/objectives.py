@@ -33,7 +33,7 @@ from .targets import (
     check_target_values,
     resize_logits,
 )
-from .terms import _DKS_REGRESSION, NE_MAX_POSITIONS, channel_dim_for, check_regression_loss
+from .terms import NE_MAX_POSITIONS, channel_dim_for, check_dks_kind, check_regression_loss
 
 __all__ = [
     "Schedule",
@@ -506,8 +506,7 @@ class DKS(DSN):
         class_weights: Sequence[float] | Tensor | None = None,
         output_loss: Callable[[Tensor, Tensor], Tensor] | None = None,
     ) -> None:
-        if check_target_kind(target_kind) == "regression":
-            raise InstrumentError(_DKS_REGRESSION)
+        check_dks_kind(target_kind)
         super().__init__(
             points, alpha=alpha, schedule=schedule, ignore_index=ignore_index, target_kind=target_kind,
             label_smoothing=label_smoothing, class_weights=class_weights, output_loss=output_loss,
@@ -605,8 +604,8 @@ def make_objective(
             f"regression_loss={regression_loss!r} applies to regression targets; target_kind is {kind!r}. "
             "Hint: pass task='regression' to instrument, or leave regression_loss at its default."
         )
-    if name == "dks" and kind == "regression":
-        raise InstrumentError(_DKS_REGRESSION)
+    if name == "dks":
+        check_dks_kind(kind)
     # Pass only what was given, so the class defaults stay defined in one place.
     weights = {key: option for key, option in (("alpha", alpha), ("lam", lam)) if option is not None}
     estimator = {key: option for key, option in (("mi_estimator", mi_estimator), ("gather_mi", gather_mi))

@@ -36,6 +36,7 @@ __all__ = [
     "DKSLoss",
     "channel_dim_for",
     "check_regression_loss",
+    "check_dks_kind",
 ]
 
 # Positions per example above which NE is estimated on a grid: a 32x32 map is exact, a
@@ -406,9 +407,7 @@ class DKSLoss(nn.Module):
         super().__init__()
         self.temperature = check_positive_float("temperature", temperature)
         self.ignore_index = check_int("ignore_index", ignore_index)
-        if check_target_kind(target_kind) not in _CLASS_KINDS:
-            raise InstrumentError(_DKS_REGRESSION)
-        self.target_kind = target_kind
+        self.target_kind = check_dks_kind(target_kind)
 
     def forward(self, logits: Sequence[Tensor], target: Tensor | None = None) -> Tensor:
         """Synergy between all branches.
@@ -444,6 +443,25 @@ _DKS_REGRESSION = (
     "Hint: use loss='dsn' (the output's MSE/L1 at every point, as FlowNet) or loss='imachsr' "
     "(1 - Pearson r at every point)."
 )
+
+
+def check_dks_kind(target_kind: str) -> TargetKind:
+    """``target_kind`` if DKS can match its branches' distributions (a label kind), else an ``InstrumentError``.
+
+    Args:
+        target_kind: the objective's target kind.
+
+    Returns:
+        The kind, checked.
+
+    Example:
+        >>> check_dks_kind("binary")
+        'binary'
+    """
+    kind = check_target_kind(target_kind)
+    if kind not in _CLASS_KINDS:
+        raise InstrumentError(_DKS_REGRESSION)
+    return kind
 
 
 def channel_dim_for(layout: str | Layout) -> int:
