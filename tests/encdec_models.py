@@ -144,3 +144,39 @@ class ToyPSP(nn.Module):
 
 
 PSP_FUSION = ("cat",)  # three pooled branches beside the feature they are computed from
+
+
+class _Block(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU(), nn.Linear(width, width))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return t + self.mlp(t)
+
+
+class ToyDPT(nn.Module):
+    """DPT: a ViT (one stage of four blocks) whose blocks 1 and 3 the decoder reassembles into maps and fuses."""
+
+    def __init__(self, classes: int = 2, width: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, width, 4, 4)
+        self.blocks = nn.ModuleList(_Block(width) for _ in range(4))
+        self.down = nn.Conv2d(width, width, 3, stride=2, padding=1)
+        self.lateral = nn.Conv2d(width, width, 1)
+        self.head = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, classes, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grid = self.embed(x)
+        b, c, h, w = grid.shape
+        t = grid.flatten(2).transpose(1, 2)
+        taps = []
+        for block in self.blocks:
+            t = block(t)
+            taps.append(t)
+        maps = [tap.transpose(1, 2).reshape(b, c, h, w) for tap in (taps[1], taps[3])]
+        coarse = F.interpolate(self.down(maps[1]), size=(h, w), mode="nearest")
+        return self.head(self.lateral(maps[0]) + coarse)
+
+
+DPT_TAPS = ("blocks.1.add",)  # block 1 changes no representation: it ends a stage because the decoder reads it

@@ -18,12 +18,14 @@ from conftest import fired, graph_of
 from encdec_models import (
     ASPP_FUSION,
     ASPP_SKIP,
+    DPT_TAPS,
     ENCODER_STAGE_ENDS,
     FPN_FUSION,
     FPN_SKIPS,
     PSP_FUSION,
     UPERNET_FUSION,
     ToyASPP,
+    ToyDPT,
     ToyFPN,
     ToyPSP,
     ToyUPerNet,
@@ -93,3 +95,9 @@ def test_a_padding_module_keeps_the_layout() -> None:
                         nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(8, 8, 3))
     g = graph_of(net, SIZE)
     assert g["1"].layout == "NCHW" and g["4"].layout == "NCHW" and g["5"].layout == "NCHW"
+
+
+def test_a_vit_block_the_decoder_reads_is_a_stage_boundary() -> None:
+    g = graph_of(ToyDPT(), SIZE)
+    ends = fired(g, "stage-boundary", block_weight=0.0)  # stage ends only, no (weaker) block ends
+    assert set(DPT_TAPS) <= set(ends) and "blocks.0.add" not in ends and "blocks.2.add" not in ends

@@ -30,6 +30,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import networkx as nx
+
 from ..graph import LayerGraph, LayerInfo
 from . import Candidate, Option
 from ._walk import is_feature
@@ -65,10 +67,30 @@ def detect(graph: LayerGraph, options: Mapping[str, Any]) -> tuple[Candidate, ..
                 )
             )
         run_start = i + 1
+    found.extend(_encoder_taps(graph, trunk, {c.node for c in found}))
     if options["block_weight"] > 0:
         stage_ends = {c.node for c in found}
         found.extend(_block_ends(graph, trunk, stage_ends, options["block_weight"]))
     return tuple(found)
+
+
+def _encoder_taps(graph: LayerGraph, trunk: list[LayerInfo], skip: set[str]) -> list[Candidate]:
+    """Trunk nodes before the pivot that also feed the decoder: a successor off the trunk that never leads back into
+    the encoder (a U-Net skip, an FPN lateral, DPT's reassembly of ViT blocks 3, 6, 9), where a representation
+    change alone finds no stage end (a ViT has one long stage)."""
+    pivot = graph.pivot
+    if graph.trunk == graph.spine:
+        return []  # no decoder: every branch of a spine node rejoins the spine
+    encoder = nx.ancestors(graph.nx_graph, pivot)
+    found = []
+    for info in trunk:
+        if info.name not in encoder or info.name in skip or info.kind == "input":
+            continue
+        out = [s for s in graph.successors(info.name) if s.name not in encoder and s.name != pivot]
+        if out:
+            found.append(Candidate(info.name, ID, f"end of stage at {info.name} ({_describe(info)}): an encoder "
+                                                  f"feature the decoder reads at {out[0].name}"))
+    return found
 
 
 def _block_ends(graph: LayerGraph, trunk: list[LayerInfo], skip: set[str], strength: float) -> list[Candidate]:
