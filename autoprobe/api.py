@@ -10,15 +10,14 @@ is opt-in: with ``allow_real_data=True``, a model whose forward reads tensor val
 from __future__ import annotations
 
 import difflib
-import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import nn
 
-from .backends import LADDER, trace_with_fallbacks
-from .errors import AutoprobeError, UsageError
+from .backends import trace_with_fallbacks
+from .errors import UsageError
 from .graph import LayerGraph
 from .models import DEFAULT_INPUT_SIZE, ResolvedModel, resolve_model
 from .rules import RulePack, load_rules
@@ -191,29 +190,18 @@ def analyze(
     size = _input_size(resolved.module, input_size, resolved.input_size)
     pack = rules if isinstance(rules, RulePack) else load_rules(rules)
     # The fallback ladder (fx -> export -> hooks) lives in backends.py; every rung it skips is noted.
-    trace = functools.partial(trace_with_fallbacks, resolved.module, size, opts)
-    ladder = trace()
-    graph, traced = ladder.graph, ladder.traced
-    selection = select_points(graph, pack, points=points, model=resolved.label)
-    notes = list(ladder.notes)
-    remaining = LADDER[LADDER.index(ladder.backend) + 1 :]
-    if not selection.points and remaining:
-        # A leaf module can hide every feature inside it; a finer backend may expose them.
-        try:
-            finer = trace(backends=remaining)
-        except AutoprobeError as exc:
-            notes.append(f"backend {ladder.backend} gave no point and no finer backend worked: {exc}".splitlines()[0])
-        else:
-            finer_selection = select_points(finer.graph, pack, points=points, model=resolved.label)
-            if finer_selection.points:
-                notes.append(f"backend {ladder.backend} gave no eligible point; retried with {list(remaining)}")
-                notes.extend(finer.notes)
-                graph, selection, traced = finer.graph, finer_selection, finer.traced
-            else:
-                notes.append(f"backend {finer.backend} gave no eligible point either; kept {ladder.backend}")
-    if notes:
-        selection = replace(selection, notes=(*notes, *selection.notes))
-    return Analysis(resolved, graph, pack, selection, traced)
+    # A graph is usable when it gives a point; each graph is selected on once.
+    selections: list[tuple[LayerGraph, Selection]] = []
+
+    def usable(graph: LayerGraph) -> bool:
+        selections.append((graph, select_points(graph, pack, points=points, model=resolved.label)))
+        return bool(selections[-1][1].points)
+
+    ladder = trace_with_fallbacks(resolved.module, size, opts, usable=usable)
+    selection = next(s for g, s in selections if g is ladder.graph)
+    if ladder.notes:
+        selection = replace(selection, notes=(*ladder.notes, *selection.notes))
+    return Analysis(resolved, ladder.graph, pack, selection, ladder.traced)
 
 
 def inspect(

@@ -36,6 +36,7 @@ backend used is recorded on the ``Traced``, the ``LayerGraph`` and the
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import io
 import operator
@@ -106,11 +107,15 @@ class LadderResult:
         traced: the traced model; ``traced.backend`` names the rung.
         graph: its layer graph.
         failed: the rungs tried before, in order, with their reasons.
+        before: notes of an earlier climb whose graph was not usable (``trace_with_fallbacks(usable=)``).
+        after: the note that a finer climb was tried and this graph kept.
     """
 
     traced: Traced
     graph: LayerGraph
     failed: tuple[Attempt, ...]
+    before: tuple[str, ...] = ()
+    after: tuple[str, ...] = ()
 
     @property
     def backend(self) -> Backend:
@@ -119,7 +124,7 @@ class LadderResult:
     @property
     def notes(self) -> tuple[str, ...]:
         """One plain sentence per fallback taken, for ``Selection.notes``."""
-        notes = [f"backend {a.backend} failed ({a.error}: {_clip(a.reason, 240)})" for a in self.failed]
+        notes = [*self.before, *(f"backend {a.backend} failed ({a.error}: {_clip(a.reason, 240)})" for a in self.failed)]
         if self.failed:
             notes.append(f"fell back to backend {self.backend}")
         if self.backend == "hooks":
@@ -128,7 +133,7 @@ class LadderResult:
                 "(residual adds, reshapes) are not nodes"
             )
         notes.extend(self.traced.notes)
-        return tuple(notes)
+        return (*notes, *self.after)
 
 
 def _clip(text: str, limit: int) -> str:
@@ -146,8 +151,13 @@ def trace_with_fallbacks(
     options: TraceOptions = TraceOptions(),
     *,
     backends: Sequence[str] = LADDER,
+    usable: Callable[[LayerGraph], bool] | None = None,
 ) -> LadderResult:
     """Trace ``model`` with the first backend of ``backends`` that works, and build its layer graph.
+
+    With ``usable``, a graph it refuses (a leaf module can hide every feature inside it) sends the
+    climb on to the finer rungs after the winner; their graph is taken if ``usable`` accepts it,
+    else the first is kept. Either way the notes say so.
 
     A rung fails when tracing raises or when its graph cannot be built (no path from input to
     output). Only ``AutoprobeError``s from fx fall through to the next rung: any other exception
@@ -159,6 +169,7 @@ def trace_with_fallbacks(
         input_size: the input without batch, e.g. ``(3, 224, 224)``.
         options: the ``TraceOptions`` (mode, leaves, forward arguments, batch, real-data runs).
         backends: the rungs to try, in order; a subsequence of ``LADDER``.
+        usable: whether a graph is good enough to stop climbing (``analyze``: it gives a point).
 
     Returns:
         A ``LadderResult`` with the traced model, its graph and the failed rungs.
@@ -181,6 +192,23 @@ def trace_with_fallbacks(
         >>> result.backend, [a.backend for a in result.failed], result.graph.depth
         ('export', ['fx'], 1)
     """
+    result = _climb(model, input_size, options, backends)
+    remaining = tuple(backends)[tuple(backends).index(result.backend) + 1 :]
+    if usable is None or usable(result.graph) or not remaining:
+        return result
+    try:
+        finer = _climb(model, input_size, options, remaining)
+    except AutoprobeError as exc:
+        note = f"backend {result.backend} gave no point and no finer backend worked: {exc}".splitlines()[0]
+        return dataclasses.replace(result, after=(note,))
+    if not usable(finer.graph):
+        return dataclasses.replace(result, after=(f"backend {finer.backend} gave no eligible point either; kept {result.backend}",))
+    retried = f"backend {result.backend} gave no eligible point; retried with {list(remaining)}"
+    return dataclasses.replace(finer, before=(*result.notes, retried))
+
+
+def _climb(model: nn.Module, input_size: Sequence[int], options: TraceOptions, backends: Sequence[str]) -> LadderResult:
+    """The first rung of ``backends`` that traces ``model`` and builds a graph (see ``trace_with_fallbacks``)."""
     unknown = [b for b in backends if b not in LADDER]
     if unknown or not backends:
         raise TraceError(f"unknown tracing backends {unknown or list(backends)!r}. Hint: choose from {list(LADDER)}.")

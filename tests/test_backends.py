@@ -230,3 +230,14 @@ def test_keyword_input_and_extra_inputs_on_every_backend(backend):
     shallow = trace_with_fallbacks(_Keywords(), SIZE, TraceOptions(input_name="pixel_values",
                                    forward_kwargs={"scale": torch.ones(2, 8, 1, 1)}), backends=(backend,)).graph
     assert shallow.depth == 2
+
+
+def test_an_unusable_graph_sends_the_climb_to_the_finer_rungs() -> None:
+    # analyze's rule (a graph without a point is not usable) lives in the ladder: a refused fx graph
+    # is replaced by export's, and the notes say which rungs were retried.
+    finer = trace_with_fallbacks(Net(), SIZE, usable=lambda graph: graph.backend != "fx")
+    assert finer.backend == "export"
+    assert "backend fx gave no eligible point; retried with ['export', 'hooks']" in finer.notes
+    kept = trace_with_fallbacks(Net(), SIZE, usable=lambda graph: False)
+    assert kept.backend == "fx"
+    assert kept.notes[-1] == "backend export gave no eligible point either; kept fx"
