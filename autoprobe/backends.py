@@ -43,7 +43,7 @@ import operator
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import fx, nn
@@ -705,12 +705,27 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     return found
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Call:
+    """One hooked module call: its path, the calls (or the input) it read, its output's metadata and axes."""
+
     path: str
     sources: frozenset[int]
     meta: Any
     labels: Labels
+
+
+class _HookedRun(NamedTuple):
+    """What one hooked forward saw."""
+
+    calls: list[_Call]
+    """The leaf-module calls, in execution order."""
+    provenance: _Provenance
+    """Which call made each tensor, and its axes."""
+    output: Any
+    """The model's output."""
+    example: torch.Tensor
+    """The input it ran on (meta, or the seeded batch)."""
 
 
 def _hook_points(
@@ -833,7 +848,7 @@ def _hooked_run(
     input_shape: tuple[int, ...],
     *,
     live: bool,
-) -> tuple[list[_Call], _Provenance, Any, torch.Tensor]:
+) -> _HookedRun:
     """One hooked forward: on meta twins of every weight (``live=False``) or for real on a seeded batch."""
     if live:
         run = seeded_run(model, input_shape)
@@ -863,7 +878,7 @@ def _hooked_run(
     finally:
         for handle in handles:
             handle.remove()
-    return calls, provenance, output, example
+    return _HookedRun(calls, provenance, output, example)
 
 
 _TRACERS: dict[str, Callable[[nn.Module, Sequence[int], TraceOptions], Traced]] = {

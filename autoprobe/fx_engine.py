@@ -34,7 +34,7 @@ import inspect as pyinspect
 import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import fx, nn
@@ -161,32 +161,40 @@ class FxEngine:
     ) -> None:
         train = _tapped_graph_module(model, adapters, sites, train_traced)
         eval_ = _tapped_graph_module(model, adapters, sites, eval_traced)
-        self._graphs = {True: train[0], False: eval_[0]}
-        self._cloned = {s.point: train[1][s.point] or eval_[1][s.point] for s in sites}
-        self.fx_names = {s.point: (train[2][s.point], eval_[2][s.point]) for s in sites}
+        self._graphs = {True: train.graph_module, False: eval_.graph_module}
+        self._cloned = {s.point: train.cloned[s.point] or eval_.cloned[s.point] for s in sites}
+        self._fx_names = {s.point: (train.fx_names[s.point], eval_.fx_names[s.point]) for s in sites}
 
     def run(self, training: bool, args: tuple[Any, ...], kwargs: dict[str, Any]) -> EngineResult:
         """Run the graph of the mode ``training``."""
-        return self._graphs[training](*args, **kwargs)
+        return EngineResult(*self._graphs[training](*args, **kwargs))
 
     def cloned(self, point: str) -> bool:
         """Whether the point's feature is copied because a later in-place op would overwrite it."""
         return self._cloned[point]
+
+    def fx_names(self, point: str) -> tuple[str, str]:
+        """The point's tapped node in the train-mode and eval-mode graphs."""
+        return self._fx_names[point]
 
     def code(self, training: bool) -> str:
         """The generated Python of that mode's tapped graph."""
         return self._graphs[training].code
 
 
-def _tapped_graph_module(
-    model: nn.Module, adapters: nn.ModuleDict, sites: Sequence[TapSite], traced: Traced
-) -> tuple[fx.GraphModule, dict[str, bool], dict[str, str]]:
-    """Copy ``traced``'s graph onto ``model`` and ``adapters`` and tap it at ``sites``.
+class _Tapped(NamedTuple):
+    """One mode's tapped graph."""
 
-    Returns:
-        The GraphModule returning ``(output, heads, features)``, whether each point's
-        feature is copied, and each point's fx node name.
-    """
+    graph_module: fx.GraphModule
+    """Returns ``(output, heads, features)``."""
+    cloned: dict[str, bool]
+    """Point -> whether its feature is copied (a later in-place op would overwrite it)."""
+    fx_names: dict[str, str]
+    """Point -> its fx node's name."""
+
+
+def _tapped_graph_module(model: nn.Module, adapters: nn.ModuleDict, sites: Sequence[TapSite], traced: Traced) -> _Tapped:
+    """Copy ``traced``'s graph onto ``model`` and ``adapters`` and tap it at ``sites``."""
     source = traced.graph_module.graph
     graph = fx.Graph()
     copies: dict[fx.Node, fx.Node] = {}
@@ -233,7 +241,7 @@ def _tapped_graph_module(
     setattr(holder, ADAPTERS, adapters)
     graph.lint()
     holder.graph = graph  # the setter compiles the code: once per graph
-    return holder, cloned, fx_names
+    return _Tapped(holder, cloned, fx_names)
 
 
 # --------------------------------------------------------------------------- hooks of inlined modules

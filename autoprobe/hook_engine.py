@@ -133,6 +133,10 @@ class HookEngine:
         """Always: every tapped output is copied."""
         return True
 
+    def fx_names(self, point: str) -> None:
+        """None: hooks tap module calls, not graph nodes."""
+        return None
+
     def code(self, training: bool) -> str:
         """The hooks each forward registers."""
         return "# forward hooks, registered for each forward:\n" + "\n".join(
@@ -178,7 +182,7 @@ class HookEngine:
                 "another input size). Hint: instrument it on inputs like the ones you train on."
             )
         order = [s.point for s in self.sites]
-        return output, {p: heads[p] for p in order}, {p: features[p] for p in order}
+        return EngineResult(output, {p: heads[p] for p in order}, {p: features[p] for p in order})
 
 
 def _checked(site: TapSite, target: HookTarget, output: Any) -> Tensor:

@@ -52,7 +52,7 @@ from .probed import Probed, ProbedOutput, RewriteReport, Tap
 from .rules import RulePack
 from .select import Selection, why_not_point
 from .sizes import parse_input_size
-from .taps import ADAPTERS, TapSite
+from .taps import ADAPTERS, TapEngine, TapSite
 from .trace import Traced, TraceOptions, forward_call, trace_fx, training_mode
 
 __all__ = ["instrument", "Probed", "ProbedOutput", "RewriteReport", "Tap", "ADAPTERS", "LabelResolution"]
@@ -202,7 +202,7 @@ def instrument(
 
     # The selection's own trace, when this call made it: reused, not traced again.
     made_here = analysis is not None and analysis.traced is not None
-    placed = _place(module, selection, size, opts, label, (analysis.traced, analysis.graph) if made_here else None)
+    placed = _place(module, selection, size, opts, label, analysis if made_here else None)
     infos, targets = placed.infos, placed.targets
     spec = OutputSpec.resolve(output, placed.example, model=label)
     output_shape = tuple(int(s) for s in spec.select(placed.example).shape)
@@ -279,17 +279,18 @@ def _place(
     size: tuple[int, ...],
     opts: TraceOptions,
     label: str,
-    made: tuple[Traced, LayerGraph] | None = None,
+    made: Analysis | None = None,
 ) -> _Placement:
     """Trace the model the way its selection was made and check the selection against it.
 
-    ``made`` is the trace and graph the selection was made on, when they are of ``module`` itself:
+    ``made`` is the analysis (trace and graph) the selection was made on, when it is of ``module`` itself:
     that mode is not traced again, so a call that selects and instruments traces each mode once.
     """
-    reuse = made if made is not None and made[0].backend == selection.backend and made[0].mode == selection.mode else None
+    same = made is not None and made.traced.backend == selection.backend and made.traced.mode == selection.mode
+    reuse = made if same else None
     if selection.backend == "fx":
         if reuse is not None and selection.mode == "eval":
-            eval_traced, eval_graph = reuse
+            eval_traced, eval_graph = reuse.traced, reuse.graph
             train_traced = trace_fx(module, size, dataclasses.replace(opts, mode="train"))
         else:
             train_traced, eval_traced = trace_both_modes(module, size, opts)
@@ -299,7 +300,8 @@ def _place(
         return _Placement(train_traced, eval_traced, graph, tuple(infos), None, _fx_example_output(train_traced))
     # The model runs its own Python, whatever its mode: one graph, in the selection's mode, to check against.
     options = dataclasses.replace(opts, mode=selection.mode)
-    traced, rung_graph = reuse if reuse is not None else _one_rung(module, size, options, selection.backend)
+    rung = reuse if reuse is not None else trace_with_fallbacks(module, size, options, backends=(selection.backend,))
+    traced, rung_graph = rung.traced, rung.graph
     infos = _check_selection(selection, {selection.mode: rung_graph}, label)
     placed = hook_targets(module, traced, rung_graph, infos)
     return _Placement(
@@ -308,16 +310,11 @@ def _place(
     )
 
 
-def _one_rung(module: nn.Module, size: tuple[int, ...], options: TraceOptions, backend: str) -> tuple[Traced, LayerGraph]:
-    rung = trace_with_fallbacks(module, size, options, backends=(backend,))
-    return rung.traced, rung.graph
-
-
 def _taps(
     infos: Sequence[LayerInfo],
     keys: Mapping[str, str],
     adapters: nn.ModuleDict,
-    engine: FxEngine | HookEngine,
+    engine: TapEngine,
     targets: Sequence[HookTarget] | None,
     output_shape: tuple[int, ...],
     batch: int,
@@ -335,7 +332,7 @@ def _taps(
             adapter_type=type(adapter).__name__,
             parameters=adapter_parameter_count(adapter),
             cloned=engine.cloned(info.name),
-            fx_names=engine.fx_names[info.name] if isinstance(engine, FxEngine) else None,
+            fx_names=engine.fx_names(info.name),
             hooked=targets[i].label if targets is not None else None,
         ))
     return tuple(taps)

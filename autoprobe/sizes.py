@@ -22,7 +22,11 @@ from collections.abc import Sequence
 
 from .errors import InputSizeError, SizeErrorParts
 
-__all__ = ["parse_input_size", "format_input_size", "size_error", "reword_size_error"]
+__all__ = ["TRACE_BATCH", "parse_input_size", "format_input_size", "size_error", "reword_size_error"]
+
+TRACE_BATCH = 2
+"""The batch of the example input every trace runs: train-mode BatchNorm needs more than one value
+per channel, and a batch of 2 tells the batch axis apart from an axis of size 1."""
 
 
 def _hint(argument: str) -> str:

@@ -21,7 +21,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from torch import Tensor, nn
 
@@ -32,8 +32,15 @@ ADAPTERS = "autoprobe_adapters"
 MODEL = "model"
 """Name of the user's model inside the probed module."""
 
-EngineResult = tuple[Any, dict[str, Tensor], dict[str, Tensor]]
-"""(the model's own output, point -> head, point -> feature), points in execution order."""
+class EngineResult(NamedTuple):
+    """What one tapped forward returns; the dicts' points are in execution order."""
+
+    output: Any
+    """The model's own output, as its forward returns it."""
+    heads: dict[str, Tensor]
+    """Point name -> the adapter's output q_m(z_m)."""
+    features: dict[str, Tensor]
+    """Point name -> the raw feature z_m."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,9 @@ class TapEngine(Protocol):
 
     def cloned(self, point: str) -> bool:
         """Whether the point's feature is copied before the model continues."""
+
+    def fx_names(self, point: str) -> tuple[str, str] | None:
+        """The point's node names in the train-mode and eval-mode graphs; None for an engine without graphs."""
 
     def code(self, training: bool) -> str:
         """What runs in that mode, as text, for debugging."""

@@ -33,7 +33,7 @@ from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from .errors import AutoprobeError, SizeErrorParts, TraceError, UsageError
 from .meta import meta_twins, needs_values
-from .sizes import size_error
+from .sizes import TRACE_BATCH, size_error
 
 __all__ = [
     "Mode",
@@ -72,7 +72,7 @@ class TraceOptions:
         forward_kwargs: further forward arguments, by name. A tensor is an example of an extra input:
             only its shape and dtype are used (a meta twin is fed), so pass a tensor of the right size.
             Any other value is fixed while tracing. Parameters not given keep their defaults.
-        batch_size: the batch of the example input; 2 keeps train-mode BatchNorm's check happy.
+        batch_size: the batch of the example input (``sizes.TRACE_BATCH``, 2: train-mode BatchNorm needs two values).
         allow_real_data: whether the hooks backend may run the model for real, on one seeded
             standard-normal batch under ``no_grad`` with cloned buffers, when a meta run is not enough
             (a branch on tensor values, ``if x.sum() > 0``). Off by default: fx and export never compute,
@@ -98,7 +98,7 @@ class TraceOptions:
     leaf_paths: tuple[str, ...] = ()
     input_name: str | None = None
     forward_kwargs: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
-    batch_size: int = 2
+    batch_size: int = TRACE_BATCH
     allow_real_data: bool = False
 
     def __post_init__(self) -> None:
