@@ -45,7 +45,7 @@ from torch import nn
 
 from .layout import Layout
 
-__all__ = ["Axes", "Labels", "propagate", "module_axes", "layout_of", "input_axes", "op_name"]
+__all__ = ["Axes", "Labels", "AxisRuleError", "propagate", "module_axes", "layout_of", "input_axes", "op_name"]
 
 Axes = str
 """One label per axis: ``N`` batch, ``C`` channels, ``S`` spatial or token, ``?`` unknown."""
@@ -54,6 +54,14 @@ Labels = Union[Axes, None, tuple["Labels", ...]]
 """The labels of an op's output: ``Axes`` for a tensor, ``None`` for unknown, a tuple for a tuple of outputs."""
 
 Shape = tuple[int, ...]
+
+
+class AxisRuleError(Exception):
+    """An axis rule failed on its op's arguments: a bug in this module, never the user's input.
+
+    Not a ``RuntimeError`` or ``TypeError``, so no handler of an op's own failure (one that does
+    not run on meta) takes it for one and turns it into an unknown layout.
+    """
 
 
 @dataclass(frozen=True)
@@ -728,24 +736,33 @@ _AXIS_MOVERS = frozenset(
 )
 
 
-def propagate(op: str, args: tuple, kwargs: Mapping[str, Any], env: _Env) -> Labels:
+def propagate(op: str, args: tuple, kwargs: Mapping[str, Any], env: _Env, *, node: str | None = None) -> Labels:
     """The labels of the output of op ``op`` called with ``args``/``kwargs``.
 
     Args:
         op: the op's plain name (``op_name``): ``conv2d``, ``permute``, ``add``, an ATen op name.
         args, kwargs: the call's arguments; ``env.labels``/``env.shape`` read the tensors among them.
         env: how to read an argument's labels and shape, and the output's shape.
+        node: the graph node the op is, named in an ``AxisRuleError``.
 
     Returns:
         The output's labels; an op no rule knows keeps the labels of a same-shaped input (an
         elementwise op) unless it is known to move axes, else ``None``.
+
+    Raises:
+        AxisRuleError: the op's rule failed; the message names the op and the node.
     """
     rule = _RULES.get(op)
     if rule is not None:
         try:
             return rule(tuple(args), dict(kwargs), env)
-        except (TypeError, ValueError, IndexError, KeyError, StopIteration):
-            return None
+        except Exception as exc:  # a rule that cannot read its arguments is a bug, not an unknown layout
+            where = f" at node {node!r}" if node else ""
+            raise AxisRuleError(
+                f"the axis rule of op {op!r} failed{where}: {type(exc).__name__}: {exc}\n"
+                "Hint: this is a bug in autoprobe's axes.py; report it with the model. Until then, keep the "
+                "module that calls this op whole with leaf_paths=[...] (`--leaf PATH`)."
+            ) from exc
     if op in _AXIS_MOVERS:
         return None
     shape = _out_shape(env)

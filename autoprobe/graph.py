@@ -427,7 +427,7 @@ def _node_labels(
             if not type(module).__module__.startswith("torch.") and not _decided(found):
                 found = _run_opaque(node, labels_of, batch, module) or found  # a leaf block fx kept whole
         else:
-            found = propagate(op_name(node.target), node.args, node.kwargs, env)
+            found = propagate(op_name(node.target), node.args, node.kwargs, env, node=node.name)
             if _opaque(node) and not _decided(found):
                 found = _run_opaque(node, labels_of, batch) or found
         # Only tensors computed from the input are data; a parameter's transpose or expand has no labels.

@@ -271,3 +271,24 @@ def test_instrument_traces_each_mode_once(spec: str, monkeypatch: pytest.MonkeyP
     probed = instrument("resnet18" if spec == "resnet18" else resnet18(num_classes=10), input_size=(3, 64, 64))
     assert sorted(modes) == ["eval", "train"]
     assert probed.selection.model == ("resnet18" if spec == "resnet18" else "ResNet")
+
+
+def test_a_failing_axis_rule_raises_with_its_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A rule that cannot read its arguments is a bug to report, not a point silently left without a layout.
+    import autoprobe.axes as axes
+
+    def broken(args: tuple, kwargs: dict, env: object) -> None:
+        raise IndexError("tuple index out of range")
+
+    monkeypatch.setitem(axes._RULES, "relu", broken)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.conv(x))
+
+    with pytest.raises(axes.AxisRuleError, match=r"axis rule of op 'relu' failed at node 'relu'.*IndexError"):
+        graph_of(Net(), (3, 8, 8))
