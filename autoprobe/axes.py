@@ -28,9 +28,9 @@ are not one of them. The same rules run on fx graphs (``graph.py``), on export's
 per torch function call, in the hooks backend.
 
 Example:
-    >>> layout_of(propagate("transpose", ("NCS", 1, 2), {}, _Env.simple()), (2, 16, 8))
+    >>> layout_of(propagate("transpose", ("NCS", 1, 2), {}, AxisEnv.simple()), (2, 16, 8))
     <Layout.NLC: 'NLC'>
-    >>> propagate("flatten", ("NCSS", 2), {}, _Env.simple({"NCSS": (2, 8, 4, 4)}))
+    >>> propagate("flatten", ("NCSS", 2), {}, AxisEnv.simple({"NCSS": (2, 8, 4, 4)}))
     'NCS'
 """
 
@@ -44,8 +44,9 @@ from typing import Any, Union
 from torch import nn
 
 from .layout import Layout
+from .sizes import TRACE_BATCH
 
-__all__ = ["Axes", "Labels", "AxisRuleError", "propagate", "module_axes", "layout_of", "input_axes", "op_name"]
+__all__ = ["Axes", "Labels", "AxisEnv", "AxisRuleError", "propagate", "module_axes", "layout_of", "input_axes", "op_name"]
 
 Axes = str
 """One label per axis: ``N`` batch, ``C`` channels, ``S`` spatial or token, ``?`` unknown."""
@@ -65,22 +66,22 @@ class AxisRuleError(Exception):
 
 
 @dataclass(frozen=True)
-class _Env:
+class AxisEnv:
     """How a rule reads its arguments: ``labels(v)`` and ``shape(v)`` of an argument, the output's shape."""
 
     labels: Callable[[Any], Labels]
     shape: Callable[[Any], Shape | None]
     out: Any  # Shape, or a tuple of shapes for a tuple output, or None
-    batch: int = 2
+    batch: int = TRACE_BATCH
 
     @staticmethod
-    def simple(shapes: Mapping[str, Shape] | None = None, out: Any = None) -> _Env:
+    def simple(shapes: Mapping[str, Shape] | None = None, out: Any = None) -> AxisEnv:
         """An env over plain label strings (for examples and tests): a string argument is its own labels."""
         table = dict(shapes or {})
-        return _Env(lambda v: v if isinstance(v, str) else None, lambda v: table.get(v) if isinstance(v, str) else None, out)
+        return AxisEnv(lambda v: v if isinstance(v, str) else None, lambda v: table.get(v) if isinstance(v, str) else None, out)
 
-    def with_shape(self, shape: Callable[[Any], Shape | None]) -> _Env:
-        return _Env(self.labels, shape, self.out, self.batch)
+    def with_shape(self, shape: Callable[[Any], Shape | None]) -> AxisEnv:
+        return AxisEnv(self.labels, shape, self.out, self.batch)
 
 
 def input_axes(rank: int) -> Axes | None:
@@ -142,7 +143,7 @@ def _merge(labels: Sequence[str]) -> str:
     return kinds.pop() if len(kinds) == 1 else "?"
 
 
-def _first_tensor(args: Sequence[Any], env: _Env) -> tuple[Axes | None, Shape | None]:
+def _first_tensor(args: Sequence[Any], env: AxisEnv) -> tuple[Axes | None, Shape | None]:
     for a in args:
         lab = env.labels(a)
         if isinstance(lab, str):
@@ -150,7 +151,7 @@ def _first_tensor(args: Sequence[Any], env: _Env) -> tuple[Axes | None, Shape | 
     return None, None
 
 
-def _out_shape(env: _Env) -> Shape | None:
+def _out_shape(env: AxisEnv) -> Shape | None:
     out = env.out
     if isinstance(out, tuple) and out and all(isinstance(s, int) for s in out):
         return out
@@ -159,11 +160,11 @@ def _out_shape(env: _Env) -> Shape | None:
     return None
 
 
-def _unknown(env: _Env) -> Labels:
+def _unknown(env: AxisEnv) -> Labels:
     return None
 
 
-def _channels_first(args: tuple, kwargs: dict, env: _Env) -> Labels:
+def _channels_first(args: tuple, kwargs: dict, env: AxisEnv) -> Labels:
     out = env.out
     if isinstance(out, tuple) and out and not all(isinstance(s, int) for s in out):
         # A tuple output (max_pool2d_with_indices, native_batch_norm): its tensors of the first one's rank.
@@ -187,7 +188,7 @@ def _feature_last(labels: Axes | None, rank: int, keep_spatial: bool) -> Axes:
     return (head + middle + "C") if rank >= 2 else "C"
 
 
-def _linear(args: tuple, kwargs: dict, env: _Env) -> Labels:
+def _linear(args: tuple, kwargs: dict, env: AxisEnv) -> Labels:
     shape = _out_shape(env)
     if shape is None or len(shape) < 2:
         return None
@@ -197,12 +198,12 @@ def _linear(args: tuple, kwargs: dict, env: _Env) -> Labels:
     return _feature_last(lab, len(shape), keep_spatial=True)
 
 
-def _addmm(args: tuple, kwargs: dict, env: _Env) -> Labels:
+def _addmm(args: tuple, kwargs: dict, env: AxisEnv) -> Labels:
     # aten.addmm(bias, x, w_t): the data input is the second argument.
     return _linear(args[1:2], kwargs, env)
 
 
-def _layer_norm(args: tuple, kwargs: dict, env: _Env) -> Labels:
+def _layer_norm(args: tuple, kwargs: dict, env: AxisEnv) -> Labels:
     lab, shape = _first_tensor(args[:1], env)
     normalized = args[1] if len(args) > 1 else kwargs.get("normalized_shape")
     out = env.out
@@ -223,7 +224,7 @@ def _layer_norm(args: tuple, kwargs: dict, env: _Env) -> Labels:
     return (result, *(None for _ in out[1:])) if multi else result
 
 
-def _embedding(args: tuple, kwargs: dict, env: _Env) -> Labels:
+def _embedding(args: tuple, kwargs: dict, env: AxisEnv) -> Labels:
     shape = _out_shape(env)
     lab, _ = _first_tensor(args, env)
     if shape is None or lab is None or len(lab) + 1 != len(shape):
@@ -231,14 +232,14 @@ def _embedding(args: tuple, kwargs: dict, env: _Env) -> Labels:
     return (lab[0] if lab[0] in "NM?" else "?") + "S" * (len(lab) - 1) + "C"
 
 
-def _elementwise(args: tuple, kwargs: dict, env: _Env) -> Labels:
+def _elementwise(args: tuple, kwargs: dict, env: AxisEnv) -> Labels:
     shape = _out_shape(env)
     if shape is None:
         return _same_as_first(args, kwargs, env)
     return _broadcast([*args, *kwargs.values()], shape, env)
 
 
-def _broadcast(values: Sequence[Any], shape: Shape, env: _Env) -> Labels:
+def _broadcast(values: Sequence[Any], shape: Shape, env: AxisEnv) -> Labels:
     """Per axis, the label the full-rank inputs agree on (unknown inputs do not vote); ``?`` where they disagree."""
     votes: list[set[str]] = [set() for _ in shape]
     for value in _flat(values):
@@ -264,12 +265,12 @@ def _flat(values: Sequence[Any]) -> list[Any]:
     return found
 
 
-def _same_as_first(args: tuple, kwargs: dict, env: _Env) -> Labels:
+def _same_as_first(args: tuple, kwargs: dict, env: AxisEnv) -> Labels:
     lab, _ = _first_tensor(args, env)
     return lab
 
 
-def _cat(args: tuple, kwargs: dict, env: _Env) -> Labels:
+def _cat(args: tuple, kwargs: dict, env: AxisEnv) -> Labels:
     tensors = args[0] if args else kwargs.get("tensors", ())
     shape = _out_shape(env)
     if shape is None or not isinstance(tensors, (list, tuple)):
@@ -278,7 +279,7 @@ def _cat(args: tuple, kwargs: dict, env: _Env) -> Labels:
     return _broadcast(list(tensors), shape, env.with_shape(lambda v: shape))
 
 
-def _stack(args: tuple, kwargs: dict, env: _Env) -> Labels:
+def _stack(args: tuple, kwargs: dict, env: AxisEnv) -> Labels:
     tensors = args[0] if args else kwargs.get("tensors", ())
     shape = _out_shape(env)
     if shape is None or not isinstance(tensors, (list, tuple)) or not tensors:
@@ -293,7 +294,7 @@ def _stack(args: tuple, kwargs: dict, env: _Env) -> Labels:
     return None if lab is None else lab[:d] + "?" + lab[d:]
 
 
-def _split(args: tuple, kwargs: dict, env: _Env) -> Labels:
+def _split(args: tuple, kwargs: dict, env: AxisEnv) -> Labels:
     lab, _ = _first_tensor(args[:1], env)
     out = env.out
     if not isinstance(out, (tuple, list)):
@@ -301,7 +302,7 @@ def _split(args: tuple, kwargs: dict, env: _Env) -> Labels:
     return tuple(lab if isinstance(s, tuple) and lab is not None and len(s) == len(lab) else None for s in out)
 
 
-def _unbind(args: tuple, kwargs: dict, env: _Env) -> Labels:
+def _unbind(args: tuple, kwargs: dict, env: AxisEnv) -> Labels:
     lab, _ = _first_tensor(args[:1], env)
     out = env.out
     if lab is None or not isinstance(out, (tuple, list)):
@@ -313,7 +314,7 @@ def _unbind(args: tuple, kwargs: dict, env: _Env) -> Labels:
     return tuple(rest for _ in out)
 
 
-def _permute(args: tuple, kwargs: dict, env: _Env) -> Labels:
+def _permute(args: tuple, kwargs: dict, env: AxisEnv) -> Labels:
     lab, _ = _first_tensor(args[:1], env)
     if lab is None:
         return None
@@ -328,7 +329,7 @@ def _permute(args: tuple, kwargs: dict, env: _Env) -> Labels:
     return "".join(lab[i] for i in idx)  # type: ignore[index]
 
 
-def _transpose(args: tuple, kwargs: dict, env: _Env) -> Labels:
+def _transpose(args: tuple, kwargs: dict, env: AxisEnv) -> Labels:
     lab, _ = _first_tensor(args[:1], env)
     if lab is None:
         return None
@@ -346,12 +347,12 @@ def _transpose(args: tuple, kwargs: dict, env: _Env) -> Labels:
     return "".join(out)
 
 
-def _t(args: tuple, kwargs: dict, env: _Env) -> Labels:
+def _t(args: tuple, kwargs: dict, env: AxisEnv) -> Labels:
     lab, _ = _first_tensor(args[:1], env)
     return lab[::-1] if lab is not None and len(lab) <= 2 else None
 
 
-def _movedim(args: tuple, kwargs: dict, env: _Env) -> Labels:
+def _movedim(args: tuple, kwargs: dict, env: AxisEnv) -> Labels:
     lab, _ = _first_tensor(args[:1], env)
     if lab is None or len(args) < 3:
         return None
@@ -380,7 +381,7 @@ def _group(labels: str, sizes: Sequence[int]) -> str:
     return _merge(voting)
 
 
-def _flatten(args: tuple, kwargs: dict, env: _Env) -> Labels:
+def _flatten(args: tuple, kwargs: dict, env: AxisEnv) -> Labels:
     value = args[0] if args else kwargs.get("input")
     lab, shape = env.labels(value), env.shape(value)
     if not isinstance(lab, str) or shape is None:
@@ -400,7 +401,7 @@ def _flatten_labels(lab: str, shape: Shape, start: Any, end: Any) -> Labels:
     return lab[:a] + _group(lab[a : b + 1], shape[a : b + 1]) + lab[b + 1 :]
 
 
-def _unflatten(args: tuple, kwargs: dict, env: _Env) -> Labels:
+def _unflatten(args: tuple, kwargs: dict, env: AxisEnv) -> Labels:
     value = args[0] if args else None
     lab, shape = env.labels(value), env.shape(value)
     out = _out_shape(env)
@@ -413,7 +414,7 @@ def _unflatten(args: tuple, kwargs: dict, env: _Env) -> Labels:
     return lab[:d] + _split_label(lab[d], out[d : d + parts], env.batch) + lab[d + 1 :]
 
 
-def _split_label(label: str, sizes: Sequence[int], batch: int = 2) -> str:
+def _split_label(label: str, sizes: Sequence[int], batch: int = TRACE_BATCH) -> str:
     """Labels of the axes one axis is split into: each part keeps the label; size-1 parts beside others are spatial.
 
     A batch merged with spatial axes (``M``) split with the batch size in front is ``N`` then spatial axes.
@@ -430,7 +431,7 @@ def _split_label(label: str, sizes: Sequence[int], batch: int = 2) -> str:
     return "".join("S" if n == 1 else label for n in sizes)
 
 
-def _view(args: tuple, kwargs: dict, env: _Env) -> Labels:
+def _view(args: tuple, kwargs: dict, env: AxisEnv) -> Labels:
     lab, shape = _first_tensor(args[:1], env)
     out = _out_shape(env)
     if lab is None or shape is None or out is None:
@@ -438,7 +439,7 @@ def _view(args: tuple, kwargs: dict, env: _Env) -> Labels:
     return reshape_labels(lab, shape, out, env.batch)
 
 
-def reshape_labels(lab: str, shape: Shape, out: Shape, batch: int = 2) -> Labels:
+def reshape_labels(lab: str, shape: Shape, out: Shape, batch: int = TRACE_BATCH) -> Labels:
     """Labels after a view/reshape from ``shape`` to ``out``, by grouping axes whose sizes multiply alike.
 
     Example:
@@ -483,7 +484,7 @@ def reshape_labels(lab: str, shape: Shape, out: Shape, batch: int = 2) -> Labels
     return "".join(result)
 
 
-def _squeeze(args: tuple, kwargs: dict, env: _Env) -> Labels:
+def _squeeze(args: tuple, kwargs: dict, env: AxisEnv) -> Labels:
     lab, shape = _first_tensor(args[:1], env)
     if lab is None or shape is None:
         return None
@@ -501,7 +502,7 @@ def _squeeze(args: tuple, kwargs: dict, env: _Env) -> Labels:
     return "".join(a for k, a in enumerate(lab) if k not in drop)
 
 
-def _unsqueeze(args: tuple, kwargs: dict, env: _Env) -> Labels:
+def _unsqueeze(args: tuple, kwargs: dict, env: AxisEnv) -> Labels:
     lab, _ = _first_tensor(args[:1], env)
     if lab is None:
         return None
@@ -511,7 +512,7 @@ def _unsqueeze(args: tuple, kwargs: dict, env: _Env) -> Labels:
     return lab[:d] + "S" + lab[d:]
 
 
-def _getitem(args: tuple, kwargs: dict, env: _Env) -> Labels:
+def _getitem(args: tuple, kwargs: dict, env: AxisEnv) -> Labels:
     if len(args) < 2:
         return None
     lab = env.labels(args[0])
@@ -553,7 +554,7 @@ def _getitem(args: tuple, kwargs: dict, env: _Env) -> Labels:
     return result if shape is None or len(shape) == len(result) else None
 
 
-def _im2col(args: tuple, kwargs: dict, env: _Env) -> Labels:
+def _im2col(args: tuple, kwargs: dict, env: AxisEnv) -> Labels:
     """``nn.Unfold`` / ``im2col``: (N, C, *S) -> (N, C * prod(kernel), L), every patch's values a feature of its
     position (TNT's pixel embedding, timm's sliding-window ops)."""
     lab, _ = _first_tensor(args[:1], env)
@@ -568,11 +569,11 @@ def _positions(index: Any) -> bool:
     return isinstance(index, list) and bool(index) and all(isinstance(i, int) and not isinstance(i, bool) for i in index)
 
 
-def _slice(args: tuple, kwargs: dict, env: _Env) -> Labels:
+def _slice(args: tuple, kwargs: dict, env: AxisEnv) -> Labels:
     return _same_as_first(args[:1], kwargs, env)  # aten.slice(x, dim, start, end): same axes
 
 
-def _select(args: tuple, kwargs: dict, env: _Env) -> Labels:
+def _select(args: tuple, kwargs: dict, env: AxisEnv) -> Labels:
     lab, _ = _first_tensor(args[:1], env)
     if lab is None or len(args) < 2:
         return None
@@ -580,7 +581,7 @@ def _select(args: tuple, kwargs: dict, env: _Env) -> Labels:
     return None if d is None else lab[:d] + lab[d + 1 :]
 
 
-def _reduce(args: tuple, kwargs: dict, env: _Env) -> Labels:
+def _reduce(args: tuple, kwargs: dict, env: AxisEnv) -> Labels:
     lab, _ = _first_tensor(args[:1], env)
     if lab is None:
         return None
@@ -603,7 +604,7 @@ def _reduce(args: tuple, kwargs: dict, env: _Env) -> Labels:
     return result
 
 
-def _matmul(args: tuple, kwargs: dict, env: _Env) -> Labels:
+def _matmul(args: tuple, kwargs: dict, env: AxisEnv) -> Labels:
     data = [a for a in args if env.labels(a) is not None]
     if len(data) == 1:
         return _linear(tuple(data), kwargs, env)  # x @ W with W a parameter
@@ -622,7 +623,7 @@ def _matmul(args: tuple, kwargs: dict, env: _Env) -> Labels:
     return "".join(votes) + "??"
 
 
-def _sdpa(args: tuple, kwargs: dict, env: _Env) -> Labels:
+def _sdpa(args: tuple, kwargs: dict, env: AxisEnv) -> Labels:
     q = env.labels(args[0]) if args else None
     v = env.labels(args[2]) if len(args) > 2 else None
     out = env.out
@@ -635,7 +636,7 @@ def _sdpa(args: tuple, kwargs: dict, env: _Env) -> Labels:
     return (result, *(None for _ in out[1:])) if multi else result
 
 
-def _mha(args: tuple, kwargs: dict, env: _Env) -> Labels:
+def _mha(args: tuple, kwargs: dict, env: AxisEnv) -> Labels:
     q = env.labels(args[0]) if args else None
     out = env.out
     if isinstance(out, tuple) and out and not all(isinstance(s, int) for s in out):
@@ -643,7 +644,7 @@ def _mha(args: tuple, kwargs: dict, env: _Env) -> Labels:
     return q if isinstance(q, str) else None
 
 
-def _expand(args: tuple, kwargs: dict, env: _Env) -> Labels:
+def _expand(args: tuple, kwargs: dict, env: AxisEnv) -> Labels:
     lab, _ = _first_tensor(args[:1], env)
     shape = _out_shape(env)
     if lab is None or shape is None:
@@ -694,7 +695,7 @@ _CHANNELS_FIRST = frozenset(
         "_adaptive_avg_pool3d", "avg_pool2d_backward_like",
     }
 )
-_RULES: dict[str, Callable[[tuple, dict, _Env], Labels]] = {
+_RULES: dict[str, Callable[[tuple, dict, AxisEnv], Labels]] = {
     **dict.fromkeys(_ELEMENTWISE, _elementwise),
     **dict.fromkeys(_CHANNELS_FIRST, _channels_first),
     "linear": _linear,
@@ -736,7 +737,7 @@ _AXIS_MOVERS = frozenset(
 )
 
 
-def propagate(op: str, args: tuple, kwargs: Mapping[str, Any], env: _Env, *, node: str | None = None) -> Labels:
+def propagate(op: str, args: tuple, kwargs: Mapping[str, Any], env: AxisEnv, *, node: str | None = None) -> Labels:
     """The labels of the output of op ``op`` called with ``args``/``kwargs``.
 
     Args:
@@ -773,7 +774,7 @@ def propagate(op: str, args: tuple, kwargs: Mapping[str, Any], env: _Env, *, nod
     return _broadcast(same, shape, env) if same else None
 
 
-def module_axes(module: nn.Module, args: tuple, kwargs: Mapping[str, Any], env: _Env) -> Labels:
+def module_axes(module: nn.Module, args: tuple, kwargs: Mapping[str, Any], env: AxisEnv) -> Labels:
     """The labels of a module call's output, from the module's class.
 
     torch.nn's own layers map to their functional rule (``Conv2d`` -> ``conv2d``, ``LayerNorm`` ->
@@ -837,7 +838,7 @@ def _last_layer(module: nn.Module) -> nn.Module | None:
 
 
 def run_labels(fn: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any], labels: Mapping[int, Axes],
-               batch: int = 2) -> Labels:
+               batch: int = TRACE_BATCH) -> Labels:
     """The labels of ``fn(*args, **kwargs)``, by running it and propagating labels one torch function at a time.
 
     For a Python function fx keeps whole (timm's autowrapped ``deblockify``, ``window_partition``): no rule names
@@ -885,7 +886,7 @@ def run_labels(fn: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any], l
             result = func(*args, **kwargs)
             name = op_name(func)
             if not (name == "getitem" and args and isinstance(args[0], (tuple, list))):
-                store(result, propagate(name, args, kwargs, _Env(labels_of, shape_of, shapes(result), batch)))
+                store(result, propagate(name, args, kwargs, AxisEnv(labels_of, shape_of, shapes(result), batch)))
             return result
 
     for value in [*args, *kwargs.values()]:

@@ -51,8 +51,8 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from torch.overrides import TorchFunctionMode
 
 from .errors import AutoprobeError, InputSizeError, RealDataNeeded, TraceError, UsageError
-from .axes import Labels, _Env, input_axes, op_name, propagate
-from .graph import _FUNCTION_KINDS, LayerGraph, build_layer_graph
+from .axes import AxisEnv, Labels, input_axes, op_name, propagate
+from .graph import FUNCTION_KINDS, LayerGraph, build_layer_graph
 from .meta import ValueReadCheck, ValuesNeeded, device_of, meta_twins, seeded_run
 from .trace import (
     Backend,
@@ -308,10 +308,10 @@ def _kind_name(op: torch._ops.OpOverload) -> str:
     name = op._opname
     if name in ATEN_KIND_NAMES:
         return ATEN_KIND_NAMES[name]
-    if name in _FUNCTION_KINDS:
+    if name in FUNCTION_KINDS:
         return name
     bare = name.rstrip("_")
-    if bare in _FUNCTION_KINDS:
+    if bare in FUNCTION_KINDS:
         return bare
     return bare.lstrip("_") or name
 
@@ -671,7 +671,7 @@ class _Provenance(TorchFunctionMode):
             self.tag(result, sources)
         if sources and isinstance(result, torch.Tensor) or (sources and isinstance(result, (tuple, list)) and any(
                 isinstance(r, torch.Tensor) for r in result)):
-            env = _Env(self.labels_of, _shape_of, _out_shapes(result), self.batch)
+            env = AxisEnv(self.labels_of, _shape_of, _out_shapes(result), self.batch)
             name = op_name(func)
             if name == "getitem" and args and isinstance(args[0], (tuple, list)):
                 return result  # a tuple's element keeps its own labels

@@ -35,15 +35,17 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from .axes import Labels, _Env, input_axes, layout_of, module_axes, op_name, propagate, run_labels
+from .axes import AxisEnv, Labels, input_axes, layout_of, module_axes, op_name, propagate, run_labels
 from .errors import TraceError
 from .layout import Layout
+from .meta import meta_twins
+from .sizes import TRACE_BATCH
 from .trace import Backend, Mode, Traced, first_tensor_meta
 
-__all__ = ["LayerInfo", "LayerGraph", "build_layer_graph"]
+__all__ = ["LayerInfo", "LayerGraph", "build_layer_graph", "FUNCTION_KINDS"]
 
-# Coarse op kinds; detectors match on these, never on model-specific names.
-_FUNCTION_KINDS: dict[str, str] = {
+# Coarse op kinds of functions and methods; detectors match on these, never on model-specific names.
+FUNCTION_KINDS: dict[str, str] = {
     **dict.fromkeys(("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"), "conv"),
     "linear": "linear",
     **dict.fromkeys(("batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm"), "norm"),
@@ -394,7 +396,7 @@ def _out_shapes(meta: Any) -> Any:
 
 
 def _node_labels(
-    graph: fx.Graph, modules: dict[str, nn.Module], input_node: fx.Node, batch: int = 2
+    graph: fx.Graph, modules: dict[str, nn.Module], input_node: fx.Node, batch: int = TRACE_BATCH
 ) -> dict[fx.Node, Labels]:
     """Axis labels of every node, propagated in execution order from the input (see ``axes.py``)."""
     labels: dict[fx.Node, Labels] = {}
@@ -420,7 +422,7 @@ def _node_labels(
         if node.op in ("get_attr", "output"):
             labels[node] = labels_of(node.args[0]) if node.op == "output" and isinstance(node.args[0], fx.Node) else None
             continue
-        env = _Env(labels_of, shape_of, out, batch)
+        env = AxisEnv(labels_of, shape_of, out, batch)
         if node.op == "call_module":
             module = modules[str(node.target)]
             found = module_axes(module, node.args, node.kwargs, env)
@@ -474,8 +476,7 @@ def _run_opaque(node: fx.Node, labels_of: Any, batch: int, module: nn.Module | N
         return None
     fn: Any = node.target
     if module is not None:
-        twins = {name: torch.empty_like(t, device="meta") for name, t in
-                 [*module.named_parameters(), *module.named_buffers()]}
+        twins = meta_twins(module, remove_duplicate=True)
 
         def fn(*args: Any, **kwargs: Any) -> Any:
             return torch.func.functional_call(module, twins, args, kwargs)
@@ -580,7 +581,7 @@ def _layer_info(
         target, module_type, module_path = str(node.target), type(module).__name__, str(node.target)
     else:
         target = _callable_name(node.target)
-        kind = _FUNCTION_KINDS.get(target, "reshape" if node.op == "call_method" else "other")
+        kind = FUNCTION_KINDS.get(target, "reshape" if node.op == "call_method" else "other")
         if kind == "norm":
             norm = _family(target, _NORM_FAMILIES)
         elif kind == "act":

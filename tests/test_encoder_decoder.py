@@ -81,11 +81,11 @@ def test_a_classifier_trunk_is_its_spine() -> None:
 
 
 def test_stack_then_sum_over_the_stacked_axis_keeps_the_layout() -> None:
-    from autoprobe.axes import _Env
+    from autoprobe.axes import AxisEnv
 
-    stacked = propagate("stack", (["NCSS", "NCSS"],), {}, _Env.simple({"NCSS": (2, 8, 4, 4)}, out=(2, 2, 8, 4, 4)))
+    stacked = propagate("stack", (["NCSS", "NCSS"],), {}, AxisEnv.simple({"NCSS": (2, 8, 4, 4)}, out=(2, 2, 8, 4, 4)))
     assert stacked == "?NCSS" and layout_of(stacked, (2, 2, 8, 4, 4)) is None  # the stack itself is no feature
-    summed = propagate("sum", (stacked, 0), {}, _Env.simple({stacked: (2, 2, 8, 4, 4)}, out=(2, 8, 4, 4)))
+    summed = propagate("sum", (stacked, 0), {}, AxisEnv.simple({stacked: (2, 2, 8, 4, 4)}, out=(2, 8, 4, 4)))
     assert layout_of(summed, (2, 8, 4, 4)) == "NCHW"
 
 

@@ -10,15 +10,15 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from autoprobe.axes import _Env, propagate
+from autoprobe.axes import AxisEnv, propagate
 from conftest import graph_of
 
 
 def test_a_constant_list_index_keeps_its_axis() -> None:
-    env = _Env.simple({"NCS": (2, 8, 64)}, out=(2, 8, 3))
+    env = AxisEnv.simple({"NCS": (2, 8, 64)}, out=(2, 8, 3))
     assert propagate("getitem", ("NCS", (slice(None), slice(None), [0, 8, 1])), {}, env) == "NCS"
     # beside an integer, advanced indexing may move the axis to the front: unknown
-    assert propagate("getitem", ("NCS", (0, slice(None), [0, 8, 1])), {}, _Env.simple({"NCS": (2, 8, 64)})) is None
+    assert propagate("getitem", ("NCS", (0, slice(None), [0, 8, 1])), {}, AxisEnv.simple({"NCS": (2, 8, 64)})) is None
 
 
 class Unfolded(nn.Module):
