@@ -295,6 +295,17 @@ def select_points(graph: LayerGraph, pack: RulePack, *, points: int | None = Non
         distance = max(1, distance // 2)
         chosen = pick(graph, ranked, m, distance, usable)
         notes.append(f"min_distance relaxed to {distance} to place {m} points")
+    if len(chosen) < m and not fell_back:
+        # Detectors flagged too few depths (a leaf block hides its inside: NFNets): the spine's feature nodes
+        # farthest from the points already chosen make up the rest, and the notes say how many.
+        spine = [Scored(c.node, 0.0, (Fired(c.detector, c.reason, 0.0),)) for c in _fallback(graph)
+                 if _eligible(graph, graph[c.node], policy)]
+        filled = _farthest(graph, chosen, spine, m, distance)
+        if len(filled) > len(chosen):
+            notes.append(f"{len(filled) - len(chosen)} of {m} points are spine nodes spread over the depth: the "
+                         "detectors flagged too few distinct depths")
+            scored = sorted({*scored, *filled}, key=lambda x: graph[x.node].order)
+            chosen = filled
     if len(chosen) < m:
         notes.append(f"only {len(chosen)} of {m} points could be placed: too few candidates at distinct depths")
 
@@ -325,6 +336,23 @@ def _greedy(
         depth = graph[s.node].depth
         if s not in picked and all(abs(depth - graph[c.node].depth) >= distance for c in picked):
             picked.append(s)
+    return picked
+
+
+def _farthest(graph: LayerGraph, chosen: list[Scored], extra: list[Scored], m: int, distance: int) -> list[Scored]:
+    """``chosen`` plus, one at a time, the node of ``extra`` farthest in depth from every point so far (at least
+    ``distance`` away; ties to the earlier node), until there are ``m``."""
+    picked = list(chosen)
+    names = {c.node for c in picked}
+    while len(picked) < m:
+        gaps = [(min((abs(graph[e.node].depth - graph[c.node].depth) for c in picked), default=graph.depth), e)
+                for e in extra if e.node not in names]
+        gaps = [(gap, e) for gap, e in gaps if gap >= distance]
+        if not gaps:
+            break
+        best = max(gaps, key=lambda ge: (ge[0], -graph[ge[1].node].order))[1]
+        picked.append(best)
+        names.add(best.node)
     return picked
 
 

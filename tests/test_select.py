@@ -140,10 +140,14 @@ def test_relaxation_is_noted(ruler: LayerGraph, monkeypatch: pytest.MonkeyPatch)
     )
 
 
-def test_too_few_candidates_is_noted(ruler: LayerGraph, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_too_few_flagged_depths_are_made_up_with_spread_spine_nodes(
+    ruler: LayerGraph, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Detectors flag depths 4 and 12 only (a leaf block hides its inside, as in NFNets): the spine nodes farthest
+    # from the points so far make up M, and the notes say so.
     sel = pick(ruler, monkeypatch, {4: 1.0, 12: 1.0}, points=4)
-    assert depths(sel) == [4, 12]
-    assert sel.notes[-1] == "only 2 of 4 points could be placed: too few candidates at distinct depths"
+    assert depths(sel) == [4, 8, 12, 18]  # 18 is farthest from 4 and 12 (6 away), then 8 (4 away from both)
+    assert sel.notes[-1] == "2 of 4 points are spine nodes spread over the depth: the detectors flagged too few distinct depths"
 
 
 def test_no_note_when_the_distance_fits(ruler: LayerGraph, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -198,3 +202,4 @@ def test_strata_take_the_best_of_each_third_of_the_depth() -> None:
     assert select_points(g, pack).names == ("blocks.0.add", "blocks.1.add", "blocks.2.add")  # greedy: the 3 best
     assert [p.depth for p in select_points(g, strata).points] == [3, 11, 19]  # one per third
     assert load_rules("dense").policy.spread == "strata" and pack.policy.spread == "greedy"
+
