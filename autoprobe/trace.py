@@ -804,8 +804,7 @@ def _user_frame(exc: BaseException) -> str:
 def _fx_trace(
     model: nn.Module, options: TraceOptions, call: ForwardCall, input_shape: tuple[int, ...]
 ) -> tuple[fx.GraphModule, fx.Graph, _QualnameTracer]:
-    values = {call.input_name: torch.empty(input_shape, device="meta"), **call.fixed,
-              **{name: torch.empty_like(t, device="meta") for name, t in call.tensors.items()}}
+    values = {call.input_name: torch.empty(input_shape, device="meta"), **call.example_kwargs("meta")}
     tracer = _QualnameTracer(options.leaf_types(), options.leaf_paths, default_autowrap_functions(), values)
     try:
         graph = tracer.trace(model, concrete_args=dict(call.fixed) or None)
@@ -1086,16 +1085,15 @@ def trace_fx(model: nn.Module, input_size: Sequence[int], options: TraceOptions 
         gm, graph, tracer = _fx_trace(model, options, call, input_shape)
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         inputs = []
+        extra = call.example_kwargs("meta")  # fresh twins: an in-place op while tracing cannot reach them
         input_node = next((n.name for n in placeholders if n.target == call.input_name), placeholders[0].name)
         # fx makes one placeholder per forward parameter, in order (a fixed one is renamed ``deep_1``).
         params = call.parameters if len(call.parameters) == len(placeholders) else tuple(str(n.target) for n in placeholders)
         for node, param in zip(placeholders, params):
             if node.name == input_node:
                 inputs.append(torch.empty(input_shape, device="meta"))
-            elif param in call.tensors:
-                inputs.append(torch.empty_like(call.tensors[param], device="meta"))
-            elif param in call.fixed:
-                inputs.append(call.fixed[param])
+            elif param in extra:
+                inputs.append(extra[param])
             elif param.startswith("*"):
                 inputs.append({} if param.startswith("**") else ())
             else:
