@@ -656,12 +656,13 @@ _ELEMENTWISE_DUNDER = frozenset(
     {"add", "sub", "mul", "truediv", "floordiv", "div", "pow", "mod", "and", "or", "xor", "matmul", "neg",
      "abs", "lshift", "rshift"}
 )
+# Keys are ``op_name``'s: it strips a trailing ``_``, so ``mul_`` is looked up as ``mul``.
 _ELEMENTWISE = frozenset(
     {
         "add", "sub", "mul", "div", "truediv", "floordiv", "true_divide", "floor_divide", "pow", "mod", "neg", "abs",
         "exp", "log", "log1p", "expm1", "sqrt", "rsqrt", "sin", "cos", "tanh", "sigmoid", "hardsigmoid", "relu",
         "relu6", "gelu", "silu", "hardswish", "mish", "leaky_relu", "elu", "selu", "celu", "softplus", "prelu",
-        "hardtanh", "threshold", "glu_like", "logsigmoid", "softsign", "tanhshrink", "hardshrink", "softshrink",
+        "hardtanh", "threshold", "logsigmoid", "softsign", "tanhshrink", "hardshrink", "softshrink",
         "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout", "native_dropout",
         "feature_dropout", "drop_path", "identity", "clone", "contiguous", "detach", "to", "_to_copy", "float",
         "double", "half", "bfloat16", "type", "type_as", "alias", "lift_fresh_copy", "clamp", "clamp_min",
@@ -672,16 +673,15 @@ _ELEMENTWISE = frozenset(
         "hard_sigmoid", "round", "floor", "ceil", "trunc", "frac", "eq", "ne", "lt", "le", "gt", "ge", "logical_not",
         "bitwise_not", "nan_to_num", "pad", "constant_pad_nd", "reflection_pad1d", "reflection_pad2d",
         "reflection_pad3d", "replication_pad1d", "replication_pad2d", "replication_pad3d", "roll", "flip", "narrow",
-        "index_select", "gather", "repeat", "tile", "sigmoid_", "dropout_", "requires_grad", "cumsum", "cumprod",
-        "scatter", "scatter_add", "index_add", "index_copy", "index_put", "masked_scatter", "new_zeros_like",
-        "softmin", "logit", "lerp", "layer_scale", "mul_", "add_", "iadd", "imul", "isub", "idiv", "itruediv",
-        "setitem", "channel_shuffle_like",
+        "index_select", "gather", "repeat", "tile", "requires_grad", "cumsum", "cumprod", "scatter", "scatter_add",
+        "index_add", "index_copy", "index_put", "masked_scatter", "softmin", "logit", "layer_scale", "iadd", "imul",
+        "isub", "idiv", "itruediv", "setitem",
     }
 )
 _CHANNELS_FIRST = frozenset(
     {
         "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "convolution",
-        "_convolution", "conv_tbc_like", "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d",
+        "_convolution", "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d",
         "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
         "adaptive_max_pool2d", "adaptive_max_pool3d", "lp_pool1d", "lp_pool2d", "lp_pool3d",
         "max_pool2d_with_indices", "max_pool3d_with_indices", "max_pool1d_with_indices", "fractional_max_pool2d",
@@ -692,7 +692,7 @@ _CHANNELS_FIRST = frozenset(
         "upsample_trilinear3d", "upsample_nearest3d", "_upsample_bilinear2d_aa", "_upsample_bicubic2d_aa",
         "_upsample_nearest_exact1d", "_upsample_nearest_exact2d", "_upsample_nearest_exact3d", "pixel_shuffle",
         "pixel_unshuffle", "channel_shuffle", "native_channel_shuffle", "fold", "grid_sample", "_adaptive_avg_pool2d",
-        "_adaptive_avg_pool3d", "avg_pool2d_backward_like",
+        "_adaptive_avg_pool3d",
     }
 )
 _RULES: dict[str, Callable[[tuple, dict, AxisEnv], Labels]] = {
