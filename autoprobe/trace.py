@@ -680,16 +680,23 @@ def _specialization_note(specializations: Sequence[Specialization], input_shape:
 
 def _fx_names(graph: fx.Graph, scopes: Mapping[fx.Node, str], model: nn.Module) -> tuple[dict[str, str], dict[str, tuple[str, int]]]:
     """Qualified names (``NodeNamer``'s rule) and module calls of an fx-traced graph."""
-    namer = NodeNamer(p for p, _ in model.named_modules())
-    qualnames: dict[str, str] = {}
     calls: dict[str, tuple[str, int]] = {}
     call_counts: dict[str, int] = {}
-    for node in graph.nodes:
+    for node in graph.find_nodes(op="call_module", sort=True):  # a hook counts calls in execution order
+        path = str(node.target)
+        calls[node.name] = (path, call_counts.get(path, 0))
+        call_counts[path] = call_counts.get(path, 0) + 1
+    namer = NodeNamer(p for p, _ in model.named_modules())
+    qualnames: dict[str, str] = {}
+    # A tensor made without the input's data (a train-only random mask: smp's drop_connect draws
+    # `keep_prob + torch.rand(...)`) is named after every other node, so it cannot renumber the data
+    # ops: else a point named in the eval graph would name another node in the train graph. Shape
+    # reads keep their place, as in torchvision's names.
+    data = _carries_data(graph)
+    dataless = {n for n in graph.nodes if n not in data and has_tensor(n.meta.get("tensor_meta"))}
+    for node in sorted(graph.nodes, key=lambda n: n in dataless):
         if node.op == "call_module":
-            path = str(node.target)
-            qualnames[node.name] = namer.name(path, module=True)
-            calls[node.name] = (path, call_counts.get(path, 0))
-            call_counts[path] = call_counts.get(path, 0) + 1
+            qualnames[node.name] = namer.name(str(node.target), module=True)
             continue
         if node.op in ("placeholder", "output"):
             base = node.name
@@ -699,7 +706,22 @@ def _fx_names(graph: fx.Graph, scopes: Mapping[fx.Node, str], model: nn.Module) 
             scope = scopes.get(node, "")
             base = f"{scope}.{local}" if scope else local
         qualnames[node.name] = namer.name(base, module=False)
-    return qualnames, calls
+    return {node.name: qualnames[node.name] for node in graph.nodes}, calls
+
+
+def _carries_data(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes whose value is a tensor computed from a placeholder's tensor (placeholders included).
+
+    A tensor made from a shape, a constant or a device read (``torch.rand(b, 1, device=x.device)``)
+    does not carry the input's data: the edge it hangs on is not a tensor.
+    """
+    carrying: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder" or (
+            has_tensor(node.meta.get("tensor_meta")) and any(i in carrying for i in node.all_input_nodes)
+        ):
+            carrying.add(node)
+    return carrying
 
 
 @contextlib.contextmanager

@@ -155,3 +155,40 @@ def test_export_names_each_call_of_a_shared_module_and_taps_catch_it() -> None:
     assert {t.point: tuple(t.feature_shape) for t in probed.report.taps} == {
         k: tuple(v.shape) for k, v in out.features.items()
     }
+
+
+class DropConnect(nn.Module):
+    """smp's EfficientNet block end: in train mode only, a random mask drawn without the input's data
+    (``keep_prob + torch.rand(...)``, an ``add``) comes before the residual ``add``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if self.training:
+            mask = 0.8
+            mask += torch.rand([x.shape[0], 1, 1, 1], dtype=x.dtype, device=x.device)
+            y = y / 0.8 * torch.floor(mask)
+        return self.fc((x + y).mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_a_train_only_mask_does_not_renumber_the_data_ops(mode: str) -> None:
+    traced = trace_with_fallbacks(DropConnect(), (4, 8, 8), autoprobe.TraceOptions(mode=mode)).traced
+    names = {q: n for n, q in traced.qualnames.items()}
+    residual = traced.graph_module.graph.find_nodes(op="call_function", target=__import__("operator").add)
+    assert traced.backend == "fx"
+    assert tuple(next(n for n in residual if n.name == names["add"]).meta["tensor_meta"].shape) == (2, 4, 8, 8)
+
+
+def test_a_point_after_a_train_only_mask_instruments() -> None:
+    model = DropConnect()
+    selection = autoprobe.analyze(model, input_size=(4, 8, 8)).choose("add")
+    probed = autoprobe.instrument(model, selection=selection, input_size=(4, 8, 8))
+    assert [t.point for t in probed.report.taps] == ["add"]
+    probed.train()
+    out = probed(torch.randn(2, 4, 8, 8))
+    assert out.features["add"].shape == (2, 4, 8, 8)
