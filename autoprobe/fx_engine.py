@@ -42,7 +42,8 @@ from torch import fx, nn
 from .errors import SelectionError
 from .graph import LayerGraph, build_layer_graph
 from .taps import ADAPTERS, MODEL, EngineResult, TapSite
-from .trace import INPLACE_META, Traced, TraceOptions, trace_fx
+from .fx_tracer import INPLACE_META
+from .trace import Traced, TraceOptions, trace_fx
 
 __all__ = ["FxRecipe", "FxEngine", "trace_both_modes"]
 

@@ -30,10 +30,10 @@ def count_calls(run: Callable[[], Any]) -> tuple[int, int]:
 
     from torch import fx
 
-    from autoprobe import trace
+    from autoprobe import fx_tracer
 
     counts = {"trace": 0, "recompile": 0}
-    tracer_trace, recompile = trace._QualnameTracer.trace, fx.GraphModule.recompile
+    tracer_trace, recompile = fx_tracer.QualnameTracer.trace, fx.GraphModule.recompile
 
     def counted_trace(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
         counts["trace"] += 1
@@ -44,7 +44,7 @@ def count_calls(run: Callable[[], Any]) -> tuple[int, int]:
         return recompile(self, *args, **kwargs)
 
     # Patched for this one call only, in this benchmark's own process: counting needs the hook.
-    with mock.patch.object(trace._QualnameTracer, "trace", counted_trace), \
+    with mock.patch.object(fx_tracer.QualnameTracer, "trace", counted_trace), \
             mock.patch.object(fx.GraphModule, "recompile", counted_recompile):
         run()
     return counts["trace"], counts["recompile"]
