@@ -474,11 +474,12 @@ def _run_opaque(node: fx.Node, labels_of: Any, batch: int, module: nn.Module | N
     kwargs = fx.node.map_arg(node.kwargs, materialize)
     if unknown:
         return None
-    fn: Any = node.target
-    if module is not None:
+    if module is None:
+        fn: Any = node.target
+    else:
         twins = meta_twins(module, remove_duplicate=True)
 
-        def fn(*args: Any, **kwargs: Any) -> Any:
+        def fn(*args: Any, **kwargs: Any) -> Any:  # the leaf's own ops, on meta twins of its weights
             return torch.func.functional_call(module, twins, args, kwargs)
     try:
         return run_labels(fn, tuple(args), dict(kwargs), known, batch)
