@@ -68,11 +68,13 @@ _INPLACE_OPERATORS = frozenset(
 
 
 def trace_both_modes(model: nn.Module, size: Sequence[int], options: TraceOptions) -> tuple[Traced, Traced]:
-    """The train-mode and eval-mode fx traces; the model's own flags are left as they were."""
-    return (
-        trace_fx(model, size, dataclasses.replace(options, mode="train")),
-        trace_fx(model, size, dataclasses.replace(options, mode="eval")),
-    )
+    """The train-mode and eval-mode fx traces; the model's own flags are left as they were.
+
+    A model whose Python records the same program in both modes gets one trace, shared (``trace_fx``'s
+    ``other_mode``): shapes are propagated once.
+    """
+    eval_traced = trace_fx(model, size, dataclasses.replace(options, mode="eval"))
+    return trace_fx(model, size, dataclasses.replace(options, mode="train"), other_mode=eval_traced), eval_traced
 
 
 @dataclass(frozen=True)
@@ -161,7 +163,9 @@ class FxEngine:
         eval_traced: Traced,
     ) -> None:
         train = _tapped_graph_module(model, adapters, sites, train_traced)
-        eval_ = _tapped_graph_module(model, adapters, sites, eval_traced)
+        # One program in both modes (the traces share their graph): one tapped graph serves both.
+        same = train_traced.graph_module is eval_traced.graph_module
+        eval_ = train if same else _tapped_graph_module(model, adapters, sites, eval_traced)
         self._graphs = {True: train.graph_module, False: eval_.graph_module}
         self._cloned = {s.point: train.cloned[s.point] or eval_.cloned[s.point] for s in sites}
         self._fx_names = {s.point: (train.fx_names[s.point], eval_.fx_names[s.point]) for s in sites}

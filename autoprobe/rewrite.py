@@ -291,11 +291,13 @@ def _place(
     if selection.backend == "fx":
         if reuse is not None and selection.mode == "eval":
             eval_traced, eval_graph = reuse.traced, reuse.graph
-            train_traced = trace_fx(module, size, dataclasses.replace(opts, mode="train"))
+            train_traced = trace_fx(module, size, dataclasses.replace(opts, mode="train"), other_mode=eval_traced)
         else:
             train_traced, eval_traced = trace_both_modes(module, size, opts)
             eval_graph = build_layer_graph(eval_traced)
-        graph = build_layer_graph(train_traced)
+        # One program in both modes (the usual case) is one graph: its layer graph is the selection's.
+        shared = train_traced.graph_module is eval_traced.graph_module
+        graph = eval_graph if shared else build_layer_graph(train_traced)
         infos = _check_selection(selection, {"train": graph, "eval": eval_graph}, label)
         return _Placement(train_traced, eval_traced, graph, tuple(infos), None, _fx_example_output(train_traced))
     # The model runs its own Python, whatever its mode: one graph, in the selection's mode, to check against.

@@ -31,7 +31,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from .errors import AutoprobeError, SizeErrorParts, TraceError, UsageError
-from .fx_tracer import QualnameTracer, specialization_note
+from .fx_tracer import INPLACE_META, QualnameTracer, specialization_note
 from .meta import meta_twins, needs_values
 from .sizes import TRACE_BATCH, size_error
 
@@ -453,7 +453,7 @@ def _user_frame(exc: BaseException) -> str:
 
 def _fx_trace(
     model: nn.Module, options: TraceOptions, call: ForwardCall, input_shape: tuple[int, ...]
-) -> tuple[fx.GraphModule, fx.Graph, QualnameTracer]:
+) -> tuple[fx.Graph, QualnameTracer]:
     values = {call.input_name: torch.empty(input_shape, device="meta"), **call.example_kwargs("meta")}
     tracer = QualnameTracer(options.leaf_types(), options.leaf_paths, default_autowrap_functions(), values)
     try:
@@ -474,8 +474,7 @@ def _fx_trace(
             f"{type(exc).__name__}: {exc}\nHint: {hint}"
         ) from exc
     tracer.drop_reads(graph)
-    graph_module = fx.GraphModule(tracer.root, graph, type(model).__name__)
-    return graph_module, graph, tracer
+    return graph, tracer
 
 
 def _target_name(n: fx.Node) -> str:
@@ -703,7 +702,13 @@ def first_tensor_meta(meta: Any) -> TensorMetadata | None:
     return None
 
 
-def trace_fx(model: nn.Module, input_size: Sequence[int], options: TraceOptions = TraceOptions()) -> Traced:
+def trace_fx(
+    model: nn.Module,
+    input_size: Sequence[int],
+    options: TraceOptions = TraceOptions(),
+    *,
+    other_mode: Traced | None = None,
+) -> Traced:
     """Trace ``model`` with fx and propagate shapes on meta tensors for an input of ``input_size``.
 
     The model is never run: fx records its Python on proxies, and the recorded graph runs on meta
@@ -713,6 +718,11 @@ def trace_fx(model: nn.Module, input_size: Sequence[int], options: TraceOptions 
         model: any ``nn.Module``; on the meta device or live. It is not mutated.
         input_size: the input without the batch dimension, e.g. ``(3, 224, 224)``.
         options: the ``TraceOptions``.
+        other_mode: the fx trace of the same model, input and options in the other mode. When the
+            model's Python records the same program in both modes (no ``if self.training``, no
+            ``F.dropout(x, training=self.training)``: modules such as ``nn.Dropout`` are calls that
+            read their own flag when they run), that trace is returned in ``options.mode`` as it is,
+            graph module and shapes shared, instead of propagating shapes again.
 
     Returns:
         A ``Traced`` whose graph nodes carry ``tensor_meta``.
@@ -724,15 +734,23 @@ def trace_fx(model: nn.Module, input_size: Sequence[int], options: TraceOptions 
 
     Example:
         >>> import torch
-        >>> t = trace_fx(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3)), (3, 16, 16))
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Dropout())
+        >>> t = trace_fx(net, (3, 16, 16))
         >>> t.qualnames["_0"], tuple(t.graph_module.graph.find_nodes(op="call_module")[0].meta["tensor_meta"].shape)
         ('0', (2, 8, 14, 14))
+        >>> train = trace_fx(net, (3, 16, 16), TraceOptions(mode="train"), other_mode=t)
+        >>> train.mode, train.graph_module is t.graph_module  # nn.Dropout reads its flag when it runs
+        ('train', True)
     """
     options.check_model(model)
     input_shape = (options.batch_size, *(int(s) for s in input_size))
     call = forward_call(model, options)
     with training_mode(model, options.train):
-        gm, graph, tracer = _fx_trace(model, options, call, input_shape)
+        graph, tracer = _fx_trace(model, options, call, input_shape)
+        if other_mode is not None and other_mode.backend == "fx" and other_mode.input_shape == input_shape \
+                and same_program(graph, other_mode.graph_module.graph) and _mode_free_leaves(graph, tracer.root):
+            return dataclasses.replace(other_mode, mode=options.mode)
+        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         inputs = []
         extra = call.example_kwargs("meta")  # fresh twins: an in-place op while tracing cannot reach them
@@ -753,6 +771,57 @@ def trace_fx(model: nn.Module, input_size: Sequence[int], options: TraceOptions 
     notes = specialization_note(tracer.specializations, input_shape)
     traced = finish_trace(model, gm, qualnames, calls, input_shape, options, "fx", input_node, notes)
     return dataclasses.replace(traced, output_type=tracer.output_type(graph))
+
+
+def same_program(a: fx.Graph, b: fx.Graph) -> bool:
+    """Whether two fx graphs hold the same program: node for node the same op, name, target and
+    arguments (constants by value, tensors by identity) and the same in-place marks.
+
+    Example:
+        >>> import torch
+        >>> g = lambda f: fx.symbolic_trace(f).graph
+        >>> same_program(g(lambda x: x.relu() + 1), g(lambda x: x.relu() + 1)), same_program(g(lambda x: x + 1), g(lambda x: x + 2))
+        (True, False)
+    """
+    nodes_a, nodes_b = list(a.nodes), list(b.nodes)
+    if len(nodes_a) != len(nodes_b):
+        return False
+    for x, y in zip(nodes_a, nodes_b):
+        if (x.op, x.name, x.meta.get(INPLACE_META)) != (y.op, y.name, y.meta.get(INPLACE_META)):
+            return False
+        if x.target is not y.target and x.target != y.target:
+            return False
+        if _program_args((x.args, x.kwargs)) != _program_args((y.args, y.kwargs)):
+            return False
+    return True
+
+
+# Leaf modules whose output shapes do not depend on their mode (a dropout, a batch norm, timm's conv
+# variants): another library's leaf could return an auxiliary output in train mode only, unseen by fx.
+_MODE_FREE_PACKAGES = ("torch.", "timm.layers.", "torchvision.ops.")
+
+
+def _mode_free_leaves(graph: fx.Graph, root: nn.Module) -> bool:
+    """Whether every module the graph calls comes from a package whose modules keep their shapes in both modes."""
+    return all(
+        type(root.get_submodule(str(n.target))).__module__.startswith(_MODE_FREE_PACKAGES)
+        for n in graph.find_nodes(op="call_module")
+    )
+
+
+def _program_args(value: Any) -> Any:
+    """Arguments as a comparable value: nodes by name, tensors by identity (their ``==`` is elementwise)."""
+    if isinstance(value, fx.Node):
+        return ("node", value.name)
+    if isinstance(value, torch.Tensor):
+        return ("tensor", id(value))
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, tuple(_program_args(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple((k, _program_args(v)) for k, v in value.items()))
+    if isinstance(value, slice):
+        return ("slice", _program_args((value.start, value.stop, value.step)))
+    return (type(value), value)
 
 
 def finish_trace(

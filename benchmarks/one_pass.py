@@ -1,7 +1,9 @@
 """``instrument`` against one ``analyze`` of the same live model, and the fx traces one ``instrument`` makes.
 
 ``instrument(model)`` selects the points (one ``analyze``: an eval-mode trace) and builds the probed
-model (a train-mode trace; the eval trace is the selection's own). Both run in one process on the same
+model: a train-mode fx trace, compared node for node with the selection's eval trace and, when the
+model's Python is the same program in both modes, shared with it (no second shape propagation, one
+tapped graph for both modes). Both run in one process on the same
 CPU model, interleaved (order alternating every repeat); one ratio per repeat, median over repeats.
 fx traces and ``GraphModule.recompile`` calls are counted on one extra ``instrument`` call.
 
