@@ -365,14 +365,15 @@ def _pilot_table(records: Sequence[dict]) -> str:
     pilots = [r for r in records if r.get("pilot")]
     if not pilots:
         return "(no pilots recorded)"
-    head = ["model", "method", "setting", "seed", "steps x batch", "lr", "val mIoU (%)", "val pixel acc (%)",
-            "last-quarter share of final val mIoU", "CPU s", "wall s"]
+    head = ["task", "model", "method", "setting", "seed", "steps x batch", "lr", "val score (%): mIoU or accuracy",
+            "val pixel acc (%)", "last-quarter share of final val score", "CPU s", "wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in pilots:
-        c = r["curve"]
-        lines.append(f"| {r['model']} | {r['method']} | {r['setting']} | {r['seed']} | {r['steps']} x {r['batch']} "
-                     f"| {r.get('lr', '-')} "
-                     f"| {r['metrics']['mIoU'] * 100:.2f} | {r['metrics']['pixel_acc'] * 100:.2f} "
+        c, m = r["curve"], r["metrics"]
+        score = m["mIoU"] if r["task"] == "seg" else m["accuracy"]
+        pixel = f"{m['pixel_acc'] * 100:.2f}" if "pixel_acc" in m else "-"
+        lines.append(f"| {r['task']} | {r['model']} | {r['method']} | {r['setting']} | {r['seed']} "
+                     f"| {r['steps']} x {r['batch']} | {r.get('lr', '-')} | {score * 100:.2f} | {pixel} "
                      f"| {_flattening(c['val_step'], c['val']):.3f} | {r['times']['cpu_s']:.0f} | {r['times']['wall_s']:.0f} |")
     return "\n".join(lines)
 
@@ -424,12 +425,15 @@ def _pilot_curves(records: Sequence[dict], out: Path) -> Path | None:
     if not pilots:
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.6, 3.6))
-    for r in pilots:
-        ax.plot(r["curve"]["val_step"], r["curve"]["val"], marker="o",
-                label=f"{r['steps']}x{r['batch']}, lr {r.get('lr')}")
-    ax.set(xlabel="step", ylabel="validation mIoU (item classes)", title="Baseline regime pilots (validation only)")
-    ax.legend(fontsize=7)
+    tasks = [t for t in ("seg", "cls") if any(r["task"] == t for r in pilots)]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.6 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for r in (r for r in pilots if r["task"] == task):
+            ax.plot(r["curve"]["val_step"], r["curve"]["val"], marker="o",
+                    label=f"{r['model']} {r['steps']}x{r['batch']}, lr {r.get('lr')}")
+        ax.set(xlabel="step", ylabel="validation mIoU (item classes)" if task == "seg" else "validation accuracy",
+               title=f"{task}: baseline pilots (validation only)")
+        ax.legend(fontsize=7)
     return _save(plt, fig, out / "pilots.png")
 
 
