@@ -13,8 +13,10 @@ The package, one module per job:
 
 - ``targets``: the four target kinds (multiclass, binary, multilabel, regression),
   their checks, and matching a target and logits of different resolutions;
-- ``terms``: each term as a module (output loss, MI, correlation, NE, DSN, DKS);
-- ``objectives``: ``IMacHSR``, ``DSN``, ``DKS``, ``make_objective`` and the schedules;
+- ``terms``: each term as a module (output loss, MI, correlation, NE, DSN, DKS): its one
+  implementation, used alone or by the objectives (``forward_matched``);
+- ``objectives``: ``IMacHSR``, ``DSN``, ``DKS``, ``make_objective`` and the schedules, built
+  from the term modules: they check and match the target once per batch, then call them;
 - ``_math``: the kernels they share.
 
 Conventions shared by every loss here:

@@ -1,4 +1,9 @@
-"""The objectives: the output loss plus weighted terms at the intermediate points."""
+"""The objectives: the output loss plus weighted terms at the intermediate points.
+
+Each objective checks its inputs and matches the target to every head once per batch, then
+computes its terms with the modules of ``terms`` (``forward_matched``), which hold the one
+implementation of each term.
+"""
 
 from __future__ import annotations
 
@@ -10,30 +15,15 @@ from typing import Literal, NamedTuple, get_args
 import torch
 from torch import Tensor, nn
 
-from ..errors import InstrumentError, UsageError
+from ..errors import InstrumentError
 from ..layout import Layout
 from . import _math
-from ._checks import (
-    check_int,
-    check_max_positions,
-    check_names,
-    check_output_options,
-    check_points,
-    check_positive_float,
-    check_weight,
-    per_point,
-)
-from .targets import (
-    MatchedTarget,
-    RegressionLoss,
-    TargetKind,
-    TargetMatcher,
-    check_target,
-    check_target_kind,
-    check_target_values,
-    resize_logits,
-)
-from .terms import NE_MAX_POSITIONS, channel_dim_for, check_dks_kind, check_regression_loss
+from ._checks import check_max_positions, check_names, check_output_options, check_points, check_positive_float
+from ._checks import check_weight, per_point
+from .targets import MatchedTarget, RegressionLoss, TargetKind, TargetMatcher, check_target, check_target_kind
+from .targets import check_target_values, resize_logits
+from .terms import NE_MAX_POSITIONS, CorrelationLoss, DKSLoss, MutualInformationLoss, NegativeEntropyLoss, OutputLoss
+from .terms import check_dks_kind, check_gather, check_mi_estimator, check_regression_loss
 
 __all__ = [
     "Schedule",
@@ -85,8 +75,9 @@ class _Branch(NamedTuple):
 class Objective(nn.Module, abc.ABC):
     """Base class: the output loss plus weighted auxiliary terms, one schedule.
 
-    Subclasses list their auxiliary terms in ``_terms``; the output loss, the checks,
-    the resolution matching and the schedule live here, once.
+    Subclasses list their auxiliary terms in ``_terms``; the output loss (an ``OutputLoss``,
+    or the user's ``output_loss``), the checks, the resolution matching and the schedule
+    live here, once.
 
     Resolution: the output logits are resized to the target's spatial size when they
     differ (bilinear / linear / trilinear by rank, ``align_corners=False``; the Hugging
@@ -135,14 +126,8 @@ class Objective(nn.Module, abc.ABC):
     uses_features: bool = False
 
     def __init__(
-        self,
-        points: Sequence[str],
-        *,
-        schedule: Schedule = "constant",
-        ignore_index: int = -100,
-        target_kind: TargetKind = "multiclass",
-        regression_loss: RegressionLoss = "mse",
-        label_smoothing: float = 0.0,
+        self, points: Sequence[str], *, schedule: Schedule = "constant", ignore_index: int = -100,
+        target_kind: TargetKind = "multiclass", regression_loss: RegressionLoss = "mse", label_smoothing: float = 0.0,
         class_weights: Sequence[float] | Tensor | None = None,
         output_loss: Callable[[Tensor, Tensor], Tensor] | None = None,
     ) -> None:
@@ -151,15 +136,22 @@ class Objective(nn.Module, abc.ABC):
         if schedule not in get_args(Schedule):
             raise InstrumentError(f"unknown schedule {schedule!r}; expected one of {list(get_args(Schedule))}")
         self.schedule: Schedule = schedule
-        self.ignore_index = check_int("ignore_index", ignore_index)
-        self.target_kind: TargetKind = check_target_kind(target_kind)
-        self.regression_loss: RegressionLoss = check_regression_loss(regression_loss)
-        weights = check_output_options(self.target_kind, label_smoothing, class_weights, output_loss)
-        self.label_smoothing = float(label_smoothing)
+        kind = check_target_kind(target_kind)
+        # Checked here too, for the options that conflict with a custom output_loss.
+        weights = check_output_options(kind, label_smoothing, class_weights, output_loss)
+        self._output_term = OutputLoss(
+            kind, ignore_index, regression_loss, label_smoothing=label_smoothing, class_weights=weights
+        )
+        self.ignore_index = self._output_term.ignore_index
+        self.target_kind: TargetKind = kind
+        self.regression_loss: RegressionLoss = self._output_term.regression_loss
+        self.label_smoothing = self._output_term.label_smoothing
         self.output_loss = output_loss
-        # A buffer so `.to(device)` moves it; not persistent, so state_dicts keep only weights.
-        self.class_weights: Tensor | None
-        self.register_buffer("class_weights", weights, persistent=False)
+
+    @property
+    def class_weights(self) -> Tensor | None:
+        """The (K,) class weights of the cross entropy, on the objective's device, or ``None``."""
+        return self._output_term.class_weights
 
     @property
     def output_part(self) -> str:
@@ -171,8 +163,7 @@ class Objective(nn.Module, abc.ABC):
     def _homogeneous(self, branch: _Branch, matcher: TargetMatcher) -> Tensor:
         """The output's loss of one branch: the user's ``output_loss``, else CE / BCE / MSE / L1."""
         if self.output_loss is None:
-            options = _math.CrossEntropyOptions(self.label_smoothing, self.class_weights)
-            return _math.homogeneous(self.target_kind, branch.logits, branch.target, self.regression_loss, options)
+            return self._output_term.forward_matched(branch.logits, branch.target)
         value = self.output_loss(resize_logits(branch.logits, matcher.size), matcher.original)
         if not torch.compiler.is_compiling() and not (isinstance(value, Tensor) and value.dim() == 0):
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
@@ -260,15 +251,15 @@ class Objective(nn.Module, abc.ABC):
 
     def extra_repr(self) -> str:
         kind = "" if self.target_kind == "multiclass" else f", target_kind={self.target_kind!r}"
-        if self.target_kind == "regression":
-            kind += f", regression_loss={self.regression_loss!r}"
-        if self.label_smoothing:
-            kind += f", label_smoothing={self.label_smoothing}"
-        if self.class_weights is not None:
-            kind += f", class_weights={[round(w, 6) for w in self.class_weights.tolist()]}"
+        kind += self._output_term.options_repr()
         if self.output_loss is not None:
             kind += f", output_loss={getattr(self.output_loss, '__name__', type(self.output_loss).__name__)}"
         return f"points={list(self.points)}, schedule={self.schedule!r}, ignore_index={self.ignore_index}{kind}"
+
+    def __repr__(self) -> str:
+        # One line, as ``RewriteReport.objective`` records it: the term modules are built from
+        # the options extra_repr lists, so listing them as children would repeat those options.
+        return f"{self._get_name()}({self.extra_repr()})"
 
 
 class IMacHSR(Objective):
@@ -344,33 +335,30 @@ class IMacHSR(Objective):
         output_loss: Callable[[Tensor, Tensor], Tensor] | None = None,
     ) -> None:
         super().__init__(
-            points,
-            schedule=schedule,
-            ignore_index=ignore_index,
-            target_kind=target_kind,
-            regression_loss=regression_loss,
-            label_smoothing=label_smoothing,
-            class_weights=class_weights,
+            points, schedule=schedule, ignore_index=ignore_index, target_kind=target_kind,
+            regression_loss=regression_loss, label_smoothing=label_smoothing, class_weights=class_weights,
             output_loss=output_loss,
         )
-        if not isinstance(gather_mi, bool):
-            raise UsageError(
-                f"gather_mi must be True or False; got {gather_mi!r}. Hint: True sums the MI tables over the ranks."
-            )
-        self.gather_mi = gather_mi
-        if mi_estimator not in _math.MI_ESTIMATORS:
-            raise InstrumentError(
-                f"unknown mi_estimator {mi_estimator!r}; expected one of {list(_math.MI_ESTIMATORS)}. "
-                "Hint: 'image' is the paper's image-wise MI."
-            )
-        self.mi_estimator: MIEstimator = mi_estimator
+        # Checked here as well as in MutualInformationLoss: regression builds no MI term.
+        self.gather_mi = check_gather("gather_mi", gather_mi)
+        self.mi_estimator: MIEstimator = check_mi_estimator(mi_estimator)
         self.ne_positions = check_max_positions(ne_positions)
         check_names("layout", layouts, self.points)
-        self._channel_dims = {name: channel_dim_for(layouts[name]) for name in self.points}
+        # A list in the points' order, not a ModuleDict: point names hold dots ("layer1.0").
+        self._ne_terms = nn.ModuleList(
+            NegativeEntropyLoss.for_layout(layouts[name], self.ne_positions) for name in self.points
+        )
         self.layouts: dict[str, Layout] = {name: Layout.parse(layouts[name]) for name in self.points}
         self.alpha = per_point("alpha", alpha, self.points)
         self.lam = per_point("lam", lam, self.points)
         self.eps = check_positive_float("eps", eps)
+        self._heterogeneous_term: MutualInformationLoss | CorrelationLoss
+        if self.target_kind == "regression":
+            self._heterogeneous_term = CorrelationLoss(self.eps)
+        else:
+            self._heterogeneous_term = MutualInformationLoss(
+                self.eps, self.ignore_index, self.target_kind, estimator=self.mi_estimator, gather=self.gather_mi
+            )
         self._mi_part = "corr" if self.target_kind == "regression" else "mi"
 
     def _check_inputs(
@@ -388,14 +376,11 @@ class IMacHSR(Objective):
         self, output: _Branch, heads: Mapping[str, _Branch], features: Mapping[str, Tensor], matcher: TargetMatcher
     ) -> list[tuple[str, float, Tensor]]:
         terms: list[tuple[str, float, Tensor]] = []
-        for name in self.points:
+        for name, negative_entropy in zip(self.points, self._ne_terms):
             head = heads[name]
-            mi = _math.heterogeneous(
-                self.target_kind, head.logits, head.target, self.eps, self.mi_estimator, self.gather_mi
-            )
+            mi = self._heterogeneous_term.forward_matched(head.logits, head.target)
             terms.append((f"{self._mi_part}/{name}", self.alpha[name], mi))
-            ne = _math.negative_entropy(features[name], self._channel_dims[name], self.ne_positions)
-            terms.append((f"ne/{name}", self.lam[name], ne))
+            terms.append((f"ne/{name}", self.lam[name], negative_entropy(features[name])))
         return terms
 
     def extra_repr(self) -> str:
@@ -409,7 +394,8 @@ class DSN(Objective):
 
     L_out is the output's loss (CE; BCE for binary / multi-label; MSE or L1 for
     regression, FlowNet's and the stacked hourglass' per-scale loss), each head against
-    the target at its resolution. Parts hold each point's loss unweighted as
+    the target at its resolution: the objective's ``OutputLoss`` (or ``output_loss``) at
+    every head, as ``DSNLoss``. Parts hold each point's loss unweighted as
     ``"dsn/<point>"``. The default alpha = 0.3 is in the range auxiliary-CE
     segmentation heads use (PSPNet uses 0.4): large enough to move early layers, small
     enough that the output loss dominates.
@@ -443,16 +429,9 @@ class DSN(Objective):
         class_weights: Sequence[float] | Tensor | None = None,
         output_loss: Callable[[Tensor, Tensor], Tensor] | None = None,
     ) -> None:
-        super().__init__(
-            points,
-            schedule=schedule,
-            ignore_index=ignore_index,
-            target_kind=target_kind,
-            regression_loss=regression_loss,
-            label_smoothing=label_smoothing,
-            class_weights=class_weights,
-            output_loss=output_loss,
-        )
+        super().__init__(points, schedule=schedule, ignore_index=ignore_index, target_kind=target_kind,
+                         regression_loss=regression_loss, label_smoothing=label_smoothing,
+                         class_weights=class_weights, output_loss=output_loss)
         self.alpha = per_point("alpha", alpha, self.points)
 
     def _terms(
@@ -512,7 +491,8 @@ class DKS(DSN):
             label_smoothing=label_smoothing, class_weights=class_weights, output_loss=output_loss,
         )
         self.beta = check_weight("beta", beta)
-        self.temperature = check_positive_float("temperature", temperature)
+        self._synergy_term = DKSLoss(temperature, self.ignore_index, self.target_kind)
+        self.temperature = self._synergy_term.temperature
 
     def _terms(
         self, output: _Branch, heads: Mapping[str, _Branch], features: Mapping[str, Tensor], matcher: TargetMatcher
@@ -520,8 +500,7 @@ class DKS(DSN):
         terms = super()._terms(output, heads, features, matcher)
         if self.points:
             branches = [output.logits, *(resize_logits(heads[name].logits, matcher.size) for name in self.points)]
-            synergy = _math.synergy(self.target_kind, branches, self.temperature, output.target.weight)
-            terms.append(("dks", self.beta, synergy))
+            terms.append(("dks", self.beta, self._synergy_term.forward_matched(branches, output.target)))
         return terms
 
     def extra_repr(self) -> str:

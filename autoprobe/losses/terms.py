@@ -1,29 +1,26 @@
-"""The single terms of the objectives, as modules: usable alone, and tested one by one.
+"""The terms of the objectives, as modules: the one implementation of each, usable alone.
 
-Each term takes logits and the user's target and applies the resolution conventions of
-``targets``: an output loss resizes the logits to the target; an intermediate term
-(MI, correlation, DSN) compares its logits with the target resized to them.
+Every term has two entry points. ``forward`` takes logits and the user's target, checks them,
+and applies the resolution conventions of ``targets``: an output loss resizes the logits to
+the target; an intermediate term (MI, correlation, DSN) compares its logits with the target
+resized to them. ``forward_matched`` takes a target already matched to the logits
+(``targets.MatchedTarget``) and computes the term: the objectives check and match the target
+once per batch and call it, so a term alone and inside an objective run the same code.
 """
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Mapping, Sequence
 
 from torch import Tensor, nn
 
-from ..errors import InstrumentError
+from ..errors import InstrumentError, UsageError
 from ..layout import Layout
 from . import _math
-from ._checks import check_int, check_max_positions, check_positive_float
-from .targets import (
-    RegressionLoss,
-    TargetKind,
-    TargetMatcher,
-    check_target,
-    check_target_kind,
-    check_target_values,
-    resize_logits,
-)
+from ._checks import check_int, check_max_positions, check_output_options, check_positive_float
+from .targets import MatchedTarget, RegressionLoss, TargetKind, TargetMatcher, check_target, check_target_kind
+from .targets import check_target_values, resize_logits
 
 __all__ = [
     "NE_MAX_POSITIONS",
@@ -37,6 +34,8 @@ __all__ = [
     "channel_dim_for",
     "check_regression_loss",
     "check_dks_kind",
+    "check_mi_estimator",
+    "check_gather",
 ]
 
 # Positions per example above which NE is estimated on a grid: a 32x32 map is exact, a
@@ -62,7 +61,42 @@ def _spatial(t: Tensor) -> tuple[int, ...]:
     return tuple(t.shape[2:])
 
 
-class OutputLoss(nn.Module):
+class _HeadTerm(nn.Module, abc.ABC):
+    """A term of one head's logits against the target: ``forward`` checks, ``forward_matched`` computes.
+
+    Subclasses set ``target_kind`` and ``ignore_index`` and implement ``forward_matched``.
+    """
+
+    target_kind: TargetKind
+    ignore_index: int
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        """The term of ``logits`` against the user's ``target``, resized to the logits' size.
+
+        Args:
+            logits: (B, K) or (B, K, *S), usually an adapter's output.
+            target: of the term's ``target_kind``, at any spatial size of the same rank.
+
+        Returns:
+            A float32 scalar (the class gives its range).
+        """
+        matcher = _prepare(logits, target, self.target_kind, self.ignore_index, "logits")
+        return self.forward_matched(logits, matcher.at(_spatial(logits)))
+
+    @abc.abstractmethod
+    def forward_matched(self, logits: Tensor, target: MatchedTarget) -> Tensor:
+        """The term of ``logits`` against a target already matched to them, unchecked: what the objectives call.
+
+        Args:
+            logits: (B, K) or (B, K, *S).
+            target: the target at S (``TargetMatcher.at``).
+
+        Returns:
+            A float32 scalar.
+        """
+
+
+class OutputLoss(_HeadTerm):
     """The output's loss for any target kind, mean over the non-ignored elements.
 
     - multiclass: CE = -(1/N) sum over valid n of log softmax(logits_n)[y_n];
@@ -72,30 +106,52 @@ class OutputLoss(nn.Module):
 
     Logits at another spatial size than the target are resized to it first (bilinear,
     linear or trilinear, ``align_corners=False``: the SegFormer convention). Returns 0,
-    still connected to the graph, when every element is ignored.
+    still connected to the graph, when every element is ignored. The objectives' output
+    loss and DSN's loss at each head are this module.
 
     Args:
         target_kind: ``"multiclass"``, ``"binary"``, ``"multilabel"`` or ``"regression"``.
         ignore_index: target value excluded from the mean (not used for regression).
         regression_loss: ``"mse"`` or ``"l1"``, for regression.
+        label_smoothing: epsilon in [0, 1) of the multiclass cross entropy, as
+            ``F.cross_entropy(label_smoothing=)``.
+        class_weights: K weights of the multiclass cross entropy, as ``F.cross_entropy(weight=)``.
+
+    Raises:
+        InstrumentError: an unknown kind or regression loss, or an ``ignore_index`` that is not an int.
+        UsageError: ``label_smoothing`` or ``class_weights`` out of range, or given for another kind.
 
     Example:
         >>> import torch
         >>> loss = OutputLoss("binary", ignore_index=255)
         >>> round(loss(torch.zeros(1, 1, 2), torch.tensor([[1, 255]])).item(), 4)  # log 2
         0.6931
+        >>> smoothed = OutputLoss(label_smoothing=0.1, class_weights=[1.0, 3.0])
+        >>> round(smoothed(torch.tensor([[2.0, 0.0]]), torch.tensor([0])).item(), 4)  # as F.cross_entropy's
+        0.4396
     """
 
     def __init__(
-        self, target_kind: TargetKind = "multiclass", ignore_index: int = -100, regression_loss: RegressionLoss = "mse"
+        self,
+        target_kind: TargetKind = "multiclass",
+        ignore_index: int = -100,
+        regression_loss: RegressionLoss = "mse",
+        *,
+        label_smoothing: float = 0.0,
+        class_weights: Sequence[float] | Tensor | None = None,
     ) -> None:
         super().__init__()
         self.target_kind = check_target_kind(target_kind)
         self.ignore_index = check_int("ignore_index", ignore_index)
         self.regression_loss = check_regression_loss(regression_loss)
+        weights = check_output_options(self.target_kind, label_smoothing, class_weights, None)
+        self.label_smoothing = float(label_smoothing)
+        # A buffer so `.to(device)` moves it; not persistent, so state_dicts keep only weights.
+        self.class_weights: Tensor | None
+        self.register_buffer("class_weights", weights, persistent=False)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        """The loss of ``logits`` against ``target``.
+        """The loss of ``logits``, resized to the target's size (unlike the other terms), against ``target``.
 
         Args:
             logits: (B, K) or (B, K, *S).
@@ -105,11 +161,33 @@ class OutputLoss(nn.Module):
             A float32 scalar.
         """
         matcher = _prepare(logits, target, self.target_kind, self.ignore_index, "logits")
-        logits = resize_logits(logits, matcher.size)
-        return _math.homogeneous(self.target_kind, logits, matcher.at(matcher.size), self.regression_loss)
+        return self.forward_matched(resize_logits(logits, matcher.size), matcher.at(matcher.size))
+
+    def forward_matched(self, logits: Tensor, target: MatchedTarget) -> Tensor:
+        """CE, BCE, MSE or L1 (see ``_HeadTerm.forward_matched``)."""
+        options = _math.CrossEntropyOptions(self.label_smoothing, self.class_weights)
+        return _math.homogeneous(self.target_kind, logits, target, self.regression_loss, options)
+
+    def options_repr(self) -> str:
+        """The options beyond kind and ``ignore_index`` that are set, for reprs (the objectives' too).
+
+        Returns:
+            ``", name=value"`` for each of ``regression_loss`` (regression only),
+            ``label_smoothing`` and ``class_weights`` in use; ``""`` for none.
+
+        Example:
+            >>> OutputLoss(label_smoothing=0.1).options_repr()
+            ', label_smoothing=0.1'
+        """
+        text = f", regression_loss={self.regression_loss!r}" if self.target_kind == "regression" else ""
+        if self.label_smoothing:
+            text += f", label_smoothing={self.label_smoothing}"
+        if self.class_weights is not None:
+            text += f", class_weights={[round(w, 6) for w in self.class_weights.tolist()]}"
+        return text
 
     def extra_repr(self) -> str:
-        return f"target_kind={self.target_kind!r}, ignore_index={self.ignore_index}"
+        return f"target_kind={self.target_kind!r}, ignore_index={self.ignore_index}{self.options_repr()}"
 
 
 class OutputCrossEntropy(OutputLoss):
@@ -134,7 +212,7 @@ class OutputCrossEntropy(OutputLoss):
         super().__init__(target_kind, ignore_index)
 
 
-class MutualInformationLoss(nn.Module):
+class MutualInformationLoss(_HeadTerm):
     """Negative mutual information between the predicted outcomes and the true labels.
 
     Multiclass: with p_n = softmax(logits_n) and one-hot labels e_n over the N valid
@@ -163,12 +241,20 @@ class MutualInformationLoss(nn.Module):
     Range: 0 <= I <= log K (log 2 per label for binary), so the loss is in [-log K, 0].
     For classification the estimate comes from one batch, so it is only informative
     when the batch is large next to K. The target is resized to the logits' size
-    (``targets.TargetMatcher``) when they differ.
+    (``targets.TargetMatcher``) when they differ. iMacHSR's MI term is this module.
 
     Args:
         eps: floor inside the logs.
         ignore_index: label value excluded from the joint.
         target_kind: ``"multiclass"``, ``"binary"`` or ``"multilabel"``.
+        estimator: how the MI of multiclass labels is estimated: ``"image"`` (above),
+            ``"pooled"`` or ``"shuffled"`` (``IMacHSR``'s ``mi_estimator``).
+        gather: sum the joint tables over the ranks of the default process group first
+            (``IMacHSR``'s ``gather_mi``).
+
+    Raises:
+        InstrumentError: a bad ``eps``, ``ignore_index``, kind (regression) or estimator.
+        UsageError: ``gather`` that is not a bool.
 
     Example:
         >>> import torch
@@ -178,7 +264,15 @@ class MutualInformationLoss(nn.Module):
         -0.6931
     """
 
-    def __init__(self, eps: float = 1e-8, ignore_index: int = -100, target_kind: TargetKind = "multiclass") -> None:
+    def __init__(
+        self,
+        eps: float = 1e-8,
+        ignore_index: int = -100,
+        target_kind: TargetKind = "multiclass",
+        *,
+        estimator: _math.MIEstimator = "image",
+        gather: bool = False,
+    ) -> None:
         super().__init__()
         self.eps = check_positive_float("eps", eps)
         self.ignore_index = check_int("ignore_index", ignore_index)
@@ -188,25 +282,20 @@ class MutualInformationLoss(nn.Module):
                 "Hint: use CorrelationLoss, iMacHSR's term for continuous targets."
             )
         self.target_kind = target_kind
+        self.estimator = check_mi_estimator(estimator)
+        self.gather = check_gather("gather", gather)
 
-    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        """Negative MI between the outcomes ``logits`` predict and ``target``.
-
-        Args:
-            logits: (B, K) or (B, K, *S), usually an adapter's output.
-            target: labels of the objective's kind, at any spatial size of the same rank.
-
-        Returns:
-            -I, a float32 scalar in [-log K, 0].
-        """
-        matcher = _prepare(logits, target, self.target_kind, self.ignore_index, "logits")
-        return _math.heterogeneous(self.target_kind, logits, matcher.at(_spatial(logits)), self.eps)
+    def forward_matched(self, logits: Tensor, target: MatchedTarget) -> Tensor:
+        """-I, in [-log K, 0] (see ``_HeadTerm.forward_matched``)."""
+        return _math.heterogeneous(self.target_kind, logits, target, self.eps, self.estimator, self.gather)
 
     def extra_repr(self) -> str:
-        return f"eps={self.eps}, ignore_index={self.ignore_index}, target_kind={self.target_kind!r}"
+        text = f"eps={self.eps}, ignore_index={self.ignore_index}, target_kind={self.target_kind!r}"
+        text += "" if self.estimator == "image" else f", estimator={self.estimator!r}"
+        return text + (", gather=True" if self.gather else "")
 
 
-class CorrelationLoss(nn.Module):
+class CorrelationLoss(_HeadTerm):
     """iMacHSR's heterogeneous term for continuous targets: one minus Pearson's r.
 
     For each group g (one image and channel of a dense target, over its positions; one
@@ -224,6 +313,7 @@ class CorrelationLoss(nn.Module):
     whose target is constant (an absent joint's heatmap) carries no signal and is left
     out; the loss is 0 when no group is left. eps keeps the gradient finite for a
     constant head. The target is area-resized to the head when their sizes differ.
+    iMacHSR's term for regression targets is this module.
 
     Args:
         eps: added to both variances.
@@ -235,14 +325,16 @@ class CorrelationLoss(nn.Module):
         0.0
     """
 
+    target_kind: TargetKind = "regression"
+    ignore_index = -100  # not read: a regression target has no ignored value
+
     def __init__(self, eps: float = 1e-8) -> None:
         super().__init__()
         self.eps = check_positive_float("eps", eps)
 
-    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        """1 - r between ``logits`` (B, C, *S) and the float ``target`` (B, C, *S') resized to S."""
-        matcher = _prepare(logits, target, "regression", -100, "logits")
-        return _math.correlation_loss(logits, matcher.at(_spatial(logits)), self.eps)
+    def forward_matched(self, logits: Tensor, target: MatchedTarget) -> Tensor:
+        """1 - r, in [0, 2] (see ``_HeadTerm.forward_matched``)."""
+        return _math.heterogeneous("regression", logits, target, self.eps)
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}"
@@ -328,12 +420,14 @@ class DSNLoss(nn.Module):
     CE for class ids, BCE for binary / multi-label, MSE / L1 for regression (FlowNet's
     per-scale flow loss, the stacked hourglass' per-stack heatmap loss). This is the
     homogeneous baseline iMacHSR argues against: every point is asked for the output's
-    decision.
+    decision. Each head's loss is ``loss``, an ``OutputLoss``, on the head and the target
+    resized to it.
 
     Args:
         ignore_index: target value excluded from each mean.
         target_kind: the ``TargetKind``.
         regression_loss: ``"mse"`` or ``"l1"``, for regression.
+        label_smoothing, class_weights: of the multiclass cross entropy (``OutputLoss``).
 
     Example:
         >>> import torch
@@ -344,12 +438,21 @@ class DSNLoss(nn.Module):
     """
 
     def __init__(
-        self, ignore_index: int = -100, target_kind: TargetKind = "multiclass", regression_loss: RegressionLoss = "mse"
+        self,
+        ignore_index: int = -100,
+        target_kind: TargetKind = "multiclass",
+        regression_loss: RegressionLoss = "mse",
+        *,
+        label_smoothing: float = 0.0,
+        class_weights: Sequence[float] | Tensor | None = None,
     ) -> None:
         super().__init__()
-        self.ignore_index = check_int("ignore_index", ignore_index)
-        self.target_kind = check_target_kind(target_kind)
-        self.regression_loss = check_regression_loss(regression_loss)
+        self.loss = OutputLoss(
+            target_kind, ignore_index, regression_loss, label_smoothing=label_smoothing, class_weights=class_weights
+        )
+        self.ignore_index, self.target_kind, self.regression_loss = (
+            self.loss.ignore_index, self.loss.target_kind, self.loss.regression_loss
+        )
 
     def forward(self, heads: Mapping[str, Tensor], target: Tensor) -> dict[str, Tensor]:
         """The output's loss at every head.
@@ -364,12 +467,8 @@ class DSNLoss(nn.Module):
         losses: dict[str, Tensor] = {}
         for name, logits in heads.items():
             matcher = _prepare(logits, target, self.target_kind, self.ignore_index, f"head of point {name!r}")
-            matched = matcher.at(_spatial(logits))
-            losses[name] = _math.homogeneous(self.target_kind, logits, matched, self.regression_loss)
+            losses[name] = self.loss.forward_matched(logits, matcher.at(_spatial(logits)))
         return losses
-
-    def extra_repr(self) -> str:
-        return f"ignore_index={self.ignore_index}, target_kind={self.target_kind!r}"
 
 
 class DKSLoss(nn.Module):
@@ -387,7 +486,7 @@ class DKSLoss(nn.Module):
     towards every other branch's current belief (top-down and bottom-up), never the
     reverse through the target. T^2 keeps gradient magnitudes independent of the
     temperature, as in distillation. Regression has no distribution to match:
-    use DSN or iMacHSR's correlation term.
+    use DSN or iMacHSR's correlation term. DKS's synergy term is this module.
 
     Args:
         temperature: T > 0.
@@ -428,10 +527,24 @@ class DKSLoss(nn.Module):
                     f"DKS branch {k} has shape {tuple(branch.shape)}; every branch must match branch 0, "
                     f"{tuple(logits[0].shape)}"
                 )
-        weight = None
+        matched = None
         if target is not None:
             matcher = _prepare(logits[0], target, self.target_kind, self.ignore_index, "DKS branches")
-            weight = matcher.at(_spatial(logits[0])).weight
+            matched = matcher.at(_spatial(logits[0]))
+        return self.forward_matched(logits, matched)
+
+    def forward_matched(self, logits: Sequence[Tensor], target: MatchedTarget | None) -> Tensor:
+        """Synergy between branches of one shape, unchecked.
+
+        Args:
+            logits: n >= 2 branches of the same shape (B, K) or (B, K, *S).
+            target: the labels at S (``TargetMatcher.at``), whose ignored elements are
+                left out, or ``None`` to average over every element.
+
+        Returns:
+            The synergy loss, a float32 scalar.
+        """
+        weight = None if target is None else target.weight
         return _math.synergy(self.target_kind, logits, self.temperature, weight)
 
     def extra_repr(self) -> str:
@@ -462,6 +575,46 @@ def check_dks_kind(target_kind: str) -> TargetKind:
     if kind not in _CLASS_KINDS:
         raise InstrumentError(_DKS_REGRESSION)
     return kind
+
+
+def check_mi_estimator(value: str) -> _math.MIEstimator:
+    """``value`` if it names an MI estimator (``"image"``, ``"pooled"``, ``"shuffled"``), else an ``InstrumentError``.
+
+    Args:
+        value: ``IMacHSR``'s ``mi_estimator``.
+
+    Returns:
+        The estimator, checked.
+
+    Example:
+        >>> check_mi_estimator("pooled")
+        'pooled'
+    """
+    if value not in _math.MI_ESTIMATORS:
+        raise InstrumentError(
+            f"unknown mi_estimator {value!r}; expected one of {list(_math.MI_ESTIMATORS)}. "
+            "Hint: 'image' is the paper's image-wise MI."
+        )
+    return value  # type: ignore[return-value]
+
+
+def check_gather(name: str, value: bool) -> bool:
+    """``value`` if it is a bool, else a ``UsageError`` naming the option ``name``.
+
+    Args:
+        name: the option, ``"gather_mi"`` or ``"gather"``.
+        value: its value.
+
+    Returns:
+        The value, checked.
+
+    Example:
+        >>> check_gather("gather_mi", True)
+        True
+    """
+    if not isinstance(value, bool):
+        raise UsageError(f"{name} must be True or False; got {value!r}. Hint: True sums the MI tables over the ranks.")
+    return value
 
 
 def channel_dim_for(layout: str | Layout) -> int:
