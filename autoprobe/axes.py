@@ -44,6 +44,7 @@ from typing import Any, Union
 from torch import nn
 
 from .layout import Layout
+from .ops import OPS, RULE_NAMES, op_name
 from .sizes import TRACE_BATCH
 
 __all__ = ["Axes", "Labels", "AxisEnv", "AxisRuleError", "propagate", "module_axes", "layout_of", "input_axes", "op_name"]
@@ -108,23 +109,6 @@ def layout_of(labels: Labels, shape: Shape | None) -> Layout | None:
     if labels[-1] == "C":
         return Layout.channels_last(len(labels))
     return None
-
-
-def op_name(target: Any) -> str:
-    """The plain name of a called function or method: ``__add__`` -> ``add``, ``relu_`` -> ``relu``, ATen's op name."""
-    aten = getattr(target, "aten_op", None) or (target if hasattr(target, "_opname") else None)
-    if aten is not None:
-        name = aten._opname
-    elif isinstance(target, str):
-        name = target
-    else:
-        name = getattr(target, "__name__", None) or str(target)
-    name = name.rsplit(".", 1)[-1]
-    if name.startswith("__") and name.endswith("__"):
-        name = name[2:-2]
-        if name.startswith(("r", "i")) and name[1:] in _ELEMENTWISE_DUNDER:
-            name = name[1:]
-    return name.rstrip("_") if name not in ("_", "") else name
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -652,89 +636,22 @@ def _expand(args: tuple, kwargs: dict, env: AxisEnv) -> Labels:
     return "?" * (len(shape) - len(lab)) + lab if len(shape) >= len(lab) else None
 
 
-_ELEMENTWISE_DUNDER = frozenset(
-    {"add", "sub", "mul", "truediv", "floordiv", "div", "pow", "mod", "and", "or", "xor", "matmul", "neg",
-     "abs", "lshift", "rshift"}
-)
-# Keys are ``op_name``'s: it strips a trailing ``_``, so ``mul_`` is looked up as ``mul``.
-_ELEMENTWISE = frozenset(
-    {
-        "add", "sub", "mul", "div", "truediv", "floordiv", "true_divide", "floor_divide", "pow", "mod", "neg", "abs",
-        "exp", "log", "log1p", "expm1", "sqrt", "rsqrt", "sin", "cos", "tanh", "sigmoid", "hardsigmoid", "relu",
-        "relu6", "gelu", "silu", "hardswish", "mish", "leaky_relu", "elu", "selu", "celu", "softplus", "prelu",
-        "hardtanh", "threshold", "logsigmoid", "softsign", "tanhshrink", "hardshrink", "softshrink",
-        "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout", "native_dropout",
-        "feature_dropout", "drop_path", "identity", "clone", "contiguous", "detach", "to", "_to_copy", "float",
-        "double", "half", "bfloat16", "type", "type_as", "alias", "lift_fresh_copy", "clamp", "clamp_min",
-        "clamp_max", "clip", "where", "masked_fill", "maximum", "minimum", "fmax", "fmin", "sign", "square",
-        "reciprocal", "erf", "addcmul", "addcdiv", "lerp", "copy", "fill", "zero", "zeros_like", "ones_like",
-        "empty_like", "full_like", "rand_like", "randn_like", "softmax", "log_softmax", "_softmax", "_log_softmax",
-        "_safe_softmax", "normalize", "rsub", "quick_gelu", "gelu_tanh", "swish", "hard_swish", "star_relu",
-        "hard_sigmoid", "round", "floor", "ceil", "trunc", "frac", "eq", "ne", "lt", "le", "gt", "ge", "logical_not",
-        "bitwise_not", "nan_to_num", "pad", "constant_pad_nd", "reflection_pad1d", "reflection_pad2d",
-        "reflection_pad3d", "replication_pad1d", "replication_pad2d", "replication_pad3d", "roll", "flip", "narrow",
-        "index_select", "gather", "repeat", "tile", "requires_grad", "cumsum", "cumprod", "scatter", "scatter_add",
-        "index_add", "index_copy", "index_put", "masked_scatter", "softmin", "logit", "layer_scale", "iadd", "imul",
-        "isub", "idiv", "itruediv", "setitem",
-    }
-)
-_CHANNELS_FIRST = frozenset(
-    {
-        "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "convolution",
-        "_convolution", "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d",
-        "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
-        "adaptive_max_pool2d", "adaptive_max_pool3d", "lp_pool1d", "lp_pool2d", "lp_pool3d",
-        "max_pool2d_with_indices", "max_pool3d_with_indices", "max_pool1d_with_indices", "fractional_max_pool2d",
-        "batch_norm", "native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_no_training",
-        "_native_batch_norm_legit_functional", "cudnn_batch_norm", "group_norm", "native_group_norm",
-        "instance_norm", "local_response_norm", "interpolate", "upsample", "upsample_bilinear", "upsample_nearest",
-        "upsample_bilinear2d", "upsample_nearest2d", "upsample_bicubic2d", "upsample_linear1d", "upsample_nearest1d",
-        "upsample_trilinear3d", "upsample_nearest3d", "_upsample_bilinear2d_aa", "_upsample_bicubic2d_aa",
-        "_upsample_nearest_exact1d", "_upsample_nearest_exact2d", "_upsample_nearest_exact3d", "pixel_shuffle",
-        "pixel_unshuffle", "channel_shuffle", "native_channel_shuffle", "fold", "grid_sample", "_adaptive_avg_pool2d",
-        "_adaptive_avg_pool3d",
-    }
-)
-_RULES: dict[str, Callable[[tuple, dict, AxisEnv], Labels]] = {
-    **dict.fromkeys(_ELEMENTWISE, _elementwise),
-    **dict.fromkeys(_CHANNELS_FIRST, _channels_first),
-    "linear": _linear,
-    "addmm": _addmm,
-    **dict.fromkeys(("layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm"), _layer_norm),
-    "embedding": _embedding,
-    **dict.fromkeys(("cat", "concat", "concatenate"), _cat),
-    **dict.fromkeys(("stack", "hstack", "vstack"), _stack),
-    **dict.fromkeys(("chunk", "split", "split_with_sizes", "tensor_split", "unsafe_split", "unsafe_chunk",
-                     "unsafe_split_with_sizes"), _split),
-    "unbind": _unbind,
-    "permute": _permute,
-    **dict.fromkeys(("transpose", "swapaxes", "swapdims"), _transpose),
-    **dict.fromkeys(("t", "numpy_T"), _t),
-    **dict.fromkeys(("movedim", "moveaxis"), _movedim),
-    "flatten": _flatten,
-    "unflatten": _unflatten,
-    **dict.fromkeys(("view", "reshape", "_unsafe_view", "view_as", "reshape_as", "_reshape_alias"), _view),
-    "squeeze": _squeeze,
-    "unsqueeze": _unsqueeze,
-    "getitem": _getitem,
-    "slice": _slice,
-    "select": _select,
-    **dict.fromkeys(("mean", "sum", "amax", "amin", "max", "min", "std", "var", "prod", "norm", "logsumexp",
-                     "median", "argmax", "argmin", "all", "any", "nansum", "nanmean", "std_mean", "var_mean",
-                     "linalg_vector_norm"), _reduce),
-    **dict.fromkeys(("matmul", "bmm", "mm", "einsum", "baddbmm", "bilinear"), _matmul),
-    **dict.fromkeys(("scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
-                     "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
-                     "_scaled_dot_product_attention_math"), _sdpa),
-    **dict.fromkeys(("multi_head_attention_forward", "_native_multi_head_attention"), _mha),
-    **dict.fromkeys(("expand", "expand_as", "broadcast_to"), _expand),
-    "im2col": _im2col,
+_RULE_FUNCTIONS: dict[str, Callable[[tuple, dict, AxisEnv], Labels]] = {
+    "elementwise": _elementwise, "channels_first": _channels_first, "linear": _linear, "addmm": _addmm,
+    "layer_norm": _layer_norm, "embedding": _embedding, "cat": _cat, "stack": _stack, "split": _split,
+    "unbind": _unbind, "permute": _permute, "transpose": _transpose, "t": _t, "movedim": _movedim,
+    "flatten": _flatten, "unflatten": _unflatten, "view": _view, "squeeze": _squeeze, "unsqueeze": _unsqueeze,
+    "getitem": _getitem, "slice": _slice, "select": _select, "reduce": _reduce, "matmul": _matmul, "sdpa": _sdpa,
+    "mha": _mha, "expand": _expand, "im2col": _im2col,
 }
-_AXIS_MOVERS = frozenset(
-    {"permute", "transpose", "swapaxes", "swapdims", "t", "movedim", "moveaxis", "flatten", "unflatten", "view",
-     "reshape", "_unsafe_view", "view_as", "reshape_as", "squeeze", "unsqueeze", "rot90", "as_strided", "unfold",
-     "diagonal", "index", "pixel_shuffle", "pixel_unshuffle"}
-)
+if set(_RULE_FUNCTIONS) != RULE_NAMES:  # a rule the registry may name must have a function, and no function idles
+    raise ImportError(f"axes.py binds rules {sorted(set(_RULE_FUNCTIONS) ^ RULE_NAMES)} that ops.RULE_NAMES does not "
+                      "list, or the reverse. Hint: name each rule once in both.")
+# The rule of every registered op that has one, by ``op_name``: the registry (``ops.OPS``) decides which ops a rule
+# covers; this index only binds names to functions.
+_RULES: dict[str, Callable[[tuple, dict, AxisEnv], Labels]] = {
+    op.name: _RULE_FUNCTIONS[op.rule] for op in OPS.values() if op.rule
+}
 
 
 def propagate(op: str, args: tuple, kwargs: Mapping[str, Any], env: AxisEnv, *, node: str | None = None) -> Labels:
@@ -764,7 +681,8 @@ def propagate(op: str, args: tuple, kwargs: Mapping[str, Any], env: AxisEnv, *, 
                 "Hint: this is a bug in autoprobe's axes.py; report it with the model. Until then, keep the "
                 "module that calls this op whole with leaf_paths=[...] (`--leaf PATH`)."
             ) from exc
-    if op in _AXIS_MOVERS:
+    entry = OPS.get(op)
+    if entry is not None and entry.moves_axes:
         return None
     shape = _out_shape(env)
     if shape is None:

@@ -41,8 +41,9 @@ import functools
 import io
 import operator
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import torch
@@ -51,8 +52,9 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from torch.overrides import TorchFunctionMode
 
 from .errors import AutoprobeError, InputSizeError, RealDataNeeded, TraceError, UsageError
-from .axes import AxisEnv, Labels, input_axes, op_name, propagate
-from .graph import FUNCTION_KINDS, LayerGraph, build_layer_graph
+from .axes import AxisEnv, Labels, input_axes, propagate
+from .graph import LayerGraph, build_layer_graph
+from .ops import OPS, op_name, shown_name
 from .meta import ValueReadCheck, ValuesNeeded, device_of, meta_twins, seeded_run
 from .trace import (
     Backend,
@@ -261,76 +263,25 @@ def _is_leaf(module: nn.Module, path: str, leaf_types: tuple[type[nn.Module], ..
 # export
 # ---------------------------------------------------------------------------------------------
 
-ATEN_KIND_NAMES: dict[str, str] = {
-    # ATen overload-packet name -> the functional name graph.py's kind table already maps.
-    "convolution": "conv2d",
-    "_convolution": "conv2d",
-    "conv_transpose2d": "conv_transpose2d",
-    "addmm": "linear",
-    "native_layer_norm": "layer_norm",
-    "native_group_norm": "group_norm",
-    "native_batch_norm": "batch_norm",
-    "_native_batch_norm_legit": "batch_norm",
-    "_native_batch_norm_legit_no_training": "batch_norm",
-    "_native_batch_norm_legit_functional": "batch_norm",
-    "hardtanh": "relu6",
-    "_prelu_kernel": "prelu",
-    "rsub": "sub",
-    "_softmax": "softmax",
-    "_log_softmax": "log_softmax",
-    "_safe_softmax": "softmax",
-    "_scaled_dot_product_flash_attention": "scaled_dot_product_attention",
-    "_scaled_dot_product_flash_attention_for_cpu": "scaled_dot_product_attention",
-    "_scaled_dot_product_efficient_attention": "scaled_dot_product_attention",
-    "_native_multi_head_attention": "multi_head_attention_forward",
-    **dict.fromkeys(
-        ("upsample_bilinear2d", "upsample_nearest2d", "upsample_bicubic2d", "upsample_linear1d", "upsample_nearest1d",
-         "upsample_trilinear3d", "upsample_nearest3d", "_upsample_bilinear2d_aa", "_upsample_bicubic2d_aa",
-         "_upsample_nearest_exact2d"),
-        "interpolate",
-    ),
-    "pixel_unshuffle": "pixel_shuffle",
-    **dict.fromkeys(("split_with_sizes", "unsafe_split", "unsafe_split_with_sizes"), "split"),
-    **dict.fromkeys(("slice", "index", "as_strided", "diagonal"), "getitem"),
-    **dict.fromkeys(("_unsafe_view", "view_as", "reshape_as", "channel_shuffle", "native_channel_shuffle"), "view"),
-    **dict.fromkeys(("expand_as",), "expand"),
-    **dict.fromkeys(("constant_pad_nd", "reflection_pad2d", "replication_pad2d", "reflection_pad1d"), "pad"),
-    **dict.fromkeys(
-        ("alias", "detach", "lift_fresh_copy", "_to_copy", "to", "type_as", "feature_dropout", "alpha_dropout",
-         "feature_alpha_dropout", "native_dropout"),
-        "identity",
-    ),
-}
-
-
-def _kind_name(op: torch._ops.OpOverload) -> str:
-    """The functional name graph.py maps for an ATen op (``relu_`` stays, ``silu_`` -> ``silu``)."""
-    name = op._opname
-    if name in ATEN_KIND_NAMES:
-        return ATEN_KIND_NAMES[name]
-    if name in FUNCTION_KINDS:
-        return name
-    bare = name.rstrip("_")
-    if bare in FUNCTION_KINDS:
-        return bare
-    return bare.lstrip("_") or name
+ATEN_KIND_NAMES: Mapping[str, str] = MappingProxyType({op.name: op.shown for op in OPS.values() if op.shown})
+"""ATen op -> the functional name export's graphs show it under; a view of ``ops.OPS`` (the registry holds both)."""
 
 
 @functools.lru_cache(maxsize=None)
 def _named_op(op: torch._ops.OpOverload) -> Callable[..., Any]:
-    """A callable that runs ``op`` but is named like the functional graph.py knows.
+    """A callable that runs ``op`` under the functional name the registry shows it as (``ops.shown_name``).
 
-    graph.py reads a call's kind from ``target.__name__``; an OpOverload's is
-    ``conv2d.default``. Wrapping keeps the graph runnable and readable.
+    An OpOverload's own name is ``convolution.default``; reports and the lock read ``conv2d``, as on fx.
+    The kind and axis rule come from the registry through ``aten_op`` (``ops.op_name``), not from this name.
     """
-    name = _kind_name(op)
+    name = shown_name(op)
 
     def call(*args: Any, **kwargs: Any) -> Any:
         return op(*args, **kwargs)
 
     call.__name__ = call.__qualname__ = name
     call.__module__ = __name__
-    call.__doc__ = f"torch.ops.{op.name()} under the name graph.py maps ({name})."
+    call.__doc__ = f"torch.ops.{op.name()} shown as {name}."
     call.aten_op = op  # type: ignore[attr-defined]
     return call
 

@@ -31,41 +31,20 @@ from __future__ import annotations
 
 import dataclasses
 import inspect as pyinspect
-import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-import torch
 from torch import fx, nn
 
 from .errors import SelectionError
 from .graph import LayerGraph, build_layer_graph
+from .ops import lookup, module_kind
 from .taps import ADAPTERS, MODEL, EngineResult, TapSite
 from .fx_tracer import INPLACE_META
 from .trace import Traced, TraceOptions, trace_fx
 
 __all__ = ["FxRecipe", "FxEngine", "trace_both_modes"]
-
-# Ops whose result may share storage with their first argument: an in-place op on
-# the result (or on the argument) changes the tapped feature too.
-_ALIAS_METHODS = frozenset(
-    {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "permute", "transpose", "t", "squeeze",
-     "unsqueeze", "expand", "expand_as", "narrow", "select", "contiguous", "movedim", "as_strided", "detach",
-     "to", "type", "type_as", "float", "double", "half", "bfloat16", "cpu", "cuda", "chunk", "split", "unbind",
-     "tensor_split", "real", "__getitem__"}
-)
-_ALIAS_FUNCTIONS = frozenset(
-    {operator.getitem, torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
-     torch.narrow, torch.select, torch.movedim, torch.chunk, torch.split, torch.unbind, torch.tensor_split,
-     torch.detach, torch.t}
-)
-_INPLACE_OPERATORS = frozenset(
-    {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
-     operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
-     operator.imatmul, operator.setitem}
-)
-
 
 def trace_both_modes(model: nn.Module, size: Sequence[int], options: TraceOptions) -> tuple[Traced, Traced]:
     """The train-mode and eval-mode fx traces; the model's own flags are left as they were.
@@ -383,17 +362,13 @@ def _aliased(node: fx.Node) -> object:
 
 
 def _aliases_first_arg(node: fx.Node, model: nn.Module) -> bool:
-    if node.op == "call_method":
-        return node.target in _ALIAS_METHODS or _writes_first_arg(node, model)
-    if node.op == "call_function":
-        if node.target is _run_forward_hooks:
-            return True  # returns its output argument, unchanged unless a user hook replaces it
-        return node.target in _ALIAS_FUNCTIONS or _writes_first_arg(node, model)
+    if node.op == "call_function" and node.target is _run_forward_hooks:
+        return True  # returns its output argument, unchanged unless a user hook replaces it
+    if node.op in ("call_method", "call_function"):
+        entry = lookup(node.target)  # the registry marks ops whose result may share its first argument's storage
+        return (entry is not None and entry.view) or _writes_first_arg(node, model)
     if node.op == "call_module":
-        module = _submodule(model, node)
-        kind = type(module).__name__.lower()
-        is_identity = isinstance(module, (nn.Identity, nn.modules.dropout._DropoutNd)) or kind.startswith("drop")
-        return is_identity or _writes_first_arg(node, model)
+        return module_kind(_submodule(model, node)).kind == "identity" or _writes_first_arg(node, model)
     return False
 
 
@@ -402,7 +377,8 @@ def _writes_first_arg(node: fx.Node, model: nn.Module) -> bool:
         name = str(node.target)
         return name.endswith("_") and not name.endswith("__")
     if node.op == "call_function":
-        if node.target in _INPLACE_OPERATORS:
+        entry = lookup(node.target)
+        if entry is not None and entry.in_place:
             return True
         name = getattr(node.target, "__name__", "")
         return (name.endswith("_") and not name.endswith("__")) or _inplace_argument(node)

@@ -25,9 +25,10 @@ from __future__ import annotations
 import inspect
 import math
 import operator
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
+from types import MappingProxyType
 from typing import Any
 
 import networkx as nx
@@ -35,47 +36,18 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from .axes import AxisEnv, Labels, input_axes, layout_of, module_axes, op_name, propagate, run_labels
+from .axes import AxisEnv, Labels, input_axes, layout_of, module_axes, propagate, run_labels
 from .errors import TraceError
 from .layout import Layout
 from .meta import meta_twins
+from .ops import OPS, lookup, module_kind, op_name, owns_matrix
 from .sizes import TRACE_BATCH
 from .trace import Backend, Mode, Traced, first_tensor_meta
 
 __all__ = ["LayerInfo", "LayerGraph", "build_layer_graph", "FUNCTION_KINDS"]
 
-# Coarse op kinds of functions and methods; detectors match on these, never on model-specific names.
-FUNCTION_KINDS: dict[str, str] = {
-    **dict.fromkeys(("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"), "conv"),
-    "linear": "linear",
-    **dict.fromkeys(("batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm"), "norm"),
-    **dict.fromkeys(
-        ("relu", "relu_", "relu6", "gelu", "silu", "hardswish", "mish", "leaky_relu", "elu", "selu", "celu",
-         "softplus", "tanh", "prelu", "quick_gelu", "gelu_tanh", "swish", "hard_swish", "star_relu"),
-        "act",
-    ),
-    **dict.fromkeys(("sigmoid", "hardsigmoid", "hard_sigmoid", "sigmoid_"), "gate"),
-    **dict.fromkeys(
-        ("max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
-         "adaptive_avg_pool2d", "adaptive_max_pool2d", "adaptive_avg_pool3d", "lp_pool2d", "max_pool2d_with_indices"),
-        "pool",
-    ),
-    **dict.fromkeys(("scaled_dot_product_attention", "multi_head_attention_forward"), "attention"),
-    **dict.fromkeys(("softmax", "log_softmax"), "softmax"),
-    **dict.fromkeys(("add", "iadd", "add_", "sub"), "add"),
-    **dict.fromkeys(("mul", "imul", "mul_"), "mul"),
-    **dict.fromkeys(("cat", "concat", "concatenate", "stack"), "cat"),
-    **dict.fromkeys(("matmul", "bmm", "einsum", "baddbmm", "mm"), "matmul"),
-    **dict.fromkeys(("interpolate", "upsample", "upsample_bilinear", "upsample_nearest", "pixel_shuffle"), "resize"),
-    **dict.fromkeys(
-        ("getitem", "getattr", "flatten", "reshape", "view", "permute", "transpose", "unbind", "chunk", "split",
-         "squeeze", "unsqueeze", "contiguous", "expand", "roll", "pad", "narrow", "unflatten", "movedim", "t",
-         "repeat", "tensor_split", "select", "index_select"),
-        "reshape",
-    ),
-    **dict.fromkeys(("dropout", "dropout1d", "dropout2d", "drop_path", "identity", "clone"), "identity"),
-}
-_NORM_FAMILIES = (("batch", "batch"), ("layer", "layer"), ("group", "group"), ("instance", "instance"), ("rms", "rms"))
+# The kind of every registered op, by ``op_name``; kept for callers that read kinds by name (``ops.OPS`` is the table).
+FUNCTION_KINDS: Mapping[str, str] = MappingProxyType({op.name: op.kind for op in OPS.values() if op.kind})
 _WEIGHT_FUNCTIONS = frozenset({"conv", "linear"})
 
 
@@ -303,67 +275,12 @@ def _callable_name(target: Any) -> str:
     return name.rsplit(".", 1)[-1]
 
 
-def _family(class_or_function: str, table: tuple[tuple[str, str], ...]) -> str:
-    lowered = class_or_function.lower()
-    for needle, family in table:
-        if needle in lowered:
-            return family
-    return lowered
-
-
-def _act_family(name: str) -> str:
-    lowered = name.lower().replace("_", "")
-    lowered = lowered.removesuffix("inplace")
-    if lowered in ("swish",):
-        return "silu"
-    if lowered.startswith("gelu") or lowered == "quickgelu":
-        return "gelu"
-    if lowered in ("hardswish", "hswish"):
-        return "hardswish"
-    return lowered
-
-
 def _module_kind(module: nn.Module) -> tuple[str, str, str]:
-    """(kind, norm family, act family) of a called module, from its class alone."""
-    cls = type(module).__name__
-    lowered = cls.lower()
-    if isinstance(module, nn.modules.conv._ConvNd) or "conv" in lowered and _owns_matrix(module):
-        return "conv", "", ""
-    if isinstance(module, nn.Linear) or "linear" in lowered and _owns_matrix(module):
-        return "linear", "", ""
-    if isinstance(module, (nn.Identity, nn.modules.dropout._DropoutNd)) or lowered.startswith("drop"):
-        return "identity", "", ""
-    if isinstance(module, nn.MultiheadAttention) or "attention" in lowered:
-        return "attention", "", ""
-    if "norm" in lowered and "normal" not in lowered and not _owns_matrix(module, recurse=True):
-        act = getattr(module, "act", None)
-        act_family = _act_family(type(act).__name__) if isinstance(act, nn.Module) and not isinstance(act, nn.Identity) else ""
-        return "norm", _family(cls, _NORM_FAMILIES), act_family
-    if isinstance(module, (nn.Sigmoid, nn.Hardsigmoid)) or "sigmoid" in lowered:
-        return "gate", "", ""
-    if isinstance(module, (nn.Softmax, nn.LogSoftmax)):
-        return "softmax", "", ""
-    if "pool" in lowered:
-        return "pool", "", ""
-    if isinstance(module, (nn.Upsample, nn.PixelShuffle)) or "upsample" in lowered:
-        return "resize", "", ""
-    if module.__class__.__module__.startswith("torch.nn.modules.activation") or _act_family(cls) in _KNOWN_ACTS:
-        return "act", "", _act_family(cls)
-    if _owns_matrix(module, recurse=True):
-        # A leaf block (a timm notrace module): it makes channels-first maps when a conv is inside.
-        has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
-        return ("conv" if has_conv else "weight"), "", ""
-    return "other", "", ""
-
-
-_KNOWN_ACTS = frozenset(
-    {"relu", "relu6", "gelu", "silu", "hardswish", "mish", "leakyrelu", "elu", "selu", "celu", "prelu", "tanh",
-     "softplus", "starrelu", "squaredrelu"}
-)
-
-
-def _owns_matrix(module: nn.Module, recurse: bool = False) -> bool:
-    return any(p.dim() >= 2 for p in module.parameters(recurse=recurse))
+    """(kind, norm family, act family) of a called module (``ops.module_kind``)."""
+    known = module_kind(module)
+    if known.kind == "norm":
+        return "norm", known.family, known.act
+    return known.kind, "", known.family if known.kind == "act" else ""
 
 
 def _weight_layers(module: nn.Module) -> int:
@@ -375,7 +292,7 @@ def _weight_layers(module: nn.Module) -> int:
     shallower than their traced siblings. Counting every matrix-owning module inside is an
     upper bound when the block has parallel branches (a shortcut conv).
     """
-    return max(1, sum(1 for m in module.modules() if _owns_matrix(m)))
+    return max(1, sum(1 for m in module.modules() if owns_matrix(m)))
 
 
 def _features(layout: Layout | None, shape: tuple[int, ...]) -> tuple[int | None, tuple[int, ...] | None]:
@@ -582,11 +499,12 @@ def _layer_info(
         target, module_type, module_path = str(node.target), type(module).__name__, str(node.target)
     else:
         target = _callable_name(node.target)
-        kind = FUNCTION_KINDS.get(target, "reshape" if node.op == "call_method" else "other")
+        entry = lookup(node.target)
+        kind = entry.kind if entry is not None and entry.kind else "reshape" if node.op == "call_method" else "other"
         if kind == "norm":
-            norm = _family(target, _NORM_FAMILIES)
+            norm = entry.family
         elif kind == "act":
-            act = _act_family(target)
+            act = entry.family
         module_path = qualname.rsplit(".", 1)[0] if "." in qualname else ""
         # The graph module holds only called submodules (the rest are bare containers): ask the model's own tree.
         owner = modules.get(module_path)
@@ -597,7 +515,7 @@ def _layer_info(
         node.op != "call_module" and kind in _WEIGHT_FUNCTIONS and n_inputs > len(data_inputs)
     )
     if node.op == "call_module" and kind == "attention":
-        weight = _owns_matrix(modules[str(node.target)], recurse=True)
+        weight = owns_matrix(modules[str(node.target)], recurse=True)
     layers = _weight_layers(modules[str(node.target)]) if weight and node.op == "call_module" else int(weight)
 
     meta = first_tensor_meta(node.meta.get("tensor_meta"))
