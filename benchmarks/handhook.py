@@ -19,12 +19,20 @@ as one graph (``torch.compile(fullgraph=True)``, inductor), its backward AOTAuto
 the SGD step eager; the first call (the compile) is timed apart.
 
 Timing is ``overhead.py``'s: variants interleaved in one process on the same batch, order rotated
-and reversed every repeat, one ratio per repeat, median over repeats (wall and CPU time).
+and reversed every repeat, one ratio per repeat, median over repeats (wall and CPU time). CPU time is
+also split into user time (the step's own work) and system time with the minor page faults behind
+it: with glibc's default malloc, a step's system time swings from 0.1 s to 1.5 s on resnet50 as the
+allocator returns freed blocks to the kernel and faults fresh zeroed pages back in, whatever the
+step's code. ``--steady-malloc`` reruns the script with glibc's mmap and trim thresholds fixed
+(``MALLOC_MMAP_THRESHOLD_`` 32 MiB, the largest glibc takes; ``MALLOC_TRIM_THRESHOLD_`` 64 GiB), so
+freed blocks below 32 MiB are reused instead of faulted in again, and the variants are compared on
+their own work.
 
 Usage:
     python benchmarks/handhook.py                                  # resnet50, vit_small_patch16_224, batch 32
     python benchmarks/handhook.py --models resnet18 --batch 8 --repeats 3
     python benchmarks/handhook.py --models resnet50 --compile                 # adds the compiled step
+    python benchmarks/handhook.py --steady-malloc                             # allocator page faults out
 """
 
 from __future__ import annotations
@@ -43,7 +51,10 @@ from typing import Any, NamedTuple
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # script: overhead.py is a sibling
 from overhead import time_interleaved  # noqa: E402
 
-__all__ = ["Setup", "setup", "hand_step", "compiled_step", "build", "main"]
+__all__ = ["Setup", "setup", "hand_step", "compiled_step", "build", "main", "STEADY_MALLOC"]
+
+# glibc's largest mmap threshold (fixed, so it no longer adapts) and a trim threshold no step reaches.
+STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(64 * 2**30)}
 
 
 def _hook_plan(probed, analysis_graph) -> list[tuple[str, str, str]]:  # noqa: ANN001
@@ -218,17 +229,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steady-malloc", action="store_true",
+                        help="rerun with glibc's mmap/trim thresholds fixed (see the module docstring)")
     parser.add_argument("--compile", action="store_true",
                         help="add the variant `compiled`: torch.compile of forward + loss (fullgraph), compiled backward")
     args = parser.parse_args(argv)
+    if args.steady_malloc and any(os.environ.get(k) != v for k, v in STEADY_MALLOC.items()):
+        # glibc reads these once, when the process starts: only a fresh process gets them.
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **STEADY_MALLOC})
 
     import torch
 
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, batch={args.batch}, loss={args.loss}, "
-          f"repeats={args.repeats}, warmup={args.warmup}, load average at start {os.getloadavg()[0]:.1f}", flush=True)
-    header = ("| model | autoprobe / hand (wall) | autoprobe / hand (CPU) | autoprobe / plain (wall) "
-              "| autoprobe / plain (CPU) | hand / plain (CPU) | step s: plain / hand / autoprobe (median wall) |")
+          f"repeats={args.repeats}, warmup={args.warmup}, load average at start {os.getloadavg()[0]:.1f}, "
+          f"malloc env {({k: v for k, v in os.environ.items() if k.startswith('MALLOC_')}) or 'default'}", flush=True)
+    header = ("| model | autoprobe / hand (wall) | autoprobe / hand (CPU) | autoprobe / hand (user CPU) "
+              "| autoprobe / plain (wall) | autoprobe / plain (CPU) | hand / plain (CPU) "
+              "| step s: plain / hand / autoprobe (median wall) | system s: plain / hand / autoprobe (median) "
+              "| page faults, thousands: plain / hand / autoprobe (median) |")
     if args.compile:
         header += " compiled / autoprobe (wall, CPU) | compiled / hand (wall, CPU) | compiled step s | first call s, wall / CPU (compiles) |"
     print(header)
@@ -245,12 +264,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             compile_s, compile_cpu = time.perf_counter() - start, time.process_time() - start_cpu
         t = time_interleaved(steps, args.repeats, args.warmup)
         med = {k: statistics.median(v.wall) for k, v in t.items()}
+        trio = ("plain", "hand", "autoprobe")
         row = (f"| {name} | {_median_ratio(t['autoprobe'].wall, t['hand'].wall):.3f} "
                f"| {_median_ratio(t['autoprobe'].cpu, t['hand'].cpu):.3f} "
+               f"| {_median_ratio(t['autoprobe'].user, t['hand'].user):.3f} "
                f"| {_median_ratio(t['autoprobe'].wall, t['plain'].wall):.3f} "
                f"| {_median_ratio(t['autoprobe'].cpu, t['plain'].cpu):.3f} "
                f"| {_median_ratio(t['hand'].cpu, t['plain'].cpu):.3f} "
-               f"| {med['plain']:.2f} / {med['hand']:.2f} / {med['autoprobe']:.2f} |")
+               f"| {med['plain']:.2f} / {med['hand']:.2f} / {med['autoprobe']:.2f} "
+               f"| {' / '.join(f'{statistics.median(t[k].system):.2f}' for k in trio)} "
+               f"| {' / '.join(f'{statistics.median(t[k].faults) / 1000:.0f}' for k in trio)} |")
         if args.compile:
             row += (f" {_median_ratio(t['compiled'].wall, t['autoprobe'].wall):.3f}, "
                     f"{_median_ratio(t['compiled'].cpu, t['autoprobe'].cpu):.3f} "
@@ -260,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(row, flush=True)
         raw.append({"model": name, "threads": args.threads,
                     **{f"{k}_{kind}": [round(v, 3) for v in getattr(times, kind)]
-                       for k, times in t.items() for kind in ("wall", "cpu")}})
+                       for k, times in t.items() for kind in ("wall", "cpu", "user", "system", "faults")}})
         del steps
     print(f"load average at end {os.getloadavg()[0]:.1f}")
     for n in notes:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -50,10 +51,19 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @dataclass(frozen=True)
 class StepTimes:
-    """Per-step seconds of one variant, one entry per repeat."""
+    """Per-step costs of one variant, one entry per repeat.
+
+    ``cpu`` is the process's CPU time (user + system); ``user`` and ``system`` split it, and
+    ``faults`` counts minor page faults: on glibc a step's system time is mostly the kernel
+    handing out fresh zeroed pages for large tensors, which depends on the allocator's state, not
+    on the step's code.
+    """
 
     wall: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
+    user: list[float] = field(default_factory=list)
+    system: list[float] = field(default_factory=list)
+    faults: list[int] = field(default_factory=list)
 
 
 def build_steps(name: str, batch: int, losses: Sequence[str]) -> tuple[dict[str, Callable[[], None]], str]:
@@ -136,10 +146,14 @@ def time_interleaved(steps: dict[str, Callable[[], None]], repeats: int, warmup:
     for i in range(repeats):
         order = names[i % len(names):] + names[: i % len(names)]
         for name in order if i % 2 == 0 else reversed(order):
-            wall, cpu = time.perf_counter(), time.process_time()
+            wall, cpu, usage = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF)
             steps[name]()
+            after = resource.getrusage(resource.RUSAGE_SELF)
             times[name].wall.append(time.perf_counter() - wall)
             times[name].cpu.append(time.process_time() - cpu)
+            times[name].user.append(after.ru_utime - usage.ru_utime)
+            times[name].system.append(after.ru_stime - usage.ru_stime)
+            times[name].faults.append(after.ru_minflt - usage.ru_minflt)
     return times
 
 
