@@ -24,6 +24,7 @@ Grids (``--grid NAME``, repeatable, or ``all``), in the order the evidence needs
   cls-resnet     timm ResNet-18 (half width) on Fashion-MNIST, baseline/DSN/iMacHSR x 5 seeds
   cls-vit        a small timm ViT on Fashion-MNIST, baseline/DSN/iMacHSR x 5 seeds
   cls-resnet-tuned, cls-vit-tuned   the tuned arm of each, 5 seeds
+  candidates-seg, candidates-cls    iMacHSR with alpha 0.1 / MI only, validation only, more seeds
   seg-unet       U-Net/ResNet-18, 4 methods x 3 seeds               (a second family)
   seeds2         seed 2 for the selection test and the ablations
   ablations0/1   seed 0 (1) of the three ablations
@@ -574,8 +575,18 @@ def _diagnosis(seeds: Sequence[int]) -> list[RunSpec]:
             for s in seeds for v in variants]
 
 
+def _candidates(task: str, seeds: Sequence[int]) -> list[RunSpec]:
+    """The two lighter iMacHSR settings seed 0's diagnosis pointed at (MI only; alpha 0.1), on more
+    seeds, validation only: the evidence a change of the shipped defaults would rest on."""
+    model, steps, batch = ("deeplabv3plus", SEG_STEPS, SEG_BATCH) if task == "seg" else ("resnet18n", CLS_STEPS, CLS_BATCH)
+    return [RunSpec(task, model, "imachsr", s, steps, batch, pilot=True, options=v)
+            for s in seeds for v in ((("alpha", 0.1),), (("lam", 0.0),))]
+
+
 GRIDS = {
     "pilot-seg": _seg_pilots,
+    "candidates-seg": lambda: _candidates("seg", (1, 2, 3, 4)),
+    "candidates-cls": lambda: _candidates("cls", (0, 1, 2)),
     "diagnose": lambda: _diagnosis((0, 1)),
     "diagnose0": lambda: _diagnosis((0,)),
     "diagnose1": lambda: _diagnosis((1,)),

@@ -392,23 +392,25 @@ def _term_means(r: dict) -> tuple[float, float]:
     return mi, ne
 
 
-def _diagnosis_table(records: Sequence[dict]) -> str:
-    """iMacHSR's variants on validation (pilots) beside the primary grid's baseline and default iMacHSR,
-    paired by seed on the final validation mIoU."""
+def _diagnosis_table(records: Sequence[dict], task: str = "seg", model: str = "deeplabv3plus") -> str:
+    """iMacHSR's variants on validation (pilots) beside the main grid's baseline and default iMacHSR of
+    the same task and model, paired by seed on the final validation score."""
     runs = _main(records)
-    regime = dict(task="seg", model="deeplabv3plus")
-    variants = sorted({r["setting"] for r in records if r.get("pilot") and r["method"] == "imachsr"})
+    regime = dict(task=task, model=model)
+    pilots = [r for r in records if r.get("pilot") and r["method"] == "imachsr" and r["task"] == task and r["model"] == model]
+    variants = sorted({r["setting"] for r in pilots})
     if not variants:
         return "(no diagnosis runs recorded yet)"
     base = _final_val(runs, method="baseline", setting="none", **regime)
     default = _final_val(runs, method="imachsr", setting="auto", **regime)
-    head = ["iMacHSR variant", "seeds", "final val mIoU (%)", "Δ vs baseline [95% CI]", "Δ vs default iMacHSR [95% CI]",
+    score = "mIoU" if task == "seg" else "accuracy"
+    head = ["iMacHSR variant", "seeds", f"final val {score} (%)", "Δ vs baseline [95% CI]", "Δ vs default iMacHSR [95% CI]",
             "MI, sum over points (nats, last quarter)", "NE, sum over points (nats, last quarter)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    rows = [("default (alpha 0.5, lam 0.01, image MI, constant): primary grid", None)] + [(v, v) for v in variants]
+    rows = [("default (alpha 0.5, lam 0.01, image MI, constant): main grid", None)] + [(v, v) for v in variants]
     for label, setting in rows:
         rs = (_select(runs, method="imachsr", setting="auto", **regime) if setting is None
-              else [r for r in records if r.get("pilot") and r["method"] == "imachsr" and r["setting"] == setting])
+              else [r for r in pilots if r["setting"] == setting])
         if not rs:
             lines.append(f"| {label} | (not run yet) | | | | | |")
             continue
@@ -467,7 +469,9 @@ def render(results: Path, out: Path) -> str:
              f"{len(everything) - len(records)} validation pilots)\n",
              "## Pilots (validation split only)\n\n" + _pilot_table(everything) + "\n",
              "## Term diagnosis (validation split, paired by seed on the final validation mIoU)\n\n"
-             + _diagnosis_table(everything) + "\n"]
+             + _diagnosis_table(everything) + "\n",
+             "## Term diagnosis, classification (ResNet-18n; validation accuracy on 2,000 held-out training "
+             "images, paired by seed)\n\n" + _diagnosis_table(everything, "cls", "resnet18n") + "\n"]
     made: list[Path] = []
     summaries = {}
     for task, model, metrics in (("seg", "deeplabv3plus", SEG_METRICS), ("seg", "unet", SEG_METRICS),
