@@ -1,11 +1,11 @@
 """What each axis of a tensor holds, derived from the operations that made it.
 
 Like ``torch.fx.passes.shape_prop`` propagates shapes, this module propagates *axis labels* along a
-graph: one letter per axis, ``N`` the batch, ``C`` the channels (features), ``S`` a spatial or
-token axis, ``M`` the batch merged with spatial axes (Swin's windows, LeViT's ``flatten(0, 1)``),
-``?`` unknown. The labels of an op's output follow from the op and its inputs' labels,
-never from the sizes happening to coincide, so a tensor's layout does not change with the input
-size:
+graph: one ``Axis`` letter per axis, ``N`` the batch, ``C`` the channels (features), ``S`` a spatial
+or token axis, ``M`` the batch merged with spatial axes (Swin's windows, LeViT's ``flatten(0, 1)``),
+``?`` unknown. Which rule an op follows is its entry in the op registry (``ops.py``). The labels
+of an op's output follow from the op and its inputs' labels, never from the sizes happening to
+coincide, so a tensor's layout does not change with the input size:
 
 - conv, pooling, batch/group/instance norm, interpolate, upsample and pixel shuffle make
   channels-first outputs (``NCHW`` for rank 4); the model's input is channels-first;
@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, Union
 
 from torch import nn
@@ -47,10 +48,23 @@ from .layout import Layout
 from .ops import OPS, RULE_NAMES, op_name
 from .sizes import TRACE_BATCH
 
-__all__ = ["Axes", "Labels", "AxisEnv", "AxisRuleError", "propagate", "module_axes", "layout_of", "input_axes", "op_name"]
+__all__ = ["Axis", "Axes", "Labels", "AxisEnv", "AxisRuleError", "propagate", "module_axes", "layout_of", "input_axes", "op_name"]
+
+class Axis(StrEnum):
+    """What one axis of a tensor holds: one character of an ``Axes`` string."""
+
+    BATCH = "N"
+    CHANNELS = "C"
+    SPATIAL = "S"  # a spatial axis or the token axis
+    MERGED = "M"  # the batch merged with spatial axes (Swin's windows, LeViT's ``flatten(0, 1)``)
+    UNKNOWN = "?"
+
 
 Axes = str
-"""One label per axis: ``N`` batch, ``C`` channels, ``S`` spatial or token, ``?`` unknown."""
+"""One ``Axis`` per axis, as a string (``NCHW`` maps are ``"NCSS"``): they slice, join and compare as text."""
+
+_HEADS = frozenset({Axis.BATCH, Axis.MERGED, Axis.UNKNOWN})
+"""What a leading axis may stay through an op that rewrites the others: a batch, folded or not, or unknown."""
 
 Labels = Union[Axes, None, tuple["Labels", ...]]
 """The labels of an op's output: ``Axes`` for a tensor, ``None`` for unknown, a tuple for a tuple of outputs."""
@@ -87,7 +101,7 @@ class AxisEnv:
 
 def input_axes(rank: int) -> Axes | None:
     """The model input's labels: channels-first (``NC``, ``NCS``, ``NCSS``, ``NCSSS``)."""
-    return "NC" + "S" * (rank - 2) if rank >= 2 else ("N" if rank == 1 else None)
+    return Axis.BATCH + Axis.CHANNELS + Axis.SPATIAL * (rank - 2) if rank >= 2 else (Axis.BATCH if rank == 1 else None)
 
 
 def layout_of(labels: Labels, shape: Shape | None) -> Layout | None:
@@ -99,14 +113,14 @@ def layout_of(labels: Labels, shape: Shape | None) -> Layout | None:
     """
     if not isinstance(labels, str) or shape is None or len(labels) != len(shape) or not 2 <= len(labels) <= 5:
         return None
-    if labels[0] != "N" or labels.count("C") != 1:
+    if labels[0] != Axis.BATCH or labels.count(Axis.CHANNELS) != 1:
         return None
-    rest = labels.replace("N", "", 1).replace("C", "", 1)
-    if rest and set(rest) != {"S"}:
+    rest = labels.replace(Axis.BATCH, "", 1).replace(Axis.CHANNELS, "", 1)
+    if rest and set(rest) != {Axis.SPATIAL}:
         return None
-    if labels[1] == "C":
+    if labels[1] == Axis.CHANNELS:
         return Layout.channels_first(len(labels))
-    if labels[-1] == "C":
+    if labels[-1] == Axis.CHANNELS:
         return Layout.channels_last(len(labels))
     return None
 
@@ -124,7 +138,7 @@ def _dim(d: Any, rank: int) -> int | None:
 def _merge(labels: Sequence[str]) -> str:
     """One label for axes merged into one (or agreeing inputs): the common label, else ``?``."""
     kinds = set(labels)
-    return kinds.pop() if len(kinds) == 1 else "?"
+    return kinds.pop() if len(kinds) == 1 else Axis.UNKNOWN
 
 
 def _first_tensor(args: Sequence[Any], env: AxisEnv) -> tuple[Axes | None, Shape | None]:
@@ -158,18 +172,18 @@ def _channels_first(args: tuple, kwargs: dict, env: AxisEnv) -> Labels:
     if shape is None or len(shape) < 2:
         return None
     lab, _ = _first_tensor(args[:1], env)
-    head = lab[0] if lab is not None and lab[0] in "NM?" else "N" if lab is None else "?"
-    return head + "C" + "S" * (len(shape) - 2)  # the batch axis stays what it was (a folded batch stays folded)
+    head = lab[0] if lab is not None and lab[0] in _HEADS else Axis.BATCH if lab is None else Axis.UNKNOWN
+    return head + Axis.CHANNELS + Axis.SPATIAL * (len(shape) - 2)  # the batch axis stays what it was (a folded batch stays folded)
 
 
 def _feature_last(labels: Axes | None, rank: int, keep_spatial: bool) -> Axes:
     """Labels after an op that writes features along the last axis (linear, embedding, layer norm)."""
-    lab = labels if labels is not None and len(labels) == rank else "?" * rank
-    if keep_spatial and lab[-1] == "S" and "C" in lab[:-1]:
+    lab = labels if labels is not None and len(labels) == rank else Axis.UNKNOWN * rank
+    if keep_spatial and lab[-1] == Axis.SPATIAL and Axis.CHANNELS in lab[:-1]:
         return lab  # a linear over a spatial axis (token mixing) keeps the channels where they are
-    head = lab[0] if lab[0] in "NM?" else "?"
-    middle = "S" * (rank - 2)
-    return (head + middle + "C") if rank >= 2 else "C"
+    head = lab[0] if lab[0] in _HEADS else Axis.UNKNOWN
+    middle = Axis.SPATIAL * (rank - 2)
+    return (head + middle + Axis.CHANNELS) if rank >= 2 else Axis.CHANNELS
 
 
 def _linear(args: tuple, kwargs: dict, env: AxisEnv) -> Labels:
@@ -199,7 +213,7 @@ def _layer_norm(args: tuple, kwargs: dict, env: AxisEnv) -> Labels:
         normalized = (normalized,)
     result: Labels
     if isinstance(normalized, (list, tuple)) and len(normalized) == 1 and len(main_shape) >= 2:
-        if lab is not None and len(lab) == len(main_shape) and (lab[-1] == "C" or ("C" in lab and "?" not in lab)):
+        if lab is not None and len(lab) == len(main_shape) and (lab[-1] == Axis.CHANNELS or (Axis.CHANNELS in lab and Axis.UNKNOWN not in lab)):
             result = lab  # the labels already say where the channels are: the norm moves nothing
         else:
             result = _feature_last(lab, len(main_shape), keep_spatial=False)
@@ -213,7 +227,7 @@ def _embedding(args: tuple, kwargs: dict, env: AxisEnv) -> Labels:
     lab, _ = _first_tensor(args, env)
     if shape is None or lab is None or len(lab) + 1 != len(shape):
         return None
-    return (lab[0] if lab[0] in "NM?" else "?") + "S" * (len(lab) - 1) + "C"
+    return (lab[0] if lab[0] in _HEADS else Axis.UNKNOWN) + Axis.SPATIAL * (len(lab) - 1) + Axis.CHANNELS
 
 
 def _elementwise(args: tuple, kwargs: dict, env: AxisEnv) -> Labels:
@@ -232,11 +246,11 @@ def _broadcast(values: Sequence[Any], shape: Shape, env: AxisEnv) -> Labels:
         if not isinstance(lab, str) or s is None or len(lab) != len(shape) or len(s) != len(shape):
             continue
         for i, (a, n) in enumerate(zip(lab, s)):
-            if a != "?" and (n == shape[i] or shape[i] == 1):
+            if a != Axis.UNKNOWN and (n == shape[i] or shape[i] == 1):
                 votes[i].add(a)
     if not any(votes):
         return None
-    return "".join(v.pop() if len(v) == 1 else "?" for v in votes)
+    return "".join(v.pop() if len(v) == 1 else Axis.UNKNOWN for v in votes)
 
 
 def _flat(values: Sequence[Any]) -> list[Any]:
@@ -275,7 +289,7 @@ def _stack(args: tuple, kwargs: dict, env: AxisEnv) -> Labels:
     # but a reduction over that axis (FPN's ``torch.stack(levels).sum(0)``) gets the inputs' labels back.
     inner = shape[:d] + shape[d + 1 :]
     lab = _broadcast(list(tensors), inner, env)
-    return None if lab is None else lab[:d] + "?" + lab[d:]
+    return None if lab is None else lab[:d] + Axis.UNKNOWN + lab[d:]
 
 
 def _split(args: tuple, kwargs: dict, env: AxisEnv) -> Labels:
@@ -360,8 +374,9 @@ def _movedim(args: tuple, kwargs: dict, env: AxisEnv) -> Labels:
 def _group(labels: str, sizes: Sequence[int]) -> str:
     """The label of axes merged into one: size-1 axes do not vote; the batch merged with spatial axes is ``M``."""
     voting = [a for a, n in zip(labels, sizes) if n != 1] or list(labels)
-    if len(voting) > 1 and ("N" in voting or "M" in voting):
-        return "M" if voting[0] in "NM" and set(voting[1:]) <= {"S"} else "?"
+    if len(voting) > 1 and (Axis.BATCH in voting or Axis.MERGED in voting):
+        batch = voting[0] in (Axis.BATCH, Axis.MERGED) and set(voting[1:]) <= {Axis.SPATIAL}
+        return Axis.MERGED if batch else Axis.UNKNOWN
     return _merge(voting)
 
 
@@ -404,15 +419,15 @@ def _split_label(label: str, sizes: Sequence[int], batch: int = TRACE_BATCH) -> 
     A batch merged with spatial axes (``M``) split with the batch size in front is ``N`` then spatial axes.
     """
     big = [n for n in sizes if n != 1]
-    if label == "M":
+    if label == Axis.MERGED:
         if sizes and sizes[0] == batch and len(sizes) > 1:
-            return "N" + "S" * (len(sizes) - 1)
-        return "M" if len(big) <= 1 and len(sizes) == 1 else "?" * len(sizes)
-    if label == "N" and len(big) > 1:
-        return "?" * len(sizes)
+            return Axis.BATCH + Axis.SPATIAL * (len(sizes) - 1)
+        return Axis.MERGED if len(big) <= 1 and len(sizes) == 1 else Axis.UNKNOWN * len(sizes)
+    if label == Axis.BATCH and len(big) > 1:
+        return Axis.UNKNOWN * len(sizes)
     if not big:
-        return label + "S" * (len(sizes) - 1)
-    return "".join("S" if n == 1 else label for n in sizes)
+        return label + Axis.SPATIAL * (len(sizes) - 1)
+    return "".join(Axis.SPATIAL if n == 1 else label for n in sizes)
 
 
 def _view(args: tuple, kwargs: dict, env: AxisEnv) -> Labels:
@@ -493,7 +508,7 @@ def _unsqueeze(args: tuple, kwargs: dict, env: AxisEnv) -> Labels:
     d = _dim(args[1] if len(args) > 1 else kwargs.get("dim"), len(lab) + 1)
     if d is None:
         return None
-    return lab[:d] + "S" + lab[d:]
+    return lab[:d] + Axis.SPATIAL + lab[d:]
 
 
 def _getitem(args: tuple, kwargs: dict, env: AxisEnv) -> Labels:
@@ -522,7 +537,7 @@ def _getitem(args: tuple, kwargs: dict, env: AxisEnv) -> Labels:
             out.extend(lab[pos : pos + take])
             pos += take
         elif it is None:
-            out.append("S")
+            out.append(Axis.SPATIAL)
         elif isinstance(it, slice) or _positions(it):
             if pos >= len(lab):
                 return None
@@ -545,7 +560,7 @@ def _im2col(args: tuple, kwargs: dict, env: AxisEnv) -> Labels:
     shape = _out_shape(env)
     if lab is None or shape is None or len(shape) != 3:
         return None
-    return lab[0] + "CS"
+    return lab[0] + Axis.CHANNELS + Axis.SPATIAL
 
 
 def _positions(index: Any) -> bool:
@@ -601,10 +616,10 @@ def _matmul(args: tuple, kwargs: dict, env: AxisEnv) -> Labels:
         seen = set()
         for a in data:
             lab = env.labels(a)
-            if isinstance(lab, str) and len(lab) == len(shape) and lab[k] != "?":
+            if isinstance(lab, str) and len(lab) == len(shape) and lab[k] != Axis.UNKNOWN:
                 seen.add(lab[k])
-        votes.append(seen.pop() if len(seen) == 1 else "?")
-    return "".join(votes) + "??"
+        votes.append(seen.pop() if len(seen) == 1 else Axis.UNKNOWN)
+    return "".join(votes) + Axis.UNKNOWN * 2
 
 
 def _sdpa(args: tuple, kwargs: dict, env: AxisEnv) -> Labels:
@@ -633,7 +648,7 @@ def _expand(args: tuple, kwargs: dict, env: AxisEnv) -> Labels:
     shape = _out_shape(env)
     if lab is None or shape is None:
         return None
-    return "?" * (len(shape) - len(lab)) + lab if len(shape) >= len(lab) else None
+    return Axis.UNKNOWN * (len(shape) - len(lab)) + lab if len(shape) >= len(lab) else None
 
 
 _RULE_FUNCTIONS: dict[str, Callable[[tuple, dict, AxisEnv], Labels]] = {
@@ -792,7 +807,7 @@ def run_labels(fn: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any], l
 
     def store(value: Any, lab: Labels) -> None:
         if isinstance(value, torch.Tensor):
-            known[value] = lab if isinstance(lab, str) and len(lab) == value.dim() else "?" * value.dim()
+            known[value] = lab if isinstance(lab, str) and len(lab) == value.dim() else Axis.UNKNOWN * value.dim()
         elif isinstance(value, (tuple, list)):
             parts = lab if isinstance(lab, tuple) and len(lab) == len(value) else (None,) * len(value)
             for v, part in zip(value, parts):

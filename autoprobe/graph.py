@@ -36,7 +36,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from .axes import AxisEnv, Labels, input_axes, layout_of, module_axes, propagate, run_labels
+from .axes import Axis, AxisEnv, Labels, input_axes, layout_of, module_axes, propagate, run_labels
 from .errors import TraceError
 from .layout import Layout
 from .meta import meta_twins
@@ -365,7 +365,7 @@ def _opaque(node: fx.Node) -> bool:
 def _decided(labels: Labels) -> bool:
     if isinstance(labels, tuple):
         return all(_decided(part) for part in labels)
-    return isinstance(labels, str) and "?" not in labels
+    return isinstance(labels, str) and Axis.UNKNOWN not in labels
 
 
 def _run_opaque(node: fx.Node, labels_of: Any, batch: int, module: nn.Module | None = None) -> Labels:
@@ -407,7 +407,7 @@ def _run_opaque(node: fx.Node, labels_of: Any, batch: int, module: nn.Module | N
 def _known_rank(labels: Labels, out: Any) -> Labels:
     """Labels that fit the output: a tensor whose labels no rule decided is all ``?`` (data, but no known axes)."""
     if isinstance(out, tuple) and all(isinstance(s, int) for s in out):
-        return labels if isinstance(labels, str) and len(labels) == len(out) else "?" * len(out)
+        return labels if isinstance(labels, str) and len(labels) == len(out) else Axis.UNKNOWN * len(out)
     if isinstance(out, tuple):
         parts = labels if isinstance(labels, tuple) and len(labels) == len(out) else (None,) * len(out)
         return tuple(_known_rank(p, o) for p, o in zip(parts, out))

@@ -16,7 +16,8 @@ key, and that key finds one ``Op`` in ``OPS``. The entry says:
   export's graphs read like fx's in reports and the lock.
 
 Adding an op means adding one ``Op``: like ``torch.fx.Interpreter`` keeps one method per opcode,
-nothing else in the package lists op names. Modules are classified the same way, by type:
+one entry says all of the above, and graph.py, axes.py, backends.py and fx_engine.py read it
+rather than keep tables of op names of their own. Modules are classified the same way, by type:
 ``module_kind`` walks a module's class hierarchy and returns the entry of the nearest registered
 class (torch.nn's layers, and timm's and torchvision's when those libraries are loaded); only a
 class of unknown third-party code is read by its name.
@@ -265,6 +266,17 @@ OPS: Mapping[str, Op] = _index(
 """Every op autoprobe knows, by ``op_name``."""
 
 
+def _raw_name(target: Any) -> str:
+    aten = getattr(target, "aten_op", None) or (target if hasattr(target, "_opname") else None)
+    if aten is not None:
+        name = aten._opname
+    elif isinstance(target, str):
+        name = target
+    else:
+        name = getattr(target, "__name__", None) or str(target)
+    return name.rsplit(".", 1)[-1]
+
+
 def op_name(target: Any) -> str:
     """The registry key of a called function, method or ATen op: one normalisation for every backend.
 
@@ -278,14 +290,7 @@ def op_name(target: Any) -> str:
         >>> op_name(torch.Tensor.__radd__), op_name("relu_"), op_name(torch.ops.aten.silu_.default)
         ('add', 'relu', 'silu')
     """
-    aten = getattr(target, "aten_op", None) or (target if hasattr(target, "_opname") else None)
-    if aten is not None:
-        name = aten._opname
-    elif isinstance(target, str):
-        name = target
-    else:
-        name = getattr(target, "__name__", None) or str(target)
-    name = name.rsplit(".", 1)[-1]
+    name = _raw_name(target)
     if name.startswith("__") and name.endswith("__"):
         name = name[2:-2]
         if name.startswith(("r", "i")) and name[1:] in OPS:
@@ -300,18 +305,20 @@ def lookup(target: Any) -> Op | None:
 
 def shown_name(target: Any) -> str:
     """The name a graph shows for an ATen op: its entry's functional spelling (``convolution`` -> ``conv2d``),
-    else its name without the in-place ``_`` and a private ``_`` prefix (``_adaptive_avg_pool2d``).
+    else its name without a private ``_`` prefix (``_adaptive_avg_pool2d``); an in-place op keeps its trailing
+    ``_``, as fx shows ``relu_``.
 
     Example:
         >>> import torch
-        >>> shown_name(torch.ops.aten.native_layer_norm.default), shown_name(torch.ops.aten.mean.dim)
-        ('layer_norm', 'mean')
+        >>> aten = torch.ops.aten
+        >>> shown_name(aten.native_layer_norm.default), shown_name(aten.mean.dim), shown_name(aten.relu_.default)
+        ('layer_norm', 'mean', 'relu_')
     """
     key = op_name(target)
     entry = OPS.get(key)
-    if entry is not None and entry.shown:
-        return entry.shown
-    return key.lstrip("_") or key
+    shown = entry.shown if entry is not None and entry.shown else key.lstrip("_") or key
+    raw = _raw_name(target)
+    return shown + "_" if raw.endswith("_") and not raw.endswith("__") and not shown.endswith("_") else shown
 
 
 # ----------------------------------------------------------------------------- modules, by type

@@ -91,6 +91,9 @@ def test_an_aten_op_is_shown_under_its_functional_name() -> None:
     assert ops.shown_name(aten._native_batch_norm_legit_no_training.default) == "batch_norm"
     assert ops.shown_name(aten._adaptive_avg_pool2d.default) == "adaptive_avg_pool2d"  # unshown: the private _ goes
     assert ops.OPS["hardtanh"].family == "relu6"  # F.relu6 exports as hardtanh
+    # An in-place op keeps its trailing _ on every backend (fx shows torch.relu_ as relu_), renamed or not.
+    assert (ops.shown_name(aten.relu_.default), ops.shown_name(aten.silu_.default)) == ("relu_", "silu_")
+    assert ops.shown_name(aten.hardtanh_.default) == "relu6_" and ops.lookup(aten.hardtanh_.default).kind == "act"
 
 
 def test_view_and_in_place_ops_are_marked_for_the_alias_analysis() -> None:
