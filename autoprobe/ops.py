@@ -70,6 +70,8 @@ class Op(NamedTuple):
             an unnamed op keeps a same-shaped input's labels instead.
         view: its result may share storage with its first argument.
         in_place: it writes into its first argument (Python's augmented assignments, ``setitem``).
+        windowed: its output size is its input's less a window, over a stride (conv, pooling, unfold): it
+            shrinks a small input to nothing, so an empty output blames the input size.
     """
 
     name: str
@@ -80,6 +82,7 @@ class Op(NamedTuple):
     moves_axes: bool = False
     view: bool = False
     in_place: bool = False
+    windowed: bool = False
 
 
 def act_family(name: str) -> str:
@@ -141,13 +144,13 @@ _ELEMENTWISE_MATH = (
 OPS: Mapping[str, Op] = _index(
     # ---- weight layers
     _ops("conv", "channels_first", ("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
-                                     "conv_transpose3d")),
-    _aten("conv", "channels_first", "conv2d", ("convolution", "_convolution")),
+                                     "conv_transpose3d"), windowed=True),
+    _aten("conv", "channels_first", "conv2d", ("convolution", "_convolution"), windowed=True),
     _ops("linear", "linear", ("linear",)),
     _aten("linear", "addmm", "linear", ("addmm",)),
     _ops("", "matmul", ("bilinear",)),
     _ops("", "embedding", ("embedding",)),
-    _ops("", "im2col", ("im2col",)),
+    _ops("", "im2col", ("im2col",), windowed=True),
     # ---- normalization
     _ops("norm", "channels_first", ("batch_norm",), family="batch"),
     _aten("norm", "channels_first", "batch_norm", ("native_batch_norm", "_native_batch_norm_legit",
@@ -174,14 +177,15 @@ OPS: Mapping[str, Op] = _index(
     _aten("softmax", "elementwise", "log_softmax", ("_log_softmax",)),
     # ---- pooling and resizing
     _ops("pool", "channels_first", ("max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d",
-                                     "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
-                                     "adaptive_max_pool2d", "adaptive_avg_pool3d", "lp_pool2d",
-                                     "max_pool2d_with_indices")),
+                                     "avg_pool3d", "lp_pool2d", "max_pool2d_with_indices"), windowed=True),
+    _ops("pool", "channels_first", ("adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_max_pool2d",
+                                     "adaptive_avg_pool3d")),
     _aten("pool", "channels_first", "adaptive_avg_pool2d", ("_adaptive_avg_pool2d",)),
     _aten("pool", "channels_first", "adaptive_avg_pool3d", ("_adaptive_avg_pool3d",)),
-    _ops("", "channels_first", ("adaptive_max_pool1d", "adaptive_max_pool3d", "lp_pool1d", "lp_pool3d",
-                                "max_pool1d_with_indices", "max_pool3d_with_indices", "fractional_max_pool2d",
-                                "fold", "grid_sample")),
+    _ops("", "channels_first", ("lp_pool1d", "lp_pool3d", "max_pool1d_with_indices", "max_pool3d_with_indices"),
+         windowed=True),
+    _ops("", "channels_first", ("adaptive_max_pool1d", "adaptive_max_pool3d", "fractional_max_pool2d", "fold",
+                                "grid_sample")),
     _ops("resize", "channels_first", ("interpolate", "upsample", "upsample_bilinear", "upsample_nearest")),
     _aten("resize", "channels_first", "interpolate",
           ("upsample_bilinear2d", "upsample_nearest2d", "upsample_bicubic2d", "upsample_linear1d",
@@ -189,7 +193,7 @@ OPS: Mapping[str, Op] = _index(
            "_upsample_bicubic2d_aa", "_upsample_nearest_exact1d", "_upsample_nearest_exact2d",
            "_upsample_nearest_exact3d")),
     _ops("resize", "channels_first", ("pixel_shuffle",), moves_axes=True),
-    _aten("resize", "channels_first", "pixel_shuffle", ("pixel_unshuffle",), moves_axes=True),
+    _aten("resize", "channels_first", "pixel_shuffle", ("pixel_unshuffle",), moves_axes=True, windowed=True),
     # ---- attention and products of activations
     _ops("attention", "sdpa", ("scaled_dot_product_attention",)),
     _aten("attention", "sdpa", "scaled_dot_product_attention",
@@ -229,7 +233,8 @@ OPS: Mapping[str, Op] = _index(
     _aten("reshape", "slice", "getitem", ("slice",)),
     _aten("reshape", "", "getitem", ("index", "diagonal"), moves_axes=True),
     _aten("reshape", "", "getitem", ("as_strided",), moves_axes=True, view=True),
-    _ops("", "", ("rot90", "unfold"), moves_axes=True),
+    _ops("", "", ("rot90",), moves_axes=True),
+    _ops("", "", ("unfold",), moves_axes=True, windowed=True),
     _ops("reshape", "elementwise", ("index_select", "pad", "repeat", "roll")),
     _ops("reshape", "elementwise", ("narrow", "contiguous"), view=True),
     _aten("reshape", "elementwise", "pad", ("constant_pad_nd", "reflection_pad1d", "reflection_pad2d",

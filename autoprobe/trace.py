@@ -33,6 +33,7 @@ from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 from .errors import AutoprobeError, SizeErrorParts, TraceError, UsageError
 from .fx_tracer import INPLACE_META, QualnameTracer, specialization_note
 from .meta import meta_twins, needs_values
+from .ops import lookup, op_name
 from .sizes import TRACE_BATCH, size_error
 
 __all__ = [
@@ -587,14 +588,6 @@ def propagate_shapes(
     torch.func.functional_call(runner, twins, args, strict=False)
 
 
-_WINDOWED_OPS = frozenset({
-    "conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d", "conv_transpose2d",
-    "conv_transpose3d", "max_pool1d", "max_pool2d", "max_pool3d", "max_pool1d_with_indices",
-    "max_pool2d_with_indices", "max_pool3d_with_indices", "avg_pool1d", "avg_pool2d", "avg_pool3d",
-    "lp_pool1d", "lp_pool2d", "lp_pool3d", "unfold", "im2col", "pixel_unshuffle",
-})
-"""Ops whose output size is the input's size less a window, over a stride: they shrink a small input to 0."""
-
 _WINDOWED_MODULES: tuple[type[nn.Module], ...] = (
     nn.modules.conv._ConvNd, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
     nn.modules.pooling._LPPoolNd, nn.Unfold, nn.PixelUnshuffle,
@@ -613,8 +606,6 @@ def _is_empty(meta: Any) -> bool:
 def _slices(node: fx.Node) -> list[slice] | None:
     """The constant slices a ``getitem``/ATen ``slice`` node applies, or ``None`` for another op or a bound
     only known at run time."""
-    from .axes import op_name
-
     name = op_name(node.target)
     if node.op == "call_function" and name == "getitem" and len(node.args) == 2:
         index = node.args[1]
@@ -633,11 +624,9 @@ def _slices(node: fx.Node) -> list[slice] | None:
 def _shrinks_by_input(node: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
     """Whether ``node``'s zero-size axis is the traced input's doing: a windowed op (conv, pooling,
     unfold) or a slice that is not empty at any length, applied to a tensor that was not empty."""
-    from .axes import op_name
-
     if node.op == "call_module":
         return isinstance(modules.get(str(node.target)), _WINDOWED_MODULES)
-    if node.op in ("call_function", "call_method") and op_name(node.target) in _WINDOWED_OPS:
+    if node.op in ("call_function", "call_method") and (op := lookup(node.target)) is not None and op.windowed:
         return True
     slices = _slices(node)
     # ``q[:, :, :0]`` (timm's prefix tokens when there are none) is empty at every size: the model's choice.

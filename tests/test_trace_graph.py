@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models import resnet18
 from torchvision.models.feature_extraction import get_graph_node_names
@@ -236,16 +237,26 @@ def test_a_zero_size_axis_the_model_makes_on_purpose_is_not_the_inputs_fault(mod
     assert empty  # the model does make a zero-size tensor, and tracing carries on
 
 
-def test_a_windowed_op_that_shrinks_the_input_to_nothing_blames_the_input() -> None:
+class _FunctionalStrided(_Strided):
+    """The same pooling written as a function call: the op registry knows it is windowed."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.avg_pool2d(self.conv(x), 4, stride=4).mean((2, 3)))
+
+
+@pytest.mark.parametrize("model, pool_target", [(_Strided, "pool"), (_FunctionalStrided, F.avg_pool2d)],
+                         ids=["module", "function"])
+def test_a_windowed_op_that_shrinks_the_input_to_nothing_blames_the_input(model: Callable[[], nn.Module],
+                                                                          pool_target: object) -> None:
     from autoprobe.errors import InputSizeError
     from autoprobe.trace import check_spatial
 
-    traced = trace_fx(_Strided(), (3, 8, 8))
-    pool = next(n for n in traced.graph_module.graph.nodes if n.target == "pool")
+    traced = trace_fx(model(), (3, 8, 8))
+    pool = next(n for n in traced.graph_module.graph.nodes if n.target == pool_target)
     # Shape the pool's output as a 2x2 input would have (0x0), without the kernel's own size check.
     meta = pool.meta["tensor_meta"]
     pool.meta["tensor_meta"] = meta._replace(shape=torch.Size((2, 8, 0, 0)))
-    with pytest.raises(InputSizeError, match=r"smaller than the model's total stride: node 'pool' has shape \(2, 8, 0, 0\)"):
+    with pytest.raises(InputSizeError, match=rf"smaller than the model's total stride: node '{pool.name}' has shape \(2, 8, 0, 0\)"):
         check_spatial(traced)
 
 
@@ -261,9 +272,9 @@ def test_instrument_traces_each_mode_once(spec: str, monkeypatch: pytest.MonkeyP
     modes: list[str] = []
     trace_fx = trace.trace_fx
 
-    def counted(model, size, options=trace.TraceOptions()):  # noqa: ANN001, ANN202
+    def counted(model, size, options=trace.TraceOptions(), **kwargs):  # noqa: ANN001, ANN003, ANN202
         modes.append(options.mode)
-        return trace_fx(model, size, options)
+        return trace_fx(model, size, options, **kwargs)
 
     for module in ("autoprobe.trace", "autoprobe.backends", "autoprobe.rewrite", "autoprobe.fx_engine"):
         monkeypatch.setattr(f"{module}.trace_fx", counted, raising=False)
