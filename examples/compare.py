@@ -668,6 +668,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="stop after N new runs")
     parser.add_argument("--lr", type=float, default=None, help="override the learning rate (validation pilots only)")
     parser.add_argument("--methods", default=None, help="comma-separated subset of the methods")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="only these seeds of the grids (two workers can split one grid without overlap)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -685,6 +687,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.grid:
             parser.error("give --grid NAME (or all), --quick or --render")
         specs = grid_specs(args.grid)
+        if args.seeds is not None:
+            specs = [sp for sp in specs if sp.seed in args.seeds]
     try:
         cfg = QUICK_SEG if args.quick else SegConfig()
         seg = load_segmentation(cfg, args.data) if any(s.task == "seg" for s in specs) else None
