@@ -41,9 +41,8 @@ import functools
 import io
 import operator
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import torch
@@ -54,7 +53,7 @@ from torch.overrides import TorchFunctionMode
 from .errors import AutoprobeError, InputSizeError, RealDataNeeded, TraceError, UsageError
 from .axes import AxisEnv, Labels, input_axes, propagate
 from .graph import LayerGraph, build_layer_graph
-from .ops import OPS, op_name, shown_name
+from .ops import op_name, shown_name
 from .meta import ValueReadCheck, ValuesNeeded, device_of, meta_twins, seeded_run
 from .trace import (
     Backend,
@@ -76,7 +75,6 @@ __all__ = [
     "trace_with_fallbacks",
     "trace_export",
     "trace_hooks",
-    "ATEN_KIND_NAMES",
 ]
 
 LADDER: tuple[Backend, ...] = ("fx", "export", "hooks")
@@ -262,10 +260,6 @@ def _is_leaf(module: nn.Module, path: str, leaf_types: tuple[type[nn.Module], ..
 # ---------------------------------------------------------------------------------------------
 # export
 # ---------------------------------------------------------------------------------------------
-
-ATEN_KIND_NAMES: Mapping[str, str] = MappingProxyType({op.name: op.shown for op in OPS.values() if op.shown})
-"""ATen op -> the functional name export's graphs show it under; a view of ``ops.OPS`` (the registry holds both)."""
-
 
 @functools.lru_cache(maxsize=None)
 def _named_op(op: torch._ops.OpOverload) -> Callable[..., Any]:

@@ -25,10 +25,9 @@ from __future__ import annotations
 import inspect
 import math
 import operator
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
-from types import MappingProxyType
 from typing import Any
 
 import networkx as nx
@@ -40,14 +39,12 @@ from .axes import Axis, AxisEnv, Labels, input_axes, layout_of, module_axes, pro
 from .errors import TraceError
 from .layout import Layout
 from .meta import meta_twins
-from .ops import OPS, lookup, module_kind, op_name, owns_matrix
+from .ops import lookup, module_kind, op_name, owns_matrix
 from .sizes import TRACE_BATCH
 from .trace import Backend, Mode, Traced, first_tensor_meta
 
-__all__ = ["LayerInfo", "LayerGraph", "build_layer_graph", "FUNCTION_KINDS"]
+__all__ = ["LayerInfo", "LayerGraph", "build_layer_graph"]
 
-# The kind of every registered op, by ``op_name``; kept for callers that read kinds by name (``ops.OPS`` is the table).
-FUNCTION_KINDS: Mapping[str, str] = MappingProxyType({op.name: op.kind for op in OPS.values() if op.kind})
 _WEIGHT_FUNCTIONS = frozenset({"conv", "linear"})
 
 
