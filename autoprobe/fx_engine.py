@@ -11,7 +11,10 @@ Why two graphs: fx freezes Python control flow at trace time, including
 ``if self.training`` inside traced-through modules (timm's BatchNormAct, aux heads).
 Like torchvision's ``DualGraphModule``, the engine holds the train-mode and the eval-mode
 graph and runs the one matching the mode it is called in; both are compiled once, so a
-mode change swaps graphs and nothing is recompiled.
+mode change swaps graphs and nothing is recompiled. Most models record the same program in
+both modes (their mode-dependent work is inside modules that read their own flag, such as
+``nn.Dropout``): then the two traces are one (``trace_fx``'s ``other_mode``), and one tapped
+graph serves both modes.
 
 Why module hooks are called by the graph: the generated code runs a traced-through
 module's body inline, so its own ``__call__``, and with it the hooks on it, never runs.
@@ -143,8 +146,8 @@ class FxEngine:
     ) -> None:
         train = _tapped_graph_module(model, adapters, sites, train_traced)
         # One program in both modes (the traces share their graph): one tapped graph serves both.
-        same = train_traced.graph_module is eval_traced.graph_module
-        eval_ = train if same else _tapped_graph_module(model, adapters, sites, eval_traced)
+        shared = train_traced.graph_module is eval_traced.graph_module
+        eval_ = train if shared else _tapped_graph_module(model, adapters, sites, eval_traced)
         self._graphs = {True: train.graph_module, False: eval_.graph_module}
         self._cloned = {s.point: train.cloned[s.point] or eval_.cloned[s.point] for s in sites}
         self._fx_names = {s.point: (train.fx_names[s.point], eval_.fx_names[s.point]) for s in sites}
