@@ -62,6 +62,7 @@ from .objectives import (
     make_objective,
     schedule_weight,
 )
+from ._math import MI_ESTIMATORS
 from .targets import MatchedTarget, RegressionLoss, TargetKind, TargetMatcher, resize_logits
 from .terms import (
     NE_MAX_POSITIONS,
@@ -87,6 +88,7 @@ __all__ = [
     "CorrelationLoss",
     "NegativeEntropyLoss",
     "NE_MAX_POSITIONS",
+    "MI_ESTIMATORS",
     "DSNLoss",
     "DKSLoss",
     "Objective",
