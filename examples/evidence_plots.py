@@ -439,14 +439,14 @@ def _pilot_curves(records: Sequence[dict], out: Path) -> Path | None:
     return _save(plt, fig, out / "pilots.png")
 
 
-def _term_curves(records: Sequence[dict], out: Path) -> Path | None:
+def _term_curves(records: Sequence[dict], out: Path, task: str = "seg", model: str = "deeplabv3plus") -> Path | None:
     """Each logged loss term along training (mean over seeds), one panel per method with terms."""
-    plt = _plt()
-    runs = [r for r in _main(records) if r["task"] == "seg" and r["model"] == "deeplabv3plus"
+    runs = [r for r in _main(records) if r["task"] == task and r["model"] == model
             and r["method"] in ("dsn", "imachsr") and r["setting"] == "auto" and r["curve"].get("terms")]
     methods = [m for m in ("dsn", "imachsr") if any(r["method"] == m for r in runs)]
     if not methods:
         return None
+    plt = _plt()
     fig, axes = plt.subplots(1, len(methods), figsize=(5.6 * len(methods), 3.8), squeeze=False)
     for ax, m in zip(axes[0], methods):
         rs = [r for r in runs if r["method"] == m]
@@ -455,9 +455,9 @@ def _term_curves(records: Sequence[dict], out: Path) -> Path | None:
             mat = [r["curve"]["terms"][name] for r in rs if len(r["curve"]["terms"].get(name, ())) == len(steps)]
             ax.plot(steps, [statistics.fmean(col) for col in zip(*mat)], label=f"{name} (n={len(mat)})", lw=1)
         ax.axhline(0, color="black", lw=0.5)
-        ax.set(xlabel="step", ylabel="unweighted term value (10-step mean)", title=f"{m}: terms along training")
+        ax.set(xlabel="step", ylabel="unweighted term value (10-step mean)", title=f"{model} {m}: terms along training")
         ax.legend(fontsize=6)
-    return _save(plt, fig, out / "terms_deeplabv3plus.png")
+    return _save(plt, fig, out / f"terms_{model}.png")
 
 
 def render(results: Path, out: Path) -> str:
@@ -515,7 +515,7 @@ def render(results: Path, out: Path) -> str:
                             out / "selection.png"))
     made.append(_qualitative(records, out))
     made.append(_pilot_curves(everything, out))
-    made.append(_term_curves(records, out))
+    made.extend(_term_curves(records, out, task, model) for task, model in _MODELS)
     summary = {"rows": summary_rows(everything)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
     made.append(out / "summary.json")
