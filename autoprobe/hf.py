@@ -76,7 +76,7 @@ class AutoprobeCallback(TrainerCallback):
     Pass it with the Probed the Trainer trains: ``Trainer(model=probed, args=...,
     callbacks=[AutoprobeCallback(probed)])``. It collects the parts of every forward called
     with ``labels`` (a forward hook on the Probed, removed by ``close()``), and at each log
-    adds their means since the previous log: ``ce``, ``mi/<point>``, ``ne/<point>``, ... to
+    adds their means since the previous log: ``ce``, ``mi/<point>`` (``ne/<point>`` with ``lam`` > 0), ... to
     training logs, ``eval_ce``, ... to evaluation logs. They are this process's means; the
     Trainer's ``loss`` is averaged over processes.
 

@@ -247,8 +247,8 @@ class Probed(nn.Module):
         >>> out.output.shape, list(out.heads)
         (torch.Size([4, 10]), ['1'])
         >>> total, parts = probed.loss(out, torch.tensor([0, 1, 2, 3]))
-        >>> sorted(parts)
-        ['ce', 'mi/1', 'ne/1']
+        >>> sorted(parts)  # iMacHSR's defaults: CE and MI (NE is off unless lam > 0)
+        ['ce', 'mi/1']
         >>> probed.strip() is net
         True
     """
@@ -418,7 +418,7 @@ class Probed(nn.Module):
 
         Returns:
             ``LossResult(total, parts)``: the scalar to back-propagate and the unweighted,
-            detached terms by name (``ce``, ``mi/<point>``, ``ne/<point>``, ...). Unpacks as
+            detached terms by name (``ce``, ``mi/<point>``, ``ne/<point>`` where lam > 0, ...). Unpacks as
             ``total, parts = probed.loss(out, y)``.
 
         Raises:

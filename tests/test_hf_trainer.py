@@ -178,7 +178,7 @@ def test_a_plain_pytorch_model_trains_and_evaluates_with_the_plain_trainer(tmp_p
     metrics = trainer.evaluate()
     point = probed.selection.names[0]
     assert {"eval_loss", "eval_ce", f"eval_mi/{point}"} <= set(metrics)
-    assert {"loss", "ce", f"ne/{point}"} <= set(trainer.state.log_history[0])
+    assert {"loss", "ce", f"mi/{point}"} <= set(trainer.state.log_history[0])
 
 
 def test_the_trainers_own_label_smoothing_is_refused_with_the_instrument_option(tmp_path: Path) -> None:

@@ -334,7 +334,7 @@ def test_classification_objective_and_make_objective() -> None:
 
 def test_losses_are_float32_under_autocast() -> None:
     output, heads, features, labels = _dense_batch()
-    objective = IMacHSR(POINTS, LAYOUTS)
+    objective = IMacHSR(POINTS, LAYOUTS, lam=0.01)
     half = {p: h.detach().bfloat16() for p, h in heads.items()}
     eager = objective(output.detach().bfloat16(), half, features, labels)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -358,7 +358,7 @@ def _imachsr_call(**changes: object) -> None:
     output, heads, features, labels = _dense_batch()
     arguments: dict[str, object] = {"output": output, "heads": heads, "features": features, "target": labels}
     arguments.update(changes)
-    IMacHSR(POINTS, LAYOUTS)(**arguments)  # type: ignore[arg-type]
+    IMacHSR(POINTS, LAYOUTS, lam=0.01)(**arguments)  # type: ignore[arg-type]
 
 
 def _dense_objective_with(schedule: str, *, progress: float | None) -> None:
@@ -500,3 +500,20 @@ def test_negative_entropy_small_maps_and_tokens_are_exact_by_default() -> None:
 def test_negative_entropy_max_positions_must_be_a_positive_int(bad: object) -> None:
     with pytest.raises(InstrumentError, match="max_positions must be a positive int or None"):
         NegativeEntropyLoss(max_positions=bad)  # type: ignore[arg-type]
+
+
+def test_ne_runs_only_where_its_weight_is_not_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The default (lam=0, EVIDENCE.md section 2): no NE part, no NE computed, features not needed.
+    output, heads, features, labels = _dense_batch()
+    default = IMacHSR(POINTS, LAYOUTS)
+    assert sorted(default(output, heads, {}, labels).parts) == ["ce", "mi/layer1", "mi/layer2.0"]
+    mixed = IMacHSR(POINTS, LAYOUTS, lam={"layer1": 0.0, "layer2.0": 0.01})
+    assert sorted(mixed(output, heads, features, labels).parts) == ["ce", "mi/layer1", "mi/layer2.0", "ne/layer2.0"]
+
+    def refuse(self, feature):  # noqa: ANN001, ANN202
+        raise AssertionError("NE computed at a point whose weight is 0")
+
+    monkeypatch.setattr(NegativeEntropyLoss, "forward", refuse)
+    default(output, heads, features, labels)
+    with pytest.raises(AssertionError, match="NE computed"):
+        IMacHSR(POINTS, LAYOUTS, lam=0.01)(output, heads, features, labels)

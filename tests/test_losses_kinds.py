@@ -313,7 +313,7 @@ def test_regression_objectives_by_hand() -> None:
     assert sorted(dsn.parts) == ["dsn/p", "mse"]
     assert value(dsn.parts["mse"]) == pytest.approx(mse, rel=1e-6)
     assert value(dsn.parts["dsn/p"]) == pytest.approx(value(((head - pooled) ** 2).mean()), rel=1e-6)
-    imachsr = make_objective("imachsr", ["p"], {"p": "NCHW"}, target_kind="regression", regression_loss="l1")
+    imachsr = make_objective("imachsr", ["p"], {"p": "NCHW"}, target_kind="regression", regression_loss="l1", lam=0.01)
     result = imachsr(output, {"p": head}, {"p": feature}, flow)
     assert sorted(result.parts) == ["corr/p", "l1", "ne/p"]
     assert value(result.parts["l1"]) == pytest.approx(value((output - flow).abs().mean()), rel=1e-6)

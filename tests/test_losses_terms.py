@@ -126,7 +126,7 @@ def test_objectives_compute_every_term_through_the_term_modules(monkeypatch: pyt
         monkeypatch.setattr(term, "forward_matched", lambda self, logits, target, mark=mark: torch.tensor(mark))
     monkeypatch.setattr(NegativeEntropyLoss, "forward", lambda self, z: torch.tensor(5.0))
     output, head, feature, target = _batch("multiclass")
-    imachsr = IMacHSR(["p"], {"p": "NCHW"})(output, {"p": head}, {"p": feature}, target).parts
+    imachsr = IMacHSR(["p"], {"p": "NCHW"}, lam=0.01)(output, {"p": head}, {"p": feature}, target).parts
     assert {name: part.item() for name, part in imachsr.items()} == {"ce": 1.0, "mi/p": 2.0, "ne/p": 5.0}
     output, head, feature, target = _batch("regression")
     regression = IMacHSR(["p"], {"p": "NCHW"}, target_kind="regression")(output, {"p": head}, {"p": feature}, target)

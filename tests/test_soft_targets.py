@@ -172,7 +172,7 @@ def test_a_user_output_loss_replaces_the_output_and_dsn_losses() -> None:
     assert result.parts["output"].item() == pytest.approx(focal(output, labels).item(), rel=1e-6)
     up = F.interpolate(head, size=(8, 8), mode="bilinear", align_corners=False)
     assert result.parts["dsn/p"].item() == pytest.approx(focal(up, labels).item(), rel=1e-6)
-    imachsr = IMacHSR(["p"], {"p": "NCHW"}, output_loss=focal)(output, {"p": head}, {"p": head}, labels)
+    imachsr = IMacHSR(["p"], {"p": "NCHW"}, lam=0.01, output_loss=focal)(output, {"p": head}, {"p": head}, labels)
     assert sorted(imachsr.parts) == ["mi/p", "ne/p", "output"]
     with pytest.raises(InstrumentError, match=r"output_loss returned \(4,\); it must return a scalar"):
         DSN([], output_loss=lambda x, y: x.mean((1, 2, 3)))(output, {}, {}, labels)
