@@ -121,21 +121,21 @@ class OutputSpec:
     def _default(cls, example: Any, model: str) -> OutputSpec:
         if isinstance(example, Tensor):
             return cls("whole", None, None, "default", "output")
+        named: tuple[str, Mapping[str, Any], Callable[[str], str]] | None = None
         if isinstance(example, Mapping):
-            for name in _DEFAULT_NAMES:
-                if isinstance(example.get(name), Tensor):
-                    return cls("key", name, None, "default", f"output[{name!r}]")
-            only = [k for k, v in example.items() if _prediction_like(v)]
-            if len(only) == 1:
-                return cls("key", only[0], None, "default", f"output[{only[0]!r}]")
+            named = ("key", example, lambda name: f"output[{name!r}]")
         elif dataclasses.is_dataclass(example) and not isinstance(example, type):
             fields = {f.name: getattr(example, f.name) for f in dataclasses.fields(example)}
-            for name in _DEFAULT_NAMES:
-                if isinstance(fields.get(name), Tensor):
-                    return cls("attribute", name, None, "default", f"output.{name}")
-            only = [k for k, v in fields.items() if _prediction_like(v)]
-            if len(only) == 1:
-                return cls("attribute", only[0], None, "default", f"output.{only[0]}")
+            named = ("attribute", fields, lambda name: f"output.{name}")
+        if named is not None:
+            # A dict's keys and a dataclass's fields are searched alike: 'out', then 'logits', then the only prediction.
+            how, values, shown = named
+            found = next((n for n in _DEFAULT_NAMES if isinstance(values.get(n), Tensor)), None)
+            only = [k for k, v in values.items() if _prediction_like(v)]
+            if found is None and len(only) == 1:
+                found = only[0]
+            if found is not None:
+                return cls(how, found, None, "default", shown(found))
         elif isinstance(example, (tuple, list)):
             only = [i for i, v in enumerate(example) if _prediction_like(v)]
             if len(only) == 1:
