@@ -736,8 +736,12 @@ def trace_fx(
     call = forward_call(model, options)
     with training_mode(model, options.train):
         graph, tracer = _fx_trace(model, options, call, input_shape)
-        if other_mode is not None and other_mode.backend == "fx" and other_mode.input_shape == input_shape \
-                and same_program(graph, other_mode.graph_module.graph) and _mode_free_leaves(graph, tracer.root):
+        if (
+            other_mode is not None
+            and (other_mode.backend, other_mode.input_shape) == ("fx", input_shape)
+            and same_program(graph, other_mode.graph_module.graph)
+            and _mode_free_leaves(graph, tracer.root)
+        ):
             return dataclasses.replace(other_mode, mode=options.mode)
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
