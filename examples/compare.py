@@ -13,25 +13,26 @@ the other methods train ``autoprobe.instrument(model, loss=METHOD, ...)`` with t
 default weights. Evaluation always runs the plain model (``probed.strip()`` is that object)
 in eval mode, so every method is measured by the same code.
 
-Grids (``--grid NAME``, repeatable, or ``all``), in the order the evidence needs them:
+Grids (``--grid NAME``, repeatable, or ``all``); EVIDENCE.md says which ran on which library:
 
-  seg-main       DeepLabV3+/ResNet-18, 4 methods x 5 seeds          (Table 2)
-  selection      iMacHSR at hand-picked stage ends, the last stage only, 3 random draws, seeds 0-1
-  ablate-m       iMacHSR, M = 1, 2, 4, 5 automatic points (M = 3 is seg-main's), seeds 0-1
-  ablate-dist    iMacHSR, 3 points exactly 1, 2, 3 base units apart, centred, seeds 0-1
-  ablate-pos     iMacHSR, 1/2/3 points near input / centre / output, 2 units apart, seeds 0-1
-  pilot-cls      the classification baselines at 2 epochs, seed 0, scored on validation only
+  pilot-seg, pilot-cls   baseline regime pilots, seed 0, scored on validation only
+  primary        DeepLabV3+/ResNet-18, baseline and iMacHSR x 5 seeds   (pre-registered)
+  primary-dsn, primary-tuned   the DSN and tuned arms of the same table
+  seg-shipped    iMacHSR at the shipped default (MI only), the same table
+  diagnose, candidates-seg, candidates-cls   iMacHSR variants, scored on validation only
+  seg-unet       U-Net/ResNet-18: baseline, DSN, iMacHSR, iMacHSR (MI only) x 5 seeds
+  placement      iMacHSR at the automatic points, hand-picked stage ends, the last stage only and
+                 3 random draws; M = 1, 2, 4, 5 automatic points; 3 points 1, 2, 3 base units
+                 apart; seeds 0-2
+  position       1/2/3 points near input / centre / output, 2 units apart, seeds 0-2
   cls-resnet     timm ResNet-18 (half width) on Fashion-MNIST, baseline/DSN/iMacHSR x 5 seeds
   cls-vit        a small timm ViT on Fashion-MNIST, baseline/DSN/iMacHSR x 5 seeds
   cls-resnet-tuned, cls-vit-tuned   the tuned arm of each, 5 seeds
-  candidates-seg, candidates-cls    iMacHSR with alpha 0.1 / MI only, validation only, more seeds
-  seg-unet       U-Net/ResNet-18, 4 methods x 3 seeds               (a second family)
-  seeds2         seed 2 for the selection test and the ablations
-  ablations0/1   seed 0 (1) of the three ablations
-  all            seg-main, selection, ablations0, cls-resnet, cls-vit, ablations1, seg-unet, seeds2
+  vit-shipped    the ViT with iMacHSR at the shipped default, 5 seeds
+  all            every grid but the pilots and the validation-only ones
 
 Usage:
-    python examples/compare.py --grid seg-main --threads 1
+    python examples/compare.py --grid primary --threads 1
     python examples/compare.py --task seg --quick          # a few steps, one seed, tiny data
     python examples/compare.py --render                    # tables + plots from the results
 """
@@ -93,6 +94,8 @@ TRAIN_RNG_OFFSET = 7919
 # the recorded runs rerun as they were after the library's default became lambda 0 (EVIDENCE.md section 2);
 # the new default is the setting `auto/lam=0.0`.
 IMACHSR_REGISTERED = (("alpha", 0.5), ("lam", 0.01))
+# The options that turn IMACHSR_REGISTERED into the default shipped now (MI only).
+SHIPPED = (("lam", 0.0),)
 QUALITATIVE = 6  # test canvases whose predictions seed-0 seg runs keep
 
 
@@ -534,7 +537,8 @@ def _imachsr(placements: Sequence[Placement], seeds: Sequence[int]) -> list[RunS
 
 
 def _ablation_m() -> list[Placement]:
-    return [Placement("auto", points=m) for m in (1, 2, 4, 5)]  # M=3 is the automatic M: seg-main's runs
+    # M=3 is the automatic M (the selection test's reference arm, auto/M=3).
+    return [Placement("auto", points=m) for m in (1, 2, 4, 5)]
 
 
 def _ablation_dist() -> list[Placement]:
@@ -547,7 +551,35 @@ def _ablation_pos() -> list[Placement]:
 
 
 def _selection_test() -> list[Placement]:
-    return [Placement("hand"), Placement("last")] + [Placement("random", points=3, draw=d) for d in range(3)]
+    # auto/M=3 is the library's automatic selection spelled with its M, so its key differs from the main
+    # table's `auto` runs, which ran on the frozen 7a53067 whose selection for DeepLabV3+ was older
+    # (EVIDENCE.md section 5).
+    return ([Placement("auto", points=3), Placement("hand"), Placement("last")]
+            + [Placement("random", points=3, draw=d) for d in range(3)])
+
+
+def _placements(seeds: Sequence[int], position: bool) -> list[RunSpec]:
+    """Sections 4-5 in the new regime, seed-major: the selection test and the number and distance
+    ablations, or (``position``) the position ablation's cells the distance ablation does not have."""
+    if position:
+        kinds = [p for p in _ablation_pos() if p not in _ablation_dist()]
+    else:
+        kinds = _selection_test() + _ablation_m() + _ablation_dist()
+    return _imachsr(kinds, seeds)
+
+
+def _shipped(task: str, model: str, seeds: Sequence[int]) -> list[RunSpec]:
+    """iMacHSR at the default shipped since the rule of EVIDENCE.md section 2 (MI only: alpha 0.5,
+    lambda 0), trained and scored on test like every main-table arm."""
+    steps, batch = (SEG_STEPS, SEG_BATCH) if task == "seg" else (CLS_STEPS, CLS_BATCH)
+    return [RunSpec(task, model, "imachsr", s, steps, batch, options=SHIPPED) for s in seeds]
+
+
+def _unet(seeds: Sequence[int]) -> list[RunSpec]:
+    """The second segmentation family (smp U-Net/ResNet-18), the DeepLabV3+ regime, seed-major."""
+    return [spec for s in seeds for spec in
+            [RunSpec("seg", "unet", m, s, SEG_STEPS, SEG_BATCH) for m in ("baseline", "dsn", "imachsr")]
+            + _shipped("seg", "unet", (s,))]
 
 
 def _seg_pilots() -> list[RunSpec]:
@@ -592,38 +624,28 @@ def _candidates(task: str, seeds: Sequence[int]) -> list[RunSpec]:
 
 GRIDS = {
     "pilot-seg": _seg_pilots,
-    "candidates-seg": lambda: _candidates("seg", (1, 2, 3, 4)),
-    "candidates-cls": lambda: _candidates("cls", (0, 1, 2)),
-    "diagnose": lambda: _diagnosis((0, 1)),
-    "diagnose0": lambda: _diagnosis((0,)),
-    "diagnose1": lambda: _diagnosis((1,)),
     "primary": lambda: _primary(("baseline", "imachsr")),
     "primary-dsn": lambda: _primary(("dsn",)),
     "primary-tuned": lambda: _primary(("tuned",)),
-    "seg-main": lambda: _methods("seg", "deeplabv3plus", range(5), SEG_STEPS, SEG_BATCH),
-    "selection": lambda: _imachsr(_selection_test(), (0, 1)),
-    "ablate-m": lambda: _imachsr(_ablation_m(), (0, 1)),
-    "ablate-dist": lambda: _imachsr(_ablation_dist(), (0, 1)),
-    "ablate-pos": lambda: _imachsr(_ablation_pos(), (0, 1)),
+    "diagnose": lambda: _diagnosis((0, 1)),
+    "diagnose0": lambda: _diagnosis((0,)),
+    "diagnose1": lambda: _diagnosis((1,)),
+    "candidates-seg": lambda: _candidates("seg", (1, 2, 3, 4)),
+    "candidates-cls": lambda: _candidates("cls", (0, 1, 2)),
+    "seg-shipped": lambda: _shipped("seg", "deeplabv3plus", range(5)),
+    "seg-unet": lambda: _unet(range(5)),
+    "placement": lambda: _placements(range(3), position=False),
+    "position": lambda: _placements(range(3), position=True),
     "pilot-cls": _cls_pilots,
     "cls-resnet": lambda: _cls("resnet18n", ("baseline", "dsn", "imachsr")),
     "cls-vit": lambda: _cls("vit", ("baseline", "dsn", "imachsr")),
     "cls-resnet-tuned": lambda: _cls("resnet18n", ("tuned",)),
     "cls-vit-tuned": lambda: _cls("vit", ("tuned",)),
-    "seg-unet": lambda: _methods("seg", "unet", range(3), SEG_STEPS, SEG_BATCH),
-    "seeds2": lambda: _imachsr(_selection_test() + _ablation_m() + _ablation_dist() + _ablation_pos(), (2,)),
+    "vit-shipped": lambda: _shipped("cls", "vit", range(5)),
 }
-# The order `--grid all` runs in on a busy machine, so every table has some runs early:
-# seg-main, the selection test (2 seeds), one seed of the ablations, classification (3 seeds),
-# the second seed of the ablations, the U-Net, then third seeds (grid_specs drops duplicates).
-ROUNDS = ("seg-main", "selection", "ablations0", "cls-resnet", "cls-vit", "ablations1", "seg-unet", "seeds2")
-
-
-def _ablations(seed: int) -> list[RunSpec]:
-    return [s for n in ("ablate-m", "ablate-dist", "ablate-pos") for s in GRIDS[n]() if s.seed == seed]
-
-
-GRIDS.update({"ablations0": lambda: _ablations(0), "ablations1": lambda: _ablations(1)})
+# `--grid all`: the main tables first, then the second family, the placement grids and the rest.
+ROUNDS = ("primary", "primary-dsn", "primary-tuned", "seg-shipped", "cls-resnet", "cls-resnet-tuned", "seg-unet",
+          "placement", "cls-vit", "vit-shipped", "position")
 
 
 def grid_specs(names: Sequence[str]) -> list[RunSpec]:
