@@ -19,7 +19,7 @@ Grids (``--grid NAME``, repeatable, or ``all``); EVIDENCE.md says which ran on w
   primary        DeepLabV3+/ResNet-18, baseline and iMacHSR x 5 seeds   (pre-registered)
   primary-dsn, primary-tuned   the DSN and tuned arms of the same table
   seg-shipped    iMacHSR at the shipped default (MI only), the same table
-  diagnose, candidates-seg, candidates-cls   iMacHSR variants, scored on validation only
+  diagnose, candidates-seg, candidates-cls, diagnose-more   iMacHSR variants, validation only
   seg-unet       U-Net/ResNet-18: baseline, DSN, iMacHSR, iMacHSR (MI only) x 5 seeds
   placement      iMacHSR at the automatic points, hand-picked stage ends, the last stage only and
                  3 random draws; M = 1, 2, 4, 5 automatic points; 3 points 1, 2, 3 base units
@@ -622,6 +622,27 @@ def _candidates(task: str, seeds: Sequence[int]) -> list[RunSpec]:
             for s in seeds for v in ((("alpha", 0.1),), (("lam", 0.0),))]
 
 
+def _diagnosis_more() -> list[RunSpec]:
+    """The rest of issue 15 section 3, on validation only and on the library of the seed-0 diagnosis
+    (7a53067, so the points are the same): the alpha x lambda grid at seed 0 (cells not run before),
+    the linear schedule, the other two estimators on segmentation seeds 1-2, and the shuffled estimator
+    on classification seeds 0-1."""
+    registered = dict(IMACHSR_REGISTERED)
+    cells = []
+    for alpha in (0.05, 0.1, 0.2, 0.5):
+        for lam in (0.0, 0.01, 0.1):
+            options = tuple((k, v) for k, v in (("alpha", alpha), ("lam", lam)) if registered[k] != v)
+            if options and options not in ((("alpha", 0.1),), (("lam", 0.0),)):  # those two ran as candidates
+                cells.append(options)
+    seg = [RunSpec("seg", "deeplabv3plus", "imachsr", 0, SEG_STEPS, SEG_BATCH, pilot=True, options=o)
+           for o in cells + [(("schedule", "linear"),)]]
+    seg += [RunSpec("seg", "deeplabv3plus", "imachsr", s, SEG_STEPS, SEG_BATCH, pilot=True, options=(("mi_estimator", e),))
+            for s in (1, 2) for e in ("pooled", "shuffled")]
+    cls = [RunSpec("cls", "resnet18n", "imachsr", s, CLS_STEPS, CLS_BATCH, pilot=True, options=(("mi_estimator", e),))
+           for s in (0, 1) for e in ("shuffled",)]
+    return seg + cls
+
+
 GRIDS = {
     "pilot-seg": _seg_pilots,
     "primary": lambda: _primary(("baseline", "imachsr")),
@@ -632,6 +653,7 @@ GRIDS = {
     "diagnose1": lambda: _diagnosis((1,)),
     "candidates-seg": lambda: _candidates("seg", (1, 2, 3, 4)),
     "candidates-cls": lambda: _candidates("cls", (0, 1, 2)),
+    "diagnose-more": _diagnosis_more,
     "seg-shipped": lambda: _shipped("seg", "deeplabv3plus", range(5)),
     "seg-unet": lambda: _unet(range(5)),
     "placement": lambda: _placements(range(3), position=False),
