@@ -17,9 +17,14 @@ from pathlib import Path
 
 __all__ = ["load", "paired", "summary_rows", "render"]
 
-METHODS = ("baseline", "dsn", "imachsr", "dks", "tuned")
+# A table's arms: (its name in tables and summary.json, the runs' method, the runs' setting).
+# `imachsr` is the objective registered with the primary grid (alpha 0.5, lambda 0.01); `imachsr-mi`
+# is the default shipped since (MI only, lambda 0), trained and scored on test like the others.
+ARMS = (("baseline", "baseline", "none"), ("dsn", "dsn", "auto"), ("imachsr", "imachsr", "auto"),
+        ("imachsr-mi", "imachsr", "auto/lam=0.0"), ("dks", "dks", "auto"), ("tuned", "tuned", "tuned"))
 SEG_METRICS = ("mIoU", "mF1", "mPrecision", "mRecall")
-COLORS = {"baseline": "#555555", "dsn": "#1f77b4", "imachsr": "#d62728", "dks": "#2ca02c", "tuned": "#9467bd"}
+COLORS = {"baseline": "#555555", "dsn": "#1f77b4", "imachsr": "#d62728", "imachsr-mi": "#ff7f0e", "dks": "#2ca02c",
+          "tuned": "#9467bd"}
 
 
 @dataclass(frozen=True)
@@ -86,8 +91,13 @@ def _select(records, **want) -> list[dict]:
     return [r for r in records if all(r.get(k) == v for k, v in want.items())]
 
 
+def _arms(records: Sequence[dict], **want) -> dict[str, list[dict]]:
+    """Each arm's runs among ``records`` matching ``want`` (arms without runs included, empty)."""
+    return {name: _select(records, method=method, setting=setting, **want) for name, method, setting in ARMS}
+
+
 def _method_table(records: list[dict], task: str, model: str, metrics: Sequence[str]) -> tuple[str, dict]:
-    rows = {m: _select(records, task=task, model=model, method=m, setting=_SETTING.get(m, "auto")) for m in METHODS}
+    rows = _arms(records, task=task, model=model)
     base = rows["baseline"]
     head = ["method", "seeds"] + [f"{k} (%)" for k in metrics] + [f"Δ{metrics[0]} vs baseline [95% CI]",
                                                                    "wall s/run", "CPU s/run", "CPU-time ratio",
@@ -114,11 +124,15 @@ def _method_table(records: list[dict], task: str, model: str, metrics: Sequence[
     return "\n".join(lines), summary
 
 
-_SETTING = {"baseline": "none", "tuned": "tuned"}
+def _placement_reference(records: Sequence[dict]) -> str:
+    """The setting of the placement grids' automatic arm: ``auto/M=3`` since those grids moved to the
+    current library (compare.py's selection test), ``auto`` in results files from before (the 200-step grid)."""
+    spelled = _select(records, task="seg", model="deeplabv3plus", method="imachsr", setting="auto/M=3")
+    return "auto/M=3" if spelled else "auto"
 
 
-def _imachsr_rows(records: list[dict], settings: Sequence[tuple[str, str]], base: list[dict]) -> str:
-    auto = _select(records, task="seg", model="deeplabv3plus", method="imachsr", setting="auto")
+def _imachsr_rows(records: list[dict], settings: Sequence[tuple[str, str]], base: list[dict], reference: str) -> str:
+    auto = _select(records, task="seg", model="deeplabv3plus", method="imachsr", setting=reference)
     head = ["setting", "points (seed 0)", "seeds", "mIoU (%)", "ΔmIoU vs baseline [95% CI]",
             "ΔmIoU vs automatic iMacHSR [95% CI]"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -131,7 +145,7 @@ def _imachsr_rows(records: list[dict], settings: Sequence[tuple[str, str]], base
         diff = paired(_by_seed(base, "mIoU"), _by_seed(rs, "mIoU"))
         lines.append(f"| {label} | {', '.join(pts)} | {','.join(str(r['seed']) for r in sorted(rs, key=lambda r: r['seed']))} "
                      f"| {_ms([r['metrics']['mIoU'] for r in rs])} | {diff.text()} "
-                     f"| {'-' if setting == 'auto' else paired(_by_seed(auto, 'mIoU'), _by_seed(rs, 'mIoU')).text()} |")
+                     f"| {'-' if setting == reference else paired(_by_seed(auto, 'mIoU'), _by_seed(rs, 'mIoU')).text()} |")
     return "\n".join(lines)
 
 
@@ -155,8 +169,7 @@ def _curves(records: list[dict], task: str, model: str, out: Path) -> Path | Non
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     drawn = False
-    for m in METHODS:
-        rs = _select(records, task=task, model=model, method=m, setting=_SETTING.get(m, "auto"))
+    for m, rs in _arms(records, task=task, model=model).items():
         if not rs:
             continue
         drawn = True
@@ -181,7 +194,7 @@ def _curves(records: list[dict], task: str, model: str, out: Path) -> Path | Non
 
 def _bars(summary: dict, metrics: Sequence[str], title: str, path: Path) -> Path | None:
     plt = _plt()
-    methods = [m for m in METHODS[1:] if m in summary]
+    methods = [name for name, _, _ in ARMS[1:] if name in summary]
     if not methods or "baseline" not in summary:
         return None
     fig, ax = plt.subplots(figsize=(2 + 1.6 * len(metrics), 3.4))
@@ -325,9 +338,7 @@ def summary_rows(records: Sequence[dict]) -> list[dict]:
         for steps, batch in regimes:
             base = _select(runs, task=task, model=model, method="baseline", setting="none", steps=steps, batch=batch)
             metric = "mIoU" if task == "seg" else "accuracy"
-            for m in METHODS:
-                rs = _select(runs, task=task, model=model, method=m, setting=_SETTING.get(m, "auto"), steps=steps,
-                             batch=batch)
+            for m, rs in _arms(runs, task=task, model=model, steps=steps, batch=batch).items():
                 if not rs:
                     continue
                 values = [r["metrics"][metric] for r in sorted(rs, key=lambda r: r["seed"])]
@@ -361,6 +372,20 @@ def _flattening(steps: Sequence[int], values: Sequence[float]) -> float:
     return math.nan
 
 
+def _regime_check(base: Sequence[dict]) -> str:
+    """Issue 15's regime targets for a segmentation baseline: its validation curve flattened (the last
+    quarter adds < 10% of the final validation mIoU) and its test pixel accuracy >= 10 points above the
+    all-background predictor's; mIoU >= 30% is in the table above."""
+    if not base:
+        return ""
+    shares = [_flattening(r["curve"]["val_step"], r["curve"]["val"]) for r in base]
+    trivial = _trivial_pixel_accuracy(base[0])
+    pixel = statistics.fmean(r["metrics"]["pixel_acc"] for r in base)
+    return (f"Regime check (baseline): last-quarter share of the final validation mIoU {_ms(shares)}% "
+            f"(target < 10%); test pixel accuracy {pixel * 100:.2f}%, {(pixel - trivial) * 100:+.2f} points against "
+            f"the all-background predictor's {trivial * 100:.2f}% (target >= +10).\n")
+
+
 def _pilot_table(records: Sequence[dict]) -> str:
     pilots = [r for r in records if r.get("pilot")]
     if not pilots:
@@ -381,6 +406,35 @@ def _pilot_table(records: Sequence[dict]) -> str:
 def _final_val(records: Sequence[dict], **want) -> dict[int, float]:
     """Seed -> the last validation score on the curve (test-scored runs record it along training)."""
     return {r["seed"]: r["curve"]["val"][-1] for r in _select(records, **want)}
+
+
+_ALPHAS, _LAMBDAS = (0.05, 0.1, 0.2, 0.5), (0.0, 0.01, 0.1)
+
+
+def _alpha_lambda_table(records: Sequence[dict], seed: int = 0) -> str:
+    """iMacHSR's alpha x lambda grid on DeepLabV3+ (seed ``seed``, validation): each cell's final validation
+    mIoU minus the baseline's, in points. A cell is the validation pilot of that setting, spelled as
+    compare.py spells options (keys that differ from the registered alpha 0.5, lambda 0.01); the registered
+    cell itself is the primary grid's iMacHSR run, whose validation curve is recorded."""
+    regime = dict(task="seg", model="deeplabv3plus", seed=seed)
+    base = _final_val(_main(records), method="baseline", setting="none", **regime)
+    if seed not in base:
+        return "(no baseline for this seed yet)"
+    head = ["alpha \\ lambda"] + [str(lam) for lam in _LAMBDAS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for alpha in _ALPHAS:
+        cells = [str(alpha)]
+        for lam in _LAMBDAS:
+            options = [f"alpha={alpha}"] * (alpha != 0.5) + [f"lam={lam}"] * (lam != 0.01)
+            if options:
+                runs = [r for r in records if r.get("pilot") and r["method"] == "imachsr"
+                        and r["setting"] == "/".join(["auto"] + options)]
+            else:
+                runs = _select(_main(records), method="imachsr", setting="auto")
+            val = _final_val(runs, **regime)
+            cells.append(f"{(val[seed] - base[seed]) * 100:+.2f}" if seed in val else "not run")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _term_means(r: dict) -> tuple[float, float]:
@@ -470,6 +524,8 @@ def render(results: Path, out: Path) -> str:
              "## Pilots (validation split only)\n\n" + _pilot_table(everything) + "\n",
              "## Term diagnosis (validation split, paired by seed on the final validation mIoU)\n\n"
              + _diagnosis_table(everything) + "\n",
+             "## alpha x lambda (DeepLabV3+, seed 0, validation): final val mIoU minus the baseline's, points\n\n"
+             + _alpha_lambda_table(everything) + "\n",
              "## Term diagnosis, classification (ResNet-18n; validation accuracy on 2,000 held-out training "
              "images, paired by seed)\n\n" + _diagnosis_table(everything, "cls", "resnet18n") + "\n"]
     made: list[Path] = []
@@ -487,30 +543,35 @@ def render(results: Path, out: Path) -> str:
                            f"pixel accuracy {_ms([r['metrics']['pixel_acc'] for r in s['records']])}"
                            for m, s in summary.items())
             parts.append(f"With background counted (11 classes):\n\n{bg}\n")
+            parts.append(_regime_check(summary.get("baseline", {}).get("records", [])))
         made.append(_curves(records, task, model, out))
         made.append(_bars(summary, metrics, f"{model}: paired difference to the output-only baseline (95% t CI)",
                           out / f"bars_{model}.png"))
     base = _select(records, task="seg", model="deeplabv3plus", method="baseline")
-    m_settings = [(f"M={m}", "auto" if m == 3 else f"auto/M={m}") for m in range(1, 6)]
-    parts.append("## Ablation: number of points (automatic placement, M forced; M=3 is the automatic M = seg-main)\n\n"
-                 + _imachsr_rows(records, m_settings, base) + "\n")
+    ref = _placement_reference(records)
+    m_settings = [(f"M={m}", ref if m == 3 else f"auto/M={m}") for m in range(1, 6)]
+    parts.append("## Ablation: number of points (automatic placement, M forced; M=3 is the automatic M)\n\n"
+                 "iMacHSR at the weights of the primary grid (alpha 0.5, lambda 0.01); the last column is paired "
+                 f"with the automatic arm (`{ref}`).\n\n" + _imachsr_rows(records, m_settings, base, ref) + "\n")
     made.append(_setting_plot(records, base, {"iMacHSR": [(m, s) for m, (_, s) in zip(range(1, 6), m_settings)]},
                               "number of points M", "iMacHSR: number of points", out / "ablate_m.png"))
     d_settings = [(f"{d} base unit(s) = {2 * d} weight layers", f"spaced/M=3/d={d}/centre") for d in (1, 2, 3)]
     parts.append("## Ablation: distance between adjacent points (3 points, centred, exact spacing)\n\n"
-                 + _imachsr_rows(records, d_settings, base) + "\n")
+                 + _imachsr_rows(records, d_settings, base, ref) + "\n")
     made.append(_setting_plot(records, base, {"3 points, centre": [(d, f"spaced/M=3/d={d}/centre") for d in (1, 2, 3)]},
                               "distance between adjacent points (base units of 2 weight layers)",
                               "iMacHSR: spacing", out / "ablate_dist.png"))
     p_settings = [(f"M={m}, {pos}", f"spaced/M={m}/d=2/{pos}") for m in (1, 2, 3) for pos in ("input", "centre", "output")]
-    parts.append("## Ablation: position (2 base units apart)\n\n" + _imachsr_rows(records, p_settings, base) + "\n")
+    parts.append("## Ablation: position (2 base units apart)\n\n" + _imachsr_rows(records, p_settings, base, ref) + "\n")
     made.append(_setting_plot(records, base, {pos: [(m, f"spaced/M={m}/d=2/{pos}") for m in (1, 2, 3)]
                                               for pos in ("input", "centre", "output")},
                               "number of points M", "iMacHSR: position by M", out / "ablate_pos.png"))
-    s_settings = ([("automatic (autoprobe)", "auto"), ("hand-picked stage ends", "hand"), ("last encoder stage only", "last")]
+    s_settings = ([("automatic (autoprobe)", ref)]
+                  + ([("automatic at 7a53067 (the primary grid's runs)", "auto")] if ref != "auto" else [])
+                  + [("hand-picked stage ends", "hand"), ("last encoder stage only", "last")]
                   + [(f"random draw {d}", f"random/M=3/draw={d}") for d in range(3)])
     parts.append("## Selection test (iMacHSR, same budget; seeds as listed)\n\n"
-                 + _imachsr_rows(records, s_settings, base) + "\n")
+                 + _imachsr_rows(records, s_settings, base, ref) + "\n")
     made.append(_delta_bars(records, base, s_settings, "Selection test: iMacHSR at different points (95% paired-t CI)",
                             out / "selection.png"))
     made.append(_qualitative(records, out))

@@ -1,0 +1,83 @@
+"""The evidence's grids and its render agree on names: every arm a grid trains lands in the table
+or the summary row meant for it, no grid trains a cell twice, and runs scored on validation never
+enter a test-scored row."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture()
+def evidence(monkeypatch):
+    """(compare, evidence_plots), imported as the ``examples`` namespace package; sys.path restored after."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    return importlib.import_module("examples.compare"), importlib.import_module("examples.evidence_plots")
+
+
+def _record(spec, value: float, *, pilot: bool | None = None) -> dict:
+    """A results-file record of ``spec`` whose final validation and test score are both ``value``."""
+    metric = "mIoU" if spec.task == "seg" else "accuracy"
+    return {"task": spec.task, "model": spec.model, "method": spec.method, "setting": spec.setting,
+            "seed": spec.seed, "steps": spec.steps, "batch": spec.batch,
+            "pilot": spec.pilot if pilot is None else pilot, "quick": False, "metrics": {metric: value},
+            "curve": {"val_step": [spec.steps], "val": [value]}}
+
+
+def test_the_placement_grids_train_each_cell_once_and_keep_the_automatic_arm(evidence):
+    compare, _ = evidence
+    placement, position = compare.grid_specs(["placement"]), compare.grid_specs(["position"])
+    keys = [s.key() for s in placement + position]
+    assert len(keys) == len(set(keys))
+    seed0 = [s.setting for s in placement + position if s.seed == 0]
+    # the automatic arm is spelled with its M, so it is not mistaken for the primary grid's `auto` runs
+    assert "auto/M=3" in seed0 and "auto" not in seed0
+    assert {"hand", "last", "random/M=3/draw=2", "auto/M=1", "auto/M=5", "spaced/M=3/d=1/centre",
+            "spaced/M=1/d=2/input", "spaced/M=3/d=2/output"} <= set(seed0)
+    assert len(seed0) == 6 + 4 + 3 + 8
+    assert {s.seed for s in placement + position} == {0, 1, 2}
+    assert all(s.method == "imachsr" and not s.pilot and not s.options for s in placement + position)
+
+
+def test_the_second_family_has_every_main_arm_on_five_seeds(evidence):
+    compare, _ = evidence
+    unet = compare.grid_specs(["seg-unet"])
+    assert {s.model for s in unet} == {"unet"}
+    arms = {(s.method, s.setting) for s in unet}
+    assert arms == {("baseline", "none"), ("dsn", "auto"), ("imachsr", "auto"), ("imachsr", "auto/lam=0.0")}
+    assert all(sorted(s.seed for s in unet if (s.method, s.setting) == arm) == [0, 1, 2, 3, 4] for arm in arms)
+
+
+def test_the_shipped_default_is_its_own_summary_row_and_pilots_stay_out(evidence):
+    compare, plots = evidence
+    base = [compare.RunSpec("cls", "vit", "baseline", s, 10, 4) for s in (0, 1)]
+    shipped = compare.grid_specs(["vit-shipped"])[:2]
+    records = ([_record(s, v) for s, v in zip(base, (0.80, 0.82))]
+               + [_record(s, v) for s, v in zip(shipped, (0.81, 0.84))]
+               + [_record(shipped[0], 0.99, pilot=True)])  # the same setting on validation: not a result
+    records = [{**r, "steps": 10, "batch": 4} for r in records]
+    rows = {r["method"]: r for r in plots.summary_rows(records)}
+    assert set(rows) == {"baseline", "imachsr-mi"}
+    assert rows["imachsr-mi"]["seeds"] == [0, 1]
+    assert rows["imachsr-mi"]["delta"] == pytest.approx(0.015)
+    assert rows["imachsr-mi"]["mean"] == pytest.approx(0.825)
+
+
+def test_every_alpha_lambda_cell_the_grid_trains_lands_in_the_table(evidence):
+    compare, plots = evidence
+    specs = [s for s in compare.grid_specs(["diagnose-more", "candidates-seg"]) + compare.grid_specs(["primary"])
+             if s.task == "seg" and s.seed == 0]
+    specs += [s for s in compare._candidates("seg", (0,))]  # seed 0 of the candidates ran in the diagnosis grid
+    records = [_record(s, 0.30) for s in specs if s.method != "baseline"]
+    records.append(_record(compare.RunSpec("seg", "deeplabv3plus", "baseline", 0, compare.SEG_STEPS,
+                                           compare.SEG_BATCH), 0.28))
+    table = plots._alpha_lambda_table(records)
+    assert "not run" not in table
+    assert table.count("+2.00") == len(plots._ALPHAS) * len(plots._LAMBDAS)
+    # one cell missing shows as such, not as another cell's number
+    fewer = [r for r in records if r["setting"] != "auto/alpha=0.2/lam=0.1"]
+    assert plots._alpha_lambda_table(fewer).count("not run") == 1
