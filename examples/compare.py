@@ -21,6 +21,7 @@ Grids (``--grid NAME``, repeatable, or ``all``); EVIDENCE.md says which ran on w
   seg-shipped    iMacHSR at the shipped default (MI only), the same table
   diagnose, candidates-seg, candidates-cls, diagnose-more   iMacHSR variants, validation only
   seg-unet       U-Net/ResNet-18: baseline, DSN, iMacHSR, iMacHSR (MI only) x 5 seeds
+  seg-unet-tuned its tuned arm, 5 seeds
   placement      iMacHSR at the automatic points, hand-picked stage ends, the last stage only and
                  3 random draws; M = 1, 2, 4, 5 automatic points; 3 points 1, 2, 3 base units
                  apart; seeds 0-2
@@ -656,6 +657,7 @@ GRIDS = {
     "diagnose-more": _diagnosis_more,
     "seg-shipped": lambda: _shipped("seg", "deeplabv3plus", range(5)),
     "seg-unet": lambda: _unet(range(5)),
+    "seg-unet-tuned": lambda: [RunSpec("seg", "unet", "tuned", s, SEG_STEPS, SEG_BATCH) for s in range(5)],
     "placement": lambda: _placements(range(3), position=False),
     "position": lambda: _placements(range(3), position=True),
     "pilot-cls": _cls_pilots,
@@ -667,7 +669,7 @@ GRIDS = {
 }
 # `--grid all`: the main tables first, then the second family, the placement grids and the rest.
 ROUNDS = ("primary", "primary-dsn", "primary-tuned", "seg-shipped", "cls-resnet", "cls-resnet-tuned", "seg-unet",
-          "placement", "cls-vit", "vit-shipped", "position")
+          "seg-unet-tuned", "placement", "cls-vit", "vit-shipped", "position")
 
 
 def grid_specs(names: Sequence[str]) -> list[RunSpec]:
