@@ -29,7 +29,7 @@ Grids (``--grid NAME``, repeatable, or ``all``); EVIDENCE.md says which ran on w
   cls-resnet     timm ResNet-18 (half width) on Fashion-MNIST, baseline/DSN/iMacHSR x 5 seeds
   cls-vit        a small timm ViT on Fashion-MNIST, baseline/DSN/iMacHSR x 5 seeds
   cls-resnet-tuned, cls-vit-tuned   the tuned arm of each, 5 seeds
-  vit-shipped    the ViT with iMacHSR at the shipped default, 5 seeds
+  cls-shipped, vit-shipped   iMacHSR at the shipped default on ResNet-18n and the ViT, 5 seeds
   all            every grid but the pilots and the validation-only ones
 
 Usage:
@@ -665,11 +665,12 @@ GRIDS = {
     "cls-vit": lambda: _cls("vit", ("baseline", "dsn", "imachsr")),
     "cls-resnet-tuned": lambda: _cls("resnet18n", ("tuned",)),
     "cls-vit-tuned": lambda: _cls("vit", ("tuned",)),
+    "cls-shipped": lambda: _shipped("cls", "resnet18n", range(5)),
     "vit-shipped": lambda: _shipped("cls", "vit", range(5)),
 }
 # `--grid all`: the main tables first, then the second family, the placement grids and the rest.
 ROUNDS = ("primary", "primary-dsn", "primary-tuned", "seg-shipped", "cls-resnet", "cls-resnet-tuned", "seg-unet",
-          "seg-unet-tuned", "placement", "cls-vit", "vit-shipped", "position")
+          "seg-unet-tuned", "placement", "cls-shipped", "cls-vit", "vit-shipped", "position")
 
 
 def grid_specs(names: Sequence[str]) -> list[RunSpec]:
