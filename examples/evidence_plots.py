@@ -372,6 +372,26 @@ def _flattening(steps: Sequence[int], values: Sequence[float]) -> float:
     return math.nan
 
 
+def _tune_table(records: Sequence[dict], task: str, model: str) -> str:
+    """Per seed: what ``autoprobe.tune`` chose on validation, its and output-only's validation score,
+    and the test score of the choice beside the baseline's of the same seed."""
+    tuned = sorted(_select(records, task=task, model=model, method="tuned"), key=lambda r: r["seed"])
+    if not tuned:
+        return ""
+    metric = "mIoU" if task == "seg" else "accuracy"
+    base = _by_seed(_select(records, task=task, model=model, method="baseline", setting="none"), metric)
+    head = ["seed", "tune chose (validation)", "its val", "output-only's val", "test of the choice", "baseline's test",
+            "search cost (x budget)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in tuned:
+        t = r["tune"]
+        chosen = next(row for row in t["table"] if row["candidate"] == t["chosen"])
+        lines.append(f"| {r['seed']} | {t['chosen']} | {chosen['scores'][-1] * 100:.2f} | {t['output_only_val_score'] * 100:.2f} "
+                     f"| {r['metrics'][metric] * 100:.2f} | {base[r['seed']] * 100 if r['seed'] in base else math.nan:.2f} "
+                     f"| {t['cost_steps'] / r['steps']:.2f} |")
+    return "`autoprobe.tune` per seed (scores in %):\n\n" + "\n".join(lines) + "\n"
+
+
 def _regime_check(base: Sequence[dict]) -> str:
     """Issue 15's regime targets for a segmentation baseline: its validation curve flattened (the last
     quarter adds < 10% of the final validation mIoU) and its test pixel accuracy >= 10 points above the
@@ -544,6 +564,7 @@ def render(results: Path, out: Path) -> str:
                            for m, s in summary.items())
             parts.append(f"With background counted (11 classes):\n\n{bg}\n")
             parts.append(_regime_check(summary.get("baseline", {}).get("records", [])))
+        parts.append(_tune_table(records, task, model))
         made.append(_curves(records, task, model, out))
         made.append(_bars(summary, metrics, f"{model}: paired difference to the output-only baseline (95% t CI)",
                           out / f"bars_{model}.png"))

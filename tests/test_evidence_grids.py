@@ -81,3 +81,15 @@ def test_every_alpha_lambda_cell_the_grid_trains_lands_in_the_table(evidence):
     # one cell missing shows as such, not as another cell's number
     fewer = [r for r in records if r["setting"] != "auto/alpha=0.2/lam=0.1"]
     assert plots._alpha_lambda_table(fewer).count("not run") == 1
+
+
+def test_the_tune_table_shows_the_choice_its_validation_score_and_both_test_scores(evidence):
+    compare, plots = evidence
+    base = _record(compare.RunSpec("seg", "unet", "baseline", 3, 10, 4), 0.20)
+    tuned = {**_record(compare.RunSpec("seg", "unet", "tuned", 3, 10, 4), 0.25),
+             "tune": {"chosen": "dsn/alpha=0.5/M=auto/auto", "cost_steps": 25, "output_only_val_score": 0.21,
+                      "table": [{"candidate": "output", "scores": [0.1, 0.21]},
+                                {"candidate": "dsn/alpha=0.5/M=auto/auto", "scores": [0.12, 0.24]}]}}
+    table = plots._tune_table([base, tuned], "seg", "unet")
+    assert "| 3 | dsn/alpha=0.5/M=auto/auto | 24.00 | 21.00 | 25.00 | 20.00 | 2.50 |" in table
+    assert plots._tune_table([base], "seg", "unet") == ""
