@@ -110,3 +110,20 @@ def test_bad_input_is_a_usage_error_with_a_hint():
         tune(_plain_net, train, val, task="classification", steps=10, search={"weight": [1]}, progress=False)
     with pytest.raises(UsageError, match="one-shot iterator.*Hint"):
         tune(_plain_net, iter(train), val, task="classification", steps=10, progress=False)
+
+
+def test_a_draw_that_fits_the_budget_searches_every_objective():
+    from collections import Counter
+
+    from autoprobe import tuning
+
+    space = tuning._search_space(None)
+    rungs = tuning._rungs(1500, 3)
+    for seed in range(20):
+        kept, dropped = tuning._fit_budget(space, rungs, 3, 1500, 4.0, seed)
+        assert kept[0].objective == "output" and dropped == len(space) - len(kept) > 0
+        counts = Counter(c.objective for c in kept[1:])
+        # each objective searched, and dealt evenly, whichever seed draws them
+        assert set(counts) == {"dsn", "imachsr"} and abs(counts["dsn"] - counts["imachsr"]) <= 1, (seed, counts)
+    assert {c.label for c in tuning._fit_budget(space, rungs, 3, 1500, 4.0, 0)[0]} != \
+        {c.label for c in tuning._fit_budget(space, rungs, 3, 1500, 4.0, 1)[0]}
