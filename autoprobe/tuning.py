@@ -393,7 +393,7 @@ def _fit_budget(space: list[Candidate], rungs: Sequence[int], eta: int, steps: i
     if n == len(others):
         return space, 0
     # Drawn per objective and dealt round-robin, so every objective of the space is searched whenever
-    # the budget admits one candidate each: a plain draw of 10 out of 36 left out every DSN setting
+    # the budget admits one candidate each: a plain draw of 9 of the 36 left out every DSN setting
     # for one seed of EVIDENCE.md's U-Net (the default space has 12 DSN settings and 24 iMacHSR ones).
     gen = torch.Generator().manual_seed(seed)
     groups: dict[str, list[int]] = {}

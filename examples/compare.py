@@ -554,7 +554,7 @@ def _ablation_pos() -> list[Placement]:
 def _selection_test() -> list[Placement]:
     # auto/M=3 is the library's automatic selection spelled with its M, so its key differs from the main
     # table's `auto` runs, which ran on the frozen 7a53067 whose selection for DeepLabV3+ was older
-    # (EVIDENCE.md section 5).
+    # (EVIDENCE.md, "Two libraries").
     return ([Placement("auto", points=3), Placement("hand"), Placement("last")]
             + [Placement("random", points=3, draw=d) for d in range(3)])
 
@@ -670,7 +670,7 @@ GRIDS = {
 }
 # `--grid all`: the main tables first, then the second family, the placement grids and the rest.
 ROUNDS = ("primary", "primary-dsn", "primary-tuned", "seg-shipped", "cls-resnet", "cls-resnet-tuned", "seg-unet",
-          "seg-unet-tuned", "placement", "cls-shipped", "cls-vit", "vit-shipped", "position")
+          "seg-unet-tuned", "placement", "cls-shipped", "cls-vit", "vit-shipped", "cls-vit-tuned", "position")
 
 
 def grid_specs(names: Sequence[str]) -> list[RunSpec]:
