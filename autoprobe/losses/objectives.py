@@ -279,7 +279,8 @@ class IMacHSR(Objective):
     default until 2026-12-06). On the validation splits of EVIDENCE.md (section 2),
     MI alone came out above alpha 0.5 with lambda 0.01 on both segmentation and
     classification, by a rule fixed before those runs finished; the differences are
-    within their intervals, so this is the lighter setting, not a proven gain. NE is
+    within their intervals, so this is the lighter setting, not a proven gain (on test it
+    still scored below output-only training on all four models there). NE is
     computed only at points whose lambda is not 0, so the default costs nothing for it
     and its parts hold no ``"ne/<point>"``.
 
