@@ -36,7 +36,7 @@ from typing import Any, Literal, NamedTuple, get_args
 import torch
 from torch import fx, nn
 
-from .adapters import HeadShape, Task, adapter_parameter_count, make_adapter
+from .adapters import AdapterHead, HeadShape, Task, adapter_parameter_count, check_adapter_head, make_adapter
 from .api import Analysis, analyze, trace_options
 from .backends import trace_with_fallbacks
 from .errors import InstrumentError, SelectionError, UsageError
@@ -44,7 +44,8 @@ from .fx_engine import FxEngine, FxRecipe, trace_both_modes
 from .graph import LayerGraph, LayerInfo, build_layer_graph
 from .hook_engine import HookEngine, HookRecipe, HookTarget, hook_targets
 from .layout import Layout
-from .losses import Objective, ObjectiveName, Schedule, make_objective
+from .losses import Gate, Objective, ObjectiveName, Schedule, make_objective
+from .losses import IMacHSR
 from .meta import device_of, meta_twins, seeded_run
 from .models import resolve_model
 from .outputs import OutputSelector, OutputSpec
@@ -82,11 +83,13 @@ def instrument(
     regression_loss: Literal["mse", "l1"] = "mse",
     alpha: float | Mapping[str, float] | None = None,
     lam: float | Mapping[str, float] | None = None,
+    head: AdapterHead = "linear",
     schedule: Schedule = "constant",
     label_smoothing: float = 0.0,
     class_weights: Sequence[float] | torch.Tensor | None = None,
     output_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     gather_mi: bool = False,
+    gate: Gate | Literal["cosine", "binary"] | None = None,
     num_classes: int | None = None,
     leaf_modules: Sequence[type[nn.Module]] = (),
     leaf_paths: Sequence[str] = (),
@@ -131,6 +134,10 @@ def instrument(
         regression_loss: ``"mse"`` or ``"l1"``, for ``task="regression"``.
         alpha: intermediate weight (MI for imachsr, CE for dsn/dks); one value or per point.
         lam: negative-entropy weight (imachsr only); one value or per point.
+        head: the adapters' form: ``"linear"`` (the default: pool + one Linear, or a 1x1 conv)
+            or ``"conv"`` (mmsegmentation's FCN auxiliary head: 3x3 conv to min(C, 128)
+            channels, BatchNorm, ReLU, dropout 0.1, 1x1 conv; for vector outputs Linear,
+            LayerNorm, ReLU, dropout, Linear). See ``autoprobe.adapters``.
         schedule: ``"constant"``, ``"linear"`` or ``"cosine"`` decay of the intermediate weights.
         label_smoothing: epsilon in [0, 1) of the cross entropy at the output (and at every
             head for ``"dsn"``/``"dks"``), as ``F.cross_entropy(label_smoothing=)``; class targets only.
@@ -140,6 +147,10 @@ def instrument(
             passed to ``probed.loss``. Its part is named ``"output"``.
         gather_mi: sum the MI joint over the ranks of the default process group (imachsr, for
             small per-GPU batches; see ``autoprobe.losses.IMacHSR``).
+        gate: ``"cosine"`` scales each point's terms by max(0, cos) of their gradient with the output
+            loss's (Du et al. 2018), ``"binary"`` by 1 where the cosine is positive, else 0;
+            ``Gate("cosine", every=5)`` measures every 5 training calls instead of 25. ``None``
+            (the default) keeps every term at its weight. See ``autoprobe.losses.gate``.
         num_classes: classifier width when ``model`` is a spec; with a module, checked against
             the output (K is always read from the output).
         leaf_modules: module classes fx must not trace into.
@@ -198,6 +209,7 @@ def instrument(
         raise InstrumentError(
             f"label_resolution={label_resolution!r}; expected one of {list(get_args(LabelResolution))}"
         )
+    form = check_adapter_head(head)
     size = _input_size(input_size, selection)
 
     # The selection's own trace, when this call made it: reused, not traced again.
@@ -206,14 +218,14 @@ def instrument(
     infos, targets = placed.infos, placed.targets
     spec = OutputSpec.resolve(output, placed.example, model=label)
     output_shape = tuple(int(s) for s in spec.select(placed.example).shape)
-    resolved_task, head = _resolve_task(task, output_shape, label)
+    resolved_task, shape = _resolve_task(task, output_shape, label)
     classes = output_shape[1]
     if num_classes is not None and num_classes != classes:
         raise InstrumentError(
             f"num_classes={num_classes} but {label}'s output has shape {output_shape}, i.e. K={classes}. "
             "Hint: build the model with the classifier width you train, or leave num_classes out."
         )
-    if label_resolution == "downsample" and head != "dense":
+    if label_resolution == "downsample" and shape != "dense":
         raise InstrumentError(
             f"label_resolution='downsample' applies to dense outputs; {label}'s output {output_shape} is a vector. "
             "Hint: leave label_resolution at its default."
@@ -228,14 +240,18 @@ def instrument(
             "candidates; a model needs weight layers (conv, linear) before its output to be supervised."
         )
     keys = _adapter_keys([p.name for p in selection.points])
-    adapters = _make_adapters(module, placed.graph, infos, keys, head, classes, output_shape, label_resolution)
+    adapters = _make_adapters(module, placed.graph, infos, keys, shape, classes, output_shape, label_resolution, form)
     sites = tuple(
         TapSite(info.name, keys[info.name], tuple((info.shape or ())[1:]), str(info.layout)) for info in infos
     )
     objective = _make_objective(
         loss, infos, alpha, lam, schedule, ignore_index, resolved_task, regression_loss,
-        _OutputOptions(label_smoothing, class_weights, output_loss, gather_mi),
+        _OutputOptions(label_smoothing, class_weights, output_loss, gather_mi, gate),
     )
+    if isinstance(objective, IMacHSR):  # RMI refuses heads too small for its regions, known once adapters exist
+        objective.check_heads(
+            {info.name: _head_shape(adapters[keys[info.name]], info, output_shape, 1) for info in infos}, output_shape
+        )
     recipe: FxRecipe | HookRecipe
     engine: FxEngine | HookEngine
     if targets is None:
@@ -546,6 +562,7 @@ def _make_adapters(
     classes: int,
     output_shape: tuple[int, ...],
     label_resolution: LabelResolution,
+    form: AdapterHead = "linear",
 ) -> nn.ModuleDict:
     reference = next((t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()), None)
     device = reference.device if reference is not None else torch.device("cpu")
@@ -572,6 +589,7 @@ def _make_adapters(
                 grid=grid,
                 prefix_tokens=prefix,
                 own_resolution=head == "dense" and label_resolution == "downsample",
+                head=form,
             )
         adapters[keys[info.name]] = adapter.to(device=device, dtype=dtype)
     adapters.train(model.training)
@@ -611,6 +629,7 @@ class _OutputOptions(NamedTuple):
     class_weights: Sequence[float] | torch.Tensor | None = None
     output_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     gather_mi: bool = False
+    gate: Gate | str | None = None
 
 
 def _make_objective(
@@ -633,7 +652,7 @@ def _make_objective(
             )
         if extra != _OutputOptions():
             raise UsageError(
-                "label_smoothing, class_weights, output_loss and gather_mi configure a named loss; a given Objective "
+                "label_smoothing, class_weights, output_loss, gather_mi and gate configure a named loss; a given Objective "
                 "already has its own. Hint: pass them to the Objective (`IMacHSR(..., label_smoothing=0.1)`)."
             )
         kind = _TARGET_KINDS[task]
@@ -659,5 +678,5 @@ def _make_objective(
         loss, names, layouts, target_kind=_TARGET_KINDS[task], alpha=alpha, lam=lam, schedule=schedule,
         ignore_index=ignore_index, regression_loss=regression_loss,  # type: ignore[arg-type]
         gather_mi=extra.gather_mi if loss == "imachsr" else None, label_smoothing=extra.label_smoothing,
-        class_weights=extra.class_weights, output_loss=extra.output_loss,
+        class_weights=extra.class_weights, output_loss=extra.output_loss, gate=extra.gate,
     )

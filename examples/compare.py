@@ -30,6 +30,9 @@ Grids (``--grid NAME``, repeatable, or ``all``); EVIDENCE.md says which ran on w
   cls-vit        a small timm ViT on Fashion-MNIST, baseline/DSN/iMacHSR x 5 seeds
   cls-resnet-tuned, cls-vit-tuned   the tuned arm of each, 5 seeds
   cls-shipped, vit-shipped   iMacHSR at the shipped default on ResNet-18n and the ViT, 5 seeds
+  default-gated, default-heads   the default's validation rule (EVIDENCE.md section 7): the gated
+                 candidates (and DeepLabV3+'s DSN at today's points), then Region MI and conv heads;
+                 seeds 0-2, validation only
   all            every grid but the pilots and the validation-only ones
 
 Usage:
@@ -430,19 +433,30 @@ def run_one(spec: RunSpec, data, cfg: SegConfig, device: str, threads: int) -> d
     }
 
 
+# Options that configure the adapters rather than the objective: they go to `instrument` itself.
+INSTRUMENT_OPTIONS = ("head",)
+
+
 def _instrument_with_options(model: nn.Module, spec: RunSpec, size: tuple[int, ...]):
-    """iMacHSR at the automatic points with options instrument has no keyword for (``mi_estimator``)."""
+    """iMacHSR or DSN at the automatic points with options, some of which instrument has no keyword for
+    (``mi_estimator``): the objective is built by ``make_objective`` (iMacHSR from the registered weights),
+    the adapter options go to ``instrument``."""
     import autoprobe
     from autoprobe.api import analyze
-    from autoprobe.losses import IMacHSR
+    from autoprobe.losses import make_objective
 
-    if spec.method != "imachsr" or spec.placement.kind != "auto":
-        raise SystemExit(f"{spec.key()}: options apply to iMacHSR at automatic points")
+    if spec.method not in ("imachsr", "dsn") or spec.placement.kind != "auto":
+        raise SystemExit(f"{spec.key()}: options apply to iMacHSR or DSN at automatic points")
     selection = analyze(model, input_size=size, rules="dense" if spec.task == "seg" else "default",
                         points=spec.placement.points).selection
-    objective = IMacHSR(selection.names, {p.name: p.layout for p in selection.points},
-                        **{**dict(IMACHSR_REGISTERED), **dict(spec.options)})
-    return autoprobe.instrument(model, selection, loss=objective, input_size=size)
+    options = dict(spec.options)
+    adapter_options = {k: options.pop(k) for k in INSTRUMENT_OPTIONS if k in options}
+    if spec.method == "imachsr":
+        objective = make_objective("imachsr", selection.names, {p.name: p.layout for p in selection.points},
+                                   **{**dict(IMACHSR_REGISTERED), **options})
+    else:
+        objective = make_objective("dsn", selection.names, **options)
+    return autoprobe.instrument(model, selection, loss=objective, input_size=size, **adapter_options)
 
 
 class _TrainBatches:
@@ -644,6 +658,40 @@ def _diagnosis_more() -> list[RunSpec]:
     return seg + cls
 
 
+# The candidates of the default's validation rule (EVIDENCE.md section 7, registered before its runs):
+# name -> (method, options). Output-only, DSN and iMacHSR as shipped (MI only) are read from the main
+# tables' validation curves; these are trained for it, at the automatic points, on validation only.
+GATE = (("gate", "cosine"),)
+REGION = (("mi_estimator", "region"),)
+CONV = (("head", "conv"),)
+DEFAULT_CANDIDATES: dict[str, tuple[str, tuple[tuple[str, float | str], ...]]] = {
+    "dsn-gated": ("dsn", GATE),
+    "imachsr-gated": ("imachsr", SHIPPED + GATE),
+    "dsn-conv": ("dsn", CONV),
+    "imachsr-region": ("imachsr", SHIPPED + REGION),
+    "imachsr-region-conv": ("imachsr", SHIPPED + REGION + CONV),
+    "imachsr-region-gated": ("imachsr", SHIPPED + REGION + GATE),
+}
+EVIDENCE_MODELS = (("seg", "deeplabv3plus"), ("seg", "unet"), ("cls", "resnet18n"), ("cls", "vit"))
+# DeepLabV3+'s DSN arm ran on 7a53067, whose automatic points were older; at today's points (the
+# candidates' points) it is run again for the rule, spelled with its M so its key is its own.
+DSN_TODAY = Placement("auto", points=3)
+
+
+def _default_validation(names: Sequence[str], seeds: Sequence[int] = (0, 1, 2)) -> list[RunSpec]:
+    """The rule's candidate runs (validation only), seed-major, the four models interleaved."""
+    specs = []
+    for s in seeds:
+        for name in names:
+            method, options = DEFAULT_CANDIDATES[name]
+            for task, model in EVIDENCE_MODELS:
+                steps, batch = (SEG_STEPS, SEG_BATCH) if task == "seg" else (CLS_STEPS, CLS_BATCH)
+                specs.append(RunSpec(task, model, method, s, steps, batch, pilot=True, options=options))
+        if "dsn-gated" in names:
+            specs.append(RunSpec("seg", "deeplabv3plus", "dsn", s, SEG_STEPS, SEG_BATCH, DSN_TODAY, pilot=True))
+    return specs
+
+
 GRIDS = {
     "pilot-seg": _seg_pilots,
     "primary": lambda: _primary(("baseline", "imachsr")),
@@ -667,6 +715,9 @@ GRIDS = {
     "cls-vit-tuned": lambda: _cls("vit", ("tuned",)),
     "cls-shipped": lambda: _shipped("cls", "resnet18n", range(5)),
     "vit-shipped": lambda: _shipped("cls", "vit", range(5)),
+    "default-gated": lambda: _default_validation(("dsn-gated", "imachsr-gated")),
+    "default-heads": lambda: _default_validation(("dsn-conv", "imachsr-region", "imachsr-region-conv",
+                                                  "imachsr-region-gated")),
 }
 # `--grid all`: the main tables first, then the second family, the placement grids and the rest.
 ROUNDS = ("primary", "primary-dsn", "primary-tuned", "seg-shipped", "cls-resnet", "cls-resnet-tuned", "seg-unet",

@@ -17,6 +17,7 @@ The package, one module per job:
   implementation, used alone or by the objectives (``forward_matched``);
 - ``objectives``: ``IMacHSR``, ``DSN``, ``DKS``, ``make_objective`` and the schedules, built
   from the term modules: they check and match the target once per batch, then call them;
+- ``gate``: the gradient-similarity gate every objective can weight its points' terms with;
 - ``_math``: the kernels they share.
 
 Conventions shared by every loss here:
@@ -36,7 +37,9 @@ Conventions shared by every loss here:
   resize does), so under ``torch.use_deterministic_algorithms(True)`` train with
   targets at the logits' size (or heads at their own size, where the *target* is
   resized, which needs no gradient);
-- no state between calls, so the modules work under torch.compile and DDP.
+- no state between calls, so the modules work under torch.compile and DDP; the one
+  exception is the optional gate, which holds its measured weights between measurements
+  (the same on every rank, and only read inside a compiled graph);
   Target *values* are checked in eager mode only: the check needs a host sync
   and would break a compiled graph.
 
@@ -63,6 +66,7 @@ from .objectives import (
     schedule_weight,
 )
 from ._math import MI_ESTIMATORS
+from .gate import Agreement, Gate, GateKind, GradientGate, gradient_agreement
 from .targets import MatchedTarget, RegressionLoss, TargetKind, TargetMatcher, resize_logits
 from .terms import (
     NE_MAX_POSITIONS,
@@ -101,4 +105,9 @@ __all__ = [
     "channel_dim_for",
     "schedule_weight",
     "make_objective",
+    "Gate",
+    "GateKind",
+    "GradientGate",
+    "Agreement",
+    "gradient_agreement",
 ]

@@ -23,7 +23,9 @@ from ._checks import check_weight, per_point
 from .targets import MatchedTarget, RegressionLoss, TargetKind, TargetMatcher, check_target, check_target_kind
 from .targets import check_target_values, resize_logits
 from .terms import NE_MAX_POSITIONS, CorrelationLoss, DKSLoss, MutualInformationLoss, NegativeEntropyLoss, OutputLoss
-from .terms import check_dks_kind, check_gather, check_mi_estimator, check_regression_loss
+from .terms import check_dks_kind, check_gather, check_mi_estimator, check_region_head, check_region_options
+from .terms import check_regression_loss
+from .gate import Gate, GradientGate
 
 __all__ = [
     "Schedule",
@@ -44,9 +46,9 @@ ObjectiveName = Literal["imachsr", "dsn", "dks"]
 
 # The keyword options of make_objective each objective accepts.
 _OBJECTIVE_OPTIONS: dict[str, set[str]] = {
-    "imachsr": {"layouts", "alpha", "lam", "mi_estimator", "gather_mi"},
-    "dsn": {"alpha"},
-    "dks": {"alpha", "beta", "temperature"},
+    "imachsr": {"layouts", "alpha", "lam", "mi_estimator", "gather_mi", "gate", "region_ce"},
+    "dsn": {"alpha", "gate"},
+    "dks": {"alpha", "beta", "temperature", "gate"},
 }
 
 
@@ -58,7 +60,8 @@ class LossResult(NamedTuple):
         parts: every term *unweighted* and detached, for logging: the output loss first
             (``"ce"`` for labels, BCE for binary / multi-label; ``"mse"`` or ``"l1"`` for
             regression), then per point ``"mi/<point>"`` (``"corr/<point>"`` for
-            regression), ``"ne/<point>"``, ``"dsn/<point>"``, and ``"dks"``.
+            regression, ``"rmi/<point>"`` for ``mi_estimator="region"``), ``"ne/<point>"``, ``"dsn/<point>"``, and ``"dks"``; with a gate, also
+            ``"gate/<point>"``, the weight in force at the point (see ``Objective``).
     """
 
     total: Tensor
@@ -106,6 +109,12 @@ class Objective(nn.Module, abc.ABC):
             (and DSN's at each head, called with the head's logits resized to the target);
             it gets the logits at the target's size and the user's target as passed. Its part
             is ``"output"``. A module-level function or an ``nn.Module`` pickles with the model.
+        gate: ``None`` (every term at its weight), ``"cosine"``, ``"binary"`` or a ``Gate``: each
+            point's terms scaled by how well their gradient agrees with the output loss's
+            (``autoprobe.losses.gate``; Du et al. 2018). A term belongs to the point its part name
+            ends with (``"dsn/<point>"``); DKS's synergy belongs to none and is never gated. The
+            parts then hold ``"gate/<point>"``: the schedule factor times the weight of the
+            point's first term (alpha) times the gate's multiplier, in [0, alpha].
 
     Soft class targets (multiclass, floats (B, K, *S) whose rows are distributions: timm's
     Mixup / CutMix, dense CutMix masks) are taken wherever class ids are: CE is
@@ -130,9 +139,13 @@ class Objective(nn.Module, abc.ABC):
         target_kind: TargetKind = "multiclass", regression_loss: RegressionLoss = "mse", label_smoothing: float = 0.0,
         class_weights: Sequence[float] | Tensor | None = None,
         output_loss: Callable[[Tensor, Tensor], Tensor] | None = None,
+        gate: Gate | str | None = None,
     ) -> None:
         super().__init__()
         self.points: tuple[str, ...] = check_points(points)
+        parsed = Gate.parse(gate)
+        # None keeps forward exactly as it was before the gate existed (no module, no extra op).
+        self.gate: GradientGate | None = None if parsed is None else GradientGate(self.points, parsed)
         if schedule not in get_args(Schedule):
             raise InstrumentError(f"unknown schedule {schedule!r}; expected one of {list(get_args(Schedule))}")
         self.schedule: Schedule = schedule
@@ -209,10 +222,41 @@ class Objective(nn.Module, abc.ABC):
         total = main
         parts = {self.output_part: main.detach()}
         branches = {name: self._branch(heads[name], output, matcher) for name in self.points}
-        for name, weight, term in self._terms(out, branches, features, matcher):
-            total = total + (factor * weight) * term
+        terms = self._terms(out, branches, features, matcher)
+        if self.gate is None:
+            for name, weight, term in terms:
+                total = total + (factor * weight) * term
+                parts[name] = term.detach()
+            return LossResult(total, parts)
+        return self._gated(self.gate, main, terms, features, factor, parts)
+
+    def _gated(
+        self, gate: GradientGate, main: Tensor, terms: list[tuple[str, float, Tensor]],
+        features: Mapping[str, Tensor], factor: float, parts: dict[str, Tensor],
+    ) -> LossResult:
+        """The total with each point's terms scaled by the gate's multiplier (see ``gate`` in the class)."""
+        index = {name: i for i, name in enumerate(self.points)}
+        owner = [self._point_of(name) for name, _, _ in terms]
+        per_point: dict[str, Tensor] = {}
+        first_weight: dict[str, float] = {}
+        for point, (_, weight, term) in zip(owner, terms):
+            if point is not None:
+                per_point[point] = per_point[point] + weight * term if point in per_point else weight * term
+                first_weight.setdefault(point, weight)
+        multipliers = gate(main, per_point, features)
+        total = main
+        for point, (name, weight, term) in zip(owner, terms):
+            scale = factor * weight
+            total = total + (scale if point is None else scale * multipliers[index[point]]) * term
             parts[name] = term.detach()
+        for point, weight in first_weight.items():
+            parts[f"gate/{point}"] = (factor * weight) * multipliers[index[point]].detach()
         return LossResult(total, parts)
+
+    def _point_of(self, part: str) -> str | None:
+        """The point a term's part name ends with (``"mi/layer1"`` -> ``"layer1"``), or None (``"dks"``)."""
+        _, _, point = part.partition("/")
+        return point if point in self.points else None
 
     @staticmethod
     def _branch(head: Tensor, output: Tensor, matcher: TargetMatcher) -> _Branch:
@@ -240,7 +284,7 @@ class Objective(nn.Module, abc.ABC):
                     f"B={output.shape[0]}, K={output.shape[1]} like the output {tuple(output.shape)}"
                     + (", at any spatial size of the same rank" if output.dim() > 2 else "")
                 )
-        if self.uses_features:
+        if self.uses_features or self.gate is not None:
             check_names("feature", features, self.points)
         if self.class_weights is not None and self.class_weights.numel() != output.shape[1]:
             raise InstrumentError(
@@ -254,6 +298,8 @@ class Objective(nn.Module, abc.ABC):
         kind += self._output_term.options_repr()
         if self.output_loss is not None:
             kind += f", output_loss={getattr(self.output_loss, '__name__', type(self.output_loss).__name__)}"
+        if self.gate is not None:
+            kind += f", gate={self.gate.gate}"
         return f"points={list(self.points)}, schedule={self.schedule!r}, ignore_index={self.ignore_index}{kind}"
 
     def __repr__(self) -> str:
@@ -301,14 +347,23 @@ class IMacHSR(Objective):
             batch's positions, so naming a class differently in two images costs), or
             ``"shuffled"`` (the image-wise MI minus its value with the labels of another
             image or sample: the plug-in estimate's upward bias removed). See
-            ``examples/mi_estimators.py`` for both properties measured.
+            ``examples/mi_estimators.py`` for both properties measured. ``"region"``: Region
+            Mutual Information (RMI; Zhao et al. 2019) for 2-D dense multiclass outputs, logged
+            as ``"rmi/<point>"`` (a bound's loss, not nats); see ``MutualInformationLoss``.
+            Vector, 1-D/3-D and non-multiclass outputs are refused, and so is a head compared at
+            a grid with fewer than 9 3x3 regions (``check_heads``): a refusal, not a skipped point,
+            so every listed point is supervised.
         gather_mi: sum the MI joint tables over the ranks of the default process group
             before taking the MI, so each rank's MI is the combined batch's (classification,
             and ``mi_estimator="pooled"``; per-image tables need no other rank). For small
             per-GPU batches, where one rank's K x K table is too sparse to estimate. Under DDP
             the gradients then equal one process's on the combined batch. Off, or on one
             process, each rank estimates from its own batch.
-        label_smoothing, class_weights, output_loss: see ``Objective``.
+        label_smoothing, class_weights, output_loss, gate: see ``Objective``.
+        region_ce: with ``mi_estimator="region"``, the weight in [0, 1] of the CE half:
+            the term is (1 - region_ce) * RMI + region_ce * CE; ``None`` for 0.5, the
+            reference's 0.5 * CE + 0.5 * RMI (why: ``MutualInformationLoss``). Refused with
+            another estimator.
 
     Example:
         >>> import torch
@@ -318,6 +373,10 @@ class IMacHSR(Objective):
         >>> sorted(result.parts), sorted(IMacHSR(["s1"], {"s1": "NCHW"})(
         ...     torch.zeros(2, 3), {"s1": torch.zeros(2, 3)}, {}, torch.tensor([0, 2])).parts)
         (['ce', 'mi/s1', 'ne/s1'], ['ce', 'mi/s1'])
+        >>> region = IMacHSR(["s1"], {"s1": "NCHW"}, mi_estimator="region", region_ce=0.3)
+        >>> sorted(region(torch.zeros(2, 3, 16, 16), {"s1": torch.zeros(2, 3, 16, 16)}, {},
+        ...               torch.randint(0, 3, (2, 16, 16))).parts)
+        ['ce', 'rmi/s1']
     """
 
     def __init__(
@@ -337,15 +396,18 @@ class IMacHSR(Objective):
         label_smoothing: float = 0.0,
         class_weights: Sequence[float] | Tensor | None = None,
         output_loss: Callable[[Tensor, Tensor], Tensor] | None = None,
+        gate: Gate | str | None = None,
+        region_ce: float | None = None,
     ) -> None:
         super().__init__(
             points, schedule=schedule, ignore_index=ignore_index, target_kind=target_kind,
             regression_loss=regression_loss, label_smoothing=label_smoothing, class_weights=class_weights,
-            output_loss=output_loss,
+            output_loss=output_loss, gate=gate,
         )
         # Checked here as well as in MutualInformationLoss: regression builds no MI term.
         self.gather_mi = check_gather("gather_mi", gather_mi)
         self.mi_estimator: MIEstimator = check_mi_estimator(mi_estimator)
+        self.region_ce = check_region_options(self.mi_estimator, self.target_kind, region_ce)
         self.ne_positions = check_max_positions(ne_positions)
         check_names("layout", layouts, self.points)
         # A list in the points' order, not a ModuleDict: point names hold dots ("layer1.0").
@@ -364,9 +426,10 @@ class IMacHSR(Objective):
             self._heterogeneous_term = CorrelationLoss(self.eps)
         else:
             self._heterogeneous_term = MutualInformationLoss(
-                self.eps, self.ignore_index, self.target_kind, estimator=self.mi_estimator, gather=self.gather_mi
+                self.eps, self.ignore_index, self.target_kind, estimator=self.mi_estimator, gather=self.gather_mi,
+                region_ce=region_ce,
             )
-        self._mi_part = "corr" if self.target_kind == "regression" else "mi"
+        self._mi_part = "corr" if self.target_kind == "regression" else "rmi" if self.mi_estimator == "region" else "mi"
 
     def _check_inputs(
         self, output: Tensor, heads: Mapping[str, Tensor], features: Mapping[str, Tensor], target: Tensor
@@ -378,6 +441,44 @@ class IMacHSR(Objective):
                     f"feature of point {name!r} has shape {tuple(features[name].shape)}; "
                     f"expected a {layout.rank}-D tensor for layout {layout.value!r}"
                 )
+        if self.mi_estimator == "region":
+            # The grid each head is compared at: a head at the output's size is resized to the target's.
+            size = tuple(target.shape[-(output.dim() - 2):]) if output.dim() > 2 else ()
+            self.check_heads({name: tuple(head.shape) for name, head in heads.items()}, tuple(output.shape), size)
+
+    def check_heads(
+        self, heads: Mapping[str, tuple[int, ...]], output_shape: tuple[int, ...], target_size: tuple[int, ...] = ()
+    ) -> None:
+        """Refuse heads ``mi_estimator="region"`` cannot be estimated on; nothing for the other estimators.
+
+        ``instrument`` calls it with the adapters' shapes (no target yet), ``forward`` with the batch's.
+
+        Args:
+            heads: point name -> the head's logits shape.
+            output_shape: the model output's shape: a head of its spatial size is compared at
+                the target's size (``Objective``).
+            target_size: the target's spatial size; ``()`` when not known yet, and then heads at
+                the output's size are left to ``forward``.
+
+        Raises:
+            InstrumentError: naming the point and its grid (``terms.check_region_head``).
+
+        Example:
+            >>> objective = IMacHSR(["s1"], {"s1": "NCHW"}, mi_estimator="region")
+            >>> objective.check_heads({"s1": (2, 3, 4, 4)}, (2, 3, 64, 64))
+            Traceback (most recent call last):
+            ...
+            autoprobe.errors.InstrumentError: mi_estimator='region' (RMI) needs ... the head of point 's1' is compared at 4x4, which gives 0. ...
+        """
+        if self.mi_estimator != "region":
+            return
+        for name, shape in heads.items():
+            compared = tuple(shape)
+            if len(shape) > 2 and tuple(shape[2:]) == tuple(output_shape[2:]):
+                if not target_size:
+                    continue
+                compared = (*shape[:2], *target_size)
+            check_region_head(compared, f"head of point {name!r}")
 
     def _terms(
         self, output: _Branch, heads: Mapping[str, _Branch], features: Mapping[str, Tensor], matcher: TargetMatcher
@@ -394,6 +495,7 @@ class IMacHSR(Objective):
     def extra_repr(self) -> str:
         estimator = "" if self.mi_estimator == "image" else f", mi_estimator={self.mi_estimator!r}"
         estimator += ", gather_mi=True" if self.gather_mi else ""
+        estimator += f", region_ce={self.region_ce}" if self.mi_estimator == "region" else ""
         return f"{super().extra_repr()}, alpha={self.alpha}, lam={self.lam}, ne_positions={self.ne_positions}{estimator}"
 
 
@@ -416,6 +518,7 @@ class DSN(Objective):
         target_kind: the ``TargetKind``.
         regression_loss: ``"mse"`` or ``"l1"``, for regression.
         label_smoothing, class_weights, output_loss: see ``Objective``; they apply at every head.
+        gate: see ``Objective``.
 
     Example:
         >>> import torch
@@ -436,10 +539,11 @@ class DSN(Objective):
         label_smoothing: float = 0.0,
         class_weights: Sequence[float] | Tensor | None = None,
         output_loss: Callable[[Tensor, Tensor], Tensor] | None = None,
+        gate: Gate | str | None = None,
     ) -> None:
         super().__init__(points, schedule=schedule, ignore_index=ignore_index, target_kind=target_kind,
                          regression_loss=regression_loss, label_smoothing=label_smoothing,
-                         class_weights=class_weights, output_loss=output_loss)
+                         class_weights=class_weights, output_loss=output_loss, gate=gate)
         self.alpha = per_point("alpha", alpha, self.points)
 
     def _terms(
@@ -470,7 +574,7 @@ class DKS(DSN):
         schedule: how alpha and beta change over training.
         ignore_index: label value excluded from CE and synergy.
         target_kind: ``"multiclass"``, ``"binary"`` or ``"multilabel"``.
-        label_smoothing, class_weights, output_loss: see ``Objective``.
+        label_smoothing, class_weights, output_loss, gate: see ``Objective``; the synergy is never gated.
 
     Example:
         >>> import torch
@@ -492,11 +596,12 @@ class DKS(DSN):
         label_smoothing: float = 0.0,
         class_weights: Sequence[float] | Tensor | None = None,
         output_loss: Callable[[Tensor, Tensor], Tensor] | None = None,
+        gate: Gate | str | None = None,
     ) -> None:
         check_dks_kind(target_kind)
         super().__init__(
             points, alpha=alpha, schedule=schedule, ignore_index=ignore_index, target_kind=target_kind,
-            label_smoothing=label_smoothing, class_weights=class_weights, output_loss=output_loss,
+            label_smoothing=label_smoothing, class_weights=class_weights, output_loss=output_loss, gate=gate,
         )
         self.beta = check_weight("beta", beta)
         self._synergy_term = DKSLoss(temperature, self.ignore_index, self.target_kind)
@@ -530,9 +635,11 @@ def make_objective(
     regression_loss: RegressionLoss = "mse",
     mi_estimator: MIEstimator | None = None,
     gather_mi: bool | None = None,
+    region_ce: float | None = None,
     label_smoothing: float = 0.0,
     class_weights: Sequence[float] | Tensor | None = None,
     output_loss: Callable[[Tensor, Tensor], Tensor] | None = None,
+    gate: Gate | str | None = None,
 ) -> Objective:
     """Build an objective by name, for ``instrument``, configs and the CLI.
 
@@ -557,11 +664,14 @@ def make_objective(
         schedule: ``"constant"``, ``"linear"`` or ``"cosine"``.
         ignore_index: target value excluded from every term (labels only).
         regression_loss: ``"mse"`` or ``"l1"``; only ``target_kind="regression"`` takes ``"l1"``.
-        mi_estimator: ``"image"``, ``"pooled"`` or ``"shuffled"`` (imachsr; see ``IMacHSR``).
+        mi_estimator: ``"image"``, ``"pooled"``, ``"shuffled"`` or ``"region"`` (imachsr; see ``IMacHSR``).
         gather_mi: sum the MI tables over the ranks (imachsr; see ``IMacHSR``).
+        region_ce: the CE half's weight of ``mi_estimator="region"`` (imachsr; see ``IMacHSR``).
         label_smoothing: epsilon of the multiclass cross entropy (see ``Objective``).
         class_weights: K weights of the multiclass cross entropy (see ``Objective``).
         output_loss: a callable ``(logits, target) -> scalar`` replacing the output's loss (see ``Objective``).
+        gate: ``"cosine"``, ``"binary"`` or a ``Gate``: weight each point's terms by gradient agreement
+            with the output loss (see ``Objective``); ``None``, the default, leaves them at their weights.
 
     Returns:
         An ``IMacHSR``, ``DSN`` or ``DKS``.
@@ -575,7 +685,7 @@ def make_objective(
         DSN(points=['layer1', 'layer3'], schedule='constant', ignore_index=-100, alpha={'layer1': 0.4, 'layer3': 0.4})
     """
     options = {"layouts": layouts, "alpha": alpha, "lam": lam, "beta": beta, "temperature": temperature,
-               "mi_estimator": mi_estimator, "gather_mi": gather_mi}
+               "mi_estimator": mi_estimator, "gather_mi": gather_mi, "region_ce": region_ce}
     given = {key for key, option in options.items() if option is not None}
     if name not in _OBJECTIVE_OPTIONS:
         raise InstrumentError(f"unknown objective {name!r}; expected one of {list(get_args(ObjectiveName))}")
@@ -595,11 +705,12 @@ def make_objective(
         check_dks_kind(kind)
     # Pass only what was given, so the class defaults stay defined in one place.
     weights = {key: option for key, option in (("alpha", alpha), ("lam", lam)) if option is not None}
-    estimator = {key: option for key, option in (("mi_estimator", mi_estimator), ("gather_mi", gather_mi))
-                 if option is not None}
+    estimator = {key: option for key, option in (("mi_estimator", mi_estimator), ("gather_mi", gather_mi),
+                                                 ("region_ce", region_ce)) if option is not None}
     synergy = {key: option for key, option in (("beta", beta), ("temperature", temperature)) if option is not None}
     common = {"schedule": schedule, "ignore_index": ignore_index, "target_kind": kind,
-              "label_smoothing": label_smoothing, "class_weights": class_weights, "output_loss": output_loss}
+              "label_smoothing": label_smoothing, "class_weights": class_weights, "output_loss": output_loss,
+              "gate": gate}
     if name == "imachsr":
         if layouts is None:
             raise InstrumentError("objective 'imachsr' needs layouts: point name -> feature layout, for NE")
