@@ -15,6 +15,24 @@ Adapters are deliberately weak (a single linear map). The point of deep supervis
 to shape the backbone's feature; an expressive adapter would learn the task itself and
 leave z_m unchanged. Keeping them tiny also keeps the parameter overhead at C*K + K.
 
+``head="conv"`` (``instrument(head=...)``, ``make_adapter(head=...)``) builds the heavier head
+segmentation pipelines put on backbone stages instead, mmsegmentation's FCN auxiliary head:
+
+- dense points: a 3x3 conv (padding 1, no bias) to H = min(C, 128) channels, BatchNorm,
+  ReLU, channel dropout (``Dropout1d/2d/3d``, p = 0.1, as mmseg's ``Dropout2d``), a 1x1 conv
+  to K, then the linear head's resize; the conv of the grid's rank (1-D, 2-D, 3-D). Token
+  features of a dense output are reshaped to their grid first, as for the linear head, so
+  the 3x3 conv sees the token grid's neighbours;
+- vector points: the linear head's pooling, then Linear(C, H), LayerNorm, ReLU,
+  Dropout(0.1), Linear(H, K). LayerNorm, not BatchNorm1d: a pooled vector has one value per
+  example and channel, so BatchNorm1d would fail on a batch of one in training and tie the
+  heads of a batch's examples together.
+
+The conv head lets a head fit a class boundary the feature holds non-linearly, at the cost
+of more parameters (9*C*H + 2H + H*K + K for a 2-D dense point, counted from the built module
+in the report) and of a head that learns part of the task itself; the linear head stays the
+default for the reason above.
+
 Why two label-resolution modes: upsampling K logit channels keeps the loss at label
 resolution, so every labelled pixel counts exactly once and ``ignore_index`` pixels are
 excluded exactly (nearest-neighbour downsampling of a label map drops thin objects).
@@ -33,7 +51,7 @@ torch.compile, AMP autocast, DDP and FSDP like any other layer.
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Literal, cast, get_args
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -44,8 +62,12 @@ from .layout import Layout
 __all__ = [
     "Task",
     "HeadShape",
+    "AdapterHead",
+    "ADAPTER_HEADS",
     "ClassificationAdapter",
     "DenseAdapter",
+    "ConvClassificationAdapter",
+    "ConvDenseAdapter",
     "make_adapter",
     "adapter_parameter_count",
     "adapter_parameters",
@@ -57,8 +79,18 @@ Task = Literal["classification", "dense", "binary", "multilabel", "regression"]
 HeadShape = Literal["classification", "dense"]
 """The shape of an adapter's output: a vector (B, K) or a dense map (B, K, *S)."""
 
+AdapterHead = Literal["linear", "conv"]
+"""The adapter's form: one linear map (the default), or mmseg's FCN auxiliary head (see the module)."""
+
+ADAPTER_HEADS: tuple[str, ...] = get_args(AdapterHead)
+
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_BATCH_NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_DROPOUT = {1: nn.Dropout1d, 2: nn.Dropout2d, 3: nn.Dropout3d}
 _RESIZE = {1: "linear", 2: "bilinear", 3: "trilinear"}
+# The conv head's hidden width, min(C, 128), and its dropout (mmseg's FCN head: 0.1).
+CONV_HEAD_WIDTH = 128
+CONV_HEAD_DROPOUT = 0.1
 
 
 def _layout(layout: str | Layout) -> Layout:
@@ -88,7 +120,12 @@ class ClassificationAdapter(nn.Module):
         self.layout = _layout(layout)
         # Every non-batch, non-channel dimension is a position to average over.
         self._pool_dims = self.layout.spatial_dims
-        self.linear = nn.Linear(channels, num_classes)
+        self.linear = self._map(channels, num_classes)
+
+    @staticmethod
+    def _map(channels: int, num_classes: int) -> nn.Module:
+        """The map applied to the pooled (B, C) vector: here one ``Linear``."""
+        return nn.Linear(channels, num_classes)
 
     def forward(self, z: Tensor) -> Tensor:
         """Pool z (layout ``self.layout``) and map it to K values.
@@ -157,8 +194,13 @@ class DenseAdapter(nn.Module):
             )
         if rank not in _CONV:
             raise InstrumentError(f"dense adapters take 1-D, 2-D or 3-D grids; got {rank}-D ({self.layout.value})")
-        self.conv = _CONV[rank](channels, num_classes, kernel_size=1)
+        self.conv = self._map(rank, channels, num_classes)
         self._mode = _RESIZE[rank]
+
+    @staticmethod
+    def _map(rank: int, channels: int, num_classes: int) -> nn.Module:
+        """The map applied on the channels-first grid: here one 1x1 conv of the grid's rank."""
+        return _CONV[rank](channels, num_classes, kernel_size=1)
 
     def forward(self, z: Tensor) -> Tensor:
         """Adapt z (layout ``self.layout``) to dense logits.
@@ -203,6 +245,81 @@ class DenseAdapter(nn.Module):
         return f"layout={self.layout.value!r}{tokens}, {size}"
 
 
+class ConvClassificationAdapter(ClassificationAdapter):
+    """``head="conv"`` for vector outputs: pool, then Linear(C, H), LayerNorm, ReLU, Dropout(0.1), Linear(H, K).
+
+    H = min(C, 128). The pooling, layout handling and checks are ``ClassificationAdapter``'s;
+    ``linear`` holds the five layers.
+
+    Args:
+        channels: C, the feature width of z_m.
+        num_classes: K.
+        layout: layout of z_m (any ``Layout``).
+
+    Example:
+        >>> import torch
+        >>> adapter = ConvClassificationAdapter(channels=64, num_classes=10, layout="NLC")
+        >>> adapter(torch.randn(2, 17, 64)).shape, adapter_parameter_count(adapter)
+        (torch.Size([2, 10]), 4938)
+    """
+
+    @staticmethod
+    def _map(channels: int, num_classes: int) -> nn.Module:
+        hidden = min(channels, CONV_HEAD_WIDTH)
+        return nn.Sequential(
+            nn.Linear(channels, hidden), nn.LayerNorm(hidden), nn.ReLU(), nn.Dropout(CONV_HEAD_DROPOUT),
+            nn.Linear(hidden, num_classes),
+        )
+
+
+class ConvDenseAdapter(DenseAdapter):
+    """``head="conv"`` for dense outputs: mmseg's FCN auxiliary head on the grid, then ``DenseAdapter``'s resize.
+
+    3x3 conv (padding 1, no bias: BatchNorm follows) to H = min(C, 128) channels, BatchNorm,
+    ReLU, channel dropout p = 0.1, 1x1 conv to K; all of the grid's rank. Token reshaping,
+    resizing and checks are ``DenseAdapter``'s; ``conv`` holds the five layers. In training
+    BatchNorm needs more than one value per channel: a batch of one on a 1x1 grid fails.
+
+    Args:
+        channels, num_classes, layout, out_size, grid, prefix_tokens: as ``DenseAdapter``.
+
+    Example:
+        >>> import torch
+        >>> adapter = ConvDenseAdapter(channels=64, num_classes=10, layout="NCHW", out_size=(32, 32))
+        >>> adapter(torch.randn(2, 64, 8, 8)).shape, adapter_parameter_count(adapter)
+        (torch.Size([2, 10, 32, 32]), 37642)
+    """
+
+    @staticmethod
+    def _map(rank: int, channels: int, num_classes: int) -> nn.Module:
+        hidden = min(channels, CONV_HEAD_WIDTH)
+        return nn.Sequential(
+            _CONV[rank](channels, hidden, kernel_size=3, padding=1, bias=False), _BATCH_NORM[rank](hidden),
+            nn.ReLU(), _DROPOUT[rank](CONV_HEAD_DROPOUT), _CONV[rank](hidden, num_classes, kernel_size=1),
+        )
+
+
+def check_adapter_head(head: str) -> AdapterHead:
+    """``head`` if it names an adapter form (``"linear"``, ``"conv"``), else an ``InstrumentError``.
+
+    Args:
+        head: ``instrument``'s or ``make_adapter``'s ``head``.
+
+    Returns:
+        The head, checked.
+
+    Example:
+        >>> check_adapter_head("conv")
+        'conv'
+    """
+    if not isinstance(head, str) or head not in ADAPTER_HEADS:
+        raise InstrumentError(
+            f"unknown adapter head={head!r}; expected one of {list(ADAPTER_HEADS)}. Hint: 'linear' (the default) "
+            "is one linear map per point; 'conv' is mmseg's FCN auxiliary head (3x3 conv, BN, ReLU, dropout, 1x1 conv)."
+        )
+    return cast(AdapterHead, head)
+
+
 def make_adapter(
     *,
     channels: int,
@@ -214,6 +331,7 @@ def make_adapter(
     grid: tuple[int, ...] | None = None,
     prefix_tokens: int = 0,
     own_resolution: bool = False,
+    head: AdapterHead = "linear",
 ) -> nn.Module:
     """Build the dimension adapter q_m for one intermediate point.
 
@@ -229,20 +347,28 @@ def make_adapter(
             (from the graph); ``prefix_tokens`` leading tokens are dropped first.
         prefix_tokens: leading non-grid tokens (cls, registers).
         own_resolution: keep dense logits at the point's resolution (``downsample`` mode).
+        head: ``"linear"`` (one linear map, C*K + K parameters) or ``"conv"`` (mmseg's FCN
+            auxiliary head; see the module).
 
     Returns:
-        A ``ClassificationAdapter`` or ``DenseAdapter`` with C*K + K parameters.
+        A ``ClassificationAdapter`` or ``DenseAdapter`` with C*K + K parameters (``"linear"``),
+        or a ``ConvClassificationAdapter`` or ``ConvDenseAdapter`` (``"conv"``).
 
     Raises:
-        InstrumentError: an unknown layout or head shape, a bad size, a ``spatial`` that does
-            not fit the layout, or token features of a 2-D output without a grid.
+        InstrumentError: an unknown layout, head shape or ``head``, a bad size, a ``spatial`` that
+            does not fit the layout, or token features of a 2-D output without a grid.
 
     Example:
         >>> adapter = make_adapter(channels=64, layout="NCHW", spatial=(8, 8), task="dense",
         ...                        num_classes=10, out_size=(32, 32))
         >>> adapter_parameter_count(adapter)
         650
+        >>> conv = make_adapter(channels=64, layout="NCHW", spatial=(8, 8), task="dense",
+        ...                     num_classes=10, out_size=(32, 32), head="conv")
+        >>> type(conv).__name__, adapter_parameter_count(conv)   # 9*64*64 + 2*64 + 64*10 + 10
+        ('ConvDenseAdapter', 37642)
     """
+    form = check_adapter_head(head)
     if task not in get_args(HeadShape):
         raise InstrumentError(f"unknown adapter head {task!r}; expected one of {list(get_args(HeadShape))}")
     kind = _layout(layout)
@@ -259,7 +385,7 @@ def make_adapter(
                 f"out_size={out_size} / own_resolution was given for a classification adapter; "
                 "they only apply to task='dense'"
             )
-        return ClassificationAdapter(channels, num_classes, kind)
+        return (ClassificationAdapter if form == "linear" else ConvClassificationAdapter)(channels, num_classes, kind)
 
     if kind is Layout.NC:
         raise InstrumentError(
@@ -287,15 +413,17 @@ def make_adapter(
             raise InstrumentError(
                 f"{spatial[0]} tokens do not make {prefix_tokens} prefix tokens plus a grid {grid}"
             )
-    return DenseAdapter(channels, num_classes, kind, out_size, grid=grid, prefix_tokens=prefix_tokens)
+    dense = DenseAdapter if form == "linear" else ConvDenseAdapter
+    return dense(channels, num_classes, kind, out_size, grid=grid, prefix_tokens=prefix_tokens)
 
 
 def adapter_parameters(channels: int, num_classes: int) -> int:
-    """Parameters of the adapter ``make_adapter`` builds for a C-channel point and K outputs.
+    """Parameters of the linear adapter ``make_adapter`` builds for a C-channel point and K outputs.
 
-    Every built-in adapter is one C -> K linear map (a ``Linear`` after pooling, or a
-    1x1 conv) with a bias, whatever the layout and task, so ``inspect`` can report the
-    cost before anything is built.
+    Every linear adapter (``head="linear"``, the default) is one C -> K linear map (a
+    ``Linear`` after pooling, or a 1x1 conv) with a bias, whatever the layout and task, so
+    ``inspect`` can report the cost before anything is built. ``head="conv"`` adapters are
+    counted from the built module (``adapter_parameter_count``, ``Tap.parameters``).
 
     Args:
         channels: C, the point's feature width.
@@ -312,7 +440,7 @@ def adapter_parameters(channels: int, num_classes: int) -> int:
 
 
 def adapter_parameter_count(module: nn.Module) -> int:
-    """Number of trainable scalars in an adapter (C*K + K for every built-in one).
+    """Number of trainable scalars in an adapter (C*K + K for every linear one; buffers are not counted).
 
     Args:
         module: any module, usually from ``make_adapter``.

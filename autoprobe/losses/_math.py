@@ -33,8 +33,23 @@ _TINY = 1e-12
 #             confident predictions at 32 samples x 10 classes, examples/mi_estimators.py) is
 #             subtracted and a spurious association is not rewarded. May be negative; it also
 #             underestimates an informative head's MI (0.52 for a true 1.03 at that size).
-MIEstimator = Literal["image", "pooled", "shuffled"]
-MI_ESTIMATORS: tuple[str, ...] = ("image", "pooled", "shuffled")
+#   region:   Region Mutual Information (RMI; Zhao, Wang, Huang, Li, NeurIPS 2019): per image and
+#             class, 1/2 log det of the conditional covariance of the 3x3 label regions given the
+#             probability regions (``region_mutual_information``), a lower bound's loss, not nats.
+#             Dense 2-D multiclass heads only; class-aligned and region-aware.
+MIEstimator = Literal["image", "pooled", "shuffled", "region"]
+MI_ESTIMATORS: tuple[str, ...] = ("image", "pooled", "shuffled", "region")
+
+# RMI's constants, as the reference (ZJULearning/RMI, losses/rmi/rmi.py) sets them: its training
+# scripts pool with avg-pool (rmi_pool_way=1), kernel = stride = 3, padding 1, then take 3x3 regions.
+RMI_POOL = 3
+RMI_RADIUS = 3
+RMI_POS_ALPHA = 5e-4  # times I, added to Cov(P) before inverting and to M before the Cholesky
+_RMI_CLIP_MIN = 1e-6  # floor of the (masked) probabilities
+_RMI_LOG_FLOOR = 1e-8  # inside the log of the Cholesky diagonal
+# Fewer regions than the region's dimension (9) make every 9x9 covariance singular: the bound then
+# measures the stabilizer, not the head. A head's pooled grid must give at least this many.
+RMI_MIN_REGIONS = RMI_RADIUS * RMI_RADIUS
 
 
 def full_precision(t: Tensor) -> torch.autocast:
@@ -189,6 +204,66 @@ def mutual_information(
         chance = _mi_of_groups(probs, _label_table(labels, weight, num_classes, probs.dtype),
                                weight.sum(dim=1), eps, gather)
         return mi - chance
+
+
+def region_count(size: Sequence[int]) -> int:
+    """How many 3x3 regions RMI forms on a 2-D grid of ``size`` (H, W): (ceil(H/3) - 2) * (ceil(W/3) - 2), or 0.
+
+    Example:
+        >>> region_count((13, 13)), region_count((12, 12)), region_count((6, 64))
+        (9, 4, 0)
+    """
+    pooled = [max(-(-int(s) // RMI_POOL) - (RMI_RADIUS - 1), 0) for s in size]  # avg-pool, padding 1: ceil(s / 3)
+    return pooled[0] * pooled[1] if len(pooled) == 2 else 0
+
+
+def region_mutual_information(logits: Tensor, target: MatchedTarget) -> Tensor:
+    """RMI's loss: the mean over images and classes of 1/2 log det M / 9 (lower: more information).
+
+    For logits (B, K, H, W) and a multiclass target at (H, W): y_c is the one-hot label (the
+    soft target as given) and p_c = softmax(logits)_c, both zeroed at ignored positions (p then
+    floored at 1e-6) and avg-pooled with kernel 3, stride 3, padding 1. Each pooled position
+    whose 3x3 neighbourhood fits becomes a 9-vector; Y and P (9 x n) are those vectors centred
+    over the n regions of one image and class, and, unnormalised as in the reference,
+
+        M = Y Y^T - Y P^T (P P^T + a I)^-1 P Y^T,      loss = 1/2 log det(M + a I) / 9
+
+    with a = 5e-4. The covariances, M and its Cholesky factor are float64: M is a difference of
+    nearly equal sums over thousands of regions when P predicts Y. The reference sums the
+    classes' values (K times this mean); the mean keeps the scale, and so ``alpha``, independent of K.
+    """
+    num_classes = logits.shape[1]
+    weight = cast(Tensor, target.weight)  # label targets always carry a weight
+    with full_precision(logits):
+        probs = F.softmax(_at_least_float32(logits), dim=1)
+        mask = weight.unsqueeze(1).to(probs.dtype)
+        if target.values.is_floating_point():  # soft targets: rows already sum to the weight
+            labels = target.values.to(probs.dtype)
+        else:
+            labels = F.one_hot(target.values, num_classes).movedim(-1, 1).to(probs.dtype) * mask
+        probs = (probs * mask).clamp(_RMI_CLIP_MIN, 1.0)
+        pool = {"kernel_size": RMI_POOL, "stride": RMI_POOL, "padding": RMI_POOL // 2}
+        # Pooled first (1/9 of the positions), then float64: the cast costs little there.
+        y = _region_vectors(F.avg_pool2d(labels, **pool).double())
+        p = _region_vectors(F.avg_pool2d(probs, **pool).double())
+        y = y - y.mean(dim=-1, keepdim=True)
+        p = p - p.mean(dim=-1, keepdim=True)
+        eye = torch.eye(y.shape[-2], dtype=y.dtype, device=y.device)
+        cov_yp = y @ p.mT
+        # (Cov(P) + a I)^-1 Cov(P, Y) by a solve, not an inverse; the _ex forms do not sync to check.
+        solved, _ = torch.linalg.solve_ex(p @ p.mT + RMI_POS_ALPHA * eye, cov_yp.mT)
+        conditional = y @ y.mT - cov_yp @ solved
+        chol, _ = torch.linalg.cholesky_ex(conditional + RMI_POS_ALPHA * eye)
+        # log det A = 2 sum log diag(chol A), so 1/2 log det is the sum of the logs.
+        half_log_det = (chol.diagonal(dim1=-2, dim2=-1) + _RMI_LOG_FLOOR).log().sum(dim=-1)
+        return (half_log_det / (RMI_RADIUS * RMI_RADIUS)).mean().to(probs.dtype)
+
+
+def _region_vectors(maps: Tensor) -> Tensor:
+    """(B, K, H, W) -> (B, K, 9, n): the 3x3 neighbourhood of each of the n positions where it fits."""
+    rows, cols = maps.shape[-2] - (RMI_RADIUS - 1), maps.shape[-1] - (RMI_RADIUS - 1)
+    shifted = [maps[..., dy : dy + rows, dx : dx + cols] for dy in range(RMI_RADIUS) for dx in range(RMI_RADIUS)]
+    return torch.stack(shifted, dim=2).flatten(3)
 
 
 def _label_table(labels: Tensor, weight: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:

@@ -35,13 +35,19 @@ __all__ = [
     "check_regression_loss",
     "check_dks_kind",
     "check_mi_estimator",
+    "check_region_options",
+    "check_region_head",
     "check_gather",
+    "REGION_CE",
 ]
 
 # Positions per example above which NE is estimated on a grid: a 32x32 map is exact, a
 # 112x112 one is sampled with stride 4 (784 positions), 56x56 with stride 2.
 NE_MAX_POSITIONS = 1024
 _CLASS_KINDS = ("multiclass", "binary", "multilabel")
+# The CE half of the region estimator by default: the reference's 0.5 * CE + 0.5 * RMI (see
+# ``MutualInformationLoss``'s ``region_ce``).
+REGION_CE = 0.5
 
 
 def check_regression_loss(value: str) -> RegressionLoss:
@@ -239,6 +245,35 @@ class MutualInformationLoss(_HeadTerm):
     prediction that is *informative* about the label, up to a relabelling of the
     classes. That is the heterogeneous signal iMacHSR wants at intermediate points.
     Range: 0 <= I <= log K (log 2 per label for binary), so the loss is in [-log K, 0].
+
+    ``estimator="region"``: Region Mutual Information (RMI; Zhao, Wang, Huang, Li,
+    NeurIPS 2019), for 2-D dense multiclass logits (B, K, H, W) only. Per image and
+    class, labels y_c and probabilities p_c = softmax(logits)_c, both zeroed at
+    ``ignore_index`` positions and avg-pooled with kernel and stride 3; each pooled
+    position's 3x3 neighbourhood is a 9-vector, giving centred matrices Y and P, and
+
+        M = Cov(Y) - Cov(Y, P) (Cov(P) + a I)^-1 Cov(Y, P)^T,     a = 5e-4
+        RMI = mean over images and classes of 1/2 log det(M + a I) / 9
+
+    (``_math.region_mutual_information``: float64 covariances and Cholesky, the
+    reference's constants). I(Y; P) >= H(Y) - 1/2 log((2 pi e)^9 det M) with H(Y)
+    fixed by the labels, so lowering RMI raises a lower bound on the MI of the regions;
+    it is class-aligned (class c's probabilities against class c's labels) but, like any
+    MI, blind to an invertible linear map of P (p_c = 1 - y_c scores as well as p_c = y_c).
+    The value is not in nats and has no fixed range (IMacHSR logs it as ``"rmi/<point>"``).
+    The term is ``(1 - region_ce) * RMI + region_ce * CE``, CE the plain cross entropy of
+    the same logits.
+
+    ``region_ce`` defaults to 0.5, the reference's pairing (``loss_weight_lambda=0.5``,
+    ``lambda_way=1``: 0.5 * BCE + 0.5 * RMI; here CE, the softmax counterpart): every
+    published RMI result trains with it, and the CE half is what asks the head to *name*
+    the classes, which the bound alone does not. ``region_ce=0`` is the bound alone, the
+    purely heterogeneous reading.
+
+    RMI needs regions to estimate 9 x 9 covariances: a head compared at a grid with fewer
+    than 9 regions (under 13 x 13; a 2x2 or 4x4 map has none) is refused with an
+    ``InstrumentError`` rather than skipped, so a point that is listed as supervised is
+    supervised (``check_region_head``; ``instrument`` and ``IMacHSR`` name the point).
     For classification the estimate comes from one batch, so it is only informative
     when the batch is large next to K. The target is resized to the logits' size
     (``targets.TargetMatcher``) when they differ. iMacHSR's MI term is this module.
@@ -250,11 +285,17 @@ class MutualInformationLoss(_HeadTerm):
         estimator: how the MI of multiclass labels is estimated: ``"image"`` (above),
             ``"pooled"`` or ``"shuffled"`` (``IMacHSR``'s ``mi_estimator``).
         gather: sum the joint tables over the ranks of the default process group first
-            (``IMacHSR``'s ``gather_mi``).
+            (``IMacHSR``'s ``gather_mi``); per-image estimators, ``"region"`` among them,
+            need nothing from other ranks.
+        region_ce: weight in [0, 1] of the CE half of ``estimator="region"``; ``None``
+            for its default, 0.5 (``REGION_CE``). Only with ``"region"``.
 
     Raises:
-        InstrumentError: a bad ``eps``, ``ignore_index``, kind (regression) or estimator.
-        UsageError: ``gather`` that is not a bool.
+        InstrumentError: a bad ``eps``, ``ignore_index``, kind (regression; anything but
+            multiclass for ``"region"``) or estimator; with ``"region"``, logits that are not
+            (B, K, H, W) or a grid with fewer than 9 regions (at ``forward``).
+        UsageError: ``gather`` that is not a bool; ``region_ce`` out of [0, 1] or given
+            without ``estimator="region"``.
 
     Example:
         >>> import torch
@@ -262,6 +303,11 @@ class MutualInformationLoss(_HeadTerm):
         >>> labels = torch.tensor([0, 1, 0, 1])
         >>> round(loss(50.0 * torch.nn.functional.one_hot(labels, 2).float(), labels).item(), 4)  # -log 2
         -0.6931
+        >>> rmi = MutualInformationLoss(estimator="region", region_ce=0.0)
+        >>> mask = (torch.rand(2, 24, 24) > 0.5).long()
+        >>> right = 8.0 * torch.nn.functional.one_hot(mask, 2).movedim(-1, 1).float()
+        >>> bool(rmi(right, mask) < rmi(torch.randn(2, 2, 24, 24), mask))   # informative: lower
+        True
     """
 
     def __init__(
@@ -272,6 +318,7 @@ class MutualInformationLoss(_HeadTerm):
         *,
         estimator: _math.MIEstimator = "image",
         gather: bool = False,
+        region_ce: float | None = None,
     ) -> None:
         super().__init__()
         self.eps = check_positive_float("eps", eps)
@@ -284,14 +331,22 @@ class MutualInformationLoss(_HeadTerm):
         self.target_kind = target_kind
         self.estimator = check_mi_estimator(estimator)
         self.gather = check_gather("gather", gather)
+        self.region_ce = check_region_options(self.estimator, target_kind, region_ce)
 
     def forward_matched(self, logits: Tensor, target: MatchedTarget) -> Tensor:
-        """-I, in [-log K, 0] (see ``_HeadTerm.forward_matched``)."""
-        return _math.heterogeneous(self.target_kind, logits, target, self.eps, self.estimator, self.gather)
+        """-I, in [-log K, 0]; for ``"region"``, (1 - region_ce) * RMI + region_ce * CE (see ``_HeadTerm.forward_matched``)."""
+        if self.estimator != "region":
+            return _math.heterogeneous(self.target_kind, logits, target, self.eps, self.estimator, self.gather)
+        check_region_head(tuple(logits.shape), "logits")
+        rmi = _math.region_mutual_information(logits, target)
+        if not self.region_ce:
+            return rmi
+        return (1.0 - self.region_ce) * rmi + self.region_ce * _math.cross_entropy(logits, target)
 
     def extra_repr(self) -> str:
         text = f"eps={self.eps}, ignore_index={self.ignore_index}, target_kind={self.target_kind!r}"
         text += "" if self.estimator == "image" else f", estimator={self.estimator!r}"
+        text += f", region_ce={self.region_ce}" if self.estimator == "region" else ""
         return text + (", gather=True" if self.gather else "")
 
 
@@ -578,7 +633,7 @@ def check_dks_kind(target_kind: str) -> TargetKind:
 
 
 def check_mi_estimator(value: str) -> _math.MIEstimator:
-    """``value`` if it names an MI estimator (``"image"``, ``"pooled"``, ``"shuffled"``), else an ``InstrumentError``.
+    """``value`` if it names an MI estimator (``"image"``, ``"pooled"``, ``"shuffled"``, ``"region"``), else an ``InstrumentError``.
 
     Args:
         value: ``IMacHSR``'s ``mi_estimator``.
@@ -596,6 +651,84 @@ def check_mi_estimator(value: str) -> _math.MIEstimator:
             "Hint: 'image' is the paper's image-wise MI."
         )
     return value  # type: ignore[return-value]
+
+
+def check_region_options(estimator: str, target_kind: str, region_ce: float | None) -> float:
+    """The CE weight of ``estimator="region"``, checked with the target kind; 0.0 for the other estimators.
+
+    Args:
+        estimator: the MI estimator (checked already).
+        target_kind: the objective's target kind.
+        region_ce: the CE half's weight in [0, 1], or ``None`` for ``REGION_CE`` (0.5).
+
+    Returns:
+        The weight to use: ``region_ce``, ``REGION_CE`` for ``None`` with ``"region"``, 0.0 otherwise.
+
+    Raises:
+        InstrumentError: ``"region"`` with a target kind other than multiclass.
+        UsageError: ``region_ce`` out of [0, 1], or given with another estimator.
+
+    Example:
+        >>> check_region_options("region", "multiclass", None), check_region_options("image", "binary", None)
+        (0.5, 0.0)
+    """
+    if estimator != "region":
+        if region_ce is not None:
+            raise UsageError(
+                f"region_ce weighs the CE half of mi_estimator='region'; mi_estimator is {estimator!r}. "
+                "Hint: leave region_ce out, or pass mi_estimator='region'."
+            )
+        return 0.0
+    if target_kind != "multiclass":
+        instead = "loss='dsn' or mi_estimator='image' (the Bernoulli MI)" if target_kind in _CLASS_KINDS else (
+            "mi_estimator='image' (IMacHSR's regression term is 1 - Pearson r) or loss='dsn'"
+        )
+        raise InstrumentError(
+            f"mi_estimator='region' (RMI) is defined for multiclass segmentation labels; target_kind is "
+            f"{target_kind!r}. Hint: for {target_kind} targets use {instead}."
+        )
+    if region_ce is None:
+        return REGION_CE
+    if isinstance(region_ce, bool) or not isinstance(region_ce, (int, float)) or not 0.0 <= region_ce <= 1.0:
+        raise UsageError(
+            f"region_ce must be a number in [0, 1]; got {region_ce!r}. "
+            f"Hint: {REGION_CE} is the reference's 0.5 * CE + 0.5 * RMI; 0 is the bound alone."
+        )
+    return float(region_ce)
+
+
+def check_region_head(shape: tuple[int, ...], what: str) -> None:
+    """Refuse a head RMI cannot be estimated on: logits that are not (B, K, H, W), or fewer than 9 regions.
+
+    Args:
+        shape: the head's logits shape at the size it is compared at.
+        what: how the message names the head (``"head of point 'layer1'"``).
+
+    Raises:
+        InstrumentError: naming ``what``, its shape or grid and the region count, with a hint.
+
+    Example:
+        >>> check_region_head((2, 3, 13, 13), "logits")   # 5x5 pooled positions: 9 regions
+        >>> check_region_head((2, 3, 12, 12), "logits")
+        Traceback (most recent call last):
+        ...
+        autoprobe.errors.InstrumentError: mi_estimator='region' (RMI) needs at least 9 3x3 regions ...
+    """
+    if len(shape) != 4:
+        raise InstrumentError(
+            f"mi_estimator='region' (RMI) needs 2-D dense logits (B, K, H, W); the {what} has shape {shape}. "
+            "Hint: RMI is a loss for 2-D segmentation; for classification or 1-D/3-D outputs use "
+            "mi_estimator='image' (or loss='dsn')."
+        )
+    regions = _math.region_count(shape[2:])
+    if regions < _math.RMI_MIN_REGIONS:
+        raise InstrumentError(
+            f"mi_estimator='region' (RMI) needs at least {_math.RMI_MIN_REGIONS} 3x3 regions of the stride-3 "
+            f"pooled grid (a grid of at least 13x13) to estimate its 9x9 covariances; the {what} is compared at "
+            f"{shape[2]}x{shape[3]}, which gives {regions}. Hint: keep label_resolution='upsample' (heads at the "
+            "output's resolution, compared at the target's), choose points with larger maps, or use "
+            "mi_estimator='image'."
+        )
 
 
 def check_gather(name: str, value: bool) -> bool:
