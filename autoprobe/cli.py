@@ -14,9 +14,10 @@ so ``autoprobe --help`` and ``autoprobe rules`` start instantly.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,7 +27,10 @@ from .sizes import parse_input_size, reword_size_error
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
 
+    from .api import Analysis
+    from .graph import LayerGraph
     from .kwargs import Kwargs
+    from .trace import TraceOptions
 
 __all__ = ["main"]
 
@@ -179,6 +183,11 @@ def _progress(total: int, verb: str) -> tuple[Progress, TaskID]:
     return progress, progress.add_task(verb, total=total, last="")
 
 
+def _plural(count: int, noun: str) -> str:
+    """``1 model``, ``2 models``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _indent(text: str, prefix: str = "    ") -> str:
     return "\n".join(prefix + line for line in text.splitlines())
 
@@ -218,10 +227,10 @@ def _lock(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     total, failed = len(plan.jobs), run.failed
     if run.written:
-        print(f"wrote {run.path}: {len(run.entries)} of {total} models in {seconds:.1f} s")
+        print(f"wrote {run.path}: {len(run.entries)} of {_plural(total, 'model')} in {seconds:.1f} s")
     if not failed:
         return 0
-    print(f"\n{len(failed)} of {total} models failed and are not in the lock{'' if run.written else ' (nothing written)'}:")
+    print(f"\n{len(failed)} of {_plural(total, 'model')} failed and are not in the lock{'' if run.written else ' (nothing written)'}:")
     for outcome in failed:
         print(f"  - {outcome.key}: {outcome.error.splitlines()[0]}")
     print("Hint: fix or drop those models (an untraceable one may need `--leaf MODULE_PATH`), then run `autoprobe lock` again.")
@@ -276,7 +285,7 @@ def _check(args: argparse.Namespace) -> int:
     changed = sum(1 for r in result.reports if r.changes and not r.error)
     errors = sum(1 for r in result.reports if r.error)
     print(
-        f"checked {total} models in {path} in {seconds:.1f} s: {total - changed - errors} unchanged, "
+        f"checked {_plural(total, 'model')} in {path} in {seconds:.1f} s: {total - changed - errors} unchanged, "
         f"{changed} changed, {errors} failed" + (f", {len(result.stale)} stale" if result.stale else "")
     )
     if args.update:
@@ -284,7 +293,7 @@ def _check(args: argparse.Namespace) -> int:
             print(f"{path} is up to date")
         else:
             save_lock(path, result.updated)
-            print(f"updated {path}" + (f" (kept the old entry of {errors} model(s) that failed)" if errors else ""))
+            print(f"updated {path}" + (f" (kept the old entry of {_plural(errors, 'model')} that failed)" if errors else ""))
         return 1 if errors or result.stale else 0
     if result.failed or result.stale:
         print(f"Hint: if the change is intended, run `autoprobe check {path} --update` (or `autoprobe lock`) and commit the lockfile.")
@@ -292,19 +301,14 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _inspect(args: argparse.Namespace) -> int:
+def _analyze(args: argparse.Namespace, size: tuple[int, ...] | None, options: TraceOptions,
+             model_args: Kwargs) -> Analysis:
+    """``analyze`` of ``inspect``'s model, its hints reworded for a command-line user (a flag, not a keyword)."""
     from .api import analyze
-    from .report import render_svg, render_table, selection_to_dict, to_json
 
-    from .trace import TraceOptions
-
-    model_args, forward = _model_args(args), _kwargs(args.forward_arg, "--forward-arg")
-    options = TraceOptions(mode=args.mode, leaf_paths=tuple(args.leaf), input_name=_input_name(args.input_name),
-                           forward_kwargs=forward.to_dict(), allow_real_data=args.allow_real_data)
-    size = _input_size(args.input_size)
     try:
-        analysis = analyze(args.model, input_size=size, rules=args.rules, points=_points(args.points), options=options,
-                           model_args=model_args)
+        return analyze(args.model, input_size=size, rules=args.rules, points=_points(args.points), options=options,
+                       model_args=model_args)
     except RealDataNeeded as exc:
         # The API's hint names its keyword; a CLI user gets the flags that do the same.
         raise RealDataNeeded(
@@ -318,6 +322,19 @@ def _inspect(args: argparse.Namespace) -> int:
             raise
         # The API's message names its keyword (input_size=(3, 100, 100)); a CLI user typed the flag.
         raise reword_size_error(exc, "--input-size") from exc
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .report import render_svg, render_table, selection_to_dict, to_json
+    from .trace import TraceOptions
+
+    model_args, forward = _model_args(args), _kwargs(args.forward_arg, "--forward-arg")
+    options = TraceOptions(mode=args.mode, leaf_paths=tuple(args.leaf), input_name=_input_name(args.input_name),
+                           forward_kwargs=forward.to_dict(), allow_real_data=args.allow_real_data)
+    size = _input_size(args.input_size)
+    with _model_arg_warnings():
+        analysis = _analyze(args, size, options, model_args)
+        _check_width(args.model, model_args.to_dict().get("num_classes"), analysis.graph)
     if args.graph:
         path = Path(args.graph)
         try:
@@ -345,6 +362,50 @@ def _inspect(args: argparse.Namespace) -> int:
         if args.html:
             console.print(f"HTML view written to {args.html}")
     return 0
+
+
+@contextlib.contextmanager
+def _model_arg_warnings() -> Iterator[None]:
+    """Print each ``ModelArgWarning`` (an argument a factory may ignore) as one ``autoprobe: warning:`` line.
+
+    They are printed once the block succeeds; every other warning raised meanwhile is shown as
+    Python would show it.
+    """
+    import warnings
+
+    from .models import ModelArgWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ModelArgWarning)
+        yield  # on an error, its one message is all the user sees (exit 2)
+    for w in caught:
+        if issubclass(w.category, ModelArgWarning):
+            print(f"autoprobe: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+
+def _check_width(spec: str, asked: int | None, graph: LayerGraph) -> None:
+    """Refuse a model whose output is not the ``--num-classes`` asked for: its builder ignored the width.
+
+    A builder that takes its width under another name (smp's ``classes``) and swallows ``num_classes``
+    in ``**kwargs`` would otherwise be previewed at its default width, with exit code 0.
+    """
+    from .models import width_parameters
+    from .report import output_classes
+
+    built = output_classes(graph)
+    if asked is None or built is None or built == asked:
+        return
+    own = [n for n in width_parameters(spec) if n != "num_classes"]
+    if own:
+        instead = f"its builder takes the width as `{own[0]}`: pass `--model-arg {own[0]}={asked}` instead of --num-classes"
+    else:
+        instead = "pass the width with the builder's own parameter, `--model-arg NAME=" + f"{asked}`"
+    raise OptionError(
+        f"--num-classes {asked}: {spec} was built with an output of K={built}, so the builder did not use "
+        f"num_classes={asked}.\nHint: {instead}."
+    )
 
 
 def _rules(args: argparse.Namespace) -> int:

@@ -10,15 +10,16 @@ evaluation log (``eval_ce``, ...), in ``trainer.state.log_history`` and in the `
 callbacks after it receive.
 
 Saving. The plain ``Trainer`` saves a model that is not a ``PreTrainedModel`` as its bare
-state_dict: ``trainer.save_model(dir)`` writes the Probed's (``model.`` and
-``autoprobe_adapters.`` keys) and no ``config.json``, and transformers 5's ``from_pretrained(dir)``
-then builds a *default* config and random weights, with only a load report. Nothing a callback
-sees runs in ``save_model``, so use ``AutoprobeTrainer``: its ``save_model(dir)`` writes the
-plain model with its own ``save_pretrained`` (so ``from_pretrained(dir)`` gives it back, trained)
-and the adapters beside it in ``autoprobe_adapters.safetensors``, and it resumes from such
-folders. With the plain ``Trainer``, save with ``trainer.model.save_pretrained(dir)``
-(``Probed.save_pretrained`` is the plain model's), or read the weights of a folder it wrote with
-``autoprobe.plain_state_dict(dir)``.
+state_dict: it would write the Probed's (``model.`` and ``autoprobe_adapters.`` keys) and no
+``config.json``, and transformers 5's ``from_pretrained(dir)`` would then build a *default* config
+and random weights, with only a load report. So the plain ``trainer.save_model(dir)`` of a Hugging
+Face model's Probed raises a ``UsageError`` (``refuse_stock_save_model``; the only call of ours it
+makes is ``Probed.state_dict``). Use ``AutoprobeTrainer``: its ``save_model(dir)`` writes the plain
+model with its own ``save_pretrained`` (so ``from_pretrained(dir)`` gives it back, trained) and the
+adapters beside it in ``autoprobe_adapters.safetensors``, and it resumes from such folders. With
+the plain ``Trainer``, save with ``trainer.model.save_pretrained(dir)`` (``Probed.save_pretrained``
+is the plain model's); its checkpoints, which it resumes from itself, are written as before, and
+``autoprobe.plain_state_dict(checkpoint)`` reads the plain model's weights out of them.
 
 Example:
     >>> import torch, autoprobe
@@ -36,6 +37,7 @@ Example:
 from __future__ import annotations
 
 import os
+from types import FrameType
 from typing import Any
 
 from safetensors.torch import load_file, save_file
@@ -46,7 +48,7 @@ from .errors import UsageError
 from .probed import Probed, ProbedLossOutput
 from .taps import ADAPTERS, MODEL
 
-__all__ = ["AutoprobeCallback", "AutoprobeTrainer", "ADAPTERS_FILE"]
+__all__ = ["AutoprobeCallback", "AutoprobeTrainer", "ADAPTERS_FILE", "refuse_stock_save_model"]
 
 ADAPTERS_FILE = "autoprobe_adapters.safetensors"
 """The file ``AutoprobeTrainer`` writes the adapters' weights to, beside the plain model's."""
@@ -139,6 +141,41 @@ class AutoprobeCallback(TrainerCallback):
     def close(self) -> None:
         """Remove the forward hook from the Probed."""
         self._handle.remove()
+
+
+def refuse_stock_save_model(probed: Probed, caller: FrameType | None) -> None:
+    """Refuse the stock ``Trainer.save_model(dir)`` of a Hugging Face model's Probed, which would lose it.
+
+    ``Trainer._save`` saves a model that is not a ``PreTrainedModel`` as its bare state_dict and no
+    ``config.json``; ``from_pretrained`` then builds a default config with random weights and only a
+    load report. ``Probed.state_dict`` calls this with its caller's frame: the refusal fires only when
+    that is the stock ``Trainer._save`` (not overridden, as ``AutoprobeTrainer`` does) called by
+    ``save_model`` from user code (``_internal_call`` false). The Trainer's checkpoints, which it
+    resumes from itself, are left alone, and so is a Probed of a plain PyTorch model.
+
+    Args:
+        probed: the Probed whose ``state_dict`` is asked for.
+        caller: the frame that called ``state_dict``.
+
+    Raises:
+        UsageError: it is that save.
+    """
+    if caller is None or caller.f_code is not Trainer._save.__code__:
+        return
+    up = caller.f_back
+    if up is None or up.f_code is not Trainer.save_model.__code__ or up.f_locals.get("_internal_call", True):
+        return
+    model = probed.strip()
+    if not callable(getattr(model, "save_pretrained", None)):
+        return  # a plain PyTorch model: its state_dict is what there is to save
+    folder, cls = caller.f_locals.get("output_dir"), type(model).__name__
+    raise UsageError(
+        f"transformers.Trainer.save_model({folder!r}) would save this Probed's own state_dict (`model.` and "
+        f"`{ADAPTERS}.` keys) and no config.json, so `{cls}.from_pretrained(...)` of that folder would build a default "
+        "config with random weights: the trained model would be lost.\nHint: train with `autoprobe.AutoprobeTrainer` "
+        "(the Trainer's arguments; its save_model writes the plain model with its config, and the adapters beside "
+        "it), or save with `trainer.model.save_pretrained(dir)`."
+    )
 
 
 class AutoprobeTrainer(Trainer):

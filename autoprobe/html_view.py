@@ -366,7 +366,9 @@ main{display:flex;gap:16px;padding:12px 16px;align-items:flex-start}
 #tree{flex:1 1 60%;min-width:0}
 #record{flex:0 0 38%;position:sticky;top:52px;background:#fff;border:1px solid #ddd;border-radius:6px;padding:10px 14px;
 max-height:calc(100vh - 80px);overflow:auto}
-#record table{border-collapse:collapse;width:100%}#record td{padding:2px 6px;vertical-align:top;border-bottom:1px solid #eee}
+#record table{border-collapse:collapse;width:100%;table-layout:fixed}
+#record td{padding:2px 6px;vertical-align:top;border-bottom:1px solid #eee;overflow-wrap:anywhere}
+#record h2{overflow-wrap:anywhere}#record td:first-child{width:8.5em}
 #record td:first-child{color:#666;white-space:nowrap}.hint{color:#777}
 details.group{margin:2px 0 2px 0;border-left:3px solid #cfd8dc;background:#fff}
 details.group>summary{cursor:pointer;padding:3px 6px;list-style-position:inside}
@@ -457,7 +459,7 @@ _JS = """
       if (self) { d.classList.add("match"); }
     });
     if (!q) { setAll(false); }
-    count.textContent = q ? hits + " layer" + (hits === 1 ? "" : "s") + " match" : "";
+    count.textContent = q ? (hits === 1 ? "1 layer matches" : hits + " layers match") : "";
   }
   search.addEventListener("input", filter);
   search.addEventListener("keydown", function (ev) {

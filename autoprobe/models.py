@@ -25,17 +25,29 @@ moved to meta. Like ``torch.device("meta")``, the mode is thread-local and lives
 while the factory runs: nothing about ``nn.Module`` is patched, and another thread
 building a model meanwhile is unaffected. ``instrument`` builds specs on the CPU with
 fresh weights instead.
+
+While a builder runs, the network is closed (``offline``): a connection or a name lookup to
+another host raises at once, so a factory that would download (smp without
+``encoder_weights=None``) fails in milliseconds, not after half a minute of retries, with a
+``ModelSpecError`` that names the offline argument to pass. A ``package.module:factory`` that
+only reaches a keyword argument through its ``**kwargs`` (smp's ``classes``, misspelt
+``clases``) gets a ``ModelArgWarning``, since such a factory may ignore it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
+import inspect
 import math
 import os
 import re
+import socket
 import sys
-from collections.abc import Callable, Mapping
+import threading
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -47,7 +59,7 @@ from .errors import ModelSpecError, UsageError
 from .kwargs import Kwargs
 from .meta import needs_values
 
-__all__ = ["ResolvedModel", "resolve_model", "DEFAULT_INPUT_SIZE"]
+__all__ = ["ResolvedModel", "resolve_model", "DEFAULT_INPUT_SIZE", "ModelArgWarning", "offline", "width_parameters"]
 
 DEFAULT_INPUT_SIZE = (3, 224, 224)
 
@@ -114,7 +126,223 @@ def _requested_numel(name: str, args: tuple, kwargs: dict) -> int | None:
         return None
 
 
-def _build(factory: Callable[[], nn.Module], device: Device) -> nn.Module:
+class ModelArgWarning(UserWarning):
+    """A model argument that is no named parameter of its factory and only reaches its ``**kwargs``.
+
+    Such a factory may ignore the argument (smp's ``**kwargs`` swallows ``num_classes``), so the
+    model would be built without it, silently; the CLI prints it as ``autoprobe: warning: ...``.
+    """
+
+
+class NetworkBlocked(Exception):
+    """What a connection or a name lookup to another host raises while ``offline`` is active.
+
+    Deliberately no ``OSError``: HTTP clients retry connection errors with back-off (huggingface_hub
+    waits 1 + 2 + 4 + 8 + 16 s before it gives up), while any other exception passes through them at
+    once, so the build fails in milliseconds.
+    """
+
+
+_offline_lock = threading.Lock()
+_offline_depth = 0
+_MISSING = object()
+_saved: dict[str, Any] = {}
+
+
+def _address(host: Any) -> Any:
+    """The IP address a host string spells, or ``None`` for a name."""
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(str(host).split("%", 1)[0])
+    except ValueError:
+        return None
+
+
+def _is_local(host: Any) -> bool:
+    """Whether a host (name, address, or an AF_UNIX path) is this machine: those stay allowed."""
+    if host is None or isinstance(host, (bytes, bytearray)) or host in ("", "localhost"):
+        return True
+    address = _address(host)
+    return address is not None and address.is_loopback
+
+
+def _blocked_connect(name: str) -> Callable[[socket.socket, Any], Any]:
+    """``socket.socket.connect`` (or ``connect_ex``) refusing every host but this machine."""
+
+    def connect(sock: socket.socket, address: Any) -> Any:
+        if isinstance(address, tuple) and not _is_local(address[0]):
+            raise NetworkBlocked(f"a connection to {address[0]}:{address[1]}")
+        return _saved[name](sock, address)
+
+    return connect
+
+
+def _blocked_getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+    # An address needs no lookup: its connect is what is refused, and says where it went.
+    if not _is_local(host) and _address(host) is None:
+        raise NetworkBlocked(f"a name lookup of {host}")
+    return _saved["getaddrinfo"](host, *args, **kwargs)
+
+
+_BLOCKED = {"connect": (socket.socket, _blocked_connect("connect")),
+            "connect_ex": (socket.socket, _blocked_connect("connect_ex")), "getaddrinfo": (socket, _blocked_getaddrinfo)}
+
+
+@contextlib.contextmanager
+def offline() -> Iterator[None]:
+    """Close the network while the block runs: connecting to or looking up another host raises ``NetworkBlocked``.
+
+    Scoped, never permanent: ``socket.socket.connect``, ``connect_ex`` and ``socket.getaddrinfo`` are
+    replaced on entry and put back exactly as they were in ``finally`` (nested and concurrent uses
+    count, and the last to leave restores). Loopback and AF_UNIX connections stay allowed. While it is
+    active the whole process is offline, other threads included: builders run in a few seconds.
+
+    Example:
+        >>> import socket
+        >>> connect = socket.socket.connect
+        >>> with offline():
+        ...     try:
+        ...         socket.create_connection(("example.org", 80), timeout=30)
+        ...     except NetworkBlocked as blocked:
+        ...         print(blocked)
+        a name lookup of example.org
+        >>> socket.socket.connect is connect
+        True
+    """
+    global _offline_depth
+    with _offline_lock:
+        if _offline_depth == 0:
+            for name, (owner, blocked) in _BLOCKED.items():
+                _saved[name] = getattr(owner, name)
+                _saved[f"own:{name}"] = vars(owner).get(name, _MISSING)
+                setattr(owner, name, blocked)
+        _offline_depth += 1
+    try:
+        yield
+    finally:
+        with _offline_lock:
+            _offline_depth -= 1
+            if _offline_depth == 0:
+                for name, (owner, _) in _BLOCKED.items():
+                    own = _saved.pop(f"own:{name}")
+                    # connect is inherited from _socket.socket: delete the override rather than pin a copy.
+                    if own is _MISSING:
+                        delattr(owner, name)
+                    else:
+                        setattr(owner, name, own)
+                _saved.clear()
+
+
+def _network_attempt(exc: BaseException | None) -> NetworkBlocked | None:
+    """The ``NetworkBlocked`` an exception was caused by, however the builder wrapped it."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, NetworkBlocked):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _offline_arguments(builder: Callable[..., Any] | None) -> list[str]:
+    """The builder's own download switches (``encoder_weights``, ``weights_backbone``, ``pretrained``) set to off."""
+    off = []
+    for name, parameter in _parameters(builder).items():
+        if re.search(r"weights|pretrained", name) and parameter.default not in (None, False, inspect.Parameter.empty):
+            off.append(f"{name}={False if isinstance(parameter.default, bool) else None}")
+    return off
+
+
+def _download_refused(label: str, builder: Callable[..., Any] | None, blocked: NetworkBlocked) -> ModelSpecError:
+    off = _offline_arguments(builder)
+    if off:
+        flags = " ".join(f"--model-arg {a}" for a in off)
+        python = ", ".join(f"{a.split('=')[0]!r}: {a.split('=')[1]}" for a in off)
+        hint = f"pass its offline argument: `{flags}` (Python: model_args={{{python}}})."
+    else:
+        hint = ("pass the builder's argument that turns its download off (often `--model-arg weights=None`, "
+                "`encoder_weights=None` or `pretrained=False`).")
+    return ModelSpecError(f"building {label} tried to download ({blocked}), and {_OFFLINE}.\nHint: {hint}")
+
+
+def _parameters(builder: Callable[..., Any] | None) -> Mapping[str, inspect.Parameter]:
+    """The builder's signature's parameters; empty when it has none to read (a C function)."""
+    if builder is None:
+        return {}
+    try:
+        return inspect.signature(builder).parameters
+    except (TypeError, ValueError):
+        return {}
+
+
+def _named(parameters: Mapping[str, inspect.Parameter]) -> list[str]:
+    return [n for n, p in parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def _warn_swallowed(spec: str, builder: Callable[..., Any], kwargs: Mapping[str, Any]) -> None:
+    """Warn for each keyword that is no named parameter of the builder and only reaches its ``**kwargs``."""
+    parameters = _parameters(builder)
+    var = next((n for n, p in parameters.items() if p.kind is p.VAR_KEYWORD), None)
+    if var is None:
+        return  # without **kwargs, an unknown keyword is the builder's own TypeError
+    named = _named(parameters)
+    for key, value in kwargs.items():
+        if key not in named:
+            warnings.warn(
+                f"model argument {key}={value!r} is not a parameter of {spec}: it only reaches its **{var}, which may "
+                f"ignore it.{_suggest(key, named)}\nHint: check the name against its parameters ({', '.join(named)}).",
+                ModelArgWarning, stacklevel=5,
+            )
+
+
+def width_parameters(spec: str) -> tuple[str, ...]:
+    """The builder parameters of a spec that set its output width: ``num_classes``, or a factory's own name.
+
+    Args:
+        spec: a model spec, as ``resolve_model`` takes it.
+
+    Returns:
+        ``("num_classes",)`` for timm and torchvision; for ``package.module:factory``, the named
+        parameters about classes or labels (smp's ``classes``), else ``out_channels``; empty when
+        none can be read.
+
+    Example:
+        >>> width_parameters("segmentation_models_pytorch:FPN"), width_parameters("resnet18")
+        (('classes',), ('num_classes',))
+    """
+    if ":" not in spec or spec.startswith("tv:"):
+        return ("num_classes",)
+    try:
+        named = _named(_parameters(_factory(spec)))
+    except ModelSpecError:
+        return ()
+    found = tuple(n for n in named if re.search(r"class|label", n))
+    return found or tuple(n for n in named if n == "out_channels")
+
+
+def _build(
+    factory: Callable[[], nn.Module], device: Device, label: str, builder: Callable[..., Any] | None = None
+) -> nn.Module:
+    """Call the factory offline with its weights on ``device``; a download attempt is a ``ModelSpecError``.
+
+    Args:
+        factory: builds the model with its arguments bound.
+        device: ``"meta"`` or ``"cpu"``.
+        label: the spec, for messages.
+        builder: the callable ``factory`` calls, whose parameters name the offline argument.
+    """
+    try:
+        with offline():
+            return _build_on(factory, device)
+    except Exception as exc:
+        blocked = _network_attempt(exc)
+        if blocked is None:
+            raise
+        raise _download_refused(label, builder, blocked) from exc
+
+
+def _build_on(factory: Callable[[], nn.Module], device: Device) -> nn.Module:
     """Call the factory with its weights on ``device``, without allocating them for meta."""
     if device == "cpu":
         return factory()
@@ -209,7 +437,7 @@ def _timm(name: str, num_classes: int | None, model_args: Kwargs, device: Device
     kwargs = _call_kwargs(name, num_classes, model_args, {"pretrained": False})
     kwargs["pretrained"] = False
     try:
-        model = _build(lambda: timm.create_model(name, **kwargs), device)
+        model = _build(lambda: timm.create_model(name, **kwargs), device, name)
     except TypeError as exc:
         if not model_args:
             raise
@@ -231,11 +459,14 @@ def _torchvision(name: str, num_classes: int | None, model_args: Kwargs, device:
             "Hint: `torchvision.models.list_models()` lists them; write it as `tv:NAME`."
         )
     segmentation = name in tvm.list_models(module=tvm.segmentation)
-    refused: dict[str, object] = {"weights": None, **({"weights_backbone": None} if segmentation else {})}
+    builder = tvm.get_model_builder(name)
+    # Segmentation and detection builders download an ImageNet backbone by default (weights_backbone).
+    backbone = "weights_backbone" in _parameters(builder)
+    refused: dict[str, object] = {"weights": None, **({"weights_backbone": None} if backbone else {})}
     kwargs: dict[str, Any] = {**refused, **({"aux_loss": False} if segmentation else {})}
     kwargs.update(_call_kwargs(f"tv:{name}", num_classes, model_args, refused))
     try:
-        model = _build(lambda: tvm.get_model(name, **kwargs), device)
+        model = _build(lambda: builder(**kwargs), device, f"tv:{name}", builder)
     except TypeError as exc:
         if not model_args:
             raise
@@ -249,7 +480,8 @@ def _torchvision(name: str, num_classes: int | None, model_args: Kwargs, device:
     return ResolvedModel(model, f"tv:{name}", size)
 
 
-def _callable(spec: str, num_classes: int | None, model_args: Kwargs, device: Device) -> ResolvedModel:
+def _factory(spec: str) -> Callable[..., Any]:
+    """The callable a ``package.module:factory`` spec names, imported."""
     module_name, _, attr = spec.partition(":")
     # Like uvicorn and gunicorn: a user's own module in the working directory must resolve
     # even when autoprobe runs as a console script (whose sys.path lacks the cwd). The entry is
@@ -277,9 +509,17 @@ def _callable(spec: str, num_classes: int | None, model_args: Kwargs, device: De
         factory = getattr(factory, part)
     if not callable(factory):
         raise ModelSpecError(f"{spec!r} is not callable. Hint: point to a function or class returning an nn.Module.")
+    return factory
+
+
+def _callable(spec: str, num_classes: int | None, model_args: Kwargs, device: Device) -> ResolvedModel:
+    factory = _factory(spec)
     kwargs = _call_kwargs(spec, num_classes, model_args, {})
+    _warn_swallowed(spec, factory, kwargs)
     try:
-        model = _build(lambda: factory(**kwargs), device)
+        model = _build(lambda: factory(**kwargs), device, spec, factory)
+    except ModelSpecError:
+        raise  # a download attempt, already worded
     except Exception as exc:  # the factory is the user's code; report whatever it raised
         shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
         raise ModelSpecError(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -357,6 +358,25 @@ class Probed(nn.Module):
         if not hasattr(model, "config"):
             raise AttributeError(f"{type(model).__name__} has no config; it is not a Hugging Face model")
         return model.config
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        """``model.<key>`` and ``autoprobe_adapters.<point>.<param>``, as ``nn.Module`` makes them.
+
+        One caller is refused: the stock ``transformers.Trainer.save_model(dir)`` of a Hugging Face
+        model's Probed. It would save these keys with no ``config.json``, and ``from_pretrained(dir)``
+        would quietly build a default config with random weights; it raises a ``UsageError`` that
+        names ``AutoprobeTrainer`` and ``save_pretrained`` instead (``autoprobe.hf``). The Trainer's
+        own checkpoints (resumable by it) and every other caller get the state_dict as usual.
+
+        Raises:
+            UsageError: called by the stock ``Trainer.save_model`` for a Hugging Face model.
+        """
+        # Only the top-level call of the stock Trainer can be that save; transformers is then imported.
+        if not args and not kwargs and "transformers.trainer" in sys.modules:
+            from .hf import refuse_stock_save_model
+
+            refuse_stock_save_model(self, sys._getframe(1))
+        return super().state_dict(*args, **kwargs)
 
     def save_pretrained(self, save_directory: Any, **kwargs: Any) -> Any:
         """Save the plain model with its own ``save_pretrained``: ``from_pretrained`` gives it back, trained.

@@ -91,13 +91,16 @@ def selection_to_dict(selection: Selection, graph: LayerGraph | None = None) -> 
 def output_classes(graph: LayerGraph) -> int | None:
     """K from the output's shape when it is logits, (B, K) or (B, K, H, W); else unknown.
 
+    K = 1 counts: ``instrument`` builds adapters for one logit channel too (a binary or a
+    single-map regression output), each ``C + 1`` parameters.
+
     Example:
         >>> from autoprobe.api import analyze
         >>> output_classes(analyze("resnet18").graph)
         1000
     """
     shape = graph[graph.output].shape
-    return shape[1] if shape is not None and len(shape) in (2, 4) and shape[1] >= 2 else None
+    return shape[1] if shape is not None and len(shape) in (2, 4) and shape[1] >= 1 else None
 
 
 def adapter_params(info: LayerInfo, classes: int | None) -> int | None:

@@ -391,6 +391,118 @@ def test_smp_unet_inspects_offline_with_its_weights_argument(capsys: Capsys) -> 
     assert [p["adapter_params"] for p in data["points"]] == [p["shape"][1] * 3 + 3 for p in data["points"]]
 
 
+KWARGS_FACTORY_SOURCE = """\
+import socket
+import urllib.request
+
+from torch import nn
+
+
+def build(width=8, classes=1, weights="imagenet", **kwargs):
+    # Like smp: the width is `classes`, a download is on by default, and **kwargs takes anything.
+    if weights is not None:
+        urllib.request.urlopen("http://192.0.2.1/weights.pth", timeout=20)
+    return nn.Sequential(nn.Conv2d(3, width, 3, stride=2, padding=1), nn.ReLU(),
+                         nn.Conv2d(width, width, 3, stride=2, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, classes))
+
+
+def dial(host="192.0.2.1"):
+    socket.create_connection((host, 443), timeout=20)
+    return nn.Linear(2, 2)
+"""
+
+
+@pytest.fixture()
+def kwargs_factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, ...]:
+    write_module(tmp_path, "kwargs_factory", KWARGS_FACTORY_SOURCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return ("kwargs_factory:build", "--input-size", "3,16,16", "--format", "json")
+
+
+def test_num_classes_a_builder_ignores_is_refused_with_its_own_parameter(capsys: Capsys,
+                                                                         kwargs_factory: tuple[str, ...]) -> None:
+    code, _, err = inspect_cli(capsys, *kwargs_factory, "--model-arg", "weights=None", "--num-classes", "5")
+    assert_user_error(code, err, "--num-classes 5", "output of K=1", "`classes`", "Hint:", "--model-arg classes=5")
+    code, out, _ = inspect_cli(capsys, *kwargs_factory, "--model-arg", "weights=None", "--model-arg", "classes=5")
+    assert code == 0 and json.loads(out)["points"][0]["adapter_params"] == 8 * 5 + 5
+
+
+def test_smp_fpn_num_classes_is_refused_with_classes(capsys: Capsys) -> None:
+    code, _, err = inspect_cli(capsys, "segmentation_models_pytorch:FPN", "--model-arg", "encoder_weights=None",
+                               "--model-arg", "encoder_name=resnet18", "--num-classes", "5")
+    assert_user_error(code, err, "--num-classes 5", "K=1", "Hint:", "--model-arg classes=5")
+
+
+def test_a_model_arg_that_only_reaches_kwargs_is_warned_with_close_names(capsys: Capsys,
+                                                                         kwargs_factory: tuple[str, ...]) -> None:
+    code, out, err = inspect_cli(capsys, *kwargs_factory, "--model-arg", "weights=None", "--model-arg", "clases=5")
+    assert code == 0 and json.loads(out)["model"] == "kwargs_factory:build"
+    assert "autoprobe: warning: model argument clases=5 is not a parameter of kwargs_factory:build: it only " \
+           "reaches its **kwargs" in err
+    assert "Did you mean: classes?" in err
+    code, _, err = inspect_cli(capsys, *kwargs_factory, "--model-arg", "weights=None", "--model-arg", "width=4")
+    assert code == 0 and "warning" not in err  # a named parameter is no warning
+
+
+def test_a_factory_that_downloads_fails_at_once_naming_its_offline_argument(capsys: Capsys,
+                                                                            kwargs_factory: tuple[str, ...]) -> None:
+    import socket
+
+    from autoprobe.errors import ModelSpecError
+    from autoprobe.models import resolve_model
+
+    code, _, err = inspect_cli(capsys, *kwargs_factory)
+    assert_user_error(code, err, "building kwargs_factory:build tried to download (a connection to 192.0.2.1:80)",
+                      "never downloads", "Hint: pass its offline argument: `--model-arg weights=None`")
+    with pytest.raises(ModelSpecError, match=r"a connection to 192.0.2.1:443.*\nHint: pass the builder's argument"):
+        resolve_model("kwargs_factory:dial", device="cpu")
+    # The block lived only while the builder ran: socket is as it was.
+    assert "connect" not in vars(socket.socket) and socket.getaddrinfo.__module__ == "socket"
+    # This machine stays reachable: a refused loopback connection is the socket's own error, not the block.
+    with pytest.raises(ModelSpecError, match=r"failed: ConnectionRefusedError"):
+        resolve_model("kwargs_factory:dial", model_args={"host": "127.0.0.1"}, device="cpu")
+
+
+def test_smp_without_its_weights_argument_fails_at_once(capsys: Capsys) -> None:
+    code, _, err = inspect_cli(capsys, "segmentation_models_pytorch:FPN", "--model-arg", "encoder_name=resnet18")
+    assert_user_error(code, err, "tried to download", "Hint: pass its offline argument: `--model-arg encoder_weights=None`")
+
+
+def test_torchvision_detection_builders_get_no_backbone_weights(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from autoprobe.errors import ModelSpecError
+    from autoprobe.models import resolve_model
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no cached backbone to fall back on
+    model = resolve_model("tv:fasterrcnn_mobilenet_v3_large_320_fpn").module
+    assert next(model.backbone.parameters()).device.type == "meta"
+    with pytest.raises(ModelSpecError, match="weights_backbone='DEFAULT' .* would download"):
+        resolve_model("tv:fasterrcnn_mobilenet_v3_large_320_fpn", model_args={"weights_backbone": "DEFAULT"})
+
+
+def test_a_one_logit_model_shows_its_adapters_as_instrument_builds_them(capsys: Capsys,
+                                                                         kwargs_factory: tuple[str, ...]) -> None:
+    import autoprobe
+
+    code, out, _ = inspect_cli(capsys, *kwargs_factory[:3], "--model-arg", "weights=None")
+    assert code == 0
+    assert "adapters: 9 parameters in all (C*K + K each, K=1)" in out
+    row = next(line for line in out.splitlines() if " P1 " in line)
+    assert " 9 " in row  # 8 channels x 1 logit + 1
+    from kwargs_factory import build
+
+    probed = autoprobe.instrument(build(weights=None), input_size=(3, 16, 16))
+    assert sum(p.numel() for p in probed.autoprobe_adapters.parameters()) == 9
+
+
+def test_check_counts_in_the_singular(capsys: Capsys, tmp_path: Path) -> None:
+    lock = tmp_path / "one.lock"
+    assert main(["lock", *UNET, "-o", str(lock)]) == 0
+    assert "1 of 1 model in" in capsys.readouterr().out
+    assert main(["check", str(lock)]) == 0
+    assert "checked 1 model in" in capsys.readouterr().out
+
+
 def test_forward_args_are_fixed_while_tracing(capsys: Capsys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_module(tmp_path, "deep_flag", FACTORY_SOURCE)
     monkeypatch.syspath_prepend(str(tmp_path))

@@ -1,6 +1,7 @@
 """A Probed Hugging Face model trained by ``transformers.Trainer`` with default arguments:
 the batch survives the column filter, the loss is autoprobe's, each term is logged, evaluation
-gives ``eval_loss``; ``AutoprobeTrainer`` saves folders ``from_pretrained`` loads trained, and resumes."""
+gives ``eval_loss``; ``AutoprobeTrainer`` saves folders ``from_pretrained`` loads trained, and resumes;
+the stock ``Trainer.save_model``, which would lose a Hugging Face model, refuses it loudly."""
 
 from __future__ import annotations
 
@@ -95,15 +96,24 @@ def test_every_term_reaches_the_log_history_by_name(trained: tuple) -> None:
     assert {f"eval_{t}" for t in terms} <= set(eval_log)
 
 
-def test_plain_trainer_folders_give_the_weights_through_plain_state_dict_and_save_pretrained(
+def test_the_stock_trainers_save_model_fails_loudly_and_its_checkpoints_and_save_pretrained_give_the_weights(
     trained: tuple, tmp_path: Path
 ) -> None:
     probed, trainer, _ = trained
     trained_weights = probed.strip().state_dict()
-    trainer.save_model(str(tmp_path / "probed"))  # the plain Trainer writes the Probed's own state_dict
+    # The stock save would write the Probed's keys and no config.json: from_pretrained would build a default
+    # config with random weights. It is refused, naming what to use instead.
+    with pytest.raises(UsageError, match=r"Trainer.save_model\(.*no config.json.*ViTForImageClassification"
+                                         r".*random weights.*\nHint: train with `autoprobe.AutoprobeTrainer`"):
+        trainer.save_model(str(tmp_path / "probed"))
+    assert not (tmp_path / "probed" / "model.safetensors").exists()
+    # The Trainer's own checkpoints (an internal save) are written as before, and give the weights back.
+    trainer.save_model(str(tmp_path / "checkpoint"), _internal_call=True)
     fresh = _vit()
-    fresh.load_state_dict(plain_state_dict(tmp_path / "probed"), strict=True)
+    fresh.load_state_dict(plain_state_dict(tmp_path / "checkpoint"), strict=True)
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in trained_weights.items())
+    assert set(probed.state_dict()) == {f"model.{k}" for k in trained_weights} | {
+        k for k in probed.state_dict() if k.startswith("autoprobe_adapters.")}
     # save_pretrained and config are the plain model's: from_pretrained gives it back, trained.
     assert trainer.model.config is probed.strip().config
     trainer.model.save_pretrained(str(tmp_path / "plain"))
@@ -179,6 +189,11 @@ def test_a_plain_pytorch_model_trains_and_evaluates_with_the_plain_trainer(tmp_p
     point = probed.selection.names[0]
     assert {"eval_loss", "eval_ce", f"eval_mi/{point}"} <= set(metrics)
     assert {"loss", "ce", f"mi/{point}"} <= set(trainer.state.log_history[0])
+    # Not a Hugging Face model: the stock save_model writes its state_dict, all there is to save, unrefused.
+    trainer.save_model(str(tmp_path / "saved"))
+    saved = plain_state_dict(tmp_path / "saved")
+    assert saved.keys() == net.state_dict().keys()
+    assert all(torch.equal(saved[k], v) for k, v in net.state_dict().items())
 
 
 def test_the_trainers_own_label_smoothing_is_refused_with_the_instrument_option(tmp_path: Path) -> None:
