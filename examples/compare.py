@@ -773,6 +773,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="stop after N new runs")
     parser.add_argument("--lr", type=float, default=None, help="override the learning rate (validation pilots only)")
     parser.add_argument("--methods", default=None, help="comma-separated subset of the methods")
+    parser.add_argument("--models", default=None, help="comma-separated subset of the models (split a grid by model)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="only these seeds of the grids (two workers can split one grid without overlap)")
     args = parser.parse_args(argv)
@@ -807,6 +808,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         specs = [dataclasses.replace(s, lr=args.lr) for s in specs]
     if args.methods:
         specs = [s for s in specs if s.method in args.methods.split(",")]
+    if args.models:
+        specs = [s for s in specs if s.model in args.models.split(",")]
     done = done_keys(args.results)
     todo = [s for s in specs if s.key() not in done]
     print(f"{len(specs)} runs in the grid, {len(specs) - len(todo)} already in {args.results}, {len(todo)} to do",

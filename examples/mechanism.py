@@ -19,7 +19,10 @@ agrees with the exact one on these models.
 Which form the gate ships (decided by this rule, written before the first full run): the cheap
 ``feature`` form is the default only if, over every (model, checkpoint, term, point) cell, its mean
 cosine has the sign of the ``parameters`` form's in at least 90% of the cells *and* the two correlate
-with Pearson r >= 0.9; otherwise the exact ``parameters`` form is the default.
+with Pearson r >= 0.9; otherwise the exact ``parameters`` form is the default. Amended at 12:58 UTC,
+after the first 8 of 72 cells were in and showed the feature form's cosines an order of magnitude
+smaller: the rule as first written is scale-free, and the gate's weight max(0, cos) is not, so the
+cheap form must also give multipliers max(0, cos) within 0.1 of the exact form's on average.
 
 Results go to ``examples/evidence/mechanism.jsonl``, one line per (model, checkpoint, term, form,
 point), resumable; ``examples/evidence_plots.py`` renders the table and the plot.
