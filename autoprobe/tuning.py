@@ -73,8 +73,10 @@ TunePosition = Literal["auto", "input", "centre", "output"]
 
 # The search keys and the values searched when the caller names none. alpha is the MI weight for
 # iMacHSR and the auxiliary CE weight for DSN; lam applies to iMacHSR only; points=None is the
-# automatic M; position "auto" is autoprobe's selection, the others ``placement.spaced``.
-SEARCH_KEYS: tuple[str, ...] = ("objective", "alpha", "lam", "points", "position", "schedule")
+# automatic M; position "auto" is autoprobe's selection, the others ``placement.spaced``; gate None is
+# no gate, "cosine" / "binary" the gradient-similarity gate (``autoprobe.losses.gate``), not searched
+# by default so the default space is the one EVIDENCE.md's tuned rows ran.
+SEARCH_KEYS: tuple[str, ...] = ("objective", "alpha", "lam", "points", "position", "schedule", "gate")
 DEFAULT_SEARCH: Mapping[str, tuple[Any, ...]] = {
     "objective": ("output", "dsn", "imachsr"),
     "alpha": (0.05, 0.2, 0.5),
@@ -82,6 +84,7 @@ DEFAULT_SEARCH: Mapping[str, tuple[Any, ...]] = {
     "points": (None, 1),
     "position": ("auto",),
     "schedule": ("constant", "cosine"),
+    "gate": (None,),
 }
 # Weight layers between spaced points (two ResNet basic blocks; the paper's best distance).
 _SPACING = 4
@@ -100,6 +103,7 @@ class Candidate:
         points: M, or None for the automatic M.
         position: ``"auto"`` (autoprobe's choice) or ``"input"``/``"centre"``/``"output"``.
         schedule: ``"constant"``, ``"linear"`` or ``"cosine"`` decay of the intermediate weights.
+        gate: ``None``, ``"cosine"`` or ``"binary"``: the gradient-similarity gate (``instrument(gate=)``).
     """
 
     objective: TuneObjective = "output"
@@ -108,6 +112,7 @@ class Candidate:
     points: int | None = None
     position: TunePosition = "auto"
     schedule: str = "constant"
+    gate: str | None = None
 
     @property
     def label(self) -> str:
@@ -120,6 +125,8 @@ class Candidate:
         parts += [f"M={'auto' if self.points is None else self.points}", self.position]
         if self.schedule != "constant":
             parts.append(self.schedule)
+        if self.gate is not None:
+            parts.append(f"gate={self.gate}")
         return "/".join(parts)
 
 
@@ -320,6 +327,7 @@ def _search_space(search: Mapping[str, Sequence[Any]] | None) -> list[Candidate]
     _check_values("objective", values["objective"], get_args(TuneObjective))
     _check_values("position", values["position"], get_args(TunePosition))
     _check_values("schedule", values["schedule"], ("constant", "linear", "cosine"))
+    _check_values("gate", values["gate"], (None, "cosine", "binary"))
     for v in values["points"]:
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
             raise UsageError(f"tune: search['points'] holds {v!r}; M is a positive integer or None (automatic).")
@@ -332,9 +340,9 @@ def _search_space(search: Mapping[str, Sequence[Any]] | None) -> list[Candidate]
         if objective == "output":
             continue
         lams = values["lam"] if objective == "imachsr" else (None,)
-        for alpha, lam, m, pos, sched in itertools.product(values["alpha"], lams, values["points"],
-                                                           values["position"], values["schedule"]):
-            c = Candidate(objective, float(alpha), None if lam is None else float(lam), m, pos, sched)
+        for alpha, lam, m, pos, sched, gate in itertools.product(values["alpha"], lams, values["points"],
+                                                                 values["position"], values["schedule"], values["gate"]):
+            c = Candidate(objective, float(alpha), None if lam is None else float(lam), m, pos, sched, gate)
             if c not in out:
                 out.append(c)
     return out
@@ -501,6 +509,8 @@ class _Runner:
                                   "input_size": self._input_size, "ignore_index": self.ignore_index}
         if c.objective == "imachsr":
             kwargs["lam"] = c.lam
+        if c.gate is not None:
+            kwargs["gate"] = c.gate
         if c.position == "auto":
             kwargs["rules"] = self.rules
             if c.points is not None:

@@ -127,3 +127,26 @@ def test_a_draw_that_fits_the_budget_searches_every_objective():
         assert set(counts) == {"dsn", "imachsr"} and abs(counts["dsn"] - counts["imachsr"]) <= 1, (seed, counts)
     assert {c.label for c in tuning._fit_budget(space, rungs, 3, 1500, 4.0, 0)[0]} != \
         {c.label for c in tuning._fit_budget(space, rungs, 3, 1500, 4.0, 1)[0]}
+
+
+def test_a_gated_candidate_is_one_more_setting_and_trains():
+    train, val = _data()
+    search = {"objective": ["dsn"], "alpha": [0.3], "points": [1], "position": ["auto"], "schedule": ["constant"],
+              "gate": [None, "cosine"]}
+    result = tune(_plain_net, train, val, task="classification", steps=20, lr=3e-3, search=search, progress=False)
+    labels = [row.candidate.label for row in result.table]
+    assert labels == ["output", "dsn/alpha=0.3/M=1/auto", "dsn/alpha=0.3/M=1/auto/gate=cosine"]
+    assert all(row.error is None and row.scores for row in result.table)
+    gated = next(row.candidate for row in result.table if row.candidate.gate == "cosine")
+    kwargs = {**autoprobe.tuning._Runner.instrument_kwargs(_KwargsOnly(), gated)}
+    assert kwargs["gate"] == "cosine"
+    assert autoprobe.instrument(_plain_net(), **kwargs).objective.gate is not None
+    assert "gate" not in autoprobe.tuning.DEFAULT_SEARCH or autoprobe.tuning.DEFAULT_SEARCH["gate"] == (None,)
+
+
+class _KwargsOnly:
+    """The attributes ``_Runner.instrument_kwargs`` reads, for a candidate at the automatic points."""
+
+    _input_size = (1, 8, 8)
+    ignore_index = -100
+    rules = "default"
