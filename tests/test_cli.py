@@ -558,7 +558,7 @@ def test_readme_example_table_is_what_inspect_prints(capsys: Capsys) -> None:
     assert [line.rstrip() for line in out.splitlines()] == [line.rstrip() for line in shown.splitlines()]
 
 
-@pytest.mark.parametrize("section", ["A factory that downloads by default needs its offline argument:", "### HTML view"])
+@pytest.mark.parametrize("section", ["naming its offline argument; pass it:", "### HTML view"])
 def test_readme_commands_run(capsys: Capsys, section: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import shlex
 

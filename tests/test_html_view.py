@@ -1,16 +1,20 @@
 """``autoprobe inspect MODEL --html FILE``: one self-contained page, browsed in headless Chromium.
 
 The browser test drives Debian's ``chromium`` through ``chromedriver`` (Selenium, from the test
-extra); ``.ci/run`` installs both. Without them it is skipped, saying which is missing.
+extra); Debian's packages are ``chromium`` and ``chromium-driver``. Without them it is skipped, saying which is
+missing.
 """
 
 from __future__ import annotations
 
 import re
 import shutil
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
 from autoprobe.html_view import GroupRecord, NodeRecord, model_view, render_html
 from conftest import Analysed, inspect_cli
@@ -82,7 +86,7 @@ def test_cli_refuses_an_unwritable_page(capsys: Capsys, tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     if CHROMIUM is None or CHROMEDRIVER is None:
-        pytest.skip("headless Chromium is not installed: apt-get install -y chromium chromium-driver (.ci/run does)")
+        pytest.skip("headless Chromium is not installed: apt-get install -y chromium chromium-driver")
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is missing: pip install -e '.[test]'")
     from selenium.webdriver.chrome.service import Service
 
@@ -143,6 +147,46 @@ def test_page_in_headless_chromium(browser, analysed: Analysed, tmp_path: Path) 
     shown = [e.get_attribute("data-node") for e in browser.find_elements(By.CSS_SELECTOR, "#tree .node") if e.is_displayed()]
     assert shown == ["layer4.1.conv1", "layer4.1.conv2", "layer4.1.conv3"]
     assert browser.find_element(By.ID, "count").text == "3 layers match"
+    search = browser.find_element(By.ID, "search")
+    search.clear()
+    search.send_keys("layer4.1.conv1")
+    assert browser.find_element(By.ID, "count").text == "1 layer matches"
 
     shot = tmp_path / "resnet50.png"
     assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+
+
+LONG = "a_module_whose_name_is_far_too_long_for_the_record_panel_of_the_page_at_1400_pixels"
+
+
+class _LongNames(nn.Module):
+    """Module paths longer than the record panel is wide (SegFormer's are)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_module(LONG, nn.Sequential(OrderedDict([(f"{LONG}_conv", nn.Conv2d(3, 8, 3, stride=2, padding=1)),
+                                                         (f"{LONG}_act", nn.ReLU())])))
+        self.tail = nn.Sequential(nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                  nn.Flatten(), nn.Linear(8, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tail(getattr(self, LONG)(x))
+
+
+def test_long_names_stay_inside_the_record_panel(browser, tmp_path: Path) -> None:  # noqa: ANN001
+    from selenium.webdriver.common.by import By
+
+    from autoprobe.api import analyze
+
+    analysis = analyze(_LongNames(), input_size=(3, 16, 16))
+    page = tmp_path / "long.html"
+    page.write_text(render_html(model_view(analysis.selection, analysis.graph)), encoding="utf-8")
+    browser.get(page.as_uri())
+    browser.find_element(By.ID, "expand").click()
+    browser.find_element(By.CSS_SELECTOR, f'.node[data-node="{LONG}.{LONG}_act"]').click()
+    panel = browser.find_element(By.ID, "record")
+    assert f"{LONG}.{LONG}_act" in panel.text
+    # Nothing in the panel is wider than the panel: long names wrap instead of running off it.
+    width, inner = browser.execute_script(
+        "var p = document.getElementById('record'); return [p.clientWidth, p.scrollWidth];")
+    assert inner <= width, (inner, width)
