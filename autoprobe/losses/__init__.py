@@ -65,7 +65,7 @@ from .objectives import (
     make_objective,
     schedule_weight,
 )
-from ._math import MI_ESTIMATORS
+from ._math import MI_ESTIMATOR_CHOICES, MI_ESTIMATORS
 from .gate import Agreement, Gate, GateKind, GradientGate, gradient_agreement
 from .targets import MatchedTarget, RegressionLoss, TargetKind, TargetMatcher, resize_logits
 from .terms import (
@@ -93,6 +93,7 @@ __all__ = [
     "NegativeEntropyLoss",
     "NE_MAX_POSITIONS",
     "MI_ESTIMATORS",
+    "MI_ESTIMATOR_CHOICES",
     "DSNLoss",
     "DKSLoss",
     "Objective",

@@ -38,7 +38,11 @@ _TINY = 1e-12
 #             probability regions (``region_mutual_information``), a lower bound's loss, not nats.
 #             Dense 2-D multiclass heads only; class-aligned and region-aware.
 MIEstimator = Literal["image", "pooled", "shuffled", "region"]
-MI_ESTIMATORS: tuple[str, ...] = ("image", "pooled", "shuffled", "region")
+# The plug-in estimators of an MI in nats, which take any head (examples/mi_estimators.py tabulates
+# them side by side); RMI's bound is neither in nats nor defined on vectors, so it is listed apart.
+MI_ESTIMATORS: tuple[str, ...] = ("image", "pooled", "shuffled")
+# Every value ``mi_estimator`` takes.
+MI_ESTIMATOR_CHOICES: tuple[str, ...] = (*MI_ESTIMATORS, "region")
 
 # RMI's constants, as the reference (ZJULearning/RMI, losses/rmi/rmi.py) sets them: its training
 # scripts pool with avg-pool (rmi_pool_way=1), kernel = stride = 3, padding 1, then take 3x3 regions.

@@ -334,7 +334,10 @@ class MutualInformationLoss(_HeadTerm):
         self.region_ce = check_region_options(self.estimator, target_kind, region_ce)
 
     def forward_matched(self, logits: Tensor, target: MatchedTarget) -> Tensor:
-        """-I, in [-log K, 0]; for ``"region"``, (1 - region_ce) * RMI + region_ce * CE (see ``_HeadTerm.forward_matched``)."""
+        """-I, in [-log K, 0]; for ``"region"``, (1 - region_ce) * RMI + region_ce * CE.
+
+        See ``_HeadTerm.forward_matched``.
+        """
         if self.estimator != "region":
             return _math.heterogeneous(self.target_kind, logits, target, self.eps, self.estimator, self.gather)
         check_region_head(tuple(logits.shape), "logits")
@@ -633,7 +636,7 @@ def check_dks_kind(target_kind: str) -> TargetKind:
 
 
 def check_mi_estimator(value: str) -> _math.MIEstimator:
-    """``value`` if it names an MI estimator (``"image"``, ``"pooled"``, ``"shuffled"``, ``"region"``), else an ``InstrumentError``.
+    """``value`` if it names an MI estimator (``MI_ESTIMATOR_CHOICES``), else an ``InstrumentError``.
 
     Args:
         value: ``IMacHSR``'s ``mi_estimator``.
@@ -645,9 +648,9 @@ def check_mi_estimator(value: str) -> _math.MIEstimator:
         >>> check_mi_estimator("pooled")
         'pooled'
     """
-    if value not in _math.MI_ESTIMATORS:
+    if value not in _math.MI_ESTIMATOR_CHOICES:
         raise InstrumentError(
-            f"unknown mi_estimator {value!r}; expected one of {list(_math.MI_ESTIMATORS)}. "
+            f"unknown mi_estimator {value!r}; expected one of {list(_math.MI_ESTIMATOR_CHOICES)}. "
             "Hint: 'image' is the paper's image-wise MI."
         )
     return value  # type: ignore[return-value]
