@@ -235,3 +235,13 @@ def test_rmi_on_the_gpu_equals_the_cpu_value() -> None:
     assert gpu.device.type == "cuda" and gpu.dtype == torch.float32
     assert float(gpu) == pytest.approx(float(cpu), rel=1e-5, abs=1e-5)
     assert torch.isfinite(gpu_logits.grad).all()
+
+
+def test_the_readme_example_runs_and_logs_rmi_parts() -> None:
+    from _readme import python_block
+
+    scope: dict[str, object] = {}
+    exec(compile(python_block("### Region mutual information and conv heads"), "README.md", "exec"), scope)
+    parts = scope["parts"]
+    assert sorted(parts) == ["ce", *sorted(f"rmi/{name}" for name in scope["layouts"])]  # type: ignore[arg-type]
+    assert {tap.adapter_type for tap in scope["probed"].report.taps} == {"ConvDenseAdapter"}  # type: ignore[attr-defined]
