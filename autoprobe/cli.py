@@ -390,6 +390,14 @@ def _check_width(spec: str, asked: int | None, graph: LayerGraph) -> None:
 
     A builder that takes its width under another name (smp's ``classes``) and swallows ``num_classes``
     in ``**kwargs`` would otherwise be previewed at its default width, with exit code 0.
+
+    Args:
+        spec: the model spec.
+        asked: the width asked for (``--num-classes`` or ``--model-arg num_classes=``), or ``None``.
+        graph: the built model's layer graph, whose output gives the width it has.
+
+    Raises:
+        OptionError: the output's width is known and is not ``asked``.
     """
     from .models import width_parameters
     from .report import output_classes

@@ -281,7 +281,13 @@ def _named(parameters: Mapping[str, inspect.Parameter]) -> list[str]:
 
 
 def _warn_swallowed(spec: str, builder: Callable[..., Any], kwargs: Mapping[str, Any]) -> None:
-    """Warn for each keyword that is no named parameter of the builder and only reaches its ``**kwargs``."""
+    """Warn for each keyword that is no named parameter of the builder and only reaches its ``**kwargs``.
+
+    Args:
+        spec: the spec, for the message.
+        builder: the factory about to be called.
+        kwargs: the keyword arguments it will be called with.
+    """
     parameters = _parameters(builder)
     var = next((n for n, p in parameters.items() if p.kind is p.VAR_KEYWORD), None)
     if var is None:
@@ -331,6 +337,12 @@ def _build(
         device: ``"meta"`` or ``"cpu"``.
         label: the spec, for messages.
         builder: the callable ``factory`` calls, whose parameters name the offline argument.
+
+    Returns:
+        The model.
+
+    Raises:
+        ModelSpecError: the builder tried to reach the network (its hint names the offline argument).
     """
     try:
         with offline():
