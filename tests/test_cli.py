@@ -464,6 +464,23 @@ def test_a_factory_that_downloads_fails_at_once_naming_its_offline_argument(caps
         resolve_model("kwargs_factory:dial", model_args={"host": "127.0.0.1"}, device="cpu")
 
 
+def test_the_network_block_is_scoped_and_nests() -> None:
+    import socket
+
+    from autoprobe.models import NetworkBlocked, offline
+
+    before = (vars(socket.socket).get("connect"), socket.getaddrinfo)
+    with pytest.raises(ValueError, match="the builder's own error"):
+        with offline():
+            with offline():
+                pass
+            with pytest.raises(NetworkBlocked, match="a name lookup of example.org"):
+                socket.getaddrinfo("example.org", 80)  # still closed after the inner block left
+            raise ValueError("the builder's own error")
+    assert (vars(socket.socket).get("connect"), socket.getaddrinfo) == before  # as it was, after an error too
+    assert socket.getaddrinfo("127.0.0.1", 80)
+
+
 def test_smp_without_its_weights_argument_fails_at_once(capsys: Capsys) -> None:
     code, _, err = inspect_cli(capsys, "segmentation_models_pytorch:FPN", "--model-arg", "encoder_name=resnet18")
     assert_user_error(code, err, "tried to download", "Hint: pass its offline argument: `--model-arg encoder_weights=None`")
