@@ -166,12 +166,15 @@ def heterogeneous(
 ) -> Tensor:
     """iMacHSR's intermediate loss for ``kind``: -MI for labels, 1 - Pearson r for regression.
 
-    ``estimator`` (``MIEstimator``) applies to multiclass labels; the Bernoulli MI of binary
+    ``estimator`` (``MIEstimator``) applies to multiclass labels (``"region"``: RMI's loss,
+    ``region_mutual_information``, on (B, K, H, W) logits); the Bernoulli MI of binary
     and multi-label targets and the correlation keep their own grouping. ``gather`` sums the
     joint tables of groups that span the batch (classification, ``"pooled"``) over the ranks
     of the default process group; per-image groups need nothing from other ranks.
     """
     if kind == "multiclass":
+        if estimator == "region":
+            return region_mutual_information(logits, target)
         return -mutual_information(logits, target, eps, estimator, gather)
     if kind == "regression":
         return correlation_loss(logits, target, eps)

@@ -338,13 +338,12 @@ class MutualInformationLoss(_HeadTerm):
 
         See ``_HeadTerm.forward_matched``.
         """
-        if self.estimator != "region":
-            return _math.heterogeneous(self.target_kind, logits, target, self.eps, self.estimator, self.gather)
-        check_region_head(tuple(logits.shape), "logits")
-        rmi = _math.region_mutual_information(logits, target)
-        if not self.region_ce:
-            return rmi
-        return (1.0 - self.region_ce) * rmi + self.region_ce * _math.cross_entropy(logits, target)
+        if self.estimator == "region":
+            check_region_head(tuple(logits.shape), "logits")
+        loss = _math.heterogeneous(self.target_kind, logits, target, self.eps, self.estimator, self.gather)
+        if not self.region_ce:  # 0 for the other estimators
+            return loss
+        return (1.0 - self.region_ce) * loss + self.region_ce * _math.cross_entropy(logits, target)
 
     def extra_repr(self) -> str:
         text = f"eps={self.eps}, ignore_index={self.ignore_index}, target_kind={self.target_kind!r}"
