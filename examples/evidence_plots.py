@@ -272,6 +272,20 @@ def _delta_bars(records, base, settings: Sequence[tuple[str, str]], title: str, 
     return _save(plt, fig, path)
 
 
+def _sibling(name: str):
+    """A module beside this file (``default_rule``, ``mechanism``), imported as a script's sibling would be."""
+    import importlib
+    import sys
+
+    if __package__:
+        return importlib.import_module(f"{__package__}.{name}")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
+
+
 def _qualitative(records: list[dict], out: Path) -> Path | None:
     import sys
 
@@ -598,7 +612,15 @@ def render(results: Path, out: Path) -> str:
     made.append(_qualitative(records, out))
     made.append(_pilot_curves(everything, out))
     made.extend(_term_curves(records, out, task, model) for task, model in _MODELS)
-    summary = {"rows": summary_rows(everything)}
+    rule, mechanism = _sibling("default_rule"), _sibling("mechanism")
+    parts.append("## The default's validation rule (EVIDENCE.md section 7)\n\nd(c, m): the candidate's final "
+                 "validation score minus output-only's, paired by seed, mean over seeds 0-2, in points (n: seeds "
+                 "found so far); S: the mean of the four models, W: the worst.\n\n" + rule.rule_table(everything))
+    parts.append("## The gate's weight in force over training (gated runs)\n\n" + rule.gate_table(everything))
+    made.append(rule.gate_plot(everything, out / "gate_weights.png"))
+    summary = {"rows": summary_rows(everything), "validation_rows": rule.validation_rows(everything)}
+    parts.append("## The mechanism check (`examples/mechanism.py`)\n\n"
+                 + mechanism.render(mechanism.load(results.parent / "mechanism.jsonl"), summary["rows"], out))
     (out / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
     made.append(out / "summary.json")
     text = "\n".join(parts)

@@ -51,7 +51,7 @@ else:
     from . import compare
     from .segdata import DEBIAN_DIR, SegConfig, Split, load_classification, load_segmentation
 
-__all__ = ["CHECKPOINTS", "TERMS", "measure_model", "main"]
+__all__ = ["CHECKPOINTS", "TERMS", "measure_model", "agreement", "render", "main"]
 
 RESULTS = compare.EVIDENCE / "mechanism.jsonl"
 CHECKPOINTS = (0.1, 0.5, 1.0)
@@ -178,6 +178,154 @@ def _mean(values: list[float]) -> float:
 def _sd(values: list[float]) -> float:
     mean = sum(values) / len(values)
     return round((sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)) ** 0.5, 6)
+
+
+def load(path: Path) -> list[dict]:
+    """The mechanism records of ``path`` (none if it does not exist)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _cells(records: list[dict]) -> dict[tuple[str, float, str, str], dict[str, float]]:
+    """(model, checkpoint, term, point) -> form -> mean cosine."""
+    cells: dict[tuple[str, float, str, str], dict[str, float]] = {}
+    for r in records:
+        for point, cos in r["cosine"].items():
+            cells.setdefault((r["model"], r["checkpoint"], r["term"], point), {})[r["form"]] = cos
+    return {k: v for k, v in cells.items() if set(v) == set(FORMS)}
+
+
+def agreement(records: list[dict]) -> dict[str, float]:
+    """How the feature form agrees with the exact one over every cell: the numbers of the form rule."""
+    cells = list(_cells(records).values())
+    if len(cells) < 2:
+        return {"cells": len(cells)}
+    f = [c["feature"] for c in cells]
+    p = [c["parameters"] for c in cells]
+    same_sign = sum((a > 0) == (b > 0) for a, b in zip(f, p)) / len(cells)
+    mf, mp = sum(f) / len(f), sum(p) / len(p)
+    cov = sum((a - mf) * (b - mp) for a, b in zip(f, p))
+    sf = sum((a - mf) ** 2 for a in f) ** 0.5
+    sp = sum((b - mp) ** 2 for b in p) ** 0.5
+    r = cov / (sf * sp) if sf > 0 and sp > 0 else float("nan")
+    gap = sum(abs(max(0.0, a) - max(0.0, b)) for a, b in zip(f, p)) / len(cells)
+    cheap = same_sign >= 0.9 and r >= 0.9 and gap <= 0.1
+    return {"cells": len(cells), "same_sign": same_sign, "pearson_r": r, "multiplier_gap": gap,
+            "mean_abs_feature": sum(abs(a) for a in f) / len(f), "mean_abs_parameters": sum(abs(b) for b in p) / len(p),
+            "feature_form_ships": cheap}
+
+
+# The measured test deltas each term predicts: (table arm, term whose cosine stands for it).
+_ARM_TERMS = (("dsn", "dsn"), ("imachsr", "mi"), ("imachsr-mi", "mi"))
+
+
+def render(records: list[dict], summary_rows: list[dict], out: Path) -> str:
+    """The mechanism table (markdown), the form agreement, the sign check and ``mechanism.png``.
+
+    Args:
+        records: mechanism records (``load``).
+        summary_rows: ``summary.json``'s test rows (for the measured deltas the cosines should predict).
+        out: where ``mechanism.png`` goes.
+
+    Returns:
+        The markdown text.
+    """
+    if not records:
+        return "No mechanism measurements yet (`python examples/mechanism.py`).\n"
+    by = {}
+    for r in records:
+        by[(r["model"], r["term"], r["form"], r["checkpoint"])] = r
+    models = [m for m in ("deeplabv3plus", "unet", "resnet18n", "vit") if any(k[0] == m for k in by)]
+    head = ["model", "term", "form", *(f"cos at {c:.0%}" for c in CHECKPOINTS), "norm ratio at 100%"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for model in models:
+        for term in TERMS:
+            for form in FORMS:
+                row = [by.get((model, term, form, c)) for c in CHECKPOINTS]
+                if not any(row):
+                    continue
+                cos = ["-" if x is None else " ".join(f"{x['cosine'][p]:+.2f}" for p in x["points"]) for x in row]
+                last = row[-1]
+                ratio = "-" if last is None else " ".join(f"{last['norm_ratio'][p]:.2f}" for p in last["points"])
+                lines.append(f"| {model} | {term} | {form} | " + " | ".join(cos) + f" | {ratio} |")
+    text = ("Cosine between the gradient of the output CE and that of each term, per point in the "
+            "selection's order, mean over " f"{BATCHES} training batches, at checkpoints of the seed-0 "
+            "baseline (heads fitted as linear probes first).\n\n" + "\n".join(lines) + "\n")
+    a = agreement(records)
+    if a.get("cells", 0) >= 2:
+        text += (f"\nForm agreement over {a['cells']} cells: same sign in {a['same_sign']:.0%}, Pearson r "
+                 f"{a['pearson_r']:+.2f}, mean |max(0, cos_feature) - max(0, cos_parameters)| {a['multiplier_gap']:.3f}; "
+                 f"mean |cos| {a['mean_abs_feature']:.3f} (feature) against {a['mean_abs_parameters']:.3f} "
+                 f"(parameters). By the rule in `examples/mechanism.py` the "
+                 f"{'feature' if a['feature_form_ships'] else 'parameters'} form is the gate's default.\n")
+    text += _sign_check(records, summary_rows)
+    _plot(records, models, out / "mechanism.png")
+    return text
+
+
+def _sign_check(records: list[dict], summary_rows: list[dict]) -> str:
+    """Does the mean exact-form cosine (points and checkpoints) predict the sign of each measured delta?"""
+    rows = {(r["model"], r["method"]): r for r in summary_rows if r.get("delta") is not None}
+    lines = ["| model | arm | mean cos (parameters) | predicts | test delta (points) | sign right? |",
+             "|---|---|---|---|---|---|"]
+    right = total = 0
+    for model in ("deeplabv3plus", "unet", "resnet18n", "vit"):
+        for arm, term in _ARM_TERMS:
+            cos = [c for r in records if r["model"] == model and r["term"] == term and r["form"] == "parameters"
+                   for c in r["cosine"].values()]
+            if not cos or (model, arm) not in rows:
+                continue
+            mean = sum(cos) / len(cos)
+            delta = 100 * rows[(model, arm)]["delta"]
+            ok = (mean > 0) == (delta > 0)
+            right += ok
+            total += 1
+            lines.append(f"| {model} | {arm} | {mean:+.3f} | {'gain' if mean > 0 else 'loss'} | {delta:+.2f} | "
+                         f"{'yes' if ok else 'no'} |")
+    if not total:
+        return ""
+    return ("\nThe sign check (predicted: a gain where the mean cosine is above 0; `imachsr` rows use the MI "
+            f"term's cosine): right on {right} of {total}.\n\n" + "\n".join(lines) + "\n")
+
+
+def _plot(records: list[dict], models: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(models) + 1, figsize=(3.0 * (len(models) + 1), 2.8), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for term, color in zip(TERMS, ("#1f77b4", "#ff7f0e", "#2ca02c")):
+            for form, style in zip(FORMS, ("--", "-")):
+                xs, ys = [], []
+                for c in CHECKPOINTS:
+                    r = next((x for x in records if (x["model"], x["term"], x["form"], x["checkpoint"]) ==
+                              (model, term, form, c)), None)
+                    if r:
+                        xs.append(c)
+                        ys.append(sum(r["cosine"].values()) / len(r["cosine"]))
+                if xs:
+                    ax.plot(xs, ys, style, color=color, marker="o", ms=3, label=f"{term} ({form})")
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_title(model, fontsize=9)
+        ax.set_xlabel("fraction of the baseline's run", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0][0].set_ylabel("cos with the output CE (mean over points)", fontsize=8)
+    axes[0][0].legend(fontsize=6)
+    cells = list(_cells(records).values())
+    ax = axes[0][-1]
+    ax.scatter([c["parameters"] for c in cells], [c["feature"] for c in cells], s=8)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.axvline(0, color="k", lw=0.5)
+    ax.set_xlabel("cos, parameters (exact)", fontsize=8)
+    ax.set_ylabel("cos, feature (cheap)", fontsize=8)
+    ax.set_title("the two forms, every cell", fontsize=9)
+    ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:

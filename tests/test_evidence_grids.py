@@ -93,3 +93,35 @@ def test_the_tune_table_shows_the_choice_its_validation_score_and_both_test_scor
     table = plots._tune_table([base, tuned], "seg", "unet")
     assert "| 3 | dsn/alpha=0.5/M=auto/auto | 24.00 | 21.00 | 25.00 | 20.00 | 2.50 |" in table
     assert plots._tune_table([base], "seg", "unet") == ""
+
+
+def test_the_default_rule_reads_the_settings_the_grids_train_and_chooses_by_its_registered_rule(evidence):
+    compare, _ = evidence
+    rule = importlib.import_module("examples.default_rule")
+    trained = {(s.method, s.setting) for s in compare.grid_specs(["default-gated", "default-heads"])}
+    read = {(method, setting) for name, method, setting in rule.CANDIDATES if name in compare.DEFAULT_CANDIDATES}
+    assert read == trained - {("dsn", compare.DSN_TODAY.label)}
+    assert {name for name, _, _ in rule.CANDIDATES} >= set(compare.DEFAULT_CANDIDATES) | {rule.CURRENT}
+
+    # Known answers: every candidate +0.5 points over output-only on every model, but dsn-gated +1.0
+    # (largest S, and its W above the current default's): it is chosen; with one run missing, nothing is.
+    def record(task, model, method, setting, seed, value):
+        return {"task": task, "model": model, "method": method, "setting": setting, "seed": seed, "steps": 10,
+                "batch": 2, "pilot": True, "quick": False, "curve": {"val": [value]}}
+
+    records = []
+    for task, model in rule.MODELS:
+        for seed in rule.SEEDS:
+            records.append(record(task, model, "baseline", "none", seed, 0.5))
+            for name, method, setting in rule.CANDIDATES[1:]:
+                if (model, name) == ("deeplabv3plus", "dsn"):
+                    setting = rule.DSN_TODAY
+                gain = {"dsn-gated": 0.010, rule.CURRENT: -0.01}.get(name, 0.005)
+                records.append(record(task, model, method, setting, seed, 0.5 + gain))
+    outcome = rule.apply_rule(records)
+    assert outcome.applied and outcome.chosen == "dsn-gated"
+    assert outcome.s("dsn-gated") == pytest.approx(1.0) and outcome.w(rule.CURRENT) == pytest.approx(-1.0)
+    assert not rule.apply_rule(records[:-1]).applied
+    rows = rule.validation_rows(records)
+    assert {r["method"] for r in rows} == {name for name, _, _ in rule.CANDIDATES}
+    assert all((r["delta"] is None) == (r["method"] == "output-only") for r in rows)

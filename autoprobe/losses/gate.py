@@ -227,19 +227,27 @@ class GradientGate(nn.Module):
         """Whether the next eager training call measures (for a loop that alternates with a compiled step)."""
         return self.calls % self.gate.every == 0
 
+    @staticmethod
+    def _counts(main: Tensor) -> bool:
+        """Whether a call on ``main`` is a training call: eager, with a graph to differentiate."""
+        return torch.is_grad_enabled() and main.requires_grad and not torch.compiler.is_compiling()
+
+    def measures(self, main: Tensor) -> bool:
+        """Whether ``forward`` on this ``main`` will measure (so the caller builds ``terms`` only then)."""
+        return self._counts(main) and self.due
+
     def forward(self, main: Tensor, terms: Mapping[str, Tensor], features: Mapping[str, Tensor]) -> Tensor:
         """The multipliers in force for this batch, (M,) in the points' order; measured first when due.
 
         Args:
             main: the output loss of the batch.
-            terms: point name -> the point's weighted auxiliary loss.
+            terms: point name -> the point's weighted auxiliary loss (read only when this call measures).
             features: point name -> z_m, as the probed forward returned it.
 
         Returns:
             The multipliers, detached.
         """
-        training = torch.is_grad_enabled() and main.requires_grad and not torch.compiler.is_compiling()
-        if training:
+        if self._counts(main):
             if self.due:
                 self._measure(main, terms, features)
             self.calls += 1

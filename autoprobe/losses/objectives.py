@@ -235,22 +235,25 @@ class Objective(nn.Module, abc.ABC):
         features: Mapping[str, Tensor], factor: float, parts: dict[str, Tensor],
     ) -> LossResult:
         """The total with each point's terms scaled by the gate's multiplier (see ``gate`` in the class)."""
-        index = {name: i for i, name in enumerate(self.points)}
         owner = [self._point_of(name) for name, _, _ in terms]
-        per_point: dict[str, Tensor] = {}
         first_weight: dict[str, float] = {}
-        for point, (_, weight, term) in zip(owner, terms):
+        for point, (_, weight, _) in zip(owner, terms):
             if point is not None:
-                per_point[point] = per_point[point] + weight * term if point in per_point else weight * term
                 first_weight.setdefault(point, weight)
-        multipliers = gate(main, per_point, features)
+        # Each point's weighted terms are summed only on a call that measures: they are the gate's input.
+        per_point: dict[str, Tensor] = {}
+        if gate.measures(main):
+            for point, (_, weight, term) in zip(owner, terms):
+                if point is not None:
+                    per_point[point] = per_point[point] + weight * term if point in per_point else weight * term
+        multipliers = dict(zip(self.points, gate(main, per_point, features).unbind()))
         total = main
         for point, (name, weight, term) in zip(owner, terms):
             scale = factor * weight
-            total = total + (scale if point is None else scale * multipliers[index[point]]) * term
+            total = total + (scale if point is None else scale * multipliers[point]) * term
             parts[name] = term.detach()
         for point, weight in first_weight.items():
-            parts[f"gate/{point}"] = (factor * weight) * multipliers[index[point]].detach()
+            parts[f"gate/{point}"] = (factor * weight) * multipliers[point].detach()
         return LossResult(total, parts)
 
     def _point_of(self, part: str) -> str | None:
