@@ -685,6 +685,8 @@ def _default_validation(names: Sequence[str], seeds: Sequence[int] = (0, 1, 2)) 
         for name in names:
             method, options = DEFAULT_CANDIDATES[name]
             for task, model in EVIDENCE_MODELS:
+                if task == "cls" and ("mi_estimator", "region") in options:
+                    continue  # RMI is defined on 2-D dense outputs only (instrument refuses it on a vector)
                 steps, batch = (SEG_STEPS, SEG_BATCH) if task == "seg" else (CLS_STEPS, CLS_BATCH)
                 specs.append(RunSpec(task, model, method, s, steps, batch, pilot=True, options=options))
         if "dsn-gated" in names:
@@ -758,6 +760,18 @@ def done_keys(path: Path) -> set[str]:
     return keys
 
 
+def _claim(claims: Path, spec: RunSpec) -> bool:
+    """Claim ``spec`` for this worker: True if no other worker had (the claim file is created exclusively)."""
+    claims.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(claims / hashlib.sha256(spec.key().encode()).hexdigest()[:20], os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    os.write(fd, spec.key().encode())
+    os.close(fd)
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -773,6 +787,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="stop after N new runs")
     parser.add_argument("--lr", type=float, default=None, help="override the learning rate (validation pilots only)")
     parser.add_argument("--methods", default=None, help="comma-separated subset of the methods")
+    parser.add_argument("--claims", type=Path, default=None,
+                        help="a directory where each worker claims a run before it starts it, so several workers "
+                             "can share one grid without running a cell twice")
     parser.add_argument("--models", default=None, help="comma-separated subset of the models (split a grid by model)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="only these seeds of the grids (two workers can split one grid without overlap)")
@@ -819,6 +836,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.limit is not None and n >= args.limit:
             break
         data = seg if spec.task == "seg" else cls
+        if args.claims is not None and not _claim(args.claims, spec):
+            continue
         try:
             record = run_one(spec, data, cfg, args.device, args.threads)
         except Exception:  # one broken run must not stop a two-hour grid; it is reported and not recorded

@@ -43,6 +43,9 @@ CANDIDATES: tuple[tuple[str, str, str], ...] = (
     ("imachsr-region-gated", "imachsr", "auto/lam=0.0/mi_estimator=region/gate=cosine"),
 )
 CURRENT = "imachsr-mi"  # instrument's default when the rule was registered
+# RMI is defined on 2-D dense outputs only: these run on the segmentation models, are reported beside the
+# rule, and cannot be instrument's default for every task (amendment of 13:20 UTC, before any of their runs).
+DENSE_ONLY = frozenset(name for name, _, setting in CANDIDATES if "mi_estimator=region" in setting)
 DSN_TODAY = "auto/M=3"
 # Options per candidate, for the tie rule (fewer options wins).
 _OPTIONS = {name: setting.count("/") for name, _, setting in CANDIDATES}
@@ -129,21 +132,22 @@ def apply_rule(records: Sequence[dict]) -> RuleOutcome:
     missing: dict[str, int] = {}
     for name, method, setting in CANDIDATES[1:]:
         per_model, lacking = {}, 0
-        for task, model in MODELS:
+        models = [(t, m) for t, m in MODELS if t == "seg" or name not in DENSE_ONLY]
+        for task, model in models:
             base = {s: _val(r) for s, r in _arm_runs(records, task, model, "baseline", "none").items()}
             arm = {s: _val(r) for s, r in _arm_runs(records, task, model, method, setting).items()}
             lacking += len(SEEDS) - len(set(arm) & set(base))
             if set(SEEDS) <= set(arm) & set(base):
                 per_model[model] = 100 * statistics.fmean(arm[s] - base[s] for s in SEEDS)
         missing[name] = lacking
-        if len(per_model) == len(MODELS):
+        if len(per_model) == len(models):
             scores[name] = per_model
     applied = all(n == 0 for n in missing.values())
     chosen = None
     if applied:
         current = scores[CURRENT]
         s_cur, w_cur = statistics.fmean(current.values()), min(current.values())
-        better = [n for n in scores if n != CURRENT
+        better = [n for n in scores if n != CURRENT and n not in DENSE_ONLY
                   and statistics.fmean(scores[n].values()) > s_cur and min(scores[n].values()) > w_cur]
         better.sort(key=lambda n: (-statistics.fmean(scores[n].values()), _OPTIONS[n]))
         chosen = better[0] if better else CURRENT
@@ -162,7 +166,8 @@ def rule_table(records: Sequence[dict]) -> str:
         full = outcome.scores.get(name)
         s = f"{statistics.fmean(full.values()):+.2f}" if full else "-"
         w = f"{min(full.values()):+.2f}" if full else "-"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {s} | {w} | {outcome.missing[name]} |")
+        label = f"{name} (dense only, not eligible)" if name in DENSE_ONLY else name
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {s} | {w} | {outcome.missing[name]} |")
     verdict = (f"Applied: the rule chooses **{outcome.chosen}**." if outcome.applied else
                f"Not applied yet: {sum(outcome.missing.values())} candidate runs are missing.")
     return "\n".join(lines) + f"\n\n{verdict}\n"

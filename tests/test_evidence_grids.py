@@ -114,6 +114,8 @@ def test_the_default_rule_reads_the_settings_the_grids_train_and_chooses_by_its_
         for seed in rule.SEEDS:
             records.append(record(task, model, "baseline", "none", seed, 0.5))
             for name, method, setting in rule.CANDIDATES[1:]:
+                if task == "cls" and name in rule.DENSE_ONLY:
+                    continue  # RMI runs on the segmentation models only
                 if (model, name) == ("deeplabv3plus", "dsn"):
                     setting = rule.DSN_TODAY
                 gain = {"dsn-gated": 0.010, rule.CURRENT: -0.01}.get(name, 0.005)
@@ -122,6 +124,11 @@ def test_the_default_rule_reads_the_settings_the_grids_train_and_chooses_by_its_
     assert outcome.applied and outcome.chosen == "dsn-gated"
     assert outcome.s("dsn-gated") == pytest.approx(1.0) and outcome.w(rule.CURRENT) == pytest.approx(-1.0)
     assert not rule.apply_rule(records[:-1]).applied
+    # A dense-only candidate far ahead on segmentation is reported, not chosen.
+    boosted = [{**r, "curve": {"val": [0.9]}} if r["setting"].endswith("mi_estimator=region") else r for r in records]
+    assert rule.apply_rule(boosted).chosen == "dsn-gated"
+    assert not any(s.task == "cls" and ("mi_estimator", "region") in s.options
+                   for s in compare.grid_specs(["default-heads"]))
     rows = rule.validation_rows(records)
     assert {r["method"] for r in rows} == {name for name, _, _ in rule.CANDIDATES}
     assert all((r["delta"] is None) == (r["method"] == "output-only") for r in rows)
