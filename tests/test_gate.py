@@ -227,3 +227,14 @@ def test_ddp_ranks_hold_the_same_gate_weights(tmp_path: Path) -> None:
         assert torch.equal(rank0[wrt]["weights"], rank1[wrt]["weights"]), f"{wrt}: the ranks' gate weights differ"
         assert torch.equal(rank0[wrt]["cosines"], rank1[wrt]["cosines"])
         assert rank0[wrt]["cosines"].abs().sum() > 0  # the cosines were measured, not left at 0
+
+
+def test_the_readme_example_runs_and_logs_the_weight_in_force() -> None:
+    from _readme import python_block
+
+    namespace: dict = {}
+    exec(python_block("### Gating the terms: deep supervision that backs off where it would hurt"), namespace)
+    parts = namespace["parts"]
+    gates = [name for name in parts if name.startswith("gate/")]
+    assert gates and len(gates) == len(namespace["probed"].selection.names)
+    assert all(0.0 <= parts[name].item() <= 0.3 for name in gates)
