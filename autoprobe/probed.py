@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .errors import InstrumentError, UsageError
 from .losses import LossResult, Objective
+from .losses.gate import unsharded_while_measuring
 from .outputs import OutputSpec
 from .select import Selection
 from .taps import ADAPTERS, MODEL, Recipe, TapEngine
@@ -465,7 +466,8 @@ class Probed(nn.Module):
                 f"the target must be a tensor; got {type(target).__name__}. Hint: `torch.as_tensor(labels)`."
             )
         _, heads, features = out
-        return self.objective(self.logits(out), heads, features, target, progress=progress)
+        with unsharded_while_measuring(self, getattr(self.objective, "gate", None)):
+            return self.objective(self.logits(out), heads, features, target, progress=progress)
 
     def strip(self) -> nn.Module:
         """The user's model without adapters and taps, for inference and export.

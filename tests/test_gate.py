@@ -238,3 +238,16 @@ def test_the_readme_example_runs_and_logs_the_weight_in_force() -> None:
     gates = [name for name in parts if name.startswith("gate/")]
     assert gates and len(gates) == len(namespace["probed"].selection.names)
     assert all(0.0 <= parts[name].item() <= 0.3 for name in gates)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+def test_fsdp2_gated_training_matches_one_unsharded_process(tmp_path: Path) -> None:
+    # FSDP2 reshards after a backward; the gate's measuring call keeps the parameters unsharded.
+    run_two_processes("_gate_fsdp_worker.py", tmp_path, timeout=400)
+    for rank in (0, 1):
+        saved = torch.load(tmp_path / f"rank{rank}.pt")
+        for wrt in ("feature", "parameters"):
+            (losses, weights), (want_losses, want_weights) = saved[wrt]["got"], saved[wrt]["expected"]
+            assert losses == pytest.approx(want_losses, rel=1e-5, abs=1e-6), wrt
+            assert torch.tensor(weights) == pytest.approx(torch.tensor(want_weights), abs=1e-5), wrt
+            assert any(w > 0 for step in weights for w in step)  # measured, and not all switched off

@@ -32,7 +32,8 @@ K-channel projection and the decoder's are close to orthogonal in a feature of C
 
 Distributed training: the dot products and squared norms are summed over the ranks of the default
 process group before the cosine is taken, so every rank holds the same weights (the cosine of the
-combined batch's gradients). Mixed precision: the sums are taken in float32. ``torch.compile``:
+combined batch's gradients). FSDP2: a measuring call keeps the parameters unsharded through its
+extra backward passes (``unsharded_while_measuring``). Mixed precision: the sums are taken in float32. ``torch.compile``:
 a compiled call never measures (a backward inside the graph would break it); it reads the weights
 in force, so the compiled step stays one graph. Measure with an eager call every ``every`` steps
 (README, "Gating the terms").
@@ -40,7 +41,8 @@ in force, so the compiled step stays one graph. Measure with an eager call every
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, get_args
 
@@ -51,7 +53,7 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from ..errors import InstrumentError
 
-__all__ = ["GateKind", "GateInputs", "Gate", "Agreement", "GradientGate", "gradient_agreement"]
+__all__ = ["GateKind", "GateInputs", "Gate", "Agreement", "GradientGate", "gradient_agreement", "unsharded_while_measuring"]
 
 GateKind = Literal["cosine", "binary"]
 GateInputs = Literal["feature", "parameters"]
@@ -269,6 +271,41 @@ class GradientGate(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kind={self.gate.kind!r}, every={self.gate.every}, wrt={self.gate.wrt!r}"
+
+
+@contextlib.contextmanager
+def unsharded_while_measuring(model: nn.Module, gate: GradientGate | None) -> Iterator[None]:
+    """Around a loss call: keep FSDP2's parameters unsharded while the gate measures.
+
+    FSDP2 reshards a module's parameters after its backward, so the gate's second backward through
+    the same graph would find them freed. A measuring call therefore sets
+    ``set_reshard_after_backward(False)`` on the FSDP2 modules of ``model`` and sets it back to
+    ``True``, FSDP2's default, after the call (FSDP2 has no public getter of the setting: a loop
+    that keeps it off for gradient accumulation sets it again after a measuring step). Anything
+    else, a call that does not measure or a model without FSDP2 modules, passes through untouched.
+
+    Args:
+        model: the probed model (its modules are searched for ``FSDPModule``).
+        gate: the objective's gate, or ``None``.
+
+    Example:
+        >>> import torch
+        >>> with unsharded_while_measuring(torch.nn.Linear(2, 2), None):
+        ...     pass
+    """
+    sharded: list[nn.Module] = []
+    if (gate is not None and gate.due and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and dist.is_available()):
+        from torch.distributed.fsdp import FSDPModule
+
+        sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for module in sharded:
+        module.set_reshard_after_backward(False, recurse=False)  # type: ignore[operator]
+    try:
+        yield
+    finally:
+        for module in sharded:
+            module.set_reshard_after_backward(True, recurse=False)  # type: ignore[operator]
 
 
 def _feature_edge(main: Tensor, feature: Tensor, name: str) -> GradientEdge:
