@@ -353,16 +353,103 @@ def _carries_data(graph: fx.Graph) -> set[fx.Node]:
     return carrying
 
 
+# A module's own registries: what they hold is the model (parameters, buffers, submodules), never a
+# forward's scratch state, and a trace does not write them.
+_REGISTRIES = frozenset({"_parameters", "_buffers", "_modules"})
+_CONTAINERS = (list, dict, set)
+
+
+class _Attributes:
+    """One module's instance attributes at a moment, to put back after a trace.
+
+    The plain containers among them (a list, dict or set, hook tables included) are copied one level
+    deep too, so ``self.cache.append(x)`` or ``self.sizes[k] = x`` in a forward is undone in place.
+    """
+
+    __slots__ = ("module", "values", "contents")
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.values = {k: v for k, v in vars(module).items() if k not in _REGISTRIES}
+        self.contents = {k: _contents(v) for k, v in self.values.items() if isinstance(v, _CONTAINERS)}
+
+    def restore(self) -> None:
+        state = vars(self.module)
+        for key in [k for k in state if k not in _REGISTRIES and k not in self.values]:
+            del state[key]
+        for key, value in self.values.items():
+            if state.get(key, _MISSING) is not value:
+                state[key] = value
+            elif key in self.contents and _contents(value) != self.contents[key]:
+                value.clear()  # the same object, which other code may hold, with its items back
+                (value.extend if isinstance(value, list) else value.update)(self.contents[key][1])
+
+
+_MISSING = object()
+
+
+def _contents(value: list | dict | set) -> tuple[tuple[int, ...], Any]:
+    """A container's items by identity (a tensor's ``==`` is elementwise), and a shallow copy to restore."""
+    if isinstance(value, dict):
+        return tuple(id(x) for kv in value.items() for x in kv), dict(value)
+    return tuple(id(x) for x in value), (list(value) if isinstance(value, list) else set(value))
+
+
 @contextlib.contextmanager
-def training_mode(model: nn.Module, train: bool) -> Iterator[None]:
-    """Put ``model`` in train/eval mode and restore every submodule's own flag afterwards."""
-    saved = [(m, m.training) for m in model.modules()]
-    model.train(train)
+def attributes_kept(model: nn.Module) -> Iterator[None]:
+    """Leave every module of ``model`` with exactly the instance attributes it had, whatever a trace sets.
+
+    A forward may write its own state (Hugging Face's Swin sets ``self.window_size`` from the input's
+    size); traced, that value is an fx Proxy or a meta tensor, which would stay on the user's live
+    module and break the next trace, a ``deepcopy`` or a real forward. fx itself sets
+    ``_tensor_constant0`` on the root for a tensor made in forward. Each module's ``__dict__`` entries
+    other than its parameter, buffer and submodule registries are put back (added ones deleted).
+
+    Snapshot and restore, rather than tracing a shallow twin with shared parameters: every trace's
+    graph module, ``module_calls`` and the hook engine hold the user's own submodules (``Traced``
+    shares them, and the taps are registered on them), so a twin would need a second module tree
+    kept in step with the first.
+
+    Args:
+        model: the module whose submodules (itself included) are kept.
+
+    Returns:
+        A context manager; on exit, normal or not, every module's attributes are as they were.
+
+    Example:
+        >>> class Sets(nn.Module):
+        ...     def forward(self, x):
+        ...         self.seen = x.shape[-1]
+        ...         return x
+        >>> m = Sets()
+        >>> with attributes_kept(m):
+        ...     _ = m(torch.zeros(1, 4))
+        >>> hasattr(m, "seen")
+        False
+    """
+    saved = [_Attributes(m) for m in model.modules()]
     try:
         yield
     finally:
-        for module, flag in saved:
-            module.training = flag
+        for attributes in saved:
+            attributes.restore()
+
+
+@contextlib.contextmanager
+def training_mode(model: nn.Module, train: bool) -> Iterator[None]:
+    """Put ``model`` in train/eval mode for a trace or a meta run; afterwards every submodule has its own
+    flag again and exactly the attributes it had (``attributes_kept``).
+
+    Args:
+        model: the model traced or run.
+        train: the mode to put it in.
+
+    Returns:
+        A context manager.
+    """
+    with attributes_kept(model):
+        model.train(train)
+        yield
 
 
 @dataclass(frozen=True)
