@@ -39,7 +39,7 @@ from torch import Tensor
 
 from .errors import InstrumentError
 
-__all__ = ["OutputSelector", "OutputSpec", "describe_output"]
+__all__ = ["OutputSelector", "OutputSpec", "describe_output", "check_channel_axis"]
 
 OutputSelector = Union[None, str, int, Callable[[Any], Tensor]]
 """What ``instrument(output=...)`` accepts."""
@@ -157,6 +157,53 @@ class OutputSpec:
         if self.how == "index":
             return output[self.key]
         return self.fn(output)  # type: ignore[misc]
+
+
+def check_channel_axis(axes: str | None, shape: tuple[int, ...], spec: OutputSpec, model: str) -> None:
+    """Refuse a prediction whose axis 1, read as the K channels, is a spatial axis by the ops that made it.
+
+    A depth map ``(B, H, W)`` (``DPTForDepthEstimation``'s ``predicted_depth``) or channels-last logits
+    ``(B, H, W, K)`` would otherwise be taken as ``(B, K, *S)`` with K = H. A spatial axis of size 1
+    (``depth.unsqueeze(1)``) is one channel, and unknown axes are not judged (no guess from sizes).
+
+    Args:
+        axes: the prediction's axis labels (``axes.Axis`` letters, ``"NSS"``), or ``None`` when unknown.
+        shape: its shape, batch first.
+        spec: how it was read from the model's output (for the message).
+        model: the model's label.
+
+    Raises:
+        InstrumentError: axis 1 is a spatial axis of more than one entry; the hint says what to pass.
+
+    Example:
+        >>> spec = OutputSpec("attribute", "predicted_depth", None, "given", "output.predicted_depth")
+        >>> check_channel_axis("NSS", (2, 1, 16), spec, "Depth")  # one row: one channel
+        >>> check_channel_axis("NSS", (2, 16, 16), spec, "Depth")
+        Traceback (most recent call last):
+            ...
+        autoprobe.errors.InstrumentError: output.predicted_depth of Depth's output has shape (2, 16, 16), whose axis 1 is a spatial axis (axes N, S, S: batch, spatial, spatial), not K channels: autoprobe reads a prediction as (B, K) or (B, K, *S).
+        Hint: give it a channel axis, e.g. output=lambda o: o.predicted_depth.unsqueeze(1) with task='regression' for a map of values (or task='binary' for one logit per pixel).
+    """
+    if not isinstance(axes, str) or len(axes) != len(shape) or len(shape) < 3 or axes[1] != "S" or shape[1] == 1:
+        return
+    names = {"N": "batch", "C": "channels", "S": "spatial", "M": "merged batch", "?": "unknown"}
+    shown = ", ".join(axes)
+    read = ", ".join(names.get(a, a) for a in axes)
+    if spec.how == "callable":
+        name = getattr(spec.fn, "__name__", "")
+        selected = f"{name}(o)" if name.isidentifier() else "(your selection from o)"
+    else:
+        selected = "o" + spec.description[len("output"):]
+    if "C" in axes:
+        fix = f"output=lambda o: {selected}.movedim({axes.index('C')}, 1) to put the channels on axis 1"
+    else:
+        fix = (f"output=lambda o: {selected}.unsqueeze(1) with task='regression' for a map of values "
+               "(or task='binary' for one logit per pixel)")
+    raise InstrumentError(
+        f"{spec.description} of {model}'s output has shape {tuple(shape)}, whose axis 1 is a spatial axis "
+        f"(axes {shown}: {read}), not K channels: autoprobe reads a prediction as (B, K) or (B, K, *S).\n"
+        f"Hint: give it a channel axis, e.g. {fix}."
+    )
 
 
 def describe_output(value: Any) -> str:

@@ -48,7 +48,7 @@ from .losses import Gate, Objective, ObjectiveName, Schedule, make_objective
 from .losses import IMacHSR
 from .meta import device_of, meta_twins, seeded_run
 from .models import resolve_model
-from .outputs import OutputSelector, OutputSpec
+from .outputs import OutputSelector, OutputSpec, check_channel_axis
 from .probed import Probed, ProbedOutput, RewriteReport, Tap
 from .rules import RulePack
 from .select import Selection, why_not_point
@@ -218,6 +218,7 @@ def instrument(
     infos, targets = placed.infos, placed.targets
     spec = OutputSpec.resolve(output, placed.example, model=label)
     output_shape = tuple(int(s) for s in spec.select(placed.example).shape)
+    check_channel_axis(_output_axes(module, placed, spec, opts), output_shape, spec, label)
     resolved_task, shape = _resolve_task(task, output_shape, label)
     classes = output_shape[1]
     if num_classes is not None and num_classes != classes:
@@ -466,7 +467,45 @@ def _fx_example_output(traced: Traced) -> Any:
             return type(value)(*items) if hasattr(value, "_fields") else (list(items) if isinstance(value, list) else tuple(items))
         return value
 
-    return rebuild(traced.graph_module.graph.output_node().args[0])
+    output = rebuild(traced.graph_module.graph.output_node().args[0])
+    # fx lowered the model's ModelOutput to a dict; an output= callable gets the model's own type.
+    return traced.output_type(**output) if traced.output_type is not None and isinstance(output, dict) else output
+
+
+def _output_axes(module: nn.Module, placed: _Placement, spec: OutputSpec, options: TraceOptions) -> str | None:
+    """The axis labels of the prediction (``axes.Axis`` letters), for ``check_channel_axis``; ``None`` if unknown.
+
+    Read from the layer graph where the prediction is a node with a layout (the usual case: no run); else
+    from one meta run of the model whose torch functions propagate labels (``axes.run_labels``).
+    """
+    if len(spec.select(placed.example).shape) < 3:
+        return None
+    traced = placed.train
+    if traced.backend == "fx" and spec.how != "callable":
+        node: Any = traced.graph_module.graph.output_node().args[0]
+        if spec.how != "whole":
+            node = node.get(spec.key) if isinstance(node, Mapping) else (
+                node[spec.key] if isinstance(node, (tuple, list)) and isinstance(spec.key, int) else None)
+        name = traced.qualnames.get(node.name) if isinstance(node, fx.Node) else None
+        layout = placed.graph[name].layout if name is not None and name in placed.graph else None
+        if layout is not None:
+            return "".join(a if a in "NC" else "S" for a in layout.value)
+    from .axes import input_axes, run_labels
+
+    call = forward_call(module, options)
+    twins = meta_twins(module)
+    example = torch.empty(traced.input_shape, device="meta")
+
+    def prediction(x: torch.Tensor) -> torch.Tensor:
+        inputs = {call.input_name: x, **call.example_kwargs("meta")}
+        return spec.select(torch.func.functional_call(module, twins, (), inputs, strict=False))
+
+    with training_mode(module, traced.mode == "train"), torch.no_grad():
+        try:
+            found = run_labels(prediction, (example,), {}, {id(example): input_axes(example.dim())}, traced.input_shape[0])
+        except Exception:  # noqa: BLE001  the model reads values on meta (hooks with real data): axes unknown, not judged
+            return None
+    return found if isinstance(found, str) else None
 
 
 def _run_example_output(model: nn.Module, traced: Traced, options: TraceOptions) -> Any:

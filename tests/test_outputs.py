@@ -145,3 +145,67 @@ def test_keyword_inputs_are_traced_and_passed_through() -> None:
     assert not torch.allclose(out.output, model(pixel_values=x, scale=torch.ones(2, 1, 1, 1)))
     total, _ = probed.loss(out, torch.tensor([0, 4]))
     total.backward()
+
+
+# --------------------------------------------------------------------- an output without a channel axis (issue 25.2)
+
+class DepthOutput(dict):
+    """A ModelOutput-like record (a dict whose entries read as attributes), as DPT's ``DepthEstimatorOutput``."""
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class Depth(nn.Module):
+    """Returns a (B, H, W) depth map, as ``DPTForDepthEstimation``'s ``predicted_depth``."""
+
+    def __init__(self, channels_last: bool = False) -> None:
+        super().__init__()
+        self.channels_last = channels_last
+        self.enc = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+        )
+        self.head = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(16, 3 if channels_last else 1, 1))
+
+    def forward(self, x: torch.Tensor) -> DepthOutput:
+        y = self.head(self.enc(x))
+        return DepthOutput(predicted_depth=y.permute(0, 2, 3, 1) if self.channels_last else y.squeeze(1))
+
+
+def test_an_output_callable_gets_the_models_own_output_type() -> None:
+    seen: list[type] = []
+
+    def depth(o: DepthOutput) -> torch.Tensor:
+        seen.append(type(o))
+        return o.predicted_depth.unsqueeze(1)  # an attribute read: a plain dict has none
+
+    probed = instrument(Depth(), input_size=(3, 16, 16), output=depth, task="regression")
+    assert seen and set(seen) == {DepthOutput}
+    out = probed(torch.randn(2, 3, 16, 16))
+    assert isinstance(out.output, DepthOutput)
+    total, _ = probed.loss(out, torch.randn(2, 1, 16, 16))
+    total.backward()
+
+
+@pytest.mark.parametrize("task", [None, "regression"])
+def test_a_map_without_a_channel_axis_is_refused_with_what_to_pass(task: str | None) -> None:
+    # (B, H, W) was read as (B, K, L) with K = H, and refused later with a token-grid message.
+    with pytest.raises(InstrumentError) as info:
+        instrument(Depth(), input_size=(3, 16, 16), task=task)
+    message = str(info.value)
+    assert "(2, 16, 16)" in message and "axis 1 is a spatial axis" in message and "token" not in message
+    assert message.splitlines()[-1] == (
+        "Hint: give it a channel axis, e.g. output=lambda o: o['predicted_depth'].unsqueeze(1) with "
+        "task='regression' for a map of values (or task='binary' for one logit per pixel)."
+    )
+    with pytest.raises(InstrumentError, match=r"lambda o: \(your selection from o\)\.unsqueeze\(1\)"):
+        instrument(Depth(), input_size=(3, 16, 16), output=lambda o: o.predicted_depth, task="regression")
+
+
+def test_channels_last_logits_are_refused_with_a_movedim() -> None:
+    with pytest.raises(InstrumentError, match=r"movedim\(3, 1\)"):
+        instrument(Depth(channels_last=True), input_size=(3, 16, 16), output=lambda o: o["predicted_depth"])
