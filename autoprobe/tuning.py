@@ -55,7 +55,7 @@ import json
 import math
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -170,6 +170,9 @@ class TuneResult:
         cost_steps: training steps the search used in all (at most ``max_cost * budget_steps``).
         dropped: candidates of the search space left out to respect ``max_cost``.
         seed: the seed it ran with.
+        model: the chosen candidate trained the full budget, as the search trained it: the
+            ``Probed`` model (ship ``model.strip()``), or the plain model when output-only training
+            won. No retraining is needed; a resumed search loads it from its state.
     """
 
     chosen: Candidate
@@ -181,6 +184,8 @@ class TuneResult:
     cost_steps: int
     dropped: int
     seed: int
+    # Two results are equal when the search was the same; the model object is not compared.
+    model: nn.Module | None = field(default=None, compare=False, repr=False)
 
 
 Batch = tuple[Tensor, Tensor]
@@ -294,6 +299,8 @@ def _search(run: _Runner, candidates: list[Candidate], rungs: list[int], eta: in
     chosen = best if best is not _OUTPUT and run.scores[best][-1] > output_score else _OUTPUT
     say(f"tune: chose {chosen.label} (val {run.scores[chosen][-1]:.4f}; output-only {output_score:.4f}); "
         f"cost {run.cost} steps = {run.cost / steps:.2f} x the budget")
+    # Built first: rebuilding the choice also places its points, which a resumed search has not done yet.
+    model = run.trained(chosen)
     return TuneResult(
         chosen=chosen,
         score=run.scores[chosen][-1],
@@ -303,6 +310,7 @@ def _search(run: _Runner, candidates: list[Candidate], rungs: list[int], eta: in
         budget_steps=steps,
         cost_steps=run.cost,
         dropped=dropped,
+        model=model,
         seed=seed,
     )
 
@@ -587,6 +595,19 @@ class _Runner:
         self.blobs[c] = blob
         if self.state is not None:
             self.state.save(c, to_steps, self.scores[c], blob)
+
+    def trained(self, c: Candidate) -> nn.Module:
+        """``c`` rebuilt with the weights of its last rung (in memory, or from the state on a resume)."""
+        model, probed = self._build(c)
+        trainable = probed if probed is not None else model
+        blob = self.blobs.get(c)
+        if blob is None and self.state is not None:
+            blob = torch.load(self.state.weights(c, self.steps[c]), map_location=self.device, weights_only=False)
+        if blob is None:
+            raise UsageError(f"tune: the weights of {c.label} at {self.steps.get(c, 0)} steps are gone. "
+                             "Hint: rerun with a new state path.")
+        trainable.to(self.device).load_state_dict(blob["model"])
+        return trainable.eval()
 
     def result(self, c: Candidate) -> CandidateResult:
         return CandidateResult(c, self.steps.get(c, 0), tuple(self.scores.get(c, ())), self.steps.get(c, 0),

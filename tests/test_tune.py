@@ -150,3 +150,40 @@ class _KwargsOnly:
     _input_size = (1, 8, 8)
     ignore_index = -100
     rules = "default"
+
+
+def _fresh_run(factory, kwargs, train, steps, lr, seed=0):
+    """The chosen setting trained once, outside the search, the way tune trains a candidate."""
+    torch.manual_seed(seed)
+    probed = autoprobe.instrument(factory(), **kwargs)
+    torch.manual_seed(seed + autoprobe.tuning._TRAIN_RNG_OFFSET)
+    opt = torch.optim.AdamW(probed.parameters(), lr=lr)
+    probed.train()
+    batches = iter(train * (steps // len(train) + 1))
+    for step in range(steps):
+        x, y = next(batches)
+        total = probed.loss(probed(x), y, progress=step / steps).total
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+    return probed
+
+
+def test_the_result_holds_the_chosen_model_trained_as_a_fresh_run_of_its_setting(tmp_path):
+    train, val = _data()
+    kwargs = dict(task="classification", steps=60, lr=3e-3, search=_STEM_HEAD, progress=False)
+    result = tune(_cut_net, train, val, **kwargs)
+    assert result.chosen.objective == "dsn" and isinstance(result.model, autoprobe.Probed)
+    fresh = _fresh_run(_cut_net, result.instrument_kwargs, train, 60, 3e-3)
+    got, want = result.model.state_dict(), fresh.state_dict()
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want), "the returned model is not the chosen run's"
+    # Resumed from its state, the search hands back the same weights without training again.
+    state = tmp_path / "tune.jsonl"
+    first = tune(_cut_net, train, val, state=state, **kwargs)
+    again = tune(_cut_net, train, val, state=state, **kwargs)
+    assert all(torch.equal(again.model.state_dict()[k], first.model.state_dict()[k]) for k in want)
+    # Output-only winning returns the plain model, trained.
+    plain = tune(_plain_net, train, val, task="classification", steps=60, lr=3e-3, search=_HARMFUL, progress=False)
+    assert plain.chosen.objective == "output" and not isinstance(plain.model, autoprobe.Probed)
+    assert isinstance(plain.model, nn.Sequential)
