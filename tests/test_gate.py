@@ -251,3 +251,22 @@ def test_fsdp2_gated_training_matches_one_unsharded_process(tmp_path: Path) -> N
             assert losses == pytest.approx(want_losses, rel=1e-5, abs=1e-6), wrt
             assert torch.tensor(weights) == pytest.approx(torch.tensor(want_weights), abs=1e-5), wrt
             assert any(w > 0 for step in weights for w in step)  # measured, and not all switched off
+
+
+@pytest.mark.parametrize("wrt", ["feature", "parameters"])
+def test_under_autocast_the_gate_measures_a_bfloat16_forward_and_holds_float32_weights(wrt: str) -> None:
+    net = _net()
+    selection = autoprobe.inspect(net, input_size=(3, 16, 16))
+    # The feature form differentiates with respect to bfloat16 features. (An exact -1 cannot tell a
+    # float32 sum from a bfloat16 one: the mirrored products cancel exactly either way.)
+    objective = _Mirror(selection.names, -1.0, alpha=0.5, gate=Gate("cosine", every=1, wrt=wrt))
+    probed = autoprobe.instrument(net, selection, loss=objective, input_size=(3, 16, 16))
+    x, y = _batches(1)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = probed(x)
+        assert out.output.dtype == torch.bfloat16  # the forward ran in bfloat16
+        total, parts = probed.loss(out, y)
+    total.backward()
+    assert all(a.cosine == pytest.approx(-1.0, abs=1e-5) for a in probed.objective.gate.last.values())
+    assert probed.objective.gate.weights.dtype == torch.float32
+    assert all(parts[f"gate/{name}"].item() == 0.0 for name in selection.names)
