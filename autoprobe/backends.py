@@ -221,10 +221,19 @@ def _climb(model: nn.Module, input_size: Sequence[int], options: TraceOptions, b
         try:
             traced = _TRACERS[backend](model, input_size, options)
             graph = build_layer_graph(traced)
-        except InputSizeError:
-            # fx traced the model and its own code rejected the size while shapes were
-            # propagated; export and hooks would run that same code and fail the same way.
-            raise
+        except InputSizeError as exc:
+            # fx traced the model and its own code rejected the size while shapes were propagated;
+            # export and hooks would run that same code and fail the same way. Unless the model itself
+            # runs at this size: then fx recorded another program (a branch a Proxy answered otherwise),
+            # and the next rung runs the model's own Python.
+            if backend != "fx" or exc.parts is None or exc.parts.verdict != "failed" or _plain_run(
+                    model, input_size, options) is not None:
+                raise
+            failed.append(Attempt(backend, "TraceError", (
+                f"fx's graph failed at a size the model itself runs at ({_first_line(exc)}): the traced "
+                "program is not the model's")))
+            errors.append(exc)
+            continue
         except _HooksNeedValues as exc:
             # The last rung needs values and the user has not allowed a real run: say how to allow it.
             failed.append(Attempt(backend, "TraceError", _first_line(exc)))
@@ -242,10 +251,65 @@ def _climb(model: nn.Module, input_size: Sequence[int], options: TraceOptions, b
         return LadderResult(traced, graph, tuple(failed))
     listing = "\n".join(f"  - {a}" for a in failed)
     first = errors[0]
+    plain = _plain_run(model, input_size, options)
+    if isinstance(plain, Exception):
+        # Every rung failed because the model itself fails at this size: that is the input size's fault.
+        too_small = _size_it_runs_at(model, input_size, options, plain)
+        if too_small is not None:
+            raise too_small from plain
+        listing += f"\n  - the model's own forward fails at this size too, on meta: {type(plain).__name__}: {_first_line(plain)}"
     raise TraceError(
         f"no tracing backend could trace {type(model).__name__}:\n{listing}\n"
         "Hint: mark the failing submodule as a leaf (`--leaf PATH`), or give the model a forward that takes one tensor."
     ) from first
+
+
+_VALUES = object()
+"""``_plain_run``'s answer when the model reads tensor values, which a meta run cannot tell."""
+
+
+def _plain_run(model: nn.Module, input_size: Sequence[int], options: TraceOptions) -> Any:
+    """Run the model's own forward once on meta (the input and meta twins of every weight; nothing computed).
+
+    Returns:
+        ``None`` when it runs, the exception it raised when it fails, or ``_VALUES`` when it reads values.
+    """
+    shape = (options.batch_size, *(int(s) for s in input_size))
+    call = forward_call(model, options)
+    args, kwargs = _call_arguments(call, torch.empty(shape, device="meta"), torch.device("meta"))
+    twins = meta_twins(model, remove_duplicate=True)
+    try:
+        with training_mode(model, options.train), torch.no_grad(), ValueReadCheck():
+            torch.func.functional_call(model, twins, args, kwargs, strict=False)
+    except ValuesNeeded:
+        return _VALUES
+    except Exception as exc:  # the model's own forward: whatever it raises is its answer to this size
+        return exc
+    return None
+
+
+_LARGER = (2, 4, 8)
+"""Spatial scales tried for the size a model runs at, when it fails at the given one."""
+
+
+def _size_it_runs_at(
+    model: nn.Module, input_size: Sequence[int], options: TraceOptions, failure: Exception
+) -> InputSizeError | None:
+    """The ``InputSizeError`` for a model that fails at ``input_size`` on its own and runs at a larger size
+    (the spatial axes scaled by 2, 4 or 8, channels kept); ``None`` when none of those runs either."""
+    from .errors import SizeErrorParts
+    from .sizes import format_input_size, size_error
+
+    size = tuple(int(s) for s in input_size)
+    for scale in _LARGER:
+        bigger = (size[0], *(s * scale for s in size[1:]))
+        if _plain_run(model, bigger, options) is None:
+            return size_error(SizeErrorParts(
+                f"input size {size} does not fit {type(model).__name__}: the model's own forward fails at it, "
+                f"without autoprobe ({type(failure).__name__}: {_first_line(failure)}), and runs at {bigger}",
+                f"pass a size the model was built for, e.g. {format_input_size(bigger)}", size, "fails",
+            ))
+    return None
 
 
 def _is_leaf(module: nn.Module, path: str, leaf_types: tuple[type[nn.Module], ...], leaf_paths: frozenset[str]) -> bool:

@@ -36,6 +36,7 @@ import dis
 import functools
 import inspect
 import operator
+import sys
 from bisect import bisect_left
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -85,6 +86,16 @@ class Specialization:
         return f"{self.site} ({self.how})"
 
 
+_ISINSTANCE_HELPERS = frozenset({"torch.jit", "torch._jit_internal"})
+"""Modules whose frames stand between a model's ``torch.jit.isinstance(x, T)`` and Python's ``isinstance``."""
+
+
+def _is_model_code(frame: Any) -> bool:
+    """Whether ``frame`` runs the model's code, not torch's or autoprobe's (``_model_site``'s rule)."""
+    module = str(frame.f_globals.get("__name__", ""))
+    return not (module == "torch" or module.startswith(("torch.", "autoprobe.", "builtins")))
+
+
 class _ShapeProxy(fx.Proxy):
     """An fx Proxy that Python may read as a value when the value follows from shapes alone.
 
@@ -94,6 +105,19 @@ class _ShapeProxy(fx.Proxy):
 
     def __getattr__(self, k: str) -> "_ShapeAttribute":
         return _ShapeAttribute(self, k)
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:  # noqa: D105
+        # ``isinstance(x, torch.Tensor)`` (``torch.jit.isinstance`` too) in the model's code must take the
+        # branch the model takes: a plain Proxy answers False, and fx records another program (MONAI's
+        # BasicUNetPlusPlus). isinstance reads ``__class__`` when the type itself does not match; fx and
+        # torch keep seeing a Proxy (their frames are skipped), so create_arg never takes it for a constant.
+        caller = sys._getframe(1)
+        while caller is not None and caller.f_globals.get("__name__") in _ISINSTANCE_HELPERS:
+            caller = caller.f_back
+        if caller is not None and _is_model_code(caller) and self.tracer.is_tensor(self):  # type: ignore[attr-defined]
+            return torch.Tensor
+        return type(self)
 
     def __len__(self) -> int:
         return len(self.tracer.concrete(self, "len"))  # type: ignore[attr-defined]
@@ -314,6 +338,28 @@ class QualnameTracer(fx.Tracer):
             )
         self._record("iter")
         return iter([obj[i] for i in range(count)])
+
+    def is_tensor(self, obj: fx.Proxy) -> bool:
+        """Whether ``obj`` stands for a tensor, for the model's ``isinstance(x, torch.Tensor)``: its value on meta.
+
+        Not a specialization: a value's type does not depend on the traced size.
+
+        Raises:
+            torch.fx.proxy.TraceError: the value cannot be evaluated on meta, so the branch the model takes
+                is unknown; fx fails, and the ladder goes on to export (the notes say why).
+        """
+        if self._evaluating:
+            return False
+        node = obj.node
+        try:
+            self._value(node, "isinstance")
+        except fx.proxy.TraceError:
+            if node not in self._values:  # a device read only taints a value; a tensor is still a tensor
+                raise fx.proxy.TraceError(
+                    f"isinstance of a traced value cannot be answered: {node.name} cannot be evaluated on meta, "
+                    "so the branch the model takes is unknown"
+                ) from None
+        return isinstance(self._values[node], torch.Tensor)
 
     def concrete(self, obj: fx.Proxy, how: str, *, record: bool = True) -> Any:
         """The value of ``obj`` at the traced size, for Python that needs it (``bool``, ``int``, ``len``).

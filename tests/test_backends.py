@@ -244,3 +244,99 @@ def test_an_unusable_graph_sends_the_climb_to_the_finer_rungs() -> None:
     kept = trace_with_fallbacks(Net(), SIZE, usable=lambda graph: False)
     assert kept.backend == "fx"
     assert kept.notes[-1] == "backend export gave no eligible point either; kept fx"
+
+
+# --------------------------------------------------------------------- fx takes the model's branch (issue 25.3)
+
+class TypeBranchy(nn.Module):
+    """Branches on the input's type, as MONAI's BasicUNetPlusPlus does (``torch.jit.isinstance(x, torch.Tensor)``).
+
+    ``how`` picks the check: ``isinstance``, ``jit`` (``torch.jit.isinstance``) or ``type`` (``type(x) is
+    torch.Tensor``, which no Proxy can answer). The other branch runs ``wrong``, whose 5 input channels never come.
+    """
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.wrong = nn.Conv2d(5, 8, 1)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+
+    def is_tensor(self, x: torch.Tensor) -> bool:
+        if self.how == "isinstance":
+            return isinstance(x, torch.Tensor)
+        if self.how == "jit":
+            return torch.jit.isinstance(x, torch.Tensor)
+        return type(x) is torch.Tensor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.a(x) if self.is_tensor(x) else self.wrong(x)
+        x = self.b(x).relu() if self.is_tensor(x) else self.wrong(x)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("how", ["isinstance", "jit"])
+def test_fx_takes_the_branch_an_isinstance_tensor_check_takes(how: str) -> None:
+    model = TypeBranchy(how)
+    traced = trace_fx(model, (3, 8, 8))
+    called = [str(n.target) for n in traced.graph_module.graph.find_nodes(op="call_module")]
+    assert called == ["a", "b", "head.0", "head.1", "head.2"]
+    selection = analyze(model, input_size=(3, 8, 8)).selection
+    assert selection.backend == "fx" and not any("failed" in note for note in selection.notes)
+    # fx's own checks still see a Proxy: a tensor argument is not taken for a constant.
+    assert not [n for n in traced.graph_module.graph.nodes if n.op == "get_attr" and "_tensor_constant" in str(n.target)]
+
+
+def test_a_branch_fx_cannot_take_falls_to_export_with_a_note_not_an_input_size_error() -> None:
+    # type(x) is torch.Tensor is False for any Proxy: fx's program runs `wrong` and fails on its channels, at a
+    # size the model itself runs at. That is no InputSizeError: the next rungs run the model's own Python
+    # (export's FakeTensor is no plain Tensor either, so the hooks rung, on meta tensors, is the one that works).
+    model = TypeBranchy("type")
+    assert model(torch.randn(2, 3, 8, 8)).shape == (2, 3)
+    selection = analyze(model, input_size=(3, 8, 8)).selection
+    assert selection.backend in ("export", "hooks")
+    assert any("fx's graph failed at a size the model itself runs at" in note for note in selection.notes)
+    assert "wrong" not in {p.module_path for p in selection.points}
+
+
+# --------------------------------------------------------------------- an input too small for the model (issue 25.4)
+
+class Window(nn.Module):
+    """Refuses a map narrower than its window, as MONAI's SwinUNETR stages do at a too small input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert x.shape[-1] >= 4, "the feature map is smaller than the window"
+        return self.conv(x)
+
+
+class Shrinking(nn.Module):
+    """Two stride-2 convs, then a window (``tail="window"``) or a 5x5 valid conv (``tail="kernel"``)."""
+
+    def __init__(self, tail: str) -> None:
+        super().__init__()
+        last = Window() if tail == "window" else nn.Conv2d(8, 8, 5)
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(), last
+        )
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+@pytest.mark.parametrize("tail", ["window", "kernel"])
+def test_an_input_the_plain_model_refuses_is_an_input_size_error(tail: str) -> None:
+    model = Shrinking(tail)
+    with pytest.raises((AssertionError, RuntimeError)):
+        model(torch.randn(2, 3, 8, 8))  # plain PyTorch refuses it too
+    with pytest.raises(InputSizeError) as info:
+        analyze(model, input_size=(3, 8, 8))
+    assert "no tracing backend" not in str(info.value) and "Hint: pass" in str(info.value)
+    if tail == "window":  # every rung failed in the model's own code: the size it runs at is searched for
+        assert "runs at (3, 16, 16)" in str(info.value)
+        assert str(info.value).endswith("e.g. input_size=(3, 16, 16) (input_size=(3, 8, 8) fails).")
