@@ -63,6 +63,7 @@ from .trace import (
     finish_trace,
     forward_call,
     has_tensor,
+    module_types,
     tensor_meta,
     trace_fx,
     training_mode,
@@ -237,6 +238,9 @@ def _climb(model: nn.Module, input_size: Sequence[int], options: TraceOptions, b
         except _HooksNeedValues as exc:
             # The last rung needs values and the user has not allowed a real run: say how to allow it.
             failed.append(Attempt(backend, "TraceError", _first_line(exc)))
+            part = _backbone_alone(model, input_size, options, backends, failed)
+            if part is not None:
+                return part
             listing = "\n".join(f"  - {a}" for a in failed)
             raise RealDataNeeded(
                 f"no tracing backend could trace {type(model).__name__} without running it on real values:\n{listing}",
@@ -251,6 +255,9 @@ def _climb(model: nn.Module, input_size: Sequence[int], options: TraceOptions, b
         return LadderResult(traced, graph, tuple(failed))
     listing = "\n".join(f"  - {a}" for a in failed)
     first = errors[0]
+    part = _backbone_alone(model, input_size, options, backends, failed)
+    if part is not None:
+        return part
     plain = _plain_run(model, input_size, options)
     if isinstance(plain, Exception):
         # Every rung failed because the model itself fails at this size: that is the input size's fault.
@@ -262,6 +269,75 @@ def _climb(model: nn.Module, input_size: Sequence[int], options: TraceOptions, b
         f"no tracing backend could trace {type(model).__name__}:\n{listing}\n"
         "Hint: mark the failing submodule as a leaf (`--leaf PATH`), or give the model a forward that takes one tensor."
     ) from first
+
+
+class _Part(nn.Module):
+    """The model's ``backbone`` alone, under the same path, so node names are the whole model's module paths."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.backbone(x)
+
+
+BACKBONE = "backbone"
+"""The submodule traced alone when the whole model cannot be (torchvision's and most detectors' feature extractor)."""
+
+
+def _backbone_alone(
+    model: nn.Module, input_size: Sequence[int], options: TraceOptions, backends: Sequence[str], failed: list[Attempt]
+) -> LadderResult | None:
+    """The ladder on the model's ``backbone`` submodule, when every rung failed on the whole model (a detection
+    model: its region proposals and box heads read values and return per-image lists); ``None`` without one.
+
+    The trace's ``part`` says so, and its notes: ``instrument`` refuses it with what to pass.
+    """
+    backbone = getattr(model, BACKBONE, None)
+    if not isinstance(backbone, nn.Module) or not _takes_one_tensor(backbone):
+        return None
+    part_options = dataclasses.replace(
+        options, input_name=None, forward_kwargs={},
+        leaf_paths=tuple(p for p in options.leaf_paths if p.startswith(BACKBONE + ".")),
+    )
+    try:
+        result = _climb(_Part(backbone), input_size, part_options, backends)
+    except AutoprobeError:
+        return None
+    reasons = "; ".join(f"{a.backend}: {_clip(a.reason, 160)}" for a in failed)
+    note = (
+        f"no backend could trace the whole {type(model).__name__} ({reasons}); traced its `{BACKBONE}` submodule "
+        f"alone: every point is inside it, and the rest of the model (heads, transforms) is not analysed"
+    )
+    traced = dataclasses.replace(result.traced, part=BACKBONE, module_types=module_types(model))
+    return dataclasses.replace(result, traced=traced, before=(note, *result.before))
+
+
+def part_refusal(label: str, part: str) -> str:
+    """``instrument``'s refusal of a model analysed through one submodule (``_backbone_alone``), with what to do."""
+    return (
+        f"{label} was analysed through its `{part}` submodule alone: no backend traces the whole model (a detection "
+        f"model's proposal and box heads read tensor values and return per-image lists), so points inside `{part}` "
+        "cannot be tapped in the whole model's forward, and its output has no (B, K) or (B, K, *S) prediction.\n"
+        f"Hint: supervise the {part} as a model of its own, beside the detector's own losses: "
+        f"`autoprobe.instrument(model.{part}, input_size=..., output=lambda feats: <a (B, K, H, W) prediction from "
+        "the feature maps>, output_loss=<your loss of it and the target>)`; `autoprobe.inspect(model)` shows the "
+        f"points of the {part}."
+    )
+
+
+def _takes_one_tensor(module: nn.Module) -> bool:
+    """Whether ``module.forward`` can be called with one positional tensor (every other parameter has a default)."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return bool(positional) and all(p.default is not p.empty for p in positional[1:]) and all(
+        p.default is not p.empty for p in params if p.kind == p.KEYWORD_ONLY)
 
 
 _VALUES = object()

@@ -38,7 +38,7 @@ from torch import fx, nn
 
 from .adapters import AdapterHead, HeadShape, Task, adapter_parameter_count, check_adapter_head, make_adapter
 from .api import Analysis, analyze, trace_options
-from .backends import trace_with_fallbacks
+from .backends import part_refusal, trace_with_fallbacks
 from .errors import InstrumentError, SelectionError, UsageError
 from .fx_engine import FxEngine, FxRecipe, trace_both_modes
 from .graph import LayerGraph, LayerInfo, build_layer_graph
@@ -196,6 +196,8 @@ def instrument(
             options=dataclasses.replace(opts, mode="eval"),
         )
         selection = dataclasses.replace(analysis.selection, model=label)
+        if analysis.traced is not None and analysis.traced.part:
+            raise InstrumentError(part_refusal(label, analysis.traced.part))
     elif points is not None or not (isinstance(rules, str) and rules == "default"):
         raise SelectionError(
             "instrument got a selection and also rules/points to make one; pass one or the other. "

@@ -193,6 +193,9 @@ class Traced:
         output_type: the dict subclass the model returns (a Hugging Face ``ModelOutput``) where the
             graph returns it lowered to a plain dict (fx does); ``None`` when the graph returns the
             model's own object.
+        part: ``""`` when the graph is the whole model's; else the path of the submodule traced alone
+            because no backend could trace the whole (a detection model's ``backbone``): node names are
+            still the whole model's paths, but the graph's input and output are that submodule's.
     """
 
     graph_module: fx.GraphModule
@@ -205,6 +208,7 @@ class Traced:
     input_node: str = ""
     notes: tuple[str, ...] = ()
     output_type: type | None = None
+    part: str = ""
 
 
 class NodeNamer:

@@ -340,3 +340,46 @@ def test_an_input_the_plain_model_refuses_is_an_input_size_error(tail: str) -> N
     if tail == "window":  # every rung failed in the model's own code: the size it runs at is searched for
         assert "runs at (3, 16, 16)" in str(info.value)
         assert str(info.value).endswith("e.g. input_size=(3, 16, 16) (input_size=(3, 8, 8) fails).")
+
+
+# --------------------------------------------------------------------- detection models: the backbone alone (issue 25.5)
+
+class Detector(nn.Module):
+    """A backbone, then a head that keeps the images with a positive score (a value read), one record per image."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        )
+        self.score = nn.Conv2d(16, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        scores = self.score(self.backbone(x)).flatten(1)
+        return [{"scores": s} for s in scores if s.max() > 0]  # a branch on values per image, as NMS keeps boxes
+
+
+def test_a_model_no_backend_traces_is_inspected_through_its_backbone_with_a_note() -> None:
+    import autoprobe
+    from autoprobe.errors import InstrumentError
+
+    model = Detector()
+    selection = autoprobe.inspect(model, input_size=(3, 32, 32))
+    assert selection.points and all(p.name.startswith("backbone.") for p in selection.points)
+    assert any("traced its `backbone` submodule alone" in note for note in selection.notes)
+    with pytest.raises(InstrumentError) as info:
+        autoprobe.instrument(model, input_size=(3, 32, 32))
+    assert "`backbone` submodule alone" in str(info.value)
+    assert str(info.value).splitlines()[-1].startswith("Hint: supervise the backbone as a model of its own")
+
+
+def test_torchvision_mask_rcnn_shows_backbone_points_without_a_download() -> None:
+    import autoprobe
+    from autoprobe.models import resolve_model
+
+    model = resolve_model("tv:maskrcnn_resnet50_fpn").module  # weights and weights_backbone off: no download
+    selection = autoprobe.inspect(model, input_size=(3, 128, 128))
+    assert selection.points and all(p.name.startswith("backbone.") for p in selection.points)
+    assert any("`backbone` submodule alone" in note for note in selection.notes)
