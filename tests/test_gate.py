@@ -270,3 +270,12 @@ def test_under_autocast_the_gate_measures_a_bfloat16_forward_and_holds_float32_w
     assert all(a.cosine == pytest.approx(-1.0, abs=1e-5) for a in probed.objective.gate.last.values())
     assert probed.objective.gate.weights.dtype == torch.float32
     assert all(parts[f"gate/{name}"].item() == 0.0 for name in selection.names)
+
+
+def test_the_labels_call_the_trainers_use_carries_the_gate_parts() -> None:
+    # transformers.Trainer and AutoprobeCallback read ProbedLossOutput.parts from `probed(x, labels=y)`.
+    probed = autoprobe.instrument(_net(), input_size=(3, 16, 16), loss="dsn", gate="cosine")
+    x, y = _batches(1)[0]
+    record = probed(x, labels=y)
+    assert {f"gate/{name}" for name in probed.selection.names} <= set(record.parts)
+    record.loss.backward()
