@@ -401,7 +401,9 @@ def _is_leaf(module: nn.Module, path: str, leaf_types: tuple[type[nn.Module], ..
 # export
 # ---------------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
+# Bounded: one entry per ATen overload a model's export uses; a few hundred cover the zoo, and a
+# long-lived process that exports many models must not grow without limit.
+@functools.lru_cache(maxsize=1024)
 def _named_op(op: torch._ops.OpOverload) -> Callable[..., Any]:
     """A callable that runs ``op`` under the functional name the registry shows it as (``ops.shown_name``).
 

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import inspect
 import re
+import sys
 import traceback
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -266,6 +267,10 @@ def default_leaf_modules() -> tuple[type[nn.Module], ...]:
     blocks whose insides (the conv, the norm, the activation) are exactly what detectors read.
     """
     leaves: list[type[nn.Module]] = []
+    # A model holding a timm layer has imported timm; without timm loaded there is nothing of its to
+    # keep whole, and importing it only to learn that costs the CLI seconds (issue 28).
+    if "timm" not in sys.modules:
+        return ()
     with contextlib.suppress(ImportError):
         from timm.layers import get_notrace_modules
 
@@ -274,7 +279,9 @@ def default_leaf_modules() -> tuple[type[nn.Module], ...]:
 
 
 def default_autowrap_functions() -> tuple[Callable[..., Any], ...]:
-    """Functions fx records as single calls: timm's registry (shape-dependent helpers)."""
+    """Functions fx records as single calls: timm's registry (shape-dependent helpers); none unless timm is loaded."""
+    if "timm" not in sys.modules:
+        return ()
     with contextlib.suppress(ImportError):
         from timm.layers import get_notrace_functions
 

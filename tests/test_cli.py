@@ -589,3 +589,19 @@ def test_readme_commands_run(capsys: Capsys, section: str, tmp_path: Path, monke
     capsys.readouterr()
     html = [w for i, w in enumerate(words) if i and words[i - 1] == "--html"]
     assert all((tmp_path / name).stat().st_size > 10_000 for name in html)
+
+
+def test_analyzing_a_plain_torch_model_does_not_import_timm():
+    # timm's no-trace registries are read only when timm is loaded: a model without timm layers
+    # must not pay its import (seconds at the CLI).
+    code = ("import sys, torch, autoprobe\n"
+            "net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3),"
+            " torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 12 * 12, 10))\n"
+            "assert autoprobe.inspect(net, input_size=(3, 16, 16)).names\n"
+            "print(sorted(m for m in sys.modules if m == 'timm' or m.startswith('timm.')))\n")
+    import subprocess
+    import sys as _sys
+
+    out = subprocess.run([_sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
