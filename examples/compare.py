@@ -33,6 +33,7 @@ Grids (``--grid NAME``, repeatable, or ``all``); EVIDENCE.md says which ran on w
   default-gated, default-heads   the default's validation rule (EVIDENCE.md section 7): the gated
                  candidates (and DeepLabV3+'s DSN at today's points), then Region MI and conv heads;
                  seeds 0-2, validation only
+  confirm-NAME   the rule's choice (or baseline) at seeds 5-9 on the four models, scored on test
   all            every grid but the pilots and the validation-only ones
 
 Usage:
@@ -694,6 +695,23 @@ def _default_validation(names: Sequence[str], seeds: Sequence[int] = (0, 1, 2)) 
     return specs
 
 
+# The confirmation of the rule's choice (issue 24 item 4): seeds never used before, scored on test.
+CONFIRMATION_SEEDS = (5, 6, 7, 8, 9)
+# Candidates of the rule read from the main tables, spelled as the grids spell them.
+TABLE_CANDIDATES = {"dsn": ("dsn", ()), "imachsr-mi": ("imachsr", SHIPPED)}
+
+
+def _confirmation(name: str) -> list[RunSpec]:
+    """``name`` (``baseline`` or a candidate of the rule) on the four models at seeds 5-9, test-scored."""
+    method, options = ("baseline", ()) if name == "baseline" else {**TABLE_CANDIDATES, **DEFAULT_CANDIDATES}[name]
+    specs = []
+    for s in CONFIRMATION_SEEDS:
+        for task, model in EVIDENCE_MODELS:
+            steps, batch = (SEG_STEPS, SEG_BATCH) if task == "seg" else (CLS_STEPS, CLS_BATCH)
+            specs.append(RunSpec(task, model, method, s, steps, batch, options=options))
+    return specs
+
+
 GRIDS = {
     "pilot-seg": _seg_pilots,
     "primary": lambda: _primary(("baseline", "imachsr")),
@@ -720,6 +738,8 @@ GRIDS = {
     "default-gated": lambda: _default_validation(("dsn-gated", "imachsr-gated")),
     "default-heads": lambda: _default_validation(("dsn-conv", "imachsr-region", "imachsr-region-conv",
                                                   "imachsr-region-gated")),
+    **{f"confirm-{name}": (lambda name=name: _confirmation(name))
+       for name in ("baseline", *TABLE_CANDIDATES, *DEFAULT_CANDIDATES)},
 }
 # `--grid all`: the main tables first, then the second family, the placement grids and the rest.
 ROUNDS = ("primary", "primary-dsn", "primary-tuned", "seg-shipped", "cls-resnet", "cls-resnet-tuned", "seg-unet",

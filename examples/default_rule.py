@@ -24,11 +24,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["CANDIDATES", "CURRENT", "SEEDS", "RuleOutcome", "validation_rows", "apply_rule", "rule_table",
-           "gate_table", "gate_plot"]
+__all__ = ["CANDIDATES", "CURRENT", "SEEDS", "CONFIRMATION_SEEDS", "RuleOutcome", "validation_rows", "apply_rule",
+           "rule_table", "confirmation_rows", "confirmation_table", "gate_table", "gate_plot"]
 
 MODELS = (("seg", "deeplabv3plus"), ("seg", "unet"), ("cls", "resnet18n"), ("cls", "vit"))
 SEEDS = (0, 1, 2)
+CONFIRMATION_SEEDS = (5, 6, 7, 8, 9)
 # (name, method, setting, pilot): the runs a candidate is read from. DeepLabV3+'s DSN at today's
 # points is a pilot spelled `auto/M=3` (its main-table runs had older points); see _arm_runs.
 CANDIDATES: tuple[tuple[str, str, str], ...] = (
@@ -142,7 +143,8 @@ def apply_rule(records: Sequence[dict]) -> RuleOutcome:
         missing[name] = lacking
         if len(per_model) == len(models):
             scores[name] = per_model
-    applied = all(n == 0 for n in missing.values())
+    # The dense-only candidates cannot be chosen, so the rule does not wait for them (amendment 13:55 UTC).
+    applied = all(n == 0 for name, n in missing.items() if name not in DENSE_ONLY)
     chosen = None
     if applied:
         current = scores[CURRENT]
@@ -189,6 +191,49 @@ def _partial(records: Sequence[dict], name: str) -> dict[str, float]:
 def _count(records: Sequence[dict], name: str, task: str, model: str) -> int:
     method, setting = next((m, s) for n, m, s in CANDIDATES if n == name)
     return len(_arm_runs(records, task, model, method, setting))
+
+
+def confirmation_rows(records: Sequence[dict]) -> list[dict]:
+    """``summary.json``'s ``confirmation_rows``: seeds 5-9 on test, per model, output-only and each candidate
+    found there, in the ``rows`` schema; ``delta``/``ci95`` paired with output-only's test score."""
+    rows = []
+    for task, model in MODELS:
+        metric = "mIoU" if task == "seg" else "accuracy"
+        base: dict[int, float] = {}
+        for name, method, setting in CANDIDATES:
+            runs = {r["seed"]: r for r in records
+                    if (r["task"], r["model"], r["method"], r["setting"]) == (task, model, method, setting)
+                    and r["seed"] in CONFIRMATION_SEEDS and not r.get("pilot") and not r.get("quick")}
+            if not runs:
+                continue
+            if name == "output-only":
+                base = {s: r["metrics"][metric] for s, r in runs.items()}
+            values = {s: r["metrics"][metric] for s, r in runs.items()}
+            mean, ci, n = (None, None, 0) if name == "output-only" else _paired(base, values)
+            first = next(iter(runs.values()))
+            rows.append({
+                "task": task, "model": model, "method": name, "seeds": sorted(values),
+                "metric": "miou" if task == "seg" else "accuracy",
+                "mean": statistics.fmean(values.values()),
+                "sd": statistics.stdev(values.values()) if len(values) > 1 else 0.0,
+                "delta": None if name == "output-only" or n == 0 else mean, "ci95": ci,
+                "pixel_accuracy": None, "trivial_pixel_accuracy": None,
+                "steps": first["steps"], "batch": first["batch"],
+            })
+    return rows
+
+
+def confirmation_table(rows: Sequence[dict]) -> str:
+    """The confirmation rows as markdown (points; 95% paired-t interval)."""
+    if not rows:
+        return "No confirmation runs yet (`python examples/compare.py --grid confirm-baseline --grid confirm-NAME`).\n"
+    lines = ["| model | arm | seeds | mean (%) | delta vs output-only [95% CI] |", "|---|---|---|---|---|"]
+    for r in rows:
+        delta = "-" if r["delta"] is None else (f"{100 * r['delta']:+.2f}" + (
+            f" [{100 * r['ci95'][0]:+.2f}, {100 * r['ci95'][1]:+.2f}]" if r["ci95"] else ""))
+        lines.append(f"| {r['model']} | {r['method']} | {','.join(map(str, r['seeds']))} | "
+                     f"{100 * r['mean']:.2f} | {delta} |")
+    return "\n".join(lines) + "\n"
 
 
 def _gated_runs(records: Sequence[dict]) -> list[dict]:

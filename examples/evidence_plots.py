@@ -49,9 +49,14 @@ def load(path: Path) -> list[dict]:
     return [r for r in (json.loads(x) for x in path.read_text().splitlines() if x.strip()) if not r.get("quick")]
 
 
+# Seeds 5-9 confirm the default's rule (EVIDENCE.md section 7): their own rows, never merged into the tables.
+CONFIRMATION_SEEDS = frozenset(range(5, 10))
+
+
 def _main(records: Sequence[dict]) -> list[dict]:
-    """The runs scored on test: pilots choose settings on validation and never enter a table of results."""
-    return [r for r in records if not r.get("pilot")]
+    """The runs of the main tables, seeds 0-4 scored on test: pilots choose settings on validation and
+    never enter a table of results, and the confirmation's seeds have rows of their own."""
+    return [r for r in records if not r.get("pilot") and r["seed"] not in CONFIRMATION_SEEDS]
 
 
 # Student t 0.975 quantiles for 1..10 degrees of freedom (no scipy needed for a table this small).
@@ -618,7 +623,9 @@ def render(results: Path, out: Path) -> str:
                  "found so far); S: the mean of the four models, W: the worst.\n\n" + rule.rule_table(everything))
     parts.append("## The gate's weight in force over training (gated runs)\n\n" + rule.gate_table(everything))
     made.append(rule.gate_plot(everything, out / "gate_weights.png"))
-    summary = {"rows": summary_rows(everything), "validation_rows": rule.validation_rows(everything)}
+    summary = {"rows": summary_rows(everything), "validation_rows": rule.validation_rows(everything),
+               "confirmation_rows": rule.confirmation_rows(everything)}
+    parts.append("## The confirmation (seeds 5-9, test split)\n\n" + rule.confirmation_table(summary["confirmation_rows"]))
     parts.append("## The mechanism check (`examples/mechanism.py`)\n\n"
                  + mechanism.render(mechanism.load(results.parent / "mechanism.jsonl"), summary["rows"], out))
     (out / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")

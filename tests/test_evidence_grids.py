@@ -132,3 +132,20 @@ def test_the_default_rule_reads_the_settings_the_grids_train_and_chooses_by_its_
     rows = rule.validation_rows(records)
     assert {r["method"] for r in rows} == {name for name, _, _ in rule.CANDIDATES}
     assert all((r["delta"] is None) == (r["method"] == "output-only") for r in rows)
+
+
+def test_the_confirmation_has_rows_of_its_own_and_stays_out_of_the_main_tables(evidence):
+    compare, plots = evidence
+    rule = importlib.import_module("examples.default_rule")
+    base = compare.grid_specs(["confirm-baseline"])
+    chosen = compare.grid_specs(["confirm-dsn-gated"])
+    assert sorted({s.seed for s in base + chosen}) == [5, 6, 7, 8, 9]
+    assert all(not s.pilot for s in base + chosen) and {s.model for s in chosen} == {m for _, m in rule.MODELS}
+    records = [{**_record(s, 0.50 if s.method == "baseline" else 0.51 + 0.001 * s.seed), "steps": 10, "batch": 4}
+               for s in base + chosen]
+    assert plots.summary_rows(records) == []  # seeds 5-9 never enter the main tables' rows
+    rows = {(r["model"], r["method"]): r for r in rule.confirmation_rows(records)}
+    vit = rows[("vit", "dsn-gated")]
+    assert vit["seeds"] == [5, 6, 7, 8, 9] and vit["delta"] == pytest.approx(0.017)
+    assert vit["ci95"][0] < 0.017 < vit["ci95"][1]
+    assert rows[("vit", "output-only")]["delta"] is None
