@@ -54,8 +54,9 @@ import itertools
 import json
 import math
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -65,7 +66,7 @@ from torch import Tensor, nn
 
 from .errors import SelectionError, UsageError
 
-__all__ = ["Candidate", "CandidateResult", "TuneResult", "SEARCH_KEYS", "DEFAULT_SEARCH", "tune"]
+__all__ = ["Candidate", "CandidateResult", "TuneCost", "TuneResult", "SEARCH_KEYS", "DEFAULT_SEARCH", "tune"]
 
 TuneObjective = Literal["output", "dsn", "imachsr"]
 TuneTask = Literal["classification", "dense"]
@@ -155,6 +156,26 @@ class CandidateResult:
 
 
 @dataclass(frozen=True)
+class TuneCost:
+    """What the search cost, measured: everything it did, building and scoring included.
+
+    Attributes:
+        steps: training steps of all candidates (``max_cost`` bounds these).
+        validation_passes: scorings of a candidate on the validation set (one per rung it finished).
+        cpu_s: CPU seconds of this process (``time.process_time``) for the whole search.
+        wall_s: wall seconds for the whole search.
+        runs: ``cpu_s`` in units of output-only training's own full run (its build, steps and
+            scorings), measured in the same search: what a user pays, next to one plain run.
+    """
+
+    steps: int
+    validation_passes: int
+    cpu_s: float
+    wall_s: float
+    runs: float
+
+
+@dataclass(frozen=True)
 class TuneResult:
     """The search's outcome.
 
@@ -170,6 +191,7 @@ class TuneResult:
         cost_steps: training steps the search used in all (at most ``max_cost * budget_steps``).
         dropped: candidates of the search space left out to respect ``max_cost``.
         seed: the seed it ran with.
+        cost: the measured ``TuneCost`` of the whole search (rebuilding the returned model included).
         model: the chosen candidate trained the full budget, as the search trained it: the
             ``Probed`` model (ship ``model.strip()``), or the plain model when output-only training
             won. No retraining is needed; a resumed search loads it from its state.
@@ -184,8 +206,9 @@ class TuneResult:
     cost_steps: int
     dropped: int
     seed: int
-    # Two results are equal when the search was the same; the model object is not compared.
+    # Two results are equal when the search was the same; the model and the times are not compared.
     model: nn.Module | None = field(default=None, compare=False, repr=False)
+    cost: TuneCost | None = field(default=None, compare=False)
 
 
 Batch = tuple[Tensor, Tensor]
@@ -273,8 +296,14 @@ def tune(
                   _State(Path(state), _fingerprint(candidates, rungs, seed, lr, task)) if state is not None else None,
                   steps)
     dev = torch.device(device)
+    cpu0, wall0 = time.process_time(), time.perf_counter()
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-        return _search(run, candidates, rungs, eta, steps, dropped, seed, say)
+        result = _search(run, candidates, rungs, eta, steps, dropped, seed, say)
+    cpu = time.process_time() - cpu0
+    unit = run.cpu.get(_OUTPUT, 0.0)
+    cost = TuneCost(run.cost, run.validation_passes, round(cpu, 3), round(time.perf_counter() - wall0, 3),
+                    round(cpu / unit, 3) if unit > 0 else math.nan)
+    return replace(result, cost=cost)
 
 
 def _search(run: _Runner, candidates: list[Candidate], rungs: list[int], eta: int, steps: int, dropped: int,
@@ -499,6 +528,8 @@ class _Runner:
         self.blobs: dict[Candidate, dict[str, Any]] = {}
         self.selections: dict[Candidate, Any] = {}
         self.cost = 0
+        self.validation_passes = 0
+        self.cpu: dict[Candidate, float] = {}  # CPU seconds spent on each candidate (build, steps, scoring)
         self.full_steps = full_steps
         self._input_size = tuple(next(iter(train))[0].shape[1:])
 
@@ -550,6 +581,7 @@ class _Runner:
             self.cost += to_steps - done
             self.steps[c] = to_steps
             return
+        cpu0 = time.process_time()
         try:
             model, probed = self._build(c)
         except SelectionError as exc:  # a placement that does not fit this model: reported in the table
@@ -589,6 +621,8 @@ class _Runner:
         with torch.no_grad():
             value = float(self.scorer(model, _on(self.val, self.device)))
         self.cost += to_steps - done
+        self.validation_passes += 1
+        self.cpu[c] = self.cpu.get(c, 0.0) + time.process_time() - cpu0
         self.steps[c] = to_steps
         self.scores.setdefault(c, []).append(value)
         blob = {"model": trainable.state_dict(), "optimizer": opt.state_dict(), "rng": torch.get_rng_state()}

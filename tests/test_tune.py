@@ -187,3 +187,14 @@ def test_the_result_holds_the_chosen_model_trained_as_a_fresh_run_of_its_setting
     plain = tune(_plain_net, train, val, task="classification", steps=60, lr=3e-3, search=_HARMFUL, progress=False)
     assert plain.chosen.objective == "output" and not isinstance(plain.model, autoprobe.Probed)
     assert isinstance(plain.model, nn.Sequential)
+
+
+def test_the_cost_is_measured_whole_in_units_of_one_output_only_run():
+    train, val = _data()
+    result = tune(_cut_net, train, val, task="classification", steps=60, lr=3e-3, search=_STEM_HEAD, progress=False)
+    cost = result.cost
+    assert cost.steps == result.cost_steps == 2 * 60  # two candidates, each trained the full budget once
+    assert cost.validation_passes == sum(len(row.scores) for row in result.table)
+    assert cost.cpu_s > 0 and cost.wall_s > 0
+    # Output-only is one of the two candidates, so the whole search costs more than one of its runs.
+    assert 1.0 < cost.runs < 20
