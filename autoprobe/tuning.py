@@ -23,8 +23,14 @@ Rules defined once here:
 * pairing: every candidate starts from the same initial weights (the seed) and its dropout
   draws are reseeded after ``instrument`` so no candidate's masks depend on its adapters; the
   caller's global RNG state is restored afterwards;
-* resume: with ``state=PATH`` each finished rung of each candidate is appended to a JSON-lines
-  file and its weights saved beside it; a rerun with the same arguments skips what is done.
+* engine: Optuna (the ``tune`` extra). Each candidate is a fixed trial of one study (enqueued, its
+  one parameter the candidate's label), each rung's score is ``trial.report``-ed, and the halving is
+  the study's pruner (``_pruner``: the whole rung's best 1/eta go on, output-only never pruned);
+* storage and resume: in memory by default; with ``state=PATH`` the study is an Optuna journal file
+  and each rung's weights are saved beside it, so a rerun with the same arguments skips what is
+  done; with ``storage=URL`` (an RDB) several calls, on one machine or many, share one study;
+* workers: ``workers=N`` spawns N processes on this machine sharing the study; each candidate's
+  training does not depend on which process runs it, so the choice is the one of a single worker.
 
 Example:
     >>> import torch
@@ -50,11 +56,18 @@ Example:
 from __future__ import annotations
 
 import copy
+import hashlib
 import itertools
 import json
 import math
+import multiprocessing
+import os
+import pickle
+import queue
 import sys
+import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -66,7 +79,8 @@ from torch import Tensor, nn
 
 from .errors import SelectionError, UsageError
 
-__all__ = ["Candidate", "CandidateResult", "TuneCost", "TuneResult", "SEARCH_KEYS", "DEFAULT_SEARCH", "tune"]
+__all__ = ["Candidate", "CandidateResult", "TuneCost", "TuneResult", "SEARCH_KEYS", "DEFAULT_SEARCH", "tune",
+           "hp_space", "candidate"]
 
 TuneObjective = Literal["output", "dsn", "imachsr"]
 TuneTask = Literal["classification", "dense"]
@@ -235,8 +249,14 @@ def tune(
     device: str | torch.device = "cpu",
     progress: bool | Callable[[str], None] = True,
     ignore_index: int = -100,
+    storage: str | None = None,
+    workers: int = 1,
 ) -> TuneResult:
     """Search output-only training, DSN and iMacHSR settings on validation with successive halving.
+
+    The search runs on Optuna (``pip install "autoprobe[tune]"``): every candidate is a fixed trial
+    of one study, each rung's validation score is reported with ``trial.report``, and the halving is
+    the study's pruner.
 
     Args:
         model: a factory returning a fresh model (called once per candidate under
@@ -261,24 +281,44 @@ def tune(
             or mean IoU over the classes present in truth or prediction (dense).
         rules: the rule pack for automatic points; default ``"dense"`` for dense tasks.
         seed: initial weights, the draw of candidates when the space exceeds the cost bound.
-        state: a JSON-lines file recording finished rungs (weights in ``<state>.d/``); a rerun
-            with the same arguments resumes.
+        state: a file holding the study (an Optuna journal; each rung's weights in ``<state>.d/``);
+            a rerun with the same arguments resumes, skipping finished rungs. One search per file.
         device: where to train, ``"cpu"`` or ``"cuda"``.
-        progress: print one line per finished rung to stderr (True), nothing (False), or call this.
+        progress: print one line per finished rung to stderr (True), nothing (False), or call this
+            (in this process, also with ``workers > 1``).
         ignore_index: target value the losses and the default score leave out.
+        storage: an Optuna RDB URL (``"sqlite:///tune.db"``, ``"postgresql://..."``) holding the
+            study, so that several calls, on one machine or many, share one search: each call
+            trains the candidates nobody else has taken. Not with ``state``.
+        workers: worker processes on this machine sharing the study (spawned; they share a journal
+            in a temporary folder unless ``state`` or ``storage`` is given). With ``workers > 1``
+            ``model`` (a factory), ``train``, ``val``, ``score``, ``optimizer`` and ``lr_factor``
+            must be picklable (defined at module level, no lambdas); the choice is the same as with
+            one worker.
 
     Returns:
         A ``TuneResult``.
 
     Raises:
-        UsageError: an empty validation set, a one-shot iterator, a budget too small for one
-            candidate, an unknown search key or value, or a bad option.
+        UsageError: optuna missing, an empty validation set, a one-shot iterator, a budget too small
+            for one candidate, an unknown search key or value, a state file of another search, an
+            unpicklable argument with ``workers > 1``, or a bad option.
 
     Example:
         See the module docstring.
     """
+    optuna = _optuna()
     space = _search_space(search)
     _check_options(task, steps, max_cost, eta)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise UsageError(f"tune: workers={workers!r} must be a positive integer, the processes that train "
+                         "candidates. Hint: workers=1 (this process) or workers=2.")
+    if state is not None and storage is not None:
+        raise UsageError("tune: pass state (a file for one search that resumes) or storage (an RDB URL shared by "
+                         "several calls), not both. Hint: storage='sqlite:///tune.db' also resumes.")
+    if storage is not None and not isinstance(storage, str):
+        raise UsageError(f"tune: storage={storage!r} must be an Optuna RDB URL string. "
+                         "Hint: storage='sqlite:///tune.db'.")
     train_batches = _reiterable("train", train)
     val_batches = _reiterable("val", val)
     first = next(iter(val_batches), None)
@@ -287,70 +327,438 @@ def tune(
                          "Hint: pass a list or DataLoader of (inputs, targets) batches held out from training.")
     if next(iter(train_batches), None) is None:
         raise UsageError("tune: the training set is empty. Hint: pass a list or DataLoader of (inputs, targets) batches.")
+    if workers > 1:
+        _check_picklable(workers, model=model, train=train_batches, val=val_batches, score=score,
+                         optimizer=optimizer, lr_factor=lr_factor)
     rungs = _rungs(steps, eta)
     candidates, dropped = _fit_budget(space, rungs, eta, steps, max_cost, seed)
-    scorer = score if score is not None else (_accuracy if task == "classification" else _miou_scorer(ignore_index))
     say = _progress(progress)
-    run = _Runner(model, train_batches, val_batches, task, lr, optimizer, lr_factor, scorer, rules, seed, device,
-                  ignore_index,
-                  _State(Path(state), _fingerprint(candidates, rungs, seed, lr, task)) if state is not None else None,
-                  steps)
+    fingerprint = _fingerprint(candidates, rungs, seed, lr, task)
+    options = dict(task=task, lr=lr, optimizer=optimizer, lr_factor=lr_factor, score=score, rules=rules, seed=seed,
+                   device=str(device), ignore_index=ignore_index, full_steps=steps)
     dev = torch.device(device)
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-        result = _search(run, candidates, rungs, eta, steps, dropped, seed, say)
-    cpu = time.process_time() - cpu0
-    unit = run.cpu.get(_OUTPUT, 0.0)
-    cost = TuneCost(run.cost, run.validation_passes, round(cpu, 3), round(time.perf_counter() - wall0, 3),
-                    round(cpu / unit, 3) if unit > 0 else math.nan)
+    verbosity = optuna.logging.get_verbosity()
+    # Optuna logs every trial at INFO; tune reports its own progress. Restored below.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    scratch = None
+    try:
+        if state is not None:
+            path = Path(state)
+            spec: tuple[str, str] | None = ("journal", str(path))
+            weights: Path | None = path.with_name(path.name + ".d")
+        elif storage is not None:
+            spec = ("url", storage)
+            scratch = tempfile.TemporaryDirectory(prefix="autoprobe-tune-")
+            weights = Path(scratch.name)
+        elif workers > 1:
+            scratch = tempfile.TemporaryDirectory(prefix="autoprobe-tune-")
+            spec, weights = ("journal", str(Path(scratch.name) / "study.journal")), Path(scratch.name)
+        else:
+            spec, weights = None, None
+        store = _open_storage(optuna, spec)
+        name = _STUDY_PREFIX + hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+        if state is not None:
+            others = [n for n in optuna.get_all_study_names(store) if n != name]
+            if others:
+                raise UsageError(f"tune: state file {state} was written by a search with other arguments. "
+                                 "Hint: pass a new state path, or delete this one to start over.")
+        study = optuna.create_study(study_name=name, storage=store, direction="maximize", load_if_exists=True,
+                                    sampler=optuna.samplers.RandomSampler(seed=seed), pruner=_pruner(optuna, rungs, eta))
+        study.set_user_attr("fingerprint", fingerprint)
+        if state is not None:
+            _reclaim(optuna, study)  # one search per state file: a rerun takes over the rungs an interrupt left
+        _enqueue(optuna, study, candidates)
+        run = _Runner(model, train_batches, val_batches, weights=weights, **options)
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            if workers == 1:
+                stats = [_work(optuna, study, store, run, candidates, rungs, say)]
+            else:
+                payload = dict(model=model, train=train_batches, val=val_batches, weights=weights, options=options,
+                               candidates=candidates, rungs=rungs, eta=eta, threads=torch.get_num_threads())
+                stats = _spawn(workers, payload, spec, name, say)
+            _wait(study, lambda t: t.state.is_finished())  # trials other machines train (storage=)
+            result = _result(study, run, candidates, rungs, steps, dropped, seed, say)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+        if scratch is not None:
+            scratch.cleanup()
+    cpu = time.process_time() - cpu0 + sum(s["cpu_s"] for s in stats if s["pid"] != os.getpid())
+    unit = sum(s["cpu"].get(_OUTPUT.label, 0.0) for s in stats)
+    cost = TuneCost(result.cost_steps, sum(s["passes"] for s in stats), round(cpu, 3),
+                    round(time.perf_counter() - wall0, 3), round(cpu / unit, 3) if unit > 0 else math.nan)
     return replace(result, cost=cost)
 
 
-def _search(run: _Runner, candidates: list[Candidate], rungs: list[int], eta: int, steps: int, dropped: int,
-            seed: int, say: Callable[[str], None]) -> TuneResult:
-    alive = list(candidates)
-    for r, rung_steps in enumerate(rungs):
-        final = r == len(rungs) - 1
-        for c in alive:
-            run.advance(c, rung_steps)
-            outcome = f"{run.scores[c][-1]:.4f}" if c not in run.errors else f"skipped ({run.errors[c]})"
-            say(f"tune: rung {r + 1}/{len(rungs)} ({rung_steps} steps) {c.label}: {outcome}")
-        if final:
-            break
-        keep = _survivors(sum(c.objective != "output" for c in alive), eta)
-        others = sorted((c for c in alive if c.objective != "output" and c not in run.errors),
-                        key=lambda c: (-run.scores[c][-1], candidates.index(c)))
-        alive = [_OUTPUT] + others[:keep]
-    table = tuple(run.result(c) for c in candidates)
-    output_score = run.scores[_OUTPUT][-1]
-    finalists = [c for c in alive if c.objective != "output" and c not in run.errors]
-    best = max(finalists, key=lambda c: (run.scores[c][-1], -candidates.index(c)), default=_OUTPUT)
-    chosen = best if best is not _OUTPUT and run.scores[best][-1] > output_score else _OUTPUT
-    say(f"tune: chose {chosen.label} (val {run.scores[chosen][-1]:.4f}; output-only {output_score:.4f}); "
-        f"cost {run.cost} steps = {run.cost / steps:.2f} x the budget")
-    # Built first: rebuilding the choice also places its points, which a resumed search has not done yet.
-    model = run.trained(chosen)
+_OUTPUT = Candidate()
+_STUDY_PREFIX = "autoprobe-tune-"
+
+
+# ----------------------------------------------------------------------------- the engine: Optuna
+
+
+def _optuna() -> Any:
+    """Optuna, imported on first use: only ``tune`` needs it, so it is an extra."""
+    try:
+        import optuna
+    except ImportError as exc:
+        raise UsageError('tune: runs its search on Optuna, which is not installed. '
+                         'Hint: pip install "autoprobe[tune]"') from exc
+    return optuna
+
+
+def _open_storage(optuna: Any, spec: tuple[str, str] | None) -> Any:
+    if spec is None:
+        return optuna.storages.InMemoryStorage()
+    kind, where = spec
+    if kind == "url":
+        return optuna.storages.RDBStorage(where)
+    path = Path(where)
+    if path.exists() and path.stat().st_size:
+        with path.open() as f:
+            head = f.readline()
+        try:
+            record = json.loads(head)
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and "fingerprint" in record:
+            raise UsageError(f"tune: state file {path} is in the format of an older autoprobe (JSON lines of "
+                             "rungs), which this one cannot resume. Hint: pass a new state path, or delete it.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+def _pruner(optuna: Any, rungs: Sequence[int], eta: int) -> Any:
+    """Synchronous successive halving as an Optuna pruner.
+
+    Optuna's ``SuccessiveHalvingPruner`` is asynchronous: it promotes a trial when it is in the top
+    1/eta of those that have reached the rung *so far*, so the first trial of a rung always goes on,
+    and its rungs are ``min_resource * eta**k`` steps, not ``steps / eta**k``. tune's rule is that of
+    the whole rung: asked only once every candidate has reported the rung (``_wait``), it keeps the
+    best ``ceil(n / eta)`` of the ``n`` candidates that entered it (ties: the earlier candidate), and
+    never prunes output-only.
+    """
+
+    class HalvingPruner(optuna.pruners.BasePruner):
+        def prune(self, study: Any, trial: Any) -> bool:
+            step = trial.last_step
+            if step is None or trial.user_attrs.get("label") == _OUTPUT.label or step >= rungs[-1]:
+                return False
+            # A candidate that could not be built entered the first rung: it counts in n, unranked.
+            entered = [t for t in _canonical(study.get_trials(deepcopy=False)) if t.user_attrs["label"] != _OUTPUT.label
+                       and (step in t.intermediate_values or (step == rungs[0] and "error" in t.user_attrs))]
+            ranked = sorted((t for t in entered if step in t.intermediate_values),
+                            key=lambda t: (-t.intermediate_values[step], t.user_attrs["index"]))
+            return trial.number not in {t.number for t in ranked[:_survivors(len(entered), eta)]}
+
+    return HalvingPruner()
+
+
+def _canonical(trials: Iterable[Any]) -> list[Any]:
+    """The trial of each candidate: its lowest-numbered one not failed. A failed trial is one an
+    interrupt left (``_reclaim`` enqueued its candidate again) or a duplicate of a race to enqueue."""
+    by: dict[str, Any] = {}
+    for t in sorted(trials, key=lambda t: t.number):
+        if t.state.name != "FAIL" and "label" in t.user_attrs:
+            by.setdefault(t.user_attrs["label"], t)
+    return sorted(by.values(), key=lambda t: t.user_attrs["index"])
+
+
+def _enqueue(optuna: Any, study: Any, candidates: Sequence[Candidate]) -> None:
+    """Each candidate not in the study yet becomes a fixed trial: the set searched is exactly the draw."""
+    have = {t.user_attrs["label"] for t in _canonical(study.get_trials(deepcopy=False))}
+    for i, c in enumerate(candidates):
+        if c.label not in have:
+            study.enqueue_trial({"candidate": c.label}, user_attrs={"label": c.label, "index": i})
+
+
+def _reclaim(optuna: Any, study: Any) -> None:
+    """Trials left running by an interrupted call: failed, their candidates enqueued again carrying the
+    rungs they finished (their weights are in the state folder), so the rerun continues them."""
+    for t in _canonical(study.get_trials(deepcopy=False)):
+        if t.state == optuna.trial.TrialState.RUNNING:
+            done = sorted(t.intermediate_values.items())
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+            study.enqueue_trial({"candidate": t.user_attrs["label"]},
+                                user_attrs={"label": t.user_attrs["label"], "index": t.user_attrs["index"],
+                                            "resumed": [[s, v] for s, v in done]})
+
+
+def _claim(optuna: Any, study: Any, store: Any) -> Any:
+    """The next waiting trial, taken atomically (as ``Study.ask`` takes one, without ever sampling a
+    new trial when none waits)."""
+    study_id = store.get_study_id_from_name(study.study_name)
+    for t in store.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+        try:
+            # FrozenTrial._trial_id is the storage's key, which Optuna's own ask uses the same way.
+            if store.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.RUNNING):
+                return optuna.trial.Trial(study, t._trial_id)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+    return None
+
+
+def _wait(study: Any, ready: Callable[[Any], bool], poll: float = 0.05) -> None:
+    """Until ``ready`` holds for every candidate's trial (others' workers report into the same study)."""
+    while not all(ready(t) for t in _canonical(study.get_trials(deepcopy=False))):
+        time.sleep(poll)
+
+
+def _work(optuna: Any, study: Any, store: Any, run: _Runner, candidates: Sequence[Candidate],
+          rungs: Sequence[int], say: Callable[[str], None]) -> dict[str, Any]:
+    """One worker: takes candidates from the study, trains them rung by rung, reports, prunes.
+
+    The first rung hands out the candidates (whoever is free takes the next); the worker that took a
+    candidate keeps it, continuing from its weights in memory. Before a later rung every worker
+    waits until every candidate has reported the rung before (or finished), so the pruner compares
+    the whole rung.
+    """
+    pruned, complete = optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE
+    by_label = {c.label: c for c in candidates}
+    labels = list(by_label)
+    mine: list[tuple[Any, Candidate]] = []
+
+    def train(trial: Any, c: Candidate, r: int) -> bool:
+        run.advance(c, rungs[r])
+        head = f"tune: rung {r + 1}/{len(rungs)} ({rungs[r]} steps) {c.label}"
+        if c in run.errors:
+            trial.set_user_attr("error", run.errors[c])
+            study.tell(trial, state=pruned)
+            say(f"{head}: skipped ({run.errors[c]})")
+            return False
+        trial.set_user_attr("cpu_s", run.cpu.get(c, 0.0))
+        trial.report(run.scores[c][-1], rungs[r])
+        say(f"{head}: {run.scores[c][-1]:.4f}")
+        return True
+
+    while (trial := _claim(optuna, study, store)) is not None:
+        attrs = trial.user_attrs
+        c = by_label[attrs["label"]]
+        canon = {t.user_attrs["label"]: t for t in _canonical(study.get_trials(deepcopy=False))}
+        if canon[c.label].number != trial.number:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)  # a duplicate of a race to enqueue
+            continue
+        trial.suggest_categorical("candidate", labels)  # the enqueued label: records the parameter
+        resumed = [(int(s), float(v)) for s, v in attrs.get("resumed", [])]
+        for s, v in resumed:
+            trial.report(v, s)
+        if resumed:
+            run.resume(c, resumed)
+            mine.append((trial, c))
+        elif train(trial, c, 0):
+            mine.append((trial, c))
+    for r in range(1, len(rungs)):
+        _wait(study, lambda t: t.state.is_finished() or rungs[r - 1] in t.intermediate_values)
+        alive = []
+        for trial, c in mine:
+            if run.steps[c] < rungs[r]:
+                if trial.should_prune():
+                    study.tell(trial, state=pruned)
+                    continue
+                if not train(trial, c, r):
+                    continue
+            alive.append((trial, c))
+        mine = alive
+    for trial, c in mine:
+        study.tell(trial, run.scores[c][-1])
+    return {"pid": os.getpid(), "passes": run.validation_passes, "cpu": {c.label: s for c, s in run.cpu.items()},
+            "cpu_s": time.process_time()}
+
+
+def _result(study: Any, run: _Runner, candidates: Sequence[Candidate], rungs: Sequence[int], steps: int,
+            dropped: int, seed: int, say: Callable[[str], None]) -> TuneResult:
+    trials = {t.user_attrs["label"]: t for t in _canonical(study.get_trials(deepcopy=False))}
+    table = []
+    for c in candidates:
+        t = trials[c.label]
+        done = sorted(t.intermediate_values.items())
+        table.append(CandidateResult(c, done[-1][0] if done else 0, tuple(v for _, v in done),
+                                     done[-1][0] if done else 0, t.user_attrs.get("error")))
+    output = table[0]
+    finalists = [row for row in table[1:] if row.steps == rungs[-1] and row.error is None]
+    best = max(finalists, key=lambda row: (row.score, -candidates.index(row.candidate)), default=output)
+    # Ties go to output-only, the simpler setting: another is chosen only if strictly higher.
+    chosen = best if best.score > output.score else output
+    cost_steps = sum(row.cost_steps for row in table)
+    say(f"tune: chose {chosen.candidate.label} (val {chosen.score:.4f}; output-only {output.score:.4f}); "
+        f"cost {cost_steps} steps = {cost_steps / steps:.2f} x the budget")
+    # Built first: rebuilding the choice also places its points, which instrument_kwargs reads.
+    model = run.trained(chosen.candidate, chosen.steps, say)
     return TuneResult(
-        chosen=chosen,
-        score=run.scores[chosen][-1],
-        output_only_score=output_score,
-        table=table,
-        instrument_kwargs=None if chosen.objective == "output" else run.instrument_kwargs(chosen),
+        chosen=chosen.candidate,
+        score=chosen.score,
+        output_only_score=output.score,
+        table=tuple(table),
+        instrument_kwargs=None if chosen.candidate.objective == "output" else run.instrument_kwargs(chosen.candidate),
         budget_steps=steps,
-        cost_steps=run.cost,
+        cost_steps=cost_steps,
         dropped=dropped,
         model=model,
         seed=seed,
     )
 
 
-_OUTPUT = Candidate()
+# ----------------------------------------------------------------------------- worker processes
+
+
+def _check_picklable(workers: int, **things: Any) -> None:
+    for name, thing in things.items():
+        if thing is None:
+            continue
+        try:
+            pickle.dumps(thing)
+        except Exception as exc:  # pickling raises PicklingError, AttributeError or TypeError
+            raise UsageError(
+                f"tune: workers={workers} trains candidates in other processes, so {name} must be picklable, "
+                f"and it is not ({type(exc).__name__}: {exc}). Hint: define it at module level (no lambda or local "
+                "function, no open file), or pass workers=1."
+            ) from exc
+
+
+def _spawn(workers: int, payload: dict[str, Any], spec: tuple[str, str], name: str,
+           say: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Runs ``workers`` processes of ``_work`` on the shared study; their progress lines come back here."""
+    # spawn: a fresh interpreter per worker, so no forked copy of this process's threads or CUDA state.
+    ctx = multiprocessing.get_context("spawn")
+    lines, results = ctx.Queue(), ctx.Queue()
+    procs = [ctx.Process(target=_worker_main, args=(payload, spec, name, lines, results)) for _ in range(workers)]
+    stats: list[dict[str, Any]] = []
+    failures: list[tuple[BaseException | None, str]] = []
+    try:
+        for p in procs:
+            p.start()
+        while len(stats) + len(failures) < workers:
+            _drain(lines, say)
+            try:
+                kind, *rest = results.get(timeout=0.1)
+            except queue.Empty:
+                if not any(p.is_alive() for p in procs) and results.empty():
+                    failures.append((None, "a worker exited without a result (killed, or out of memory)"))
+                continue
+            (stats.append(rest[0]) if kind == "ok" else failures.append((rest[0], rest[1])))
+        for p in procs:
+            p.join()
+        _drain(lines, say)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join()
+    if failures:
+        exc, text = failures[0]
+        if isinstance(exc, UsageError):
+            raise exc
+        raise RuntimeError(f"tune: a worker process failed:\n{text}")
+    return stats
+
+
+def _drain(lines: Any, say: Callable[[str], None]) -> None:
+    while True:
+        try:
+            say(lines.get_nowait())
+        except queue.Empty:
+            return
+
+
+def _worker_main(payload: dict[str, Any], spec: tuple[str, str], name: str, lines: Any, results: Any) -> None:
+    """A worker process's entry point (module level, so spawn can import it)."""
+    try:
+        # The parent's intra-op thread count: kernels then split their sums the same way, so a
+        # candidate's scores are the same whichever process trains it.
+        torch.set_num_threads(payload["threads"])
+        optuna = _optuna()
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        store = _open_storage(optuna, spec)
+        study = optuna.load_study(study_name=name, storage=store,
+                                  sampler=optuna.samplers.RandomSampler(seed=payload["options"]["seed"]),
+                                  pruner=_pruner(optuna, payload["rungs"], payload["eta"]))
+        run = _Runner(payload["model"], payload["train"], payload["val"], weights=payload["weights"],
+                      **payload["options"])
+        stats = _work(optuna, study, store, run, payload["candidates"], payload["rungs"], lines.put)
+        results.put(("ok", stats))
+    except BaseException as exc:  # reported to the parent, which raises it
+        try:
+            pickle.dumps(exc)
+        except Exception:
+            exc = None
+        results.put(("error", exc, traceback.format_exc()))
 
 
 # ----------------------------------------------------------------------------- the search space
 
 
+def hp_space(trial: Any, search: Mapping[str, Sequence[Any]] | None = None) -> dict[str, Any]:
+    """tune's search keys as an Optuna ``hp_space``, e.g. for Hugging Face's hyperparameter search.
+
+    ``Trainer.hyperparameter_search(backend="optuna", hp_space=autoprobe.tuning.hp_space, ...)``
+    samples one value per key (``SEARCH_KEYS``, each a ``CategoricalDistribution``); the Trainer's
+    ``model_init(trial)`` then builds the setting with ``candidate(trial.params)`` (README, "Hugging
+    Face": ``AutoprobeTrainer`` takes a built ``Probed``, so the search uses the plain ``Trainer``).
+
+    Args:
+        trial: an ``optuna.trial.Trial``.
+        search: key -> values, as ``tune``'s ``search`` (missing keys: ``DEFAULT_SEARCH``); pass it
+            with ``functools.partial`` to search other values.
+
+    Returns:
+        key -> the sampled value, for every key of ``SEARCH_KEYS``.
+
+    Raises:
+        UsageError: an unknown search key or value.
+    """
+    values = _search_values(search)
+    values["objective"] = ("output", *(v for v in values["objective"] if v != "output"))
+    return {key: trial.suggest_categorical(key, list(vals)) for key, vals in values.items()}
+
+
+def candidate(params: Mapping[str, Any]) -> Candidate:
+    """The ``Candidate`` of sampled ``hp_space`` values (keys the key does not apply to are ignored:
+    an output-only setting has no weights, DSN no ``lam``).
+
+    Args:
+        params: key -> value for the keys of ``SEARCH_KEYS`` (``trial.params``); missing keys take
+            the defaults of ``Candidate``.
+
+    Returns:
+        The setting, equal to the candidate ``tune`` would search for the same values.
+
+    Raises:
+        UsageError: an unknown key or objective.
+    """
+    unknown = sorted(set(params) - set(SEARCH_KEYS))
+    if unknown:
+        raise UsageError(f"tune: unknown search key(s) {unknown}; the keys are {list(SEARCH_KEYS)}. "
+                         "Hint: pass trial.params of a trial that sampled autoprobe.tuning.hp_space.")
+    objective = params.get("objective", "output")
+    _check_values("objective", [objective], get_args(TuneObjective))
+    if objective == "output":
+        return _OUTPUT
+    lam = params.get("lam") if objective == "imachsr" else None
+    alpha = params.get("alpha")
+    return Candidate(objective, None if alpha is None else float(alpha), None if lam is None else float(lam),
+                     params.get("points"), params.get("position", "auto"), params.get("schedule", "constant"),
+                     params.get("gate"))
+
+
 def _search_space(search: Mapping[str, Sequence[Any]] | None) -> list[Candidate]:
+    values = _search_values(search)
+    out = [_OUTPUT]
+    for objective in values["objective"]:
+        if objective == "output":
+            continue
+        lams = values["lam"] if objective == "imachsr" else (None,)
+        for alpha, lam, m, pos, sched, gate in itertools.product(values["alpha"], lams, values["points"],
+                                                                 values["position"], values["schedule"], values["gate"]):
+            c = Candidate(objective, float(alpha), None if lam is None else float(lam), m, pos, sched, gate)
+            if c not in out:
+                out.append(c)
+    return out
+
+
+def _search_values(search: Mapping[str, Sequence[Any]] | None) -> dict[str, tuple[Any, ...]]:
+    """key -> the values searched, checked."""
     given = dict(search or {})
     unknown = sorted(set(given) - set(SEARCH_KEYS))
     if unknown:
@@ -372,17 +780,7 @@ def _search_space(search: Mapping[str, Sequence[Any]] | None) -> list[Candidate]
         for v in values[key]:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise UsageError(f"tune: search[{key!r}] holds {v!r}; weights are finite numbers >= 0.")
-    out = [_OUTPUT]
-    for objective in values["objective"]:
-        if objective == "output":
-            continue
-        lams = values["lam"] if objective == "imachsr" else (None,)
-        for alpha, lam, m, pos, sched, gate in itertools.product(values["alpha"], lams, values["points"],
-                                                                 values["position"], values["schedule"], values["gate"]):
-            c = Candidate(objective, float(alpha), None if lam is None else float(lam), m, pos, sched, gate)
-            if c not in out:
-                out.append(c)
-    return out
+    return values
 
 
 def _check_values(key: str, vals: Sequence[Any], allowed: Sequence[str]) -> None:
@@ -473,38 +871,6 @@ def _cycle(data: Iterable[Batch], skip: int) -> Iterator[Batch]:
             return
 
 
-class _State:
-    """The JSON-lines record of finished rungs, and the weights beside it."""
-
-    def __init__(self, path: Path, fingerprint: str) -> None:
-        self.path = path
-        self.dir = path.with_name(path.name + ".d")
-        self.records: dict[tuple[str, int], list[float]] = {}
-        if path.exists():
-            for line in path.read_text().splitlines():
-                if not line.strip():
-                    continue
-                rec = json.loads(line)
-                if rec["fingerprint"] != fingerprint:
-                    raise UsageError(f"tune: state file {path} was written by a search with other arguments. "
-                                     "Hint: pass a new state path, or delete this one to start over.")
-                self.records[(rec["candidate"], rec["steps"])] = rec["scores"]
-        self.fingerprint = fingerprint
-
-    def weights(self, c: Candidate, steps: int) -> Path:
-        # One file per rung: a crash between saving the weights and recording the rung cannot leave
-        # a later rung's weights under an earlier rung's record.
-        return self.dir / f"{_slug(c.label)}@{steps}.pt"
-
-    def save(self, c: Candidate, steps: int, scores: list[float], blob: dict[str, Any]) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        torch.save(blob, self.weights(c, steps))
-        with self.path.open("a") as f:
-            f.write(json.dumps({"fingerprint": self.fingerprint, "candidate": c.label, "steps": steps,
-                                "scores": scores}) + "\n")
-        self.records[(c.label, steps)] = scores
-
-
 def _slug(label: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "=.-" else "_" for ch in label)
 
@@ -516,22 +882,34 @@ def _fingerprint(candidates: Sequence[Candidate], rungs: Sequence[int], seed: in
 class _Runner:
     """Trains candidates rung by rung, keeping each one's weights between rungs."""
 
-    def __init__(self, model, train, val, task, lr, optimizer, lr_factor, scorer, rules, seed, device, ignore_index,
-                 state, full_steps):
+    def __init__(self, model: Any, train: Iterable[Batch], val: Iterable[Batch], *, task: str, lr: float,
+                 optimizer: Any, lr_factor: Any, score: Scorer | None, rules: str | None, seed: int, device: str,
+                 ignore_index: int, full_steps: int, weights: Path | None) -> None:
         self.model, self.train, self.val, self.task = model, train, val, task
-        self.lr, self.optimizer, self.lr_factor, self.scorer = lr, optimizer, lr_factor, scorer
+        self.lr, self.optimizer, self.lr_factor = lr, optimizer, lr_factor
+        self.scorer = score if score is not None else (_accuracy if task == "classification" else _miou_scorer(ignore_index))
         self.rules = rules if rules is not None else ("dense" if task == "dense" else "default")
-        self.seed, self.device, self.ignore_index, self.state = seed, torch.device(device), ignore_index, state
+        self.seed, self.device, self.ignore_index = seed, torch.device(device), ignore_index
+        self.weights = weights  # a folder for each rung's weights (a state, or shared by workers), or None
         self.scores: dict[Candidate, list[float]] = {}
         self.steps: dict[Candidate, int] = {}
         self.errors: dict[Candidate, str] = {}
         self.blobs: dict[Candidate, dict[str, Any]] = {}
         self.selections: dict[Candidate, Any] = {}
-        self.cost = 0
         self.validation_passes = 0
         self.cpu: dict[Candidate, float] = {}  # CPU seconds spent on each candidate (build, steps, scoring)
         self.full_steps = full_steps
         self._input_size = tuple(next(iter(train))[0].shape[1:])
+
+    def weights_file(self, c: Candidate, steps: int) -> Path | None:
+        # One file per rung: a crash between saving the weights and reporting the rung cannot leave
+        # a later rung's weights under an earlier rung's score.
+        return None if self.weights is None else self.weights / f"{_slug(c.label)}@{steps}.pt"
+
+    def resume(self, c: Candidate, done: Sequence[tuple[int, float]]) -> None:
+        """Rungs of ``c`` an earlier call finished (their weights are in the folder): not trained again."""
+        self.scores[c] = [v for _, v in done]
+        self.steps[c] = done[-1][0]
 
     def _fresh(self) -> nn.Module:
         torch.manual_seed(self.seed)
@@ -576,11 +954,6 @@ class _Runner:
         if c in self.errors:
             return
         done = self.steps.get(c, 0)
-        if self.state is not None and (c.label, to_steps) in self.state.records:
-            self.scores[c] = list(self.state.records[(c.label, to_steps)])
-            self.cost += to_steps - done
-            self.steps[c] = to_steps
-            return
         cpu0 = time.process_time()
         try:
             model, probed = self._build(c)
@@ -593,8 +966,12 @@ class _Runner:
         for group in opt.param_groups:
             group.setdefault("initial_lr", group["lr"])
         blob = self.blobs.get(c)
-        if blob is None and done and self.state is not None and self.state.weights(c, done).exists():
-            blob = torch.load(self.state.weights(c, done), map_location=self.device, weights_only=False)
+        if blob is None and done:
+            path = self.weights_file(c, done)
+            if path is None or not path.exists():
+                raise UsageError(f"tune: {c.label} is to continue from {done} steps, but those weights are gone "
+                                 f"({path}). Hint: rerun with a new state path.")
+            blob = torch.load(path, map_location=self.device, weights_only=False)
         if blob is not None:
             trainable.load_state_dict(blob["model"])
             opt.load_state_dict(blob["optimizer"])
@@ -620,32 +997,33 @@ class _Runner:
         model.eval()
         with torch.no_grad():
             value = float(self.scorer(model, _on(self.val, self.device)))
-        self.cost += to_steps - done
         self.validation_passes += 1
         self.cpu[c] = self.cpu.get(c, 0.0) + time.process_time() - cpu0
         self.steps[c] = to_steps
         self.scores.setdefault(c, []).append(value)
         blob = {"model": trainable.state_dict(), "optimizer": opt.state_dict(), "rng": torch.get_rng_state()}
         self.blobs[c] = blob
-        if self.state is not None:
-            self.state.save(c, to_steps, self.scores[c], blob)
+        path = self.weights_file(c, to_steps)
+        if path is not None:  # saved before the score is reported, so a reported rung has its weights
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(blob, path)
 
-    def trained(self, c: Candidate) -> nn.Module:
-        """``c`` rebuilt with the weights of its last rung (in memory, or from the state on a resume)."""
+    def trained(self, c: Candidate, steps: int, say: Callable[[str], None]) -> nn.Module:
+        """``c`` rebuilt with its weights at ``steps``: in memory, in the folder (a resumed search, or
+        another worker's), or, when another machine trained it, trained here once from scratch."""
+        blob = self.blobs.get(c) if self.steps.get(c) == steps else None
+        path = self.weights_file(c, steps)
+        if blob is None and path is not None and path.exists():
+            blob = torch.load(path, map_location=self.device, weights_only=False)
+        if blob is None:
+            say(f"tune: {c.label} was trained elsewhere; training it here ({steps} steps, a fresh run of its setting)")
+            self.steps[c], self.blobs[c] = 0, None
+            self.advance(c, steps)
+            blob = self.blobs[c]
         model, probed = self._build(c)
         trainable = probed if probed is not None else model
-        blob = self.blobs.get(c)
-        if blob is None and self.state is not None:
-            blob = torch.load(self.state.weights(c, self.steps[c]), map_location=self.device, weights_only=False)
-        if blob is None:
-            raise UsageError(f"tune: the weights of {c.label} at {self.steps.get(c, 0)} steps are gone. "
-                             "Hint: rerun with a new state path.")
         trainable.to(self.device).load_state_dict(blob["model"])
         return trainable.eval()
-
-    def result(self, c: Candidate) -> CandidateResult:
-        return CandidateResult(c, self.steps.get(c, 0), tuple(self.scores.get(c, ())), self.steps.get(c, 0),
-                               self.errors.get(c))
 
 
 def _on(val: Iterable[Batch], device: torch.device) -> Iterator[Batch]:

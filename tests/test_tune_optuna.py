@@ -1,0 +1,150 @@
+"""autoprobe.tune on Optuna: the candidates are fixed trials, the rungs are reports, the halving is a
+pruner that never prunes output-only, and a setting is chosen only if strictly higher; the study lives
+in memory, in a journal (``state=``) or an RDB (``storage=``), and two worker processes choose as one."""
+
+from __future__ import annotations
+
+import sys
+
+import optuna
+import pytest
+import torch
+from torch import nn
+
+import autoprobe
+from autoprobe import UsageError, tune
+from autoprobe.tuning import candidate, hp_space
+
+
+def _data():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 1, 8, 8, generator=gen)
+    y = (x[:, 0, :4, :4].mean((1, 2)) > 0).long() * 2 + (x[:, 0, 4:, 4:].mean((1, 2)) > 0).long()
+    return [(x[i : i + 32], y[i : i + 32]) for i in range(0, 384, 32)], [(x[384:], y[384:])]
+
+
+def _net():
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 4))
+
+
+# Three candidates: output-only, one DSN, one iMacHSR setting; steps=18 gives rungs of 2, 6 and 18 steps.
+_TWO = {"objective": ["dsn", "imachsr"], "alpha": [0.3], "lam": [0.0], "points": [1], "position": ["auto"],
+        "schedule": ["constant"]}
+
+
+class _Scripted:
+    """A score read off a script, call by call: in one process tune scores the candidates in their
+    order, rung by rung (output, dsn, imachsr; then output and the survivor; twice)."""
+
+    def __init__(self, values):
+        self.values = list(values)
+
+    def __call__(self, model, val):
+        return self.values.pop(0)
+
+
+def _trials(state):
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(state)))
+    (name,) = optuna.get_all_study_names(storage)
+    trials = optuna.load_study(study_name=name, storage=storage).get_trials()
+    return {t.user_attrs["label"]: t for t in trials}
+
+
+@pytest.mark.parametrize("last", [0.2, 0.2 + 1e-6])
+def test_output_only_is_a_trial_never_pruned_and_another_wins_only_if_strictly_higher(tmp_path, last):
+    train, val = _data()
+    # Output-only scores worst at the first rung (kept anyway); iMacHSR beats DSN there and goes on;
+    # at the full budget iMacHSR ties output-only (output-only chosen) or beats it by 1e-6 (chosen).
+    script = _Scripted([0.0, 0.5, 0.6, 0.1, 0.7, 0.2, last])
+    state = tmp_path / "study.journal"
+    result = tune(_net, train, val, task="classification", steps=18, search=_TWO, score=script, state=state,
+                  progress=False)
+    trials = _trials(state)
+    assert trials["output"].state == optuna.trial.TrialState.COMPLETE
+    assert trials["output"].intermediate_values == {2: 0.0, 6: 0.1, 18: 0.2}
+    dsn, imachsr = (trials[row.candidate.label] for row in result.table[1:])
+    assert dsn.state == optuna.trial.TrialState.PRUNED and dsn.last_step == 2
+    assert imachsr.state == optuna.trial.TrialState.COMPLETE and imachsr.last_step == 18
+    assert [row.scores for row in result.table] == [(0.0, 0.1, 0.2), (0.5,), (0.6, 0.7, last)]
+    if last > 0.2:
+        assert result.chosen.objective == "imachsr" and result.score == last
+    else:
+        assert result.chosen.objective == "output" and result.instrument_kwargs is None
+    assert result.output_only_score == 0.2
+
+
+def test_two_worker_processes_choose_as_one_and_report_every_rung_here():
+    train, val = _data()
+    options = dict(task="classification", steps=18, lr=3e-3, search=_TWO, seed=3)
+    one = tune(_net, train, val, progress=False, **options)
+    lines: list[str] = []
+    two = tune(_net, train, val, progress=lines.append, workers=2, **options)
+    assert two == one  # the same table (scores bit-equal), the same choice
+    assert sum("rung" in line for line in lines) == sum(len(row.scores) for row in one.table)
+    assert two.cost.validation_passes == one.cost.validation_passes
+    got, want = two.model.state_dict(), one.model.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_workers_refuse_what_cannot_be_pickled():
+    train, val = _data()
+    with pytest.raises(UsageError, match="so model must be picklable.*Hint: define it at module level"):
+        tune(lambda: _net(), train, val, task="classification", steps=6, search=_TWO, workers=2, progress=False)
+    with pytest.raises(UsageError, match="workers=0 must be a positive integer.*Hint"):
+        tune(_net, train, val, task="classification", steps=6, search=_TWO, workers=0, progress=False)
+
+
+def test_an_rdb_storage_shares_the_study_so_a_second_call_trains_nothing(tmp_path):
+    train, val = _data()
+    url = f"sqlite:///{tmp_path / 'tune.db'}"
+    options = dict(task="classification", steps=18, lr=3e-3, search=_TWO, progress=False)
+    first = tune(_net, train, val, storage=url, **options)
+    assert first == tune(_net, train, val, **options)  # the same search as in memory
+    built = []
+
+    def counting():
+        built.append(1)
+        return _net()
+
+    again = tune(counting, train, val, storage=url, **options)
+    assert again == first and again.cost.validation_passes == 0
+    # Only the choice is rebuilt, once: its weights were in the first call's scratch folder, so it
+    # is trained here again as a fresh run of its setting, to the same weights.
+    assert len(built) <= 2
+    assert all(torch.equal(again.model.state_dict()[k], v) for k, v in first.model.state_dict().items())
+
+
+def test_a_state_file_of_the_older_format_or_another_search_is_refused(tmp_path):
+    train, val = _data()
+    old = tmp_path / "old.jsonl"
+    old.write_text('{"fingerprint": "x", "candidate": "output", "steps": 2, "scores": [0.5]}\n')
+    with pytest.raises(UsageError, match="format of an older autoprobe.*Hint"):
+        tune(_net, train, val, task="classification", steps=6, search=_TWO, state=old, progress=False)
+    state = tmp_path / "s.journal"
+    tune(_net, train, val, task="classification", steps=6, search=_TWO, state=state, progress=False)
+    with pytest.raises(UsageError, match="written by a search with other arguments.*Hint"):
+        tune(_net, train, val, task="classification", steps=6, search=_TWO, state=state, seed=1, progress=False)
+    with pytest.raises(UsageError, match="not both.*Hint"):
+        tune(_net, train, val, task="classification", steps=6, state=state, storage="sqlite://", progress=False)
+
+
+def test_without_optuna_tune_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna now raises ImportError
+    train, val = _data()
+    with pytest.raises(UsageError, match=r'not installed\. Hint: pip install "autoprobe\[tune\]"'):
+        tune(_net, train, val, task="classification", steps=6, search=_TWO, progress=False)
+
+
+def test_hp_space_samples_every_key_and_candidate_builds_the_setting_tune_searches():
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(40):
+        trial = study.ask()
+        params = hp_space(trial, search=_TWO)
+        assert set(params) == set(autoprobe.tuning.SEARCH_KEYS) and trial.params == params
+        seen.add(candidate(params))
+        study.tell(trial, 0.0)
+    assert seen == set(autoprobe.tuning._search_space(_TWO))  # output-only, the DSN and the iMacHSR setting
+    with pytest.raises(UsageError, match="unknown search key.*Hint"):
+        candidate({"weight": 1})
