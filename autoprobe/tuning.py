@@ -372,12 +372,12 @@ def tune(
         run = _Runner(model, train_batches, val_batches, weights=weights, **options)
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             if workers == 1:
-                stats = [_work(optuna, study, store, run, candidates, rungs, say)]
+                stats = [_work(optuna, study, store, run, candidates, rungs, say, alone=storage is None)]
             else:
                 payload = dict(model=model, train=train_batches, val=val_batches, weights=weights, options=options,
                                candidates=candidates, rungs=rungs, eta=eta, threads=torch.get_num_threads())
                 stats = _spawn(workers, payload, spec, name, say)
-            _wait(study, lambda t: t.state.is_finished())  # trials other machines train (storage=)
+            _wait(study, lambda t: t.state.is_finished(), alone=storage is None)  # other machines' (storage=)
             result = _result(study, run, candidates, rungs, steps, dropped, seed, say)
     finally:
         optuna.logging.set_verbosity(verbosity)
@@ -392,6 +392,8 @@ def tune(
 
 _OUTPUT = Candidate()
 _STUDY_PREFIX = "autoprobe-tune-"
+# How long a spawned worker waits for the others to start (import torch, load the study) before failing.
+_START_TIMEOUT_S = 600.0
 
 
 # ----------------------------------------------------------------------------- the engine: Optuna
@@ -486,11 +488,12 @@ def _reclaim(optuna: Any, study: Any) -> None:
                                             "resumed": [[s, v] for s, v in done]})
 
 
-def _claim(optuna: Any, study: Any, store: Any) -> Any:
+def _claim(optuna: Any, study: Any, store: Any, rank: int, size: int) -> Any:
     """The next waiting trial, taken atomically (as ``Study.ask`` takes one, without ever sampling a
-    new trial when none waits)."""
+    new trial when none waits): first those dealt to this worker (index % size == rank), then any."""
     study_id = store.get_study_id_from_name(study.study_name)
-    for t in store.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+    waiting = store.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+    for t in sorted(waiting, key=lambda t: (t.user_attrs.get("index", 0) % size != rank, t.number)):
         try:
             # FrozenTrial._trial_id is the storage's key, which Optuna's own ask uses the same way.
             if store.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.RUNNING):
@@ -500,18 +503,28 @@ def _claim(optuna: Any, study: Any, store: Any) -> Any:
     return None
 
 
-def _wait(study: Any, ready: Callable[[Any], bool], poll: float = 0.05) -> None:
-    """Until ``ready`` holds for every candidate's trial (others' workers report into the same study)."""
+def _wait(study: Any, ready: Callable[[Any], bool], alone: bool, poll: float = 0.05) -> None:
+    """Until ``ready`` holds for every candidate's trial (others' workers report into the same study).
+
+    ``alone``: no other process works on the study, so a trial not ready would never be.
+    """
     while not all(ready(t) for t in _canonical(study.get_trials(deepcopy=False))):
+        if alone:
+            late = [t.user_attrs["label"] for t in _canonical(study.get_trials(deepcopy=False)) if not ready(t)]
+            raise RuntimeError(f"tune: the trials of {late} are held by no worker (an internal error: "
+                               "an interrupted search's trials are reclaimed when it resumes).")
         time.sleep(poll)
 
 
 def _work(optuna: Any, study: Any, store: Any, run: _Runner, candidates: Sequence[Candidate],
-          rungs: Sequence[int], say: Callable[[str], None]) -> dict[str, Any]:
+          rungs: Sequence[int], say: Callable[[str], None], rank: int = 0, size: int = 1,
+          alone: bool = False) -> dict[str, Any]:
     """One worker: takes candidates from the study, trains them rung by rung, reports, prunes.
 
-    The first rung hands out the candidates (whoever is free takes the next); the worker that took a
-    candidate keeps it, continuing from its weights in memory. Before a later rung every worker
+    The first rung hands out the candidates: dealt round-robin over the ``size`` workers (this is
+    number ``rank``), and a worker done with its own takes any still waiting (another machine's
+    call, a slow start). The worker that took a candidate keeps it, continuing from its weights in
+    memory. Before a later rung every worker
     waits until every candidate has reported the rung before (or finished), so the pruner compares
     the whole rung.
     """
@@ -533,7 +546,7 @@ def _work(optuna: Any, study: Any, store: Any, run: _Runner, candidates: Sequenc
         say(f"{head}: {run.scores[c][-1]:.4f}")
         return True
 
-    while (trial := _claim(optuna, study, store)) is not None:
+    while (trial := _claim(optuna, study, store, rank, size)) is not None:
         attrs = trial.user_attrs
         c = by_label[attrs["label"]]
         canon = {t.user_attrs["label"]: t for t in _canonical(study.get_trials(deepcopy=False))}
@@ -550,7 +563,7 @@ def _work(optuna: Any, study: Any, store: Any, run: _Runner, candidates: Sequenc
         elif train(trial, c, 0):
             mine.append((trial, c))
     for r in range(1, len(rungs)):
-        _wait(study, lambda t: t.state.is_finished() or rungs[r - 1] in t.intermediate_values)
+        _wait(study, lambda t: t.state.is_finished() or rungs[r - 1] in t.intermediate_values, alone)
         alive = []
         for trial, c in mine:
             if run.steps[c] < rungs[r]:
@@ -623,23 +636,30 @@ def _spawn(workers: int, payload: dict[str, Any], spec: tuple[str, str], name: s
     # spawn: a fresh interpreter per worker, so no forked copy of this process's threads or CUDA state.
     ctx = multiprocessing.get_context("spawn")
     lines, results = ctx.Queue(), ctx.Queue()
-    procs = [ctx.Process(target=_worker_main, args=(payload, spec, name, lines, results)) for _ in range(workers)]
+    # Workers start claiming together: the first to import torch would otherwise take every candidate
+    # of a short first rung, and keep them all for the later rungs.
+    start = ctx.Barrier(workers)
+    procs = [ctx.Process(target=_worker_main, args=(payload, spec, name, lines, results, start, rank, workers))
+             for rank in range(workers)]
     stats: list[dict[str, Any]] = []
     failures: list[tuple[BaseException | None, str]] = []
     try:
         for p in procs:
             p.start()
-        while len(stats) + len(failures) < workers:
+        # Stops at the first failure: the other workers would wait for its candidates forever.
+        while len(stats) < workers and not failures:
             _drain(lines, say)
             try:
                 kind, *rest = results.get(timeout=0.1)
             except queue.Empty:
-                if not any(p.is_alive() for p in procs) and results.empty():
-                    failures.append((None, "a worker exited without a result (killed, or out of memory)"))
+                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if dead:
+                    failures.append((None, f"a worker exited with code {dead[0]} (killed, or out of memory)"))
                 continue
             (stats.append(rest[0]) if kind == "ok" else failures.append((rest[0], rest[1])))
-        for p in procs:
-            p.join()
+        if not failures:
+            for p in procs:
+                p.join()
         _drain(lines, say)
     finally:
         for p in procs:
@@ -662,7 +682,8 @@ def _drain(lines: Any, say: Callable[[str], None]) -> None:
             return
 
 
-def _worker_main(payload: dict[str, Any], spec: tuple[str, str], name: str, lines: Any, results: Any) -> None:
+def _worker_main(payload: dict[str, Any], spec: tuple[str, str], name: str, lines: Any, results: Any, start: Any,
+                 rank: int, size: int) -> None:
     """A worker process's entry point (module level, so spawn can import it)."""
     try:
         # The parent's intra-op thread count: kernels then split their sums the same way, so a
@@ -676,7 +697,8 @@ def _worker_main(payload: dict[str, Any], spec: tuple[str, str], name: str, line
                                   pruner=_pruner(optuna, payload["rungs"], payload["eta"]))
         run = _Runner(payload["model"], payload["train"], payload["val"], weights=payload["weights"],
                       **payload["options"])
-        stats = _work(optuna, study, store, run, payload["candidates"], payload["rungs"], lines.put)
+        start.wait(timeout=_START_TIMEOUT_S)
+        stats = _work(optuna, study, store, run, payload["candidates"], payload["rungs"], lines.put, rank, size)
         results.put(("ok", stats))
     except BaseException as exc:  # reported to the parent, which raises it
         try:

@@ -4,6 +4,7 @@ in memory, in a journal (``state=``) or an RDB (``storage=``), and two worker pr
 
 from __future__ import annotations
 
+import os
 import sys
 
 import optuna
@@ -74,12 +75,29 @@ def test_output_only_is_a_trial_never_pruned_and_another_wins_only_if_strictly_h
     assert result.output_only_score == 0.2
 
 
-def test_two_worker_processes_choose_as_one_and_report_every_rung_here():
+class _Accuracy:
+    """Accuracy, noting the process that scored (picklable, so worker processes can run it)."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def __call__(self, model, val):
+        with open(self.log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return autoprobe.tuning._accuracy(model, val)
+
+
+def test_two_worker_processes_choose_as_one_and_report_every_rung_here(tmp_path):
     train, val = _data()
-    options = dict(task="classification", steps=18, lr=3e-3, search=_TWO, seed=3)
+    log = tmp_path / "pids"
+    options = dict(task="classification", steps=18, lr=3e-3, search=_TWO, seed=3, score=_Accuracy(log))
     one = tune(_net, train, val, progress=False, **options)
+    assert set(log.read_text().split()) == {str(os.getpid())}
+    log.unlink()
     lines: list[str] = []
     two = tune(_net, train, val, progress=lines.append, workers=2, **options)
+    pids = set(log.read_text().split())
+    assert len(pids) == 2 and str(os.getpid()) not in pids  # two worker processes trained and scored
     assert two == one  # the same table (scores bit-equal), the same choice
     assert sum("rung" in line for line in lines) == sum(len(row.scores) for row in one.table)
     assert two.cost.validation_passes == one.cost.validation_passes
@@ -148,3 +166,39 @@ def test_hp_space_samples_every_key_and_candidate_builds_the_setting_tune_search
     assert seen == set(autoprobe.tuning._search_space(_TWO))  # output-only, the DSN and the iMacHSR setting
     with pytest.raises(UsageError, match="unknown search key.*Hint"):
         candidate({"weight": 1})
+
+
+def test_a_worker_prunes_only_once_the_whole_rung_has_reported():
+    """Worker 0 of 2 (a thread here) holds output-only and iMacHSR; this test is worker 1, holding DSN,
+    and reports DSN's first rung late and higher: iMacHSR must be pruned, not kept on a partial rung."""
+    import threading
+    import time
+
+    from autoprobe import tuning
+
+    train, val = _data()
+    rungs, candidates = [2, 6, 18], tuning._search_space(_TWO)
+    store = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(storage=store, direction="maximize", pruner=tuning._pruner(optuna, rungs, 3))
+    tuning._enqueue(optuna, study, candidates)
+    mine = tuning._claim(optuna, study, store, 1, 2)
+    assert mine.user_attrs["label"] == candidates[1].label
+    mine.suggest_categorical("candidate", [c.label for c in candidates])
+    run = tuning._Runner(_net, train, val, task="classification", lr=1e-3, optimizer=None, lr_factor=None,
+                         score=lambda model, batches: 0.5, rules=None, seed=0, device="cpu", ignore_index=-100,
+                         full_steps=18, weights=None)
+    worker = threading.Thread(target=tuning._work, args=(optuna, study, store, run, candidates, rungs, lambda s: None,
+                                                         0, 2))
+    worker.start()
+    other = lambda: {t.user_attrs["label"]: t for t in study.get_trials()}[candidates[2].label]  # noqa: E731
+    while 2 not in other().intermediate_values:
+        time.sleep(0.01)
+    time.sleep(0.3)  # worker 0 has reported its first rung and waits for this one
+    for step in rungs:
+        mine.report(0.9, step)
+        while not (other().state.is_finished() or step in other().intermediate_values):
+            time.sleep(0.01)
+        assert not mine.should_prune()
+    study.tell(mine, 0.9)
+    worker.join(timeout=60)
+    assert other().state == optuna.trial.TrialState.PRUNED and other().last_step == 2
