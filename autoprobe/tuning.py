@@ -293,8 +293,9 @@ def tune(
         workers: worker processes on this machine sharing the study (spawned; they share a journal
             in a temporary folder unless ``state`` or ``storage`` is given). With ``workers > 1``
             ``model`` (a factory), ``train``, ``val``, ``score``, ``optimizer`` and ``lr_factor``
-            must be picklable (defined at module level, no lambdas); the choice is the same as with
-            one worker.
+            must be picklable (defined at module level, no lambdas), and a calling script needs the
+            ``if __name__ == "__main__":`` guard (spawned workers import it); the choice is the same
+            as with one worker.
 
     Returns:
         A ``TuneResult``.

@@ -202,3 +202,27 @@ def test_a_worker_prunes_only_once_the_whole_rung_has_reported():
     study.tell(mine, 0.9)
     worker.join(timeout=60)
     assert other().state == optuna.trial.TrialState.PRUNED and other().last_step == 2
+
+
+def test_a_search_interrupted_in_one_process_resumes_with_two_workers(tmp_path):
+    train, val = _data()
+    options = dict(task="classification", steps=18, lr=3e-3, search=_TWO, seed=2)
+    whole = tune(_net, train, val, progress=False, **options)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_four(line, seen=[]):  # noqa: B006 (a counter across calls)
+        seen.append(line)
+        if len(seen) == 4:  # the first rung of all three and output-only's second
+            raise Stop
+
+    state = tmp_path / "tune.jsonl"
+    with pytest.raises(Stop):
+        tune(_net, train, val, progress=stop_after_four, state=state, **options)
+    lines: list[str] = []
+    resumed = tune(_net, train, val, progress=lines.append, state=state, workers=2, **options)
+    assert resumed == whole
+    # only the rungs the interrupt left were trained: the first rung's three and output-only's second were not
+    assert sum("rung" in line for line in lines) == sum(len(row.scores) for row in whole.table) - 4
+    assert all(torch.equal(resumed.model.state_dict()[k], v) for k, v in whole.model.state_dict().items())
