@@ -949,8 +949,8 @@ class _Runner:
                                   "input_size": self._input_size, "ignore_index": self.ignore_index}
         if c.objective == "imachsr":
             kwargs["lam"] = c.lam
-        if c.gate is not None:
-            kwargs["gate"] = c.gate
+        # Always given, None included: a candidate is its own setting, whatever instrument's defaults are.
+        kwargs["gate"] = c.gate
         if c.position == "auto":
             kwargs["rules"] = self.rules
             if c.points is not None:
