@@ -262,7 +262,7 @@ def gate_table(records: Sequence[dict]) -> str:
 
 
 def gate_plot(records: Sequence[dict], path: Path) -> Path | None:
-    """The gate's weight in force over training, per point, seed 0, one panel per model and candidate."""
+    """The gate's weight in force over training, per point, seed 0: a row per gated candidate, a column per model."""
     runs = [r for r in _gated_runs(records) if r["seed"] == 0]
     if not runs:
         return None
@@ -272,16 +272,22 @@ def gate_plot(records: Sequence[dict], path: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     names = {(m, s): n for n, m, s in CANDIDATES}
-    fig, axes = plt.subplots(1, len(runs), figsize=(3.2 * len(runs), 2.8), squeeze=False, sharey=True)
-    for ax, r in zip(axes[0], runs):
+    rows = sorted({names.get((r["method"], r["setting"]), r["setting"]) for r in runs})
+    models = [m for _, m in MODELS if any(r["model"] == m for r in runs)]
+    fig, axes = plt.subplots(len(rows), len(models), figsize=(3.4 * len(models), 2.6 * len(rows)),
+                             squeeze=False, sharey=True)
+    for r in runs:
+        ax = axes[rows.index(names.get((r["method"], r["setting"]), r["setting"]))][models.index(r["model"])]
         for part, values in sorted(r["curve"]["terms"].items()):
             if part.startswith("gate/"):
-                ax.plot(r["curve"]["step"], values, label=part[5:], lw=1)
-        ax.set_title(f"{r['model']}\n{names.get((r['method'], r['setting']), r['setting'])}", fontsize=8)
-        ax.set_xlabel("step", fontsize=8)
+                ax.plot(r["curve"]["step"], values, label=part[5:], lw=0.8)
+        ax.set_title(f"{r['model']}: {names.get((r['method'], r['setting']), r['setting'])}", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=6)
-    axes[0][0].set_ylabel("weight in force (mean of 10 steps)", fontsize=8)
+    for ax in axes[-1]:
+        ax.set_xlabel("step", fontsize=8)
+    for row in axes:
+        row[0].set_ylabel("weight in force\n(mean of 10 steps)", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
