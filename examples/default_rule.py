@@ -113,18 +113,22 @@ def validation_rows(records: Sequence[dict]) -> list[dict]:
             if not runs:
                 continue
             values = {s: _val(r) for s, r in runs.items()}
-            mean, ci, n = (None, None, 0) if name == "output-only" else _paired(base, values)
-            first = next(iter(runs.values()))
-            rows.append({
-                "task": task, "model": model, "method": name, "seeds": sorted(values),
-                "metric": "miou" if task == "seg" else "accuracy",
-                "mean": statistics.fmean(values.values()),
-                "sd": statistics.stdev(values.values()) if len(values) > 1 else 0.0,
-                "delta": None if name == "output-only" or n == 0 else mean, "ci95": ci,
-                "pixel_accuracy": None, "trivial_pixel_accuracy": None,
-                "steps": first["steps"], "batch": first["batch"],
-            })
+            rows.append(_row(task, model, name, values, base, next(iter(runs.values()))))
     return rows
+
+
+def _row(task: str, model: str, name: str, values: dict[int, float], base: dict[int, float], run: dict) -> dict:
+    """One row of ``summary.json``'s schema: the arm's scores by seed, paired with output-only's (``base``)."""
+    mean, ci, n = (None, None, 0) if name == "output-only" else _paired(base, values)
+    return {
+        "task": task, "model": model, "method": name, "seeds": sorted(values),
+        "metric": "miou" if task == "seg" else "accuracy",
+        "mean": statistics.fmean(values.values()),
+        "sd": statistics.stdev(values.values()) if len(values) > 1 else 0.0,
+        "delta": None if name == "output-only" or n == 0 else mean, "ci95": ci,
+        "pixel_accuracy": None, "trivial_pixel_accuracy": None,
+        "steps": run["steps"], "batch": run["batch"],
+    }
 
 
 def apply_rule(records: Sequence[dict]) -> RuleOutcome:
@@ -209,17 +213,7 @@ def confirmation_rows(records: Sequence[dict]) -> list[dict]:
             if name == "output-only":
                 base = {s: r["metrics"][metric] for s, r in runs.items()}
             values = {s: r["metrics"][metric] for s, r in runs.items()}
-            mean, ci, n = (None, None, 0) if name == "output-only" else _paired(base, values)
-            first = next(iter(runs.values()))
-            rows.append({
-                "task": task, "model": model, "method": name, "seeds": sorted(values),
-                "metric": "miou" if task == "seg" else "accuracy",
-                "mean": statistics.fmean(values.values()),
-                "sd": statistics.stdev(values.values()) if len(values) > 1 else 0.0,
-                "delta": None if name == "output-only" or n == 0 else mean, "ci95": ci,
-                "pixel_accuracy": None, "trivial_pixel_accuracy": None,
-                "steps": first["steps"], "batch": first["batch"],
-            })
+            rows.append(_row(task, model, name, values, base, next(iter(runs.values()))))
     return rows
 
 
