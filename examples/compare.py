@@ -100,7 +100,7 @@ TRAIN_RNG_OFFSET = 7919
 # the new default is the setting `auto/lam=0.0`.
 IMACHSR_REGISTERED = (("alpha", 0.5), ("lam", 0.01))
 # The gate and the heads every registered arm trained with (instrument's defaults when they ran).
-REGISTERED_ADAPTERS = (("gate", None), ("head", "linear"))
+REGISTERED_GATE, REGISTERED_HEAD = None, "linear"
 # The options that turn IMACHSR_REGISTERED into the default shipped now (MI only).
 SHIPPED = (("lam", 0.0),)
 QUALITATIVE = 6  # test canvases whose predictions seed-0 seg runs keep
@@ -327,7 +327,7 @@ def run_one(spec: RunSpec, data, cfg: SegConfig, device: str, threads: int) -> d
             if spec.method == "imachsr":
                 kwargs.update(IMACHSR_REGISTERED)
             # The arms as registered, whatever instrument's defaults become: no gate, linear heads.
-            kwargs.update(REGISTERED_ADAPTERS)
+            kwargs.update(gate=REGISTERED_GATE, head=REGISTERED_HEAD)
             probed = autoprobe.instrument(model, selection, loss=spec.method, input_size=size, **kwargs)
         points = list(probed.selection.names)
         notes = list(probed.selection.notes)
@@ -455,7 +455,8 @@ def _instrument_with_options(model: nn.Module, spec: RunSpec, size: tuple[int, .
     selection = analyze(model, input_size=size, rules="dense" if spec.task == "seg" else "default",
                         points=spec.placement.points).selection
     options = dict(spec.options)
-    adapter_options = {**dict(REGISTERED_ADAPTERS[1:]), **{k: options.pop(k) for k in INSTRUMENT_OPTIONS if k in options}}
+    # The objective carries its own gate (make_objective's default: none); the heads go to instrument.
+    adapter_options = {"head": REGISTERED_HEAD, **{k: options.pop(k) for k in INSTRUMENT_OPTIONS if k in options}}
     if spec.method == "imachsr":
         objective = make_objective("imachsr", selection.names, {p.name: p.layout for p in selection.points},
                                    **{**dict(IMACHSR_REGISTERED), **options})
