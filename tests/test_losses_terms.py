@@ -173,3 +173,24 @@ def test_a_user_objective_still_gets_the_output_term() -> None:
     output, _, _, target = _batch("multiclass")
     result = OutputOnly([], class_weights=[1.0, 2.0, 3.0])(output, {}, {}, target)
     assert torch.equal(result.total, OutputLoss(class_weights=[1.0, 2.0, 3.0])(output, target))
+
+
+def test_a_one_class_classification_batch_is_warned_once_its_mi_being_0():
+    import warnings
+
+    import torch
+
+    from autoprobe.losses import IMacHSR
+
+    objective = IMacHSR(["p"], {"p": "NC"})
+    logits = torch.randn(6, 4, requires_grad=True)
+    with pytest.warns(UserWarning, match="every label of this batch of 6 is class 2"):
+        result = objective(torch.randn(6, 4), {"p": logits}, {}, torch.full((6,), 2))
+    assert result.parts["mi/p"].item() == pytest.approx(0.0, abs=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: the second one-class batch is quiet
+        objective(torch.randn(6, 4), {"p": logits}, {}, torch.full((6,), 2))
+    fresh = IMacHSR(["p"], {"p": "NC"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a batch of two classes is not warned about
+        fresh(torch.randn(6, 4), {"p": logits}, {}, torch.tensor([0, 1, 0, 1, 0, 1]))

@@ -11,8 +11,10 @@ once per batch and call it, so a term alone and inside an objective run the same
 from __future__ import annotations
 
 import abc
+import warnings
 from collections.abc import Mapping, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from ..errors import InstrumentError, UsageError
@@ -332,18 +334,41 @@ class MutualInformationLoss(_HeadTerm):
         self.estimator = check_mi_estimator(estimator)
         self.gather = check_gather("gather", gather)
         self.region_ce = check_region_options(self.estimator, target_kind, region_ce)
+        self._warned_one_class = False
 
     def forward_matched(self, logits: Tensor, target: MatchedTarget) -> Tensor:
         """-I, in [-log K, 0]; for ``"region"``, (1 - region_ce) * RMI + region_ce * CE.
+
+        A classification batch whose labels are all one class has an MI of exactly 0, and no
+        gradient, with every estimator: the batch's joint table has a single label column
+        (``"pooled"`` is the same table for vector outputs, ``"shuffled"`` subtracts another
+        sample's, also 0). It is warned about once per term (eager mode only). A larger batch, a
+        class-balanced sampler, or ``gather_mi=True`` (the tables of every rank summed) avoid it.
 
         See ``_HeadTerm.forward_matched``.
         """
         if self.estimator == "region":
             check_region_head(tuple(logits.shape), "logits")
+        if logits.dim() == 2 and not self._warned_one_class and not torch.compiler.is_compiling():
+            self._warn_one_class(target)
         loss = _math.heterogeneous(self.target_kind, logits, target, self.eps, self.estimator, self.gather)
         if not self.region_ce:  # 0 for the other estimators
             return loss
         return (1.0 - self.region_ce) * loss + self.region_ce * _math.cross_entropy(logits, target)
+
+    def _warn_one_class(self, target: MatchedTarget) -> None:
+        """Warn (once) when every labelled sample of a class-id batch has the same class."""
+        if self.target_kind != "multiclass" or target.values.is_floating_point() or target.weight is None:
+            return
+        labels = target.values[target.weight > 0]
+        if labels.numel() > 1 and bool((labels == labels[0]).all()):
+            self._warned_one_class = True
+            warnings.warn(
+                f"MI term: every label of this batch of {labels.numel()} is class {int(labels[0])}, so its MI is "
+                "exactly 0 and gives no gradient (it is warned once). Hint: a larger or class-balanced batch, "
+                "or gather_mi=True to sum the MI tables over the ranks.",
+                UserWarning, stacklevel=3,
+            )
 
     def extra_repr(self) -> str:
         text = f"eps={self.eps}, ignore_index={self.ignore_index}, target_kind={self.target_kind!r}"
