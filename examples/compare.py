@@ -34,6 +34,8 @@ Grids (``--grid NAME``, repeatable, or ``all``); EVIDENCE.md says which ran on w
                  candidates (and DeepLabV3+'s DSN at today's points), then Region MI and conv heads;
                  seeds 0-2, validation only
   confirm-NAME   the rule's choice (or baseline) at seeds 5-9 on the four models, scored on test
+  pilot-seg64, confirm64-NAME   the 64x64 regime (issue 24 item 4): its baseline pilots (seed 0,
+                 validation only), then NAME at seeds 5-9 on DeepLabV3+ and the U-Net, scored on test
   all            every grid but the pilots and the validation-only ones
 
 Usage:
@@ -149,6 +151,7 @@ class RunSpec:
     pilot: bool = False  # scored on validation only; the test split is never evaluated
     # iMacHSR's options other than the defaults, e.g. (("lam", 0.0),) or (("mi_estimator", "pooled"),)
     options: tuple[tuple[str, float | str], ...] = ()
+    canvas: int = 32  # segmentation canvas side: 32 (the main tables) or 64 (issue 24's larger regime)
 
     @property
     def learning_rate(self) -> float:
@@ -161,8 +164,11 @@ class RunSpec:
         return "/".join([self.placement.label] + [f"{k}={v}" for k, v in self.options])
 
     def key(self) -> str:
+        # Fields added later enter the key only when they differ from their default, so every recorded
+        # run keeps its key.
         return json.dumps([self.task, self.model, self.method, self.setting, self.seed, self.steps, self.batch,
-                           self.quick] + ([] if self.lr is None else [self.lr]) + (["pilot"] if self.pilot else []))
+                           self.quick] + ([] if self.lr is None else [self.lr]) + (["pilot"] if self.pilot else [])
+                          + ([] if self.canvas == 32 else [f"canvas={self.canvas}"]))
 
 
 # ----------------------------------------------------------------------------- models
@@ -404,6 +410,7 @@ def run_one(spec: RunSpec, data, cfg: SegConfig, device: str, threads: int) -> d
         "batch": spec.batch,
         "quick": spec.quick,
         "pilot": spec.pilot,
+        "canvas": cfg.size if spec.task == "seg" else None,
         "metrics_split": "val" if spec.pilot else "test",
         "lr": spec.learning_rate,
         "key": spec.key(),
@@ -706,15 +713,25 @@ CONFIRMATION_SEEDS = (5, 6, 7, 8, 9)
 TABLE_CANDIDATES = {"dsn": ("dsn", ()), "imachsr-mi": ("imachsr", SHIPPED)}
 
 
-def _confirmation(name: str) -> list[RunSpec]:
-    """``name`` (``baseline`` or a candidate of the rule) on the four models at seeds 5-9, test-scored."""
+def _confirmation(name: str, canvas: int = 32) -> list[RunSpec]:
+    """``name`` (``baseline`` or a candidate of the rule) at seeds 5-9, test-scored: on the four models at
+    ``canvas`` 32, on the two segmentation models at 64 (the larger regime)."""
     method, options = ("baseline", ()) if name == "baseline" else {**TABLE_CANDIDATES, **DEFAULT_CANDIDATES}[name]
     specs = []
     for s in CONFIRMATION_SEEDS:
         for task, model in EVIDENCE_MODELS:
+            if canvas != 32 and task != "seg":
+                continue
             steps, batch = (SEG_STEPS, SEG_BATCH) if task == "seg" else (CLS_STEPS, CLS_BATCH)
-            specs.append(RunSpec(task, model, method, s, steps, batch, options=options))
+            specs.append(RunSpec(task, model, method, s, steps, batch, options=options, canvas=canvas))
     return specs
+
+
+def _pilots64() -> list[RunSpec]:
+    """The 64x64 regime's baseline pilots (issue 24 item 4), seed 0, validation only: does the registered
+    budget (1,500 x 16 at 3e-3) flatten there, and is pixel accuracy 10 points over all-background?"""
+    return [RunSpec("seg", model, "baseline", 0, SEG_STEPS, SEG_BATCH, pilot=True, canvas=64)
+            for model in ("deeplabv3plus", "unet")]
 
 
 GRIDS = {
@@ -745,6 +762,9 @@ GRIDS = {
                                                   "imachsr-region-gated")),
     **{f"confirm-{name}": (lambda name=name: _confirmation(name))
        for name in ("baseline", *TABLE_CANDIDATES, *DEFAULT_CANDIDATES)},
+    "pilot-seg64": _pilots64,
+    **{f"confirm64-{name}": (lambda name=name: _confirmation(name, canvas=64))
+       for name in ("baseline", *TABLE_CANDIDATES, *DEFAULT_CANDIDATES)},
 }
 # `--grid all`: the main tables first, then the second family, the placement grids and the rest.
 ROUNDS = ("primary", "primary-dsn", "primary-tuned", "seg-shipped", "cls-resnet", "cls-resnet-tuned", "seg-unet",
@@ -773,6 +793,9 @@ def quick_specs(task: str) -> list[RunSpec]:
 
 
 QUICK_SEG = SegConfig(train=32, val=8, test=8)
+# The canvas sets by side. 64x64 (issue 24 item 4) doubles the side and the item scale and keeps every
+# other setting, so the grids at the points are 4x larger (DeepLabV3+'s ASPP 4x4, its layer1 16x16).
+SEG_CONFIGS = {32: SegConfig(), 64: SegConfig(size=64, scale=(24, 48))}
 
 
 def done_keys(path: Path) -> set[str]:
@@ -838,8 +861,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.seeds is not None:
             specs = [sp for sp in specs if sp.seed in args.seeds]
     try:
-        cfg = QUICK_SEG if args.quick else SegConfig()
-        seg = load_segmentation(cfg, args.data) if any(s.task == "seg" for s in specs) else None
+        canvases = sorted({s.canvas for s in specs if s.task == "seg"})
+        cfgs = {32: QUICK_SEG} if args.quick else {c: SEG_CONFIGS[c] for c in canvases}
+        segs = {c: load_segmentation(cfgs[c], args.data) for c in canvases}
         cls = (load_classification(args.data, limit=64 if args.quick else None)
                if any(s.task == "cls" for s in specs) else None)
     except FileNotFoundError as exc:
@@ -860,7 +884,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for n, spec in enumerate(todo):
         if args.limit is not None and n >= args.limit:
             break
-        data = seg if spec.task == "seg" else cls
+        data = segs[spec.canvas] if spec.task == "seg" else cls
+        cfg = cfgs.get(spec.canvas, SEG_CONFIGS[32])
         if args.claims is not None and not _claim(args.claims, spec):
             continue
         try:

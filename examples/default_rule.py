@@ -30,6 +30,7 @@ __all__ = ["CANDIDATES", "CURRENT", "SEEDS", "CONFIRMATION_SEEDS", "RuleOutcome"
 MODELS = (("seg", "deeplabv3plus"), ("seg", "unet"), ("cls", "resnet18n"), ("cls", "vit"))
 SEEDS = (0, 1, 2)
 CONFIRMATION_SEEDS = (5, 6, 7, 8, 9)
+CANVASES = (32, 64)  # the segmentation canvas sides the confirmation ran at (64: issue 24's larger regime)
 # (name, method, setting, pilot): the runs a candidate is read from. DeepLabV3+'s DSN at today's
 # points is a pilot spelled `auto/M=3` (its main-table runs had older points); see _arm_runs.
 CANDIDATES: tuple[tuple[str, str, str], ...] = (
@@ -80,7 +81,8 @@ def _arm_runs(records: Sequence[dict], task: str, model: str, method: str, setti
         setting = DSN_TODAY  # today's points; the main table's DSN ran at 7a53067's
     out: dict[int, dict] = {}
     for r in records:
-        if (r["task"], r["model"], r["method"], r["setting"]) == (task, model, method, setting) and not r.get("quick"):
+        if ((r["task"], r["model"], r["method"], r["setting"]) == (task, model, method, setting) and not r.get("quick")
+                and r.get("canvas", 32) == 32):
             if r["seed"] in SEEDS and r["curve"]["val"]:
                 out.setdefault(r["seed"], r)
     return out
@@ -198,22 +200,25 @@ def _count(records: Sequence[dict], name: str, task: str, model: str) -> int:
 
 
 def confirmation_rows(records: Sequence[dict]) -> list[dict]:
-    """``summary.json``'s ``confirmation_rows``: seeds 5-9 on test, per model, output-only and each candidate
-    found there, in the ``rows`` schema; ``delta``/``ci95`` paired with output-only's test score."""
+    """``summary.json``'s ``confirmation_rows``: seeds 5-9 on test, per model and canvas (32, and 64 for the
+    segmentation models' larger regime), output-only and each candidate found there, in the ``rows`` schema
+    plus ``canvas``; ``delta``/``ci95`` paired with output-only's test score of the same canvas."""
     rows = []
-    for task, model in MODELS:
-        metric = "mIoU" if task == "seg" else "accuracy"
-        base: dict[int, float] = {}
-        for name, method, setting in CANDIDATES:
-            runs = {r["seed"]: r for r in records
-                    if (r["task"], r["model"], r["method"], r["setting"]) == (task, model, method, setting)
-                    and r["seed"] in CONFIRMATION_SEEDS and not r.get("pilot") and not r.get("quick")}
-            if not runs:
-                continue
-            if name == "output-only":
-                base = {s: r["metrics"][metric] for s, r in runs.items()}
-            values = {s: r["metrics"][metric] for s, r in runs.items()}
-            rows.append(_row(task, model, name, values, base, next(iter(runs.values()))))
+    for size in CANVASES:
+        for task, model in MODELS:
+            metric = "mIoU" if task == "seg" else "accuracy"
+            base: dict[int, float] = {}
+            for name, method, setting in CANDIDATES:
+                runs = {r["seed"]: r for r in records
+                        if (r["task"], r["model"], r["method"], r["setting"]) == (task, model, method, setting)
+                        and r["seed"] in CONFIRMATION_SEEDS and not r.get("pilot") and not r.get("quick")
+                        and r.get("canvas", 32) == size}
+                if not runs:
+                    continue
+                if name == "output-only":
+                    base = {s: r["metrics"][metric] for s, r in runs.items()}
+                values = {s: r["metrics"][metric] for s, r in runs.items()}
+                rows.append({**_row(task, model, name, values, base, next(iter(runs.values()))), "canvas": size})
     return rows
 
 
@@ -221,11 +226,12 @@ def confirmation_table(rows: Sequence[dict]) -> str:
     """The confirmation rows as markdown (points; 95% paired-t interval)."""
     if not rows:
         return "No confirmation runs yet (`python examples/compare.py --grid confirm-baseline --grid confirm-NAME`).\n"
-    lines = ["| model | arm | seeds | mean (%) | delta vs output-only [95% CI] |", "|---|---|---|---|---|"]
+    lines = ["| model | canvas | arm | seeds | mean (%) | delta vs output-only [95% CI] |", "|---|---|---|---|---|---|"]
     for r in rows:
         delta = "-" if r["delta"] is None else (f"{100 * r['delta']:+.2f}" + (
             f" [{100 * r['ci95'][0]:+.2f}, {100 * r['ci95'][1]:+.2f}]" if r["ci95"] else ""))
-        lines.append(f"| {r['model']} | {r['method']} | {','.join(map(str, r['seeds']))} | "
+        canvas = f"{r['canvas']}x{r['canvas']}" if r["task"] == "seg" else "28x28"
+        lines.append(f"| {r['model']} | {canvas} | {r['method']} | {','.join(map(str, r['seeds']))} | "
                      f"{100 * r['mean']:.2f} | {delta} |")
     return "\n".join(lines) + "\n"
 

@@ -25,6 +25,7 @@ def _record(spec, value: float, *, pilot: bool | None = None) -> dict:
     return {"task": spec.task, "model": spec.model, "method": spec.method, "setting": spec.setting,
             "seed": spec.seed, "steps": spec.steps, "batch": spec.batch,
             "pilot": spec.pilot if pilot is None else pilot, "quick": False, "metrics": {metric: value},
+            **({"canvas": spec.canvas} if spec.task == "seg" else {}),
             "curve": {"val_step": [spec.steps], "val": [value]}}
 
 
@@ -149,3 +150,26 @@ def test_the_confirmation_has_rows_of_its_own_and_stays_out_of_the_main_tables(e
     assert vit["seeds"] == [5, 6, 7, 8, 9] and vit["delta"] == pytest.approx(0.017)
     assert vit["ci95"][0] < 0.017 < vit["ci95"][1]
     assert rows[("vit", "output-only")]["delta"] is None
+
+
+def test_the_64x64_regime_has_rows_of_its_own_and_its_pilots_stay_out_of_the_rule(evidence):
+    compare, plots = evidence
+    rule = importlib.import_module("examples.default_rule")
+    pilots = compare.grid_specs(["pilot-seg64"])
+    base, chosen = compare.grid_specs(["confirm64-baseline"]), compare.grid_specs(["confirm64-dsn-conv"])
+    assert {s.canvas for s in pilots + base + chosen} == {64} and all(s.pilot for s in pilots)
+    assert {s.model for s in base + chosen} == {"deeplabv3plus", "unet"}  # segmentation only
+    # Same cell at 32 and at 64: two keys, so neither run is skipped as the other's.
+    assert base[0].key() != compare.grid_specs(["confirm-baseline"])[0].key()
+    at32 = [_record(s, 0.40) for s in compare.grid_specs(["confirm-baseline"])]
+    records = ([_record(s, 0.30 if s.method == "baseline" else 0.33) for s in base + chosen] + at32
+               + [_record(s, 0.99) for s in pilots])
+    assert plots.summary_rows(records) == []
+    rows = {(r["model"], r["canvas"], r["method"]): r for r in rule.confirmation_rows(records)}
+    assert rows[("unet", 64, "dsn-conv")]["delta"] == pytest.approx(0.03)
+    assert rows[("unet", 32, "output-only")]["mean"] == pytest.approx(0.40)  # the 32x32 rows are untouched
+    assert ("unet", 32, "dsn-conv") not in rows
+    # A 64x64 pilot at seed 0 is not the rule's output-only run at seed 0.
+    seed0 = rule._arm_runs(records + [_record(compare.RunSpec("seg", "unet", "baseline", 0, 1500, 16, pilot=True), 0.2)],
+                           "seg", "unet", "baseline", "none")
+    assert seed0[0]["metrics"]["mIoU"] == pytest.approx(0.2)
