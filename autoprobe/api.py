@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from .backends import trace_with_fallbacks
+from .backends import ModelTrace
 from .errors import UsageError
 from .graph import LayerGraph
 from .models import DEFAULT_INPUT_SIZE, ResolvedModel, resolve_model
@@ -37,8 +37,9 @@ class Analysis:
         graph: the layer graph the selection was made on.
         pack: the rule pack.
         selection: the chosen points.
-        traced: the trace ``graph`` was built from (the selection's mode); ``instrument`` reuses it
-            instead of tracing that mode again when it made this analysis itself.
+        traced: the trace ``graph`` was built from (the selection's mode and backend).
+        trace: the ``ModelTrace`` that made it, which remembers every trace it made: ``instrument`` asks it
+            for the selection's backend in both modes, so the selection's own trace is the one tapped.
     """
 
     model: ResolvedModel
@@ -46,6 +47,7 @@ class Analysis:
     pack: RulePack
     selection: Selection
     traced: Traced | None = None
+    trace: ModelTrace | None = None
 
     def choose(self, *names: str) -> Selection:
         """This analysis's selection with exactly the points ``names``, chosen by hand.
@@ -150,7 +152,7 @@ def analyze(
     ``model_args`` are the keyword arguments a spec's builder is called with
     (``{"encoder_weights": None}`` for ``segmentation_models_pytorch:Unet``); see ``models.resolve_model``.
 
-    Tracing climbs the fallback ladder of ``backends.py``: fx, then ``torch.export``, then
+    Tracing climbs the fallback ladder of ``backends.ModelTrace``: fx, then ``torch.export``, then
     forward hooks, the first that yields a layer graph wins. When the winner's graph gives no
     eligible point (a leaf module can hide every feature), the finer backends below it are tried
     too. Every fallback is written into ``Selection.notes`` and the backend used is
@@ -189,7 +191,7 @@ def analyze(
         )
     size = _input_size(resolved.module, input_size, resolved.input_size)
     pack = rules if isinstance(rules, RulePack) else load_rules(rules)
-    # The fallback ladder (fx -> export -> hooks) lives in backends.py; every rung it skips is noted.
+    # The fallback ladder (fx -> export -> hooks) lives in backends.ModelTrace; every rung it skips is noted.
     # A graph is usable when it gives a point; each graph is selected on once.
     selections: list[tuple[LayerGraph, Selection]] = []
 
@@ -197,11 +199,12 @@ def analyze(
         selections.append((graph, select_points(graph, pack, points=points, model=resolved.label)))
         return bool(selections[-1][1].points)
 
-    ladder = trace_with_fallbacks(resolved.module, size, opts, usable=usable)
+    trace = ModelTrace(resolved.module, size, opts)
+    ladder = trace.ladder(usable=usable)
     selection = next(s for g, s in selections if g is ladder.graph)
     if ladder.notes:
         selection = replace(selection, notes=(*ladder.notes, *selection.notes))
-    return Analysis(resolved, ladder.graph, pack, selection, ladder.traced)
+    return Analysis(resolved, ladder.graph, pack, selection, ladder.traced, trace)
 
 
 def inspect(

@@ -47,16 +47,17 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from torch.overrides import TorchFunctionMode
 
 from .errors import AutoprobeError, InputSizeError, RealDataNeeded, TraceError, UsageError
 from .axes import AxisEnv, Labels, input_axes, propagate
 from .graph import LayerGraph, build_layer_graph
 from .ops import op_name, shown_name
-from .meta import ValueReadCheck, ValuesNeeded, device_of, meta_twins, seeded_run
+from .meta import ValueReadCheck, ValuesNeeded, device_of, meta_twins, needs_values, seeded_run
 from .trace import (
     Backend,
+    Example,
+    Mode,
     NodeNamer,
     TraceOptions,
     Traced,
@@ -73,6 +74,7 @@ __all__ = [
     "LADDER",
     "Attempt",
     "LadderResult",
+    "ModelTrace",
     "trace_with_fallbacks",
     "trace_export",
     "trace_hooks",
@@ -146,6 +148,302 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else ""
 
 
+class _Rung(NamedTuple):
+    """One backend's trace of one mode and its layer graph."""
+
+    traced: Traced
+    graph: LayerGraph
+
+
+_OTHER_MODE: dict[str, Mode] = {"train": "eval", "eval": "train"}
+
+
+class ModelTrace:
+    """One model's tracing for one call: the model, the input size and the options, and per mode each
+    backend's trace, layer graph and example output, each made once and then remembered.
+
+    It is the one place that traces. ``analyze`` climbs the fallback ladder through it (``ladder``),
+    ``Analysis.trace`` carries it, ``instrument`` asks it for the selection's backend in both modes,
+    the fx engine is built from its traces, and unpickling a probed model asks a fresh one. So a call
+    that selects and instruments traces each mode once: on fx the eval trace the selection was made on
+    is the one tapped, and the train trace beside it is compared with it and shared when the model's
+    Python records the same program in both modes (``trace_fx``'s ``other_mode``: one propagation,
+    one layer graph); on export and hooks the model's Python runs once per mode, and the example output
+    is read from that run's graph (or its output), not from another run. What it remembers is bounded:
+    one trace per mode and backend (six at most) and what was built from them.
+
+    Args:
+        model: any ``nn.Module``, on meta or live; not mutated (its modes and attributes are restored
+            after every trace, see ``trace.training_mode``).
+        input_size: the input without batch, e.g. ``(3, 224, 224)``.
+        options: the ``TraceOptions``; its ``mode`` is the ladder's when ``ladder`` is given none, and every
+            other query names its mode.
+
+    Raises:
+        UsageError: ``options`` is not a ``TraceOptions``, or a leaf path names no submodule of ``model``.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Dropout())
+        >>> trace = ModelTrace(net, (3, 16, 16))
+        >>> trace.ladder().backend, trace.graph("train", "fx") is trace.graph("eval", "fx")
+        ('fx', True)
+        >>> trace.example("train", "fx").output.shape
+        torch.Size([2, 8, 14, 14])
+    """
+
+    def __init__(self, model: nn.Module, input_size: Sequence[int], options: TraceOptions = TraceOptions()) -> None:
+        if not isinstance(options, TraceOptions):
+            raise UsageError(f"options must be an autoprobe TraceOptions, not {type(options).__name__}.\n"
+                             "Hint: pass options=autoprobe.TraceOptions(...).")
+        options.check_model(model)
+        self.model = model
+        self.input_size = tuple(int(s) for s in input_size)
+        self.options = options
+        self._rungs: dict[tuple[str, str], _Rung] = {}
+        self._examples: dict[tuple[str, str], Example] = {}
+
+    def __repr__(self) -> str:
+        made = ", ".join(f"{m}/{b}" for m, b in self._rungs) or "nothing yet"
+        return f"ModelTrace({type(self.model).__name__}, input_size={self.input_size}, traced: {made})"
+
+    def traced(self, mode: Mode, backend: Backend) -> Traced:
+        """The ``backend``'s trace of the model in ``mode``, traced on the first ask.
+
+        Raises:
+            TraceError, InputSizeError: that backend cannot trace the model at this size.
+        """
+        return self._rung(mode, backend).traced
+
+    def graph(self, mode: Mode, backend: Backend) -> LayerGraph:
+        """The layer graph of ``traced(mode, backend)``; one graph for both modes where fx shares their trace."""
+        return self._rung(mode, backend).graph
+
+    def example(self, mode: Mode, backend: Backend) -> Example:
+        """One output of the model in ``mode``, as the model builds it, with a meta tensor per tensor.
+
+        Read from the trace: fx's and export's graph output (export's flattened values put back in the
+        model's structure), or the output the hooks backend's own run returned. Nothing runs again.
+        """
+        key = (mode, backend)
+        if key not in self._examples:
+            rung = self._rung(mode, backend)
+            self._examples[key] = rung.traced.example or _graph_example(rung.traced, rung.graph)
+        return self._examples[key]
+
+    def output_axes(self, mode: Mode, backend: Backend, select: Callable[[Any], Any]) -> str | None:
+        """The axis letters (``"NCSS"``) of the prediction ``select`` reads from the model's output; ``None`` if unknown.
+
+        From the trace where the prediction is an output tensor whose axes it knows; else by running ``select`` on
+        the example output with its tensors' axes propagated (a callable that computes the prediction); else, where
+        the graph knows no layout for it (a depth map without a channel axis), by one meta run of the model that
+        propagates axes (``axes.run_labels``). A model that reads tensor values on meta (``meta.needs_values``)
+        has unknown axes.
+
+        Raises:
+            TraceError: that meta run failed for another reason than reading values.
+        """
+        example = self.example(mode, backend)
+        tensors = _tensors(example.output)
+        prediction = select(example.output)
+        if isinstance(prediction, torch.Tensor) and id(prediction) in example.axes:
+            return example.axes[id(prediction)]
+        from .axes import input_axes, run_labels
+
+        batch = self.traced(mode, backend).input_shape[0]
+        found = run_labels(lambda *_: select(example.output), tuple(tensors), {}, example.axes, batch)
+        if isinstance(found, str) and "?" not in found:
+            return found
+        if example is self.traced(mode, backend).example:
+            return found if isinstance(found, str) else None  # the hooks run propagated every axis it could
+        options = dataclasses.replace(self.options, mode=mode)
+        call = forward_call(self.model, options)
+        twins = meta_twins(self.model)
+        shape = (options.batch_size, *self.input_size)
+
+        def run() -> Any:
+            x = torch.empty(shape, device="meta")
+            inputs = {call.input_name: x, **call.example_kwargs("meta")}
+
+            def prediction_of(t: torch.Tensor) -> Any:
+                return select(torch.func.functional_call(self.model, twins, (), {**inputs, call.input_name: t},
+                                                         strict=False))
+
+            with training_mode(self.model, options.train), torch.no_grad():
+                return run_labels(prediction_of, (x,), {}, {id(x): input_axes(x.dim())}, shape[0])
+
+        try:
+            found = run()
+        except Exception as exc:  # the model's own forward on meta: values or another failure, decided below
+            if needs_values(run):
+                return None  # the model reads values on meta (hooks with real data): axes unknown, not judged
+            raise TraceError(
+                f"a meta run of {type(self.model).__name__} for its output's axes failed: {type(exc).__name__}: "
+                f"{_first_line(exc)}\nHint: select the prediction with output=... (a key or an attribute of the "
+                "model's output), or report this with the model's code."
+            ) from exc
+        return found if isinstance(found, str) else None
+
+    def _rung(self, mode: Mode, backend: Backend) -> _Rung:
+        key = (mode, backend)
+        if key in self._rungs:
+            return self._rungs[key]
+        if mode not in _OTHER_MODE:
+            raise UsageError(f"mode must be 'train' or 'eval', not {mode!r}.\nHint: pass mode='eval' or mode='train'.")
+        if backend not in LADDER:
+            raise TraceError(f"unknown tracing backend {backend!r}.\nHint: choose from {list(LADDER)}.")
+        other = self._rungs.get((_OTHER_MODE[mode], backend)) if backend == "fx" else None
+        more = {"other_mode": other.traced} if other is not None else {}
+        traced = _TRACERS[backend](self.model, self.input_size, dataclasses.replace(self.options, mode=mode), **more)
+        shared = other is not None and traced.graph_module is other.traced.graph_module
+        rung = _Rung(traced, other.graph if shared else build_layer_graph(traced))  # type: ignore[union-attr]
+        self._rungs[key] = rung
+        return rung
+
+    def ladder(
+        self,
+        mode: Mode | None = None,
+        *,
+        backends: Sequence[str] = LADDER,
+        usable: Callable[[LayerGraph], bool] | None = None,
+    ) -> LadderResult:
+        """The first backend of ``backends`` that traces the model in ``mode`` and builds its layer graph.
+
+        With ``usable``, a graph it refuses (a leaf module can hide every feature inside it) sends the
+        climb on to the finer rungs after the winner; their graph is taken if ``usable`` accepts it,
+        else the first is kept. Either way the notes say so.
+
+        A rung fails when tracing raises or when its graph cannot be built (no path from input to
+        output). Only ``AutoprobeError``s from fx fall through to the next rung: any other exception
+        from fx is a bug in autoprobe and propagates. export and hooks run the model's own Python,
+        so anything they raise is a reason to try the next rung. A rung traced before (by an earlier
+        climb, or asked for directly) is not traced again.
+
+        Args:
+            mode: the mode to trace in; ``None`` is ``options.mode``.
+            backends: the rungs to try, in order; a subsequence of ``LADDER``.
+            usable: whether a graph is good enough to stop climbing (``analyze``: it gives a point).
+
+        Returns:
+            A ``LadderResult`` with the traced model, its graph and the failed rungs.
+
+        Raises:
+            InputSizeError: the model's own code rejected the input size; no other rung is tried.
+            TraceError: every rung failed; the message lists each rung's reason.
+            RealDataNeeded: only a real run could trace it, and ``allow_real_data`` is off.
+        """
+        mode = self.options.mode if mode is None else mode
+        result = self._climb(mode, backends)
+        remaining = tuple(backends)[tuple(backends).index(result.backend) + 1 :]
+        if usable is None or usable(result.graph) or not remaining:
+            return result
+        try:
+            finer = self._climb(mode, remaining)
+        except AutoprobeError as exc:
+            note = f"backend {result.backend} gave no point and no finer backend worked: {exc}".splitlines()[0]
+            return dataclasses.replace(result, after=(note,))
+        if not usable(finer.graph):
+            return dataclasses.replace(result, after=(f"backend {finer.backend} gave no eligible point either; kept {result.backend}",))
+        retried = f"backend {result.backend} gave no eligible point; retried with {list(remaining)}"
+        return dataclasses.replace(finer, before=(*result.notes, retried))
+
+    def _climb(self, mode: Mode, backends: Sequence[str]) -> LadderResult:
+        """The first rung of ``backends`` that traces the model and builds a graph (see ``ladder``)."""
+        unknown = [b for b in backends if b not in LADDER]
+        if unknown or not backends:
+            raise TraceError(f"unknown tracing backends {unknown or list(backends)!r}. Hint: choose from {list(LADDER)}.")
+        model, input_size = self.model, self.input_size
+        options = dataclasses.replace(self.options, mode=mode)
+        failed: list[Attempt] = []
+        errors: list[BaseException] = []
+        for backend in backends:
+            try:
+                rung = self._rung(mode, backend)  # type: ignore[arg-type]
+            except InputSizeError as exc:
+                # fx traced the model and its own code rejected the size while shapes were propagated;
+                # export and hooks would run that same code and fail the same way. Unless the model itself
+                # runs at this size: then fx recorded another program (a branch a Proxy answered otherwise),
+                # and the next rung runs the model's own Python.
+                if backend != "fx" or exc.parts is None or exc.parts.verdict != "failed" or _plain_run(
+                        model, input_size, options) is not None:
+                    raise
+                failed.append(Attempt(backend, "TraceError", (
+                    f"fx's graph failed at a size the model itself runs at ({_first_line(exc)}): the traced "
+                    "program is not the model's")))
+                errors.append(exc)
+                continue
+            except _HooksNeedValues as exc:
+                # The last rung needs values and the user has not allowed a real run: say how to allow it.
+                failed.append(Attempt(backend, "TraceError", _first_line(exc)))
+                part = _backbone_alone(model, input_size, options, backends, failed)
+                if part is not None:
+                    return part
+                listing = "\n".join(f"  - {a}" for a in failed)
+                raise RealDataNeeded(
+                    f"no tracing backend could trace {type(model).__name__} without running it on real values:\n{listing}",
+                    "the model branches on tensor values. Pass allow_real_data=True (inspect, analyze, instrument, "
+                    "TraceOptions) to let the hooks backend run it once on a seeded random batch (no_grad, buffers "
+                    "cloned, the model left unchanged), or make its control flow depend on shapes only.",
+                ) from exc
+            except AutoprobeError as exc:
+                failed.append(Attempt(backend, type(exc).__name__, _first_line(exc)))
+                errors.append(exc)
+                continue
+            return LadderResult(rung.traced, rung.graph, tuple(failed))
+        listing = "\n".join(f"  - {a}" for a in failed)
+        first = errors[0]
+        part = _backbone_alone(model, input_size, options, backends, failed)
+        if part is not None:
+            return part
+        plain = _plain_run(model, input_size, options)
+        if isinstance(plain, Exception):
+            # Every rung failed because the model itself fails at this size: that is the input size's fault.
+            too_small = _size_it_runs_at(model, input_size, options, plain)
+            if too_small is not None:
+                raise too_small from plain
+            listing += f"\n  - the model's own forward fails at this size too, on meta: {type(plain).__name__}: {_first_line(plain)}"
+        raise TraceError(
+            f"no tracing backend could trace {type(model).__name__}:\n{listing}\n"
+            "Hint: mark the failing submodule as a leaf (`--leaf PATH`), or give the model a forward that takes one tensor."
+        ) from first
+
+
+def _graph_example(traced: Traced, graph: LayerGraph) -> Example:
+    """The model's output rebuilt from an fx or export graph: a meta tensor per tensor node, in the model's structure,
+    with the axes of each node whose layout the layer graph knows."""
+    axes: dict[int, str] = {}
+
+    def rebuild(value: Any) -> Any:
+        # fx stores containers as its immutable_dict/immutable_list; give back the plain ones.
+        if isinstance(value, fx.Node):
+            meta = value.meta.get("tensor_meta")
+            if not hasattr(meta, "shape"):
+                return None
+            tensor = torch.empty(tuple(meta.shape), dtype=meta.dtype, device="meta")
+            name = traced.qualnames.get(value.name)
+            layout = graph[name].layout if name is not None and name in graph else None
+            if layout is not None:
+                axes[id(tensor)] = "".join(a if a in "NC" else "S" for a in layout.value)
+            return tensor
+        if isinstance(value, dict):
+            return {k: rebuild(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            items = [rebuild(v) for v in value]
+            return type(value)(*items) if hasattr(value, "_fields") else (list(items) if isinstance(value, list) else tuple(items))
+        return value
+
+    value = traced.graph_module.graph.output_node().args[0]
+    if traced.output_spec is not None:
+        # export flattened the output: its leaves, in order, go back into the model's own structure.
+        leaves = list(value) if traced.output_spec.num_leaves != 1 else [value]
+        return Example(traced.output_spec.unflatten([rebuild(v) for v in leaves]), axes)
+    output = rebuild(value)
+    # fx lowered the model's ModelOutput to a dict; an output= callable gets the model's own type.
+    if traced.output_type is not None and isinstance(output, dict):
+        output = traced.output_type(**output)
+    return Example(output, axes)
+
+
 def trace_with_fallbacks(
     model: nn.Module,
     input_size: Sequence[int],
@@ -154,23 +452,17 @@ def trace_with_fallbacks(
     backends: Sequence[str] = LADDER,
     usable: Callable[[LayerGraph], bool] | None = None,
 ) -> LadderResult:
-    """Trace ``model`` with the first backend of ``backends`` that works, and build its layer graph.
+    """One climb of the fallback ladder: ``ModelTrace(model, input_size, options).ladder(...)``.
 
-    With ``usable``, a graph it refuses (a leaf module can hide every feature inside it) sends the
-    climb on to the finer rungs after the winner; their graph is taken if ``usable`` accepts it,
-    else the first is kept. Either way the notes say so.
-
-    A rung fails when tracing raises or when its graph cannot be built (no path from input to
-    output). Only ``AutoprobeError``s from fx fall through to the next rung: any other exception
-    from fx is a bug in autoprobe and propagates. export and hooks run the model's own Python,
-    so anything they raise is a reason to try the next rung.
+    For a single question; a caller that asks more (another mode, the example output) keeps the
+    ``ModelTrace``, so nothing is traced twice.
 
     Args:
         model: any ``nn.Module``, on meta or live; not mutated.
         input_size: the input without batch, e.g. ``(3, 224, 224)``.
         options: the ``TraceOptions`` (mode, leaves, forward arguments, batch, real-data runs).
         backends: the rungs to try, in order; a subsequence of ``LADDER``.
-        usable: whether a graph is good enough to stop climbing (``analyze``: it gives a point).
+        usable: whether a graph is good enough to stop climbing (see ``ModelTrace.ladder``).
 
     Returns:
         A ``LadderResult`` with the traced model, its graph and the failed rungs.
@@ -193,82 +485,7 @@ def trace_with_fallbacks(
         >>> result.backend, [a.backend for a in result.failed], result.graph.depth
         ('export', ['fx'], 1)
     """
-    result = _climb(model, input_size, options, backends)
-    remaining = tuple(backends)[tuple(backends).index(result.backend) + 1 :]
-    if usable is None or usable(result.graph) or not remaining:
-        return result
-    try:
-        finer = _climb(model, input_size, options, remaining)
-    except AutoprobeError as exc:
-        note = f"backend {result.backend} gave no point and no finer backend worked: {exc}".splitlines()[0]
-        return dataclasses.replace(result, after=(note,))
-    if not usable(finer.graph):
-        return dataclasses.replace(result, after=(f"backend {finer.backend} gave no eligible point either; kept {result.backend}",))
-    retried = f"backend {result.backend} gave no eligible point; retried with {list(remaining)}"
-    return dataclasses.replace(finer, before=(*result.notes, retried))
-
-
-def _climb(model: nn.Module, input_size: Sequence[int], options: TraceOptions, backends: Sequence[str]) -> LadderResult:
-    """The first rung of ``backends`` that traces ``model`` and builds a graph (see ``trace_with_fallbacks``)."""
-    unknown = [b for b in backends if b not in LADDER]
-    if unknown or not backends:
-        raise TraceError(f"unknown tracing backends {unknown or list(backends)!r}. Hint: choose from {list(LADDER)}.")
-    if not isinstance(options, TraceOptions):
-        raise UsageError(f"options must be an autoprobe TraceOptions, not {type(options).__name__}.")
-    options.check_model(model)
-    failed: list[Attempt] = []
-    errors: list[BaseException] = []
-    for backend in backends:
-        try:
-            traced = _TRACERS[backend](model, input_size, options)
-            graph = build_layer_graph(traced)
-        except InputSizeError as exc:
-            # fx traced the model and its own code rejected the size while shapes were propagated;
-            # export and hooks would run that same code and fail the same way. Unless the model itself
-            # runs at this size: then fx recorded another program (a branch a Proxy answered otherwise),
-            # and the next rung runs the model's own Python.
-            if backend != "fx" or exc.parts is None or exc.parts.verdict != "failed" or _plain_run(
-                    model, input_size, options) is not None:
-                raise
-            failed.append(Attempt(backend, "TraceError", (
-                f"fx's graph failed at a size the model itself runs at ({_first_line(exc)}): the traced "
-                "program is not the model's")))
-            errors.append(exc)
-            continue
-        except _HooksNeedValues as exc:
-            # The last rung needs values and the user has not allowed a real run: say how to allow it.
-            failed.append(Attempt(backend, "TraceError", _first_line(exc)))
-            part = _backbone_alone(model, input_size, options, backends, failed)
-            if part is not None:
-                return part
-            listing = "\n".join(f"  - {a}" for a in failed)
-            raise RealDataNeeded(
-                f"no tracing backend could trace {type(model).__name__} without running it on real values:\n{listing}",
-                "the model branches on tensor values. Pass allow_real_data=True (inspect, analyze, instrument, "
-                "TraceOptions) to let the hooks backend run it once on a seeded random batch (no_grad, buffers "
-                "cloned, the model left unchanged), or make its control flow depend on shapes only.",
-            ) from exc
-        except AutoprobeError as exc:
-            failed.append(Attempt(backend, type(exc).__name__, _first_line(exc)))
-            errors.append(exc)
-            continue
-        return LadderResult(traced, graph, tuple(failed))
-    listing = "\n".join(f"  - {a}" for a in failed)
-    first = errors[0]
-    part = _backbone_alone(model, input_size, options, backends, failed)
-    if part is not None:
-        return part
-    plain = _plain_run(model, input_size, options)
-    if isinstance(plain, Exception):
-        # Every rung failed because the model itself fails at this size: that is the input size's fault.
-        too_small = _size_it_runs_at(model, input_size, options, plain)
-        if too_small is not None:
-            raise too_small from plain
-        listing += f"\n  - the model's own forward fails at this size too, on meta: {type(plain).__name__}: {_first_line(plain)}"
-    raise TraceError(
-        f"no tracing backend could trace {type(model).__name__}:\n{listing}\n"
-        "Hint: mark the failing submodule as a leaf (`--leaf PATH`), or give the model a forward that takes one tensor."
-    ) from first
+    return ModelTrace(model, input_size, options).ladder(backends=backends, usable=usable)
 
 
 class _Part(nn.Module):
@@ -302,7 +519,7 @@ def _backbone_alone(
         leaf_paths=tuple(p for p in options.leaf_paths if p.startswith(BACKBONE + ".")),
     )
     try:
-        result = _climb(_Part(backbone), input_size, part_options, backends)
+        result = ModelTrace(_Part(backbone), input_size, part_options)._climb(options.mode, backends)
     except AutoprobeError:
         return None
     reasons = "; ".join(f"{a.backend}: {_clip(a.reason, 160)}" for a in failed)
@@ -685,9 +902,10 @@ def trace_export(model: nn.Module, input_size: Sequence[int], options: TraceOpti
     qualnames, calls = _export_qualnames(graph, model, options.leaf_types(), frozenset(options.leaf_paths))
     gm = _graph_module(model, graph, converter.attrs, type(model).__name__)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    return finish_trace(
+    traced = finish_trace(
         model, gm, qualnames, calls, input_shape, options, "export", placeholders[0].name if placeholders else ""
     )
+    return dataclasses.replace(traced, output_spec=ep.call_spec.out_spec)
 
 
 def _call_arguments(call: Any, example: torch.Tensor, device: torch.device) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -897,7 +1115,7 @@ def trace_hooks(model: nn.Module, input_size: Sequence[int], options: TraceOptio
 
     graph = fx.Graph()
     nodes: dict[int, fx.Node] = {_INPUT: graph.placeholder("x")}
-    nodes[_INPUT].meta["tensor_meta"] = _extract_tensor_metadata(example)
+    nodes[_INPUT].meta["tensor_meta"] = tensor_meta(example)
     nodes[_INPUT].meta["axes"] = provenance.labels_of(example)
     namer = NodeNamer(p for p, _ in model.named_modules())
     qualnames = {"x": namer.name("x", module=False)}
@@ -924,7 +1142,10 @@ def trace_hooks(model: nn.Module, input_size: Sequence[int], options: TraceOptio
     qualnames[out.name] = namer.name("output", module=False)
     called = {record.path: modules[record.path] for record in calls}
     gm = _graph_module(model, graph, called, type(model).__name__)
-    return finish_trace(model, gm, qualnames, module_calls, input_shape, options, "hooks", "x", notes)
+    traced = finish_trace(model, gm, qualnames, module_calls, input_shape, options, "hooks", "x", notes)
+    # The run's own output is the example: nothing runs again for it (``ModelTrace.example``).
+    axes = {id(t): lab for t in _tensors(output) if isinstance(lab := provenance.labels.get(t), str)}
+    return dataclasses.replace(traced, example=Example(output, axes))
 
 
 def _hooked_run(

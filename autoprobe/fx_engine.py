@@ -13,8 +13,8 @@ Like torchvision's ``DualGraphModule``, the engine holds the train-mode and the 
 graph and runs the one matching the mode it is called in; both are compiled once, so a
 mode change swaps graphs and nothing is recompiled. Most models record the same program in
 both modes (their mode-dependent work is inside modules that read their own flag, such as
-``nn.Dropout``): then the two traces are one (``trace_fx``'s ``other_mode``), and one tapped
-graph serves both modes.
+``nn.Dropout``): then the two traces are one (``backends.ModelTrace`` shares them), and one
+tapped graph serves both modes.
 
 Why module hooks are called by the graph: the generated code runs a traced-through
 module's body inline, so its own ``__call__``, and with it the hooks on it, never runs.
@@ -40,23 +40,15 @@ from typing import Any, NamedTuple
 
 from torch import fx, nn
 
+from .backends import ModelTrace
 from .errors import SelectionError
-from .graph import LayerGraph, build_layer_graph
+from .graph import LayerGraph
 from .ops import lookup, module_kind
 from .taps import ADAPTERS, MODEL, EngineResult, TapSite
 from .fx_tracer import INPLACE_META
-from .trace import Traced, TraceOptions, trace_fx
+from .trace import Traced, TraceOptions
 
-__all__ = ["FxRecipe", "FxEngine", "trace_both_modes"]
-
-def trace_both_modes(model: nn.Module, size: Sequence[int], options: TraceOptions) -> tuple[Traced, Traced]:
-    """The train-mode and eval-mode fx traces; the model's own flags are left as they were.
-
-    A model whose Python records the same program in both modes gets one trace, shared (``trace_fx``'s
-    ``other_mode``): shapes are propagated once.
-    """
-    eval_traced = trace_fx(model, size, dataclasses.replace(options, mode="eval"))
-    return trace_fx(model, size, dataclasses.replace(options, mode="train"), other_mode=eval_traced), eval_traced
+__all__ = ["FxRecipe", "FxEngine"]
 
 
 @dataclass(frozen=True)
@@ -87,14 +79,15 @@ class FxRecipe:
         return cls(tuple(input_size), fields, tuple(sites), label)
 
     def build(self, model: nn.Module, adapters: nn.ModuleDict) -> FxEngine:
-        """Re-trace ``model`` and tap it again (after unpickling).
+        """Re-trace ``model`` (a ``ModelTrace``: each mode once, one program shared) and tap it again (after unpickling).
 
         Raises:
             SelectionError: a point no longer exists or changed shape (the model's code changed).
         """
-        train, eval_ = trace_both_modes(model, self.input_size, TraceOptions(**dict(self.options)))
-        self._check_unchanged(build_layer_graph(train))
-        return FxEngine(model, adapters, self.sites, train, eval_)
+        trace = ModelTrace(model, self.input_size, TraceOptions(**dict(self.options)))
+        eval_ = trace.traced("eval", "fx")
+        self._check_unchanged(trace.graph("train", "fx"))
+        return FxEngine(model, adapters, self.sites, trace.traced("train", "fx"), eval_)
 
     def _check_unchanged(self, graph: LayerGraph) -> None:
         for site in self.sites:

@@ -25,11 +25,11 @@ import traceback
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, NamedTuple
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
+from torch.fx.passes.shape_prop import TensorMetadata
 
 from .errors import AutoprobeError, SizeErrorParts, TraceError, UsageError
 from .fx_tracer import INPLACE_META, QualnameTracer, specialization_note
@@ -42,6 +42,7 @@ __all__ = [
     "Backend",
     "TraceOptions",
     "Traced",
+    "Example",
     "NodeNamer",
     "trace_fx",
     "default_leaf_modules",
@@ -173,6 +174,24 @@ class TraceOptions:
         return tuple(dict.fromkeys((*default_leaf_modules(), *self.leaf_modules)))
 
 
+class Example(NamedTuple):
+    """One output of the model at the traced input, as the model builds it, for its structure and shapes.
+
+    Example:
+        >>> x = torch.empty(2, 4, 8, 8, device="meta")
+        >>> example = Example({"out": x}, {id(x): "NCSS"})
+        >>> example.axes[id(example.output["out"])]
+        'NCSS'
+    """
+
+    output: Any
+    """The model's output object (a tensor, a dict, a ``ModelOutput``, a tuple) with a meta tensor per tensor
+    (the hooks backend's real-data run: that run's tensors)."""
+    axes: Mapping[int, str]
+    """``id(tensor)`` -> its axis letters (``axes.Axis``: ``"NCSS"``) for each tensor of ``output`` whose axes the
+    trace knows; the tensors are held by ``output``, so the ids stay theirs."""
+
+
 @dataclass(frozen=True)
 class Traced:
     """A traced model with shapes on every tensor-producing node.
@@ -197,6 +216,10 @@ class Traced:
         part: ``""`` when the graph is the whole model's; else the path of the submodule traced alone
             because no backend could trace the whole (a detection model's ``backbone``): node names are
             still the whole model's paths, but the graph's input and output are that submodule's.
+        output_spec: export only: the pytree spec of the model's output, whose leaves are the graph's
+            output values in order (export flattens a dict or a ``ModelOutput``); ``None`` elsewhere.
+        example: hooks only: the output the hooked run returned, with the axes it propagated (fx and
+            export rebuild it from the graph, see ``backends.ModelTrace.example``); ``None`` elsewhere.
     """
 
     graph_module: fx.GraphModule
@@ -210,6 +233,8 @@ class Traced:
     notes: tuple[str, ...] = ()
     output_type: type | None = None
     part: str = ""
+    output_spec: Any = None
+    example: Example | None = None
 
 
 class NodeNamer:
@@ -300,10 +325,28 @@ def has_tensor(meta: Any) -> bool:
     return False
 
 
+_MEMORY_FORMATS = (torch.contiguous_format, torch.channels_last, torch.channels_last_3d)
+
+
+def _metadata(tensor: torch.Tensor) -> TensorMetadata:
+    """The ``TensorMetadata`` fx's ``ShapeProp`` records for ``tensor``: shape, dtype, grad flag, stride and the
+    first memory format it is contiguous in (a quantized tensor's scales are not read: no stage uses them)."""
+    strided = tensor.layout == torch.strided
+    memory_format = next((f for f in _MEMORY_FORMATS if strided and tensor.is_contiguous(memory_format=f)), None)
+    return TensorMetadata(tensor.shape, tensor.dtype, tensor.requires_grad, tensor.stride() if strided else (),
+                          memory_format, tensor.is_quantized, {})
+
+
 def tensor_meta(value: Any) -> Any:
-    """``TensorMetadata`` for every tensor in ``value`` (meta and fake tensors included), structure kept."""
+    """``TensorMetadata`` for every tensor in ``value`` (meta and fake tensors included), structure kept.
+
+    Example:
+        >>> meta = tensor_meta({"out": torch.empty(2, 3, device="meta")})
+        >>> tuple(meta["out"].shape), meta["out"].memory_format
+        ((2, 3), torch.contiguous_format)
+    """
     if isinstance(value, torch.Tensor):
-        return _extract_tensor_metadata(value)
+        return _metadata(value)
     if isinstance(value, tuple):
         return tuple(tensor_meta(v) for v in value)
     if isinstance(value, list):
@@ -630,7 +673,7 @@ class _ShapeProp(fx.Interpreter):
                 f"{type(exc).__name__}: {reason}", "pass the size the model was built for", self.input_shape[1:], "failed",
             ), argument=self.size_argument) from exc
         meta = fx.node.map_aggregate(
-            _fields(result), lambda v: _extract_tensor_metadata(v) if isinstance(v, torch.Tensor) else v
+            _fields(result), lambda v: _metadata(v) if isinstance(v, torch.Tensor) else v
         )
         if has_tensor(meta):
             n.meta["tensor_meta"] = meta

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import autoprobe
-from autoprobe import fx_tracer, trace
+from autoprobe import backends, fx_tracer, trace
 
 SIZE = (3, 16, 16)
 
@@ -69,20 +69,22 @@ class CustomLeaf(Plain):
 
 
 def _counted(model: nn.Module, **kwargs) -> tuple[autoprobe.Probed, dict[str, int]]:
-    counts = {"trace": 0, "propagate": 0}
+    """``instrument`` with its tracing counted: fx traces, shape propagations, layer graphs, tracing objects."""
+    counts = {"trace": 0, "propagate": 0, "graph": 0, "tracing": 0}
     tracer_trace, propagate = fx_tracer.QualnameTracer.trace, trace.propagate_shapes
+    build, init = backends.build_layer_graph, backends.ModelTrace.__init__
 
-    def counted_trace(self, *args, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
-        counts["trace"] += 1
-        return tracer_trace(self, *args, **kw)
+    def counting(key, fn):  # noqa: ANN001, ANN202
+        def counted(*args, **kw):  # noqa: ANN002, ANN003, ANN202
+            counts[key] += 1
+            return fn(*args, **kw)
+        return counted
 
-    def counted_propagate(*args, **kw):  # noqa: ANN002, ANN003, ANN202
-        counts["propagate"] += 1
-        return propagate(*args, **kw)
-
-    with mock.patch.object(fx_tracer.QualnameTracer, "trace", counted_trace), \
-            mock.patch.object(trace, "propagate_shapes", counted_propagate):
-        probed = autoprobe.instrument(model, input_size=SIZE, points=2, **kwargs)
+    with mock.patch.object(fx_tracer.QualnameTracer, "trace", counting("trace", tracer_trace)), \
+            mock.patch.object(trace, "propagate_shapes", counting("propagate", propagate)), \
+            mock.patch.object(backends, "build_layer_graph", counting("graph", build)), \
+            mock.patch.object(backends.ModelTrace, "__init__", counting("tracing", init)):
+        probed = autoprobe.instrument(model, input_size=SIZE, points=2, head="linear", **kwargs)
     return probed, counts
 
 
@@ -102,7 +104,8 @@ def _agrees_with_plain(model: nn.Module, probed: autoprobe.Probed) -> None:
 def test_one_program_is_traced_propagated_and_tapped_once() -> None:
     model = Plain()
     probed, counts = _counted(model)
-    assert counts == {"trace": 2, "propagate": 1}  # the train trace is only compared, never propagated
+    # One tracing object; the train trace is only compared with the eval one, never propagated or graphed.
+    assert counts == {"trace": 2, "propagate": 1, "graph": 1, "tracing": 1}
     engine = probed._engine
     assert engine._graphs[True] is engine._graphs[False]
     _agrees_with_plain(model, probed)
@@ -112,7 +115,7 @@ def test_one_program_is_traced_propagated_and_tapped_once() -> None:
 def test_mode_dependent_python_keeps_two_graphs(cls: type[nn.Module]) -> None:
     model = cls()
     probed, counts = _counted(model)
-    assert counts == {"trace": 2, "propagate": 2}
+    assert counts == {"trace": 2, "propagate": 2, "graph": 2, "tracing": 1}
     engine = probed._engine
     assert engine._graphs[True] is not engine._graphs[False]
     _agrees_with_plain(model, probed)
@@ -148,3 +151,61 @@ def test_unpickling_traces_each_mode_once() -> None:
     probed.eval()
     restored.eval()
     torch.testing.assert_close(restored(x).output, probed(x).output)
+
+
+_RUNS: list[str] = []
+"""One entry per completed forward of ``Unfx`` on tensors (fx's proxies are not runs): module attributes a
+forward sets are put back after every trace, a module-level list is not."""
+
+
+class Unfx(nn.Module):
+    """A dense model fx cannot trace: ``device`` (export decides it) or ``value`` (only the hooks backend's real run)."""
+
+    def __init__(self, branch: str) -> None:
+        super().__init__()
+        self.branch = branch
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.mid = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.late = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.branch == "device" and x.device.type == "mps":
+            x = x.contiguous()
+        x = self.stem(x)
+        if self.branch == "value" and x.sum() > 0:
+            x = x * 0.5
+        out = self.head(self.late(self.mid(x)))
+        if not isinstance(x, fx.Proxy):
+            _RUNS.append(type(x).__name__)
+        return out
+
+
+@pytest.mark.parametrize("branch, backend", [("device", "export"), ("value", "hooks")])
+def test_export_and_hooks_run_the_models_python_once(branch: str, backend: str) -> None:
+    """The selection's run is the one tapped and the example output and its axes are read from it: no other run."""
+    model = Unfx(branch)
+    _RUNS.clear()
+    probed, counts = _counted(model, allow_real_data=backend == "hooks")
+    assert probed.selection.backend == backend
+    assert counts["tracing"] == 1
+    assert len(_RUNS) == 1, _RUNS  # export: on fake tensors; hooks: the one real run (its meta run stopped early)
+    assert probed.report.output_shape == (2, 4, *SIZE[1:])
+    _RUNS.clear()
+    x = torch.randn(2, *SIZE)
+    out = probed(x)
+    torch.testing.assert_close(out.output, model(x))
+    assert set(out.heads) == set(probed.selection.names)
+
+
+def test_a_channels_last_prediction_is_refused_from_the_trace_alone() -> None:
+    """The output's axes come from the trace (export's graph here): a (B, H, W, K) prediction is not read as K=H."""
+
+    class Last(Unfx):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x).permute(0, 2, 3, 1)
+
+    _RUNS.clear()
+    with pytest.raises(autoprobe.InstrumentError, match="axis 1 is a spatial axis"):
+        autoprobe.instrument(Last("device"), input_size=SIZE, points=1)
+    assert len(_RUNS) == 1, _RUNS
