@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, make_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,41 +32,41 @@ from .trace import Mode
 
 __all__ = ["ModelRequest", "ProjectConfig", "load_config", "resolve_settings", "is_given"]
 
-_SETTINGS = ("input_size", "mode", "rules", "points", "leaf", "model_args", "input_name", "forward_kwargs")
+_SETTINGS: tuple[str, ...] = tuple(f.name for f in fields(LockSettings))
+"""The settings a model can ask for: ``LockSettings``'s fields, in their order (a new one is added there only)."""
 _TABLE_KEYS = ("models", "lockfile", "rules", "mode", "input_size")
 _HINT = "Hint: fix the value in pyproject.toml."
 
 
-@dataclass(frozen=True)
-class ModelRequest:
-    """One model to lock: its spec and the settings asked for (``None``, ``()`` or empty = not given).
+def _check_request(self: Any) -> None:
+    for name in _SETTINGS:
+        value = getattr(self, name)
+        if value is not None:
+            hint = "Hint: fix that argument of ModelRequest(...)."
+            object.__setattr__(self, name, parse_setting(name, value, f"ModelRequest({self.spec!r})", hint=hint))
+
+
+# One field per LockSettings field, ``None`` when not given: the names are LockSettings', never listed here.
+ModelRequest = make_dataclass(
+    "ModelRequest",
+    [("spec", str), *((name, f"{f.type} | None", field(default=None)) for f, name in zip(fields(LockSettings), _SETTINGS))],
+    frozen=True,
+    namespace={"__post_init__": _check_request},
+)
+ModelRequest.__module__ = __name__
+ModelRequest.__doc__ = """One model to lock: its spec and the settings asked for (``None``, ``()`` or empty = not given).
 
     Attributes:
         spec: the model spec; also the key in the lock.
-        input_size, mode, rules, points, leaf, model_args, input_name, forward_kwargs: overrides,
-            checked like ``LockSettings``.
+        one field per ``LockSettings`` field (``input_size``, ``mode``, ``rules``, ...), in its order, default
+            ``None``: overrides, checked like ``LockSettings``.
 
     Example:
         >>> ModelRequest("resnet18", input_size=224).input_size
         (3, 224, 224)
+        >>> ModelRequest("resnet18").leaf is None
+        True
     """
-
-    spec: str
-    input_size: tuple[int, ...] | None = None
-    mode: Mode | None = None
-    rules: str | None = None
-    points: int | None = None
-    leaf: tuple[str, ...] = ()
-    model_args: Kwargs | None = None
-    input_name: str | None = None
-    forward_kwargs: Kwargs | None = None
-
-    def __post_init__(self) -> None:
-        for name in _SETTINGS:
-            value = getattr(self, name)
-            if value is not None:
-                hint = "Hint: fix that argument of ModelRequest(...)."
-                object.__setattr__(self, name, parse_setting(name, value, f"ModelRequest({self.spec!r})", hint=hint))
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args
 
@@ -168,7 +168,6 @@ def _kwargs(value: Any, label: str, tail: str) -> Kwargs:
     return Kwargs(value, where=label, error=LockError, hint=tail)
 
 
-_SETTING_NAMES = ("forward_kwargs", "input_name", "input_size", "leaf", "mode", "model_args", "points", "rules")
 # Settings written only when set, so that entries without them keep their bytes.
 _KWARG_SETTINGS = ("model_args", "forward_kwargs")
 
@@ -206,9 +205,10 @@ class LockSettings:
     rules: str = "default"
     points: int | None = None
     leaf: tuple[str, ...] = ()
-    model_args: Kwargs = Kwargs()
-    input_name: str | None = None
-    forward_kwargs: Kwargs = Kwargs(where="forward_kwargs")
+    # Recorded only when given (``to_json``), so older locks read and write the same.
+    model_args: Kwargs = field(default=Kwargs(), metadata={"only_when_given": True})
+    input_name: str | None = field(default=None, metadata={"only_when_given": True})
+    forward_kwargs: Kwargs = field(default=Kwargs(where="forward_kwargs"), metadata={"only_when_given": True})
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -254,19 +254,22 @@ class LockSettings:
             >>> "input_name" in LockSettings().to_json()
             False
         """
-        optional = {
-            "model_args": self.model_args.to_json() if self.model_args else None,
-            "input_name": self.input_name,
-            "forward_kwargs": self.forward_kwargs.to_json() if self.forward_kwargs else None,
-        }
         return {
-            "input_size": list(self.input_size) if self.input_size is not None else None,
-            "mode": self.mode,
-            "rules": self.rules,
-            "points": self.points,
-            "leaf": list(self.leaf),
-            **{k: v for k, v in optional.items() if v is not None},
+            f.name: _json(getattr(self, f.name))
+            for f in fields(self)
+            if not (f.metadata.get("only_when_given") and getattr(self, f.name) == f.default)
         }
+
+
+_SETTING_NAMES: tuple[str, ...] = tuple(sorted(f.name for f in fields(LockSettings)))
+"""The setting names, from ``LockSettings``'s fields (sorted, as messages list them)."""
+
+
+def _json(value: Any) -> Any:
+    """A setting's value as JSON data: a tuple as a list, ``Kwargs`` as an object."""
+    if isinstance(value, Kwargs):
+        return value.to_json()
+    return list(value) if isinstance(value, tuple) else value
 
 
 # ------------------------------------------------------------------------------------------ records

@@ -1,0 +1,252 @@
+"""The README's "Changing autoprobe" recipes, checked: each adds a toy one through exactly the files its recipe
+names, in a copy of the package, and shows that it works there and that skipping any one of those files breaks it.
+
+A recipe is a list of edits (file, anchor, text): the copy is the package as it is with those edits applied, run
+in a fresh interpreter (the edits are source edits, as a contributor makes them, not monkeypatches). An anchor
+that is no longer in its file means the file changed shape: update the recipe and the README together.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import NamedTuple
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Edit(NamedTuple):
+    """One change to one file of the package: ``text`` goes after ``anchor`` (at the end when ``anchor`` is ``""``;
+    a new file when it is ``None``)."""
+
+    path: str
+    anchor: str | None
+    text: str
+
+
+def _package(tmp_path: Path, edits: list[Edit]) -> Path:
+    """A copy of ``autoprobe`` (its rule packs in ``autoprobe/packs``, as installed) with ``edits`` applied."""
+    root = tmp_path / "copy"
+    shutil.copytree(ROOT / "autoprobe", root / "autoprobe", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "rules", root / "autoprobe" / "packs", ignore=shutil.ignore_patterns("__pycache__"))
+    for edit in edits:
+        target = root / edit.path
+        if edit.anchor is None:
+            target.write_text(edit.text)
+            continue
+        source = target.read_text()
+        if edit.anchor == "":
+            target.write_text(source + edit.text)
+            continue
+        assert edit.anchor in source, f"{edit.path} no longer has {edit.anchor!r}: update this recipe and the README's"
+        target.write_text(source.replace(edit.anchor, edit.anchor + edit.text, 1))
+    return root
+
+
+def _run(root: Path, script: str) -> object:
+    """What ``script`` prints last, as JSON, run against the copy; ``{"crashed": <its last error line>}`` if it fails."""
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)
+    if done.returncode != 0:
+        return {"crashed": (done.stderr.strip().splitlines() or [""])[-1]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _check_recipe(tmp_path: Path, edits: list[Edit], script: str, want: object) -> None:
+    """``want`` with every edit; something else with the edits of any one file left out."""
+    assert _run(_package(tmp_path / "all", edits), script) == want
+    for skipped in dict.fromkeys(e.path for e in edits):
+        kept = [e for e in edits if e.path != skipped]
+        got = _run(_package(tmp_path / skipped.replace("/", "_"), kept), script)
+        assert got != want, f"the recipe works without touching {skipped}: the README names a file it does not need"
+
+
+# ------------------------------------------------------------------------------------------------ an op
+
+OP = [Edit("autoprobe/ops.py", "OPS: Mapping[str, Op] = _index(\n", '    _ops("act", "elementwise", ("sinc",)),\n')]
+
+OP_SCRIPT = """
+    import json, torch
+    from autoprobe.backends import trace_with_fallbacks
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 4, 3)
+        def forward(self, x):
+            return self.b(torch.sinc(self.a(x)))
+
+    seen = {}
+    for backend in ("fx", "export"):
+        graph = trace_with_fallbacks(Net(), (3, 12, 12), backends=(backend,)).graph
+        seen[backend] = [(n.kind, n.act) for n in graph if n.name == "sinc"]
+    print(json.dumps(seen))
+"""
+
+
+def test_a_new_op_takes_the_registry_alone(tmp_path: Path) -> None:
+    _check_recipe(tmp_path, OP, OP_SCRIPT, {"fx": [["act", "sinc"]], "export": [["act", "sinc"]]})
+
+
+# ------------------------------------------------------------------------------------------------ a detector
+
+DETECTOR = [
+    Edit("autoprobe/detectors/toy_marker.py", None, textwrap.dedent('''\
+        """toy-marker: the output of any module named ``marker`` (a recipe's example)."""
+
+        from __future__ import annotations
+
+        from collections.abc import Mapping
+        from typing import Any
+
+        from ..graph import LayerGraph
+        from . import Candidate, Option
+
+        ID = "toy-marker"
+        SUMMARY = "the output of a module named marker"
+        OPTIONS = {"strength": Option(float, 1.0, "how strongly it fires")}
+
+
+        def detect(graph: LayerGraph, options: Mapping[str, Any]) -> tuple[Candidate, ...]:
+            return tuple(Candidate(n.name, ID, "a module named marker", options["strength"])
+                         for n in graph if n.module_path.split(".")[-1] == "marker" and n.call is not None)
+        ''')),
+]
+"""The toy detector's module: ``ID``, ``SUMMARY``, ``OPTIONS`` and a pure ``detect``."""
+
+
+DETECTOR_SCRIPT = """
+    import json, torch
+    import autoprobe
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU())
+            self.marker = torch.nn.Conv2d(8, 8, 3)
+            self.tail = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3), torch.nn.ReLU(),
+                                            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 3))
+        def forward(self, x):
+            return self.tail(self.marker(self.stem(x)))
+
+    try:
+        sel = autoprobe.inspect(Net(), input_size=(3, 16, 16))
+        print(json.dumps(sorted(s.node for s in sel.candidates if any(f.detector == "toy-marker" for f in s.fired))))
+    except autoprobe.AutoprobeError as exc:
+        print(json.dumps(type(exc).__name__))
+"""
+
+
+def test_a_new_detector_takes_its_module_the_registry_and_the_pack(tmp_path: Path) -> None:
+    edits = [
+        *DETECTOR,
+        Edit("autoprobe/detectors/__init__.py",
+             "from . import (  # noqa: E402  (Candidate and Option must exist before the detectors import them)\n",
+             "    toy_marker,\n"),
+        Edit("autoprobe/detectors/__init__.py", "DETECTORS: tuple[ModuleType, ...] = (\n", "    toy_marker,\n"),
+        Edit("autoprobe/packs/default.toml", "", "\n[detectors.toy-marker]\nweight = 1.0\nstrength = 1.0\n"),
+    ]
+    _check_recipe(tmp_path, edits, DETECTOR_SCRIPT, ["marker"])
+
+
+# ------------------------------------------------------------------------------------------------ a CLI flag
+
+FLAG = [
+    Edit("autoprobe/cli.py", '        help="further forward argument, fixed while tracing (repeatable), e.g. --forward-arg return_dict=False",\n    )\n',
+         '    parser.add_argument("--trace-batch", type=int, metavar="N", help="the traced batch (default 2)")\n'),
+    Edit("autoprobe/cli.py", "forward_kwargs=forward.to_dict(), allow_real_data=args.allow_real_data", ", batch_size=args.trace_batch or 2"),
+    Edit("autoprobe/cli.py", "tuple(args.leaf), model_args or None, _input_name(args.input_name), forward or None,",
+         " args.trace_batch,"),
+    Edit("autoprobe/lockfile.py", '    forward_kwargs: Kwargs = field(default=Kwargs(where="forward_kwargs"), metadata={"only_when_given": True})\n',
+         '    trace_batch: int | None = field(default=None, metadata={"only_when_given": True})\n'),
+    Edit("autoprobe/lockfile.py", "    if name in _KWARG_SETTINGS:\n",
+         "        return _kwargs(value, label, tail)\n    if name == \"trace_batch\":\n"
+         "        if value is None or _positive_int(value):\n            return value\n"
+         "        raise LockError(f\"{label} must be null or a positive integer, not {value!r}.{tail}\")\n"
+         "    if name in _KWARG_SETTINGS:\n"),
+    Edit("autoprobe/lockentry.py", "forward_kwargs=settings.forward_kwargs.to_dict()", ", batch_size=settings.trace_batch or 2"),
+]
+"""Exposing a ``TraceOptions`` field (``batch_size``, already there) as ``--trace-batch``, locked and replayed."""
+
+FLAG_SCRIPT = """
+    import contextlib, io, json, pathlib
+    pathlib.Path("toymod.py").write_text(
+        "import torch\\n"
+        "def build():\\n"
+        "    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3),\\n"
+        "                               torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 3))\\n")
+    from autoprobe.cli import main
+
+    common = ["--input-size", "3,16,16", "--trace-batch", "4"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        locked = main(["lock", "toymod:build", *common, "-o", "x.lock"])
+    entry = json.loads(pathlib.Path("x.lock").read_text())["models"]["toymod:build"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        checked = main(["check", "x.lock"])
+    shown = io.StringIO()
+    with contextlib.redirect_stdout(shown):
+        main(["inspect", "toymod:build", *common, "--format", "json"])
+    print(json.dumps([locked, entry["settings"].get("trace_batch"), entry["input_shape"][0], checked,
+                      json.loads(shown.getvalue())["input_shape"][0]]))
+"""
+
+
+def test_a_new_cli_flag_takes_the_cli_the_lock_settings_and_the_lock_entry(tmp_path: Path) -> None:
+    _check_recipe(tmp_path, FLAG, FLAG_SCRIPT, [0, 4, 4, 0, 4])
+
+
+# ------------------------------------------------------------------------------------------------ a backend
+
+BACKEND = [
+    Edit("autoprobe/backends.py", 'LADDER: tuple[Backend, ...] = ("fx", "export", ', '"toy", '),
+    Edit("autoprobe/backends.py", '    "hooks": trace_hooks,\n',
+         '    "toy": lambda model, size, options, **_: dataclasses.replace(trace_hooks(model, size, options), backend="toy"),\n'),
+    Edit("autoprobe/inspect.schema.json", '"backend": {"enum": ["fx", "export", "hooks"', ', "toy"'),
+]
+"""A rung (here the hooks backend under another name) in the ladder before hooks, and its name in the JSON schema."""
+
+BACKEND_SCRIPT = """
+    import json, jsonschema, torch
+    import autoprobe
+    from autoprobe.report import json_schema, selection_to_dict
+
+    class ValueBranch(torch.nn.Module):  # fx and export cannot trace it; a run on real values can
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 8, 3)
+            self.head = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                            torch.nn.Linear(8, 3))
+        def forward(self, x):
+            x = torch.relu(self.a(x))
+            if x.sum() > 0:
+                x = x * 0.5
+            return self.head(self.b(x))
+
+    model = ValueBranch()
+    sel = autoprobe.inspect(model, input_size=(3, 16, 16), allow_real_data=True)
+    try:
+        jsonschema.validate(selection_to_dict(sel), json_schema())
+        valid = True
+    except jsonschema.ValidationError:
+        valid = False
+    probed = autoprobe.instrument(model, sel, input_size=(3, 16, 16), allow_real_data=True)
+    heads = probed(torch.randn(2, 3, 16, 16)).heads
+    print(json.dumps([sel.backend, valid, sorted(heads) == sorted(sel.names)]))
+"""
+
+
+def test_a_new_backend_takes_the_ladder_and_the_schema(tmp_path: Path) -> None:
+    _check_recipe(tmp_path, BACKEND, BACKEND_SCRIPT, ["toy", True, True])
+
+
+def test_the_schema_names_the_ladders_backends() -> None:
+    from autoprobe.backends import LADDER
+    from autoprobe.report import json_schema
+
+    assert json_schema()["properties"]["backend"]["enum"] == list(LADDER)
