@@ -21,6 +21,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .defaults import ADAPTER_HEADS, DEFAULT_HEAD
 from .errors import AutoprobeError, InputSizeError, OptionError, RealDataNeeded
 from .sizes import parse_input_size, reword_size_error
 
@@ -114,6 +115,10 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_model_options(inspect)
     inspect.add_argument("--format", choices=("table", "json"), default="table")
     inspect.add_argument("--all-candidates", action="store_true", help="list every candidate, not only the points")
+    inspect.add_argument(
+        "--head", choices=ADAPTER_HEADS, default=DEFAULT_HEAD,
+        help=f"the adapter form the adapter column counts, as instrument(head=...) (default {DEFAULT_HEAD})",
+    )
     inspect.add_argument("--graph", metavar="FILE", help="write an SVG picture of the layer graph")
     inspect.add_argument(
         "--html", metavar="FILE",
@@ -346,17 +351,18 @@ def _inspect(args: argparse.Namespace) -> int:
 
         path = Path(args.html)
         try:
-            path.write_text(render_html(model_view(analysis.selection, analysis.graph)), encoding="utf-8")
+            path.write_text(render_html(model_view(analysis.selection, analysis.graph, head=args.head)), encoding="utf-8")
         except OSError as exc:
             raise OptionError(f"cannot write --html {str(path)!r}: {exc.strerror}. Hint: check the folder exists.") from exc
     if args.format == "json":
-        sys.stdout.write(to_json(selection_to_dict(analysis.selection, analysis.graph)))
+        sys.stdout.write(to_json(selection_to_dict(analysis.selection, analysis.graph, head=args.head)))
     else:
         from rich.console import Console
 
         # Piped output gets a wide, stable table instead of rich's 80-column default.
         console = Console(width=None if sys.stdout.isatty() else 160)
-        console.print(render_table(analysis.selection, analysis.graph, all_candidates=args.all_candidates))
+        console.print(render_table(analysis.selection, analysis.graph, all_candidates=args.all_candidates,
+                                   head=args.head))
         if args.graph:
             console.print(f"graph picture written to {args.graph}")
         if args.html:

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .graph import LayerGraph, LayerInfo
-from .report import KIND_COLOURS, adapter_params, output_classes
+from .adapters import DEFAULT_HEAD, AdapterHead
+from .report import KIND_COLOURS, adapter_params, output_classes, output_dense_rank
 from .select import Fired, Selection, can_be_point, why_not_point
 
 __all__ = ["NodeRecord", "GroupRecord", "ModelView", "model_view", "render_html"]
@@ -139,12 +140,13 @@ def _parent(info: LayerInfo) -> str:
     return path.rsplit(".", 1)[0] if "." in path else ""
 
 
-def model_view(selection: Selection, graph: LayerGraph) -> ModelView:
+def model_view(selection: Selection, graph: LayerGraph, *, head: AdapterHead = DEFAULT_HEAD) -> ModelView:
     """The page's content: the module tree over the layer graph, points and candidates marked.
 
     Args:
         selection: the selection (``analyze(...).selection``, or one chosen by hand).
         graph: its layer graph.
+        head: the adapter form each node's ``adapter_params`` counts (``instrument``'s ``head``).
 
     Returns:
         The ``ModelView``.
@@ -154,11 +156,11 @@ def model_view(selection: Selection, graph: LayerGraph) -> ModelView:
         >>> analysis = analyze("resnet18")
         >>> view = model_view(analysis.selection, analysis.graph)
         >>> [(p.point, p.name, p.adapter_params) for p in view.points][:1]
-        [(1, 'layer1.1.act2', 65000)]
+        [(1, 'layer1.1.act2', 69288)]
     """
     chosen = {p.name: i for i, p in enumerate(selection.points, 1)}
     scored = {s.node: s for s in selection.candidates}
-    classes = output_classes(graph)
+    classes, rank = output_classes(graph), output_dense_rank(graph)
     infos = sorted(graph, key=lambda i: i.order)
     parents = {i.name: _parent(i) for i in infos}
     paths = {prefix for p in parents.values() if p for prefix in _prefixes(p)}
@@ -176,7 +178,7 @@ def model_view(selection: Selection, graph: LayerGraph) -> ModelView:
             reason=found.fired[0].reason if found and found.fired else "",
             eligible="" if eligible else (info.kind if info.kind in ("input", "output") else why_not_point(graph, info)
                                           or "no shape"),
-            adapter_params=adapter_params(info, classes) if eligible else None,
+            adapter_params=adapter_params(info, classes, head=head, dense_rank=rank) if eligible else None,
             inputs=tuple(p.name for p in graph.predecessors(info.name)),
             outputs=tuple(s.name for s in graph.successors(info.name)),
         ))

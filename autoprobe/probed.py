@@ -175,8 +175,8 @@ class RewriteReport:
             ...                           torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
             ...                           torch.nn.Linear(512, 10))
             >>> print(instrument(net, input_size=(3, 16, 16)).report.summary())
-            Sequential: classification (inferred), K=10, input (3, 16, 16), 1 tap, 90 adapter params (+1.52%)
-              1: NCHW (8, 16, 16) -> ClassificationAdapter (10,), 90 params
+            Sequential: classification (inferred), K=10, input (3, 16, 16), 1 tap, 178 adapter params (+3.00%)
+              1: NCHW (8, 16, 16) -> ConvClassificationAdapter (10,), 178 params
         """
         share = self.adapter_parameters / max(self.model_parameters, 1)
         taps = f"{len(self.taps)} tap{'' if len(self.taps) == 1 else 's'}"
@@ -249,8 +249,8 @@ class Probed(nn.Module):
         >>> out.output.shape, list(out.heads)
         (torch.Size([4, 10]), ['1'])
         >>> total, parts = probed.loss(out, torch.tensor([0, 1, 2, 3]))
-        >>> sorted(parts)  # iMacHSR's defaults: CE and MI (NE is off unless lam > 0)
-        ['ce', 'mi/1']
+        >>> sorted(parts)  # the default objective, DSN: CE at the output and at the point's head
+        ['ce', 'dsn/1']
         >>> probed.strip() is net
         True
     """

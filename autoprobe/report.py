@@ -16,7 +16,7 @@ from typing import Any
 
 import networkx as nx
 
-from .adapters import adapter_parameters
+from .adapters import DEFAULT_HEAD, AdapterHead, adapter_parameters
 from .graph import LayerGraph, LayerInfo
 from .select import Fired, Selection
 
@@ -29,6 +29,7 @@ __all__ = [
     "render_svg",
     "json_schema",
     "output_classes",
+    "output_dense_rank",
     "adapter_params",
 ]
 
@@ -39,18 +40,22 @@ def _fired(fired: tuple[Fired, ...]) -> list[dict[str, Any]]:
     return [{"detector": f.detector, "reason": f.reason, "score": round(f.score, 6)} for f in fired]
 
 
-def selection_to_dict(selection: Selection, graph: LayerGraph | None = None) -> dict[str, Any]:
+def selection_to_dict(selection: Selection, graph: LayerGraph | None = None, *,
+                      head: AdapterHead = DEFAULT_HEAD) -> dict[str, Any]:
     """The selection as plain JSON-able data (schema version ``SCHEMA_VERSION``).
 
     Args:
         selection: the selection.
-        graph: its layer graph; adds module paths, depths and shapes to the candidates.
+        graph: its layer graph; adds module paths, depths and shapes to the candidates, and
+            each point's ``adapter_params``.
+        head: the adapter form ``adapter_params`` counts (``instrument``'s ``head``).
 
     Returns:
         A dict that validates against ``json_schema()``.
     """
     chosen = set(selection.names)
     classes = output_classes(graph) if graph is not None else None
+    rank = output_dense_rank(graph) if graph is not None else None
     candidates = []
     for c in selection.candidates:
         entry: dict[str, Any] = {"name": c.node, "score": c.score, "chosen": c.node in chosen, "rules": _fired(c.fired)}
@@ -69,6 +74,7 @@ def selection_to_dict(selection: Selection, graph: LayerGraph | None = None) -> 
         "min_distance": selection.min_distance,
         "rules": {"name": selection.rules, "sha256": selection.rules_sha256},
         "notes": list(selection.notes),
+        **({} if graph is None else {"adapter_head": head}),
         "points": [
             {
                 "name": p.name,
@@ -80,7 +86,8 @@ def selection_to_dict(selection: Selection, graph: LayerGraph | None = None) -> 
                 "score": p.score,
                 "reason": p.reason,
                 "rules": _fired(p.fired),
-                **({} if graph is None else {"adapter_params": adapter_params(graph[p.name], classes)}),
+                **({} if graph is None else {
+                    "adapter_params": adapter_params(graph[p.name], classes, head=head, dense_rank=rank)}),
             }
             for p in selection.points
         ],
@@ -103,23 +110,43 @@ def output_classes(graph: LayerGraph) -> int | None:
     return shape[1] if shape is not None and len(shape) in (2, 4) and shape[1] >= 1 else None
 
 
-def adapter_params(info: LayerInfo, classes: int | None) -> int | None:
+def output_dense_rank(graph: LayerGraph) -> int | None:
+    """The output's number of spatial axes when it is dense (B, K, H, W) logits, else ``None`` (a vector).
+
+    Example:
+        >>> from autoprobe.api import analyze
+        >>> output_dense_rank(analyze("resnet18").graph) is None
+        True
+    """
+    shape = graph[graph.output].shape
+    return len(shape) - 2 if shape is not None and len(shape) == 4 else None
+
+
+def adapter_params(info: LayerInfo, classes: int | None, *, head: AdapterHead = DEFAULT_HEAD,
+                   dense_rank: int | None = None) -> int | None:
     """Parameters of the adapter ``instrument`` would put at this node, when it can tell.
 
     Args:
         info: the node.
         classes: K, from ``output_classes``; ``None`` when unknown.
+        head: the adapter form (``instrument``'s ``head``; ``"conv"`` by default).
+        dense_rank: the output's spatial axes (``output_dense_rank``); ``None`` for a vector output.
 
     Returns:
-        ``C * K + K`` for a node of C channels, or ``None`` when C or K is unknown.
+        ``adapters.adapter_parameters`` for a node of C channels (C*K + K for ``"linear"``), or
+        ``None`` when C or K is unknown.
 
     Example:
         >>> from autoprobe.api import analyze
         >>> graph = analyze("resnet18").graph
-        >>> adapter_params(graph["layer1.1.act2"], output_classes(graph))
+        >>> adapter_params(graph["layer1.1.act2"], output_classes(graph))   # 64*64 + 64 + 128 + 64*1000 + 1000
+        69288
+        >>> adapter_params(graph["layer1.1.act2"], output_classes(graph), head="linear")
         65000
     """
-    return adapter_parameters(info.channels, classes) if classes and info.channels else None
+    if not classes or not info.channels:
+        return None
+    return adapter_parameters(info.channels, classes, head, dense_rank=dense_rank)
 
 
 def to_json(data: Any) -> str:
@@ -132,8 +159,15 @@ def json_schema() -> dict[str, Any]:
     return json.loads(resources.files("autoprobe").joinpath("inspect.schema.json").read_text(encoding="utf-8"))
 
 
-def render_table(selection: Selection, graph: LayerGraph, *, all_candidates: bool = False):  # noqa: ANN201
+def render_table(selection: Selection, graph: LayerGraph, *, all_candidates: bool = False,  # noqa: ANN201
+                 head: AdapterHead = DEFAULT_HEAD):
     """A rich renderable: the header facts and one row per point (or per candidate).
+
+    Args:
+        selection: the selection.
+        graph: its layer graph.
+        all_candidates: one row per candidate, not only per point.
+        head: the adapter form the ``adapter`` column counts (``instrument``'s ``head``).
 
     Returns:
         A ``rich.console.Group`` to print with a ``rich.console.Console``.
@@ -142,7 +176,7 @@ def render_table(selection: Selection, graph: LayerGraph, *, all_candidates: boo
     from rich.table import Table
     from rich.text import Text
 
-    head = Text.assemble(
+    title = Text.assemble(
         (selection.model or "model", "bold"),
         f"  D={selection.depth}  M={len(selection.points)}  rules={selection.rules}  "
         f"input={tuple(selection.input_shape[1:])}  mode={selection.mode}  backend={selection.backend}  "
@@ -152,22 +186,25 @@ def render_table(selection: Selection, graph: LayerGraph, *, all_candidates: boo
     for column in ("#", "point", "depth", "shape", "adapter", "score", "rules", "reason"):
         table.add_column(column, overflow="fold", no_wrap=column in ("#", "depth", "score", "adapter"))
     chosen = {p.name: i for i, p in enumerate(selection.points, 1)}
-    classes = output_classes(graph)
+    classes, rank = output_classes(graph), output_dense_rank(graph)
     rows = selection.candidates if all_candidates else [s for s in selection.candidates if s.node in chosen]
     for s in rows:
         info = graph[s.node]
         mark = f"P{chosen[s.node]}" if s.node in chosen else ""
         style = "bold" if mark else "dim"
-        params = adapter_params(info, classes)
+        params = adapter_params(info, classes, head=head, dense_rank=rank)
         table.add_row(
             mark, s.node, str(info.depth), "x".join(map(str, info.shape or ())),
             "-" if params is None else f"{params:,}", f"{s.score:.2f}",
             ", ".join(dict.fromkeys(f.detector for f in s.fired)), s.fired[0].reason, style=style,
         )
-    parts = [head, table]
-    chosen_params = [adapter_params(graph[p.name], classes) for p in selection.points]
+    parts = [title, table]
+    chosen_params = [adapter_params(graph[p.name], classes, head=head, dense_rank=rank) for p in selection.points]
     if chosen_params and None not in chosen_params:
-        parts.append(Text(f"adapters: {sum(chosen_params):,} parameters in all (C*K + K each, K={classes})"))
+        layers = "3x3 conv, BatchNorm, 1x1 conv" if rank else "Linear, LayerNorm, Linear"
+        form = (f"C*K + K each, K={classes}" if head == "linear" else
+                f"conv heads, K={classes}, H = min(C, 128): {layers}; --head linear: C*K + K each")
+        parts.append(Text(f"adapters: {sum(chosen_params):,} parameters in all ({form})"))
     parts.extend(Text(f"note: {n}", style="yellow") for n in selection.notes)
     return Group(*parts)
 

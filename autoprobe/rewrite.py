@@ -36,7 +36,15 @@ from typing import Any, Literal, NamedTuple, get_args
 import torch
 from torch import fx, nn
 
-from .adapters import AdapterHead, HeadShape, Task, adapter_parameter_count, check_adapter_head, make_adapter
+from .adapters import (
+    DEFAULT_HEAD,
+    AdapterHead,
+    HeadShape,
+    Task,
+    adapter_parameter_count,
+    check_adapter_head,
+    make_adapter,
+)
 from .api import Analysis, analyze, trace_options
 from .backends import part_refusal, trace_with_fallbacks
 from .errors import InstrumentError, SelectionError, UsageError
@@ -44,7 +52,7 @@ from .fx_engine import FxEngine, FxRecipe, trace_both_modes
 from .graph import LayerGraph, LayerInfo, build_layer_graph
 from .hook_engine import HookEngine, HookRecipe, HookTarget, hook_targets
 from .layout import Layout
-from .losses import Gate, Objective, ObjectiveName, Schedule, make_objective
+from .losses import DEFAULT_OBJECTIVE, Gate, Objective, ObjectiveName, Schedule, make_objective
 from .losses import IMacHSR
 from .meta import device_of, meta_twins, seeded_run
 from .models import resolve_model
@@ -74,7 +82,7 @@ def instrument(
     *,
     rules: str | RulePack = "default",
     points: int | None = None,
-    loss: ObjectiveName | Objective = "imachsr",
+    loss: ObjectiveName | Objective = DEFAULT_OBJECTIVE,
     input_size: Sequence[int] | None = None,
     task: Task | None = None,
     output: OutputSelector = None,
@@ -83,7 +91,7 @@ def instrument(
     regression_loss: Literal["mse", "l1"] = "mse",
     alpha: float | Mapping[str, float] | None = None,
     lam: float | Mapping[str, float] | None = None,
-    head: AdapterHead = "linear",
+    head: AdapterHead = DEFAULT_HEAD,
     schedule: Schedule = "constant",
     label_smoothing: float = 0.0,
     class_weights: Sequence[float] | torch.Tensor | None = None,
@@ -99,8 +107,9 @@ def instrument(
     """Make a model trainable with deep supervision at its automatically chosen points.
 
     The model is traced in train and eval mode; after each point's node an adapter
-    q_m maps z_m to the prediction space (pool + linear to K outputs, or a 1x1 conv to K
-    channels, resized to the output's resolution); the forward returns the model's own
+    q_m maps z_m to the prediction space (by default mmseg's FCN auxiliary head: 3x3 conv,
+    BatchNorm, ReLU, dropout, 1x1 conv to K channels, resized to the output's resolution; for
+    a vector output pool, Linear, LayerNorm, ReLU, dropout, Linear); the forward returns the model's own
     output, every q_m(z_m) and every z_m. The user's model is shared, not copied, and not
     mutated. A selection made on a fallback backend (``export``, ``hooks``: fx cannot trace
     the model) is tapped with forward hooks that live only during each forward.
@@ -112,7 +121,9 @@ def instrument(
             selects them now with ``rules`` and ``points``.
         rules: rule pack name, ``.toml`` path or ``RulePack``, when ``selection`` is ``None``.
         points: force M, when ``selection`` is ``None``.
-        loss: ``"imachsr"`` (Eq. 3), ``"dsn"``, ``"dks"``, or an ``Objective`` over the point names.
+        loss: ``"dsn"`` (the default: the output's loss at every head, alpha 0.3), ``"imachsr"``
+            (Eq. 3), ``"dks"``, or an ``Objective`` over the point names. The default was chosen on
+            validation by a rule registered before its runs (EVIDENCE.md section 7).
         input_size: input without batch, e.g. ``(3, 224, 224)``; defaults to the selection's,
             else the model's own. Dense adapters and token grids are built for this size.
         task: ``"classification"``/``"dense"`` (class ids; which one follows from the output's
@@ -134,10 +145,10 @@ def instrument(
         regression_loss: ``"mse"`` or ``"l1"``, for ``task="regression"``.
         alpha: intermediate weight (MI for imachsr, CE for dsn/dks); one value or per point.
         lam: negative-entropy weight (imachsr only); one value or per point.
-        head: the adapters' form: ``"linear"`` (the default: pool + one Linear, or a 1x1 conv)
-            or ``"conv"`` (mmsegmentation's FCN auxiliary head: 3x3 conv to min(C, 128)
-            channels, BatchNorm, ReLU, dropout 0.1, 1x1 conv; for vector outputs Linear,
-            LayerNorm, ReLU, dropout, Linear). See ``autoprobe.adapters``.
+        head: the adapters' form: ``"conv"`` (the default: mmsegmentation's FCN auxiliary head,
+            3x3 conv to min(C, 128) channels, BatchNorm, ReLU, dropout 0.1, 1x1 conv; for vector
+            outputs Linear, LayerNorm, ReLU, dropout, Linear) or ``"linear"`` (pool + one Linear,
+            or a 1x1 conv: C*K + K parameters). See ``autoprobe.adapters``.
         schedule: ``"constant"``, ``"linear"`` or ``"cosine"`` decay of the intermediate weights.
         label_smoothing: epsilon in [0, 1) of the cross entropy at the output (and at every
             head for ``"dsn"``/``"dks"``), as ``F.cross_entropy(label_smoothing=)``; class targets only.

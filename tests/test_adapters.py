@@ -1,6 +1,12 @@
-"""Dimension adapters: shapes and sizes for every layout x task, 1-D/2-D/3-D grids, layout invariance, errors."""
+"""Dimension adapters: shapes and sizes for every layout x task, 1-D/2-D/3-D grids, layout invariance, errors.
+
+The linear head's tests spell ``head="linear"`` (``make_adapter`` builds the conv head by default);
+the conv head has its own in ``test_conv_head.py``.
+"""
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
@@ -12,11 +18,13 @@ from autoprobe.adapters import (
     HeadShape,
     adapter_parameter_count,
     adapter_parameters,
-    make_adapter,
 )
+from autoprobe.adapters import make_adapter as _make_adapter
 from autoprobe.errors import InstrumentError
 
 torch.set_num_threads(1)
+
+make_adapter = functools.partial(_make_adapter, head="linear")
 
 C, K, B = 64, 10, 2
 # One 4x4 grid of C channels, in every layout: (feature shape, spatial).
@@ -143,7 +151,7 @@ def test_dense_1d_and_3d_are_a_1x1_conv_then_linear_or_trilinear_resize(layout: 
     weight = adapter.conv.weight.reshape(K, C)
     small = torch.einsum("kc,bc...->bk...", weight, channels_first) + adapter.conv.bias.view(1, K, *[1] * rank)
     torch.testing.assert_close(adapter(z), F.interpolate(small, size=out_size, mode=mode, align_corners=False))
-    assert adapter_parameter_count(adapter) == adapter_parameters(C, K)
+    assert adapter_parameter_count(adapter) == adapter_parameters(C, K, "linear")
 
 
 @pytest.mark.parametrize(("layout", "shape"), [("NCL", (B, C, 5)), ("NCHW", (B, C, 4, 4)), ("NDHWC", (B, 2, 3, 4, C))])
@@ -233,7 +241,11 @@ def test_adapter_compiles_without_graph_breaks_and_runs_under_autocast() -> None
      ("NCHW", (8, 8), "dense", (32, 32)), ("NHWC", (8, 8), "dense", (32, 32)), ("NLC", (16,), "dense", (16,)),
      ("NCDHW", (2, 4, 4), "dense", (8, 8, 8))],
 )
-def test_reported_adapter_size_is_what_make_adapter_builds(layout, spatial, task, out_size) -> None:
-    # ``inspect`` reports adapter_parameters() before anything is built; it must be the real count.
-    built = make_adapter(channels=24, layout=layout, spatial=spatial, task=task, num_classes=7, out_size=out_size)
-    assert adapter_parameter_count(built) == adapter_parameters(24, 7) == 24 * 7 + 7
+@pytest.mark.parametrize("channels", [24, 200])  # below and above the conv head's hidden width (128)
+def test_reported_adapter_size_is_what_make_adapter_builds(layout, spatial, task, out_size, channels) -> None:
+    # ``inspect`` reports adapter_parameters() before anything is built; it must be the real count, for both heads.
+    built = make_adapter(channels=channels, layout=layout, spatial=spatial, task=task, num_classes=7, out_size=out_size)
+    assert adapter_parameter_count(built) == adapter_parameters(channels, 7, "linear") == channels * 7 + 7
+    conv = _make_adapter(channels=channels, layout=layout, spatial=spatial, task=task, num_classes=7, out_size=out_size)
+    rank = len(out_size) if task == "dense" else None
+    assert adapter_parameter_count(conv) == adapter_parameters(channels, 7, dense_rank=rank)

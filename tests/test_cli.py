@@ -35,9 +35,13 @@ def test_table_for_resnet50(capsys: Capsys, analysed: Analysed) -> None:
     for i, name in enumerate(names, 1):
         row = next(line for line in out.splitlines() if f" P{i} " in line)
         assert f" {name} " in row
-    # C*K + K per adapter at K=1000: act1 (64 ch) 65,000 ... layer3 (1024 ch) 1,025,000.
-    assert " 65,000 " in next(line for line in out.splitlines() if " P1 " in line)
-    assert "adapters: 1,860,000 parameters in all" in out
+    # The default conv head at K=1000, H = min(C, 128): act1 (64 ch) 64*64 + 64 + 128 + 64*1000 + 1000 = 69,288.
+    assert " 69,288 " in next(line for line in out.splitlines() if " P1 " in line)
+    assert "adapters: 686,816 parameters in all (conv heads" in out
+    # --head linear counts C*K + K per adapter: act1 (64 ch) 65,000 ... layer3 (1024 ch) 1,025,000.
+    code, out, _ = inspect_cli(capsys, "resnet50", "--head", "linear")
+    assert code == 0 and " 65,000 " in next(line for line in out.splitlines() if " P1 " in line)
+    assert "adapters: 1,860,000 parameters in all (C*K + K each, K=1000)" in out
 
 
 def test_json_and_svg_for_resnet50(capsys: Capsys, tmp_path: Path, analysed: Analysed) -> None:
@@ -49,7 +53,8 @@ def test_json_and_svg_for_resnet50(capsys: Capsys, tmp_path: Path, analysed: Ana
     names = [p["name"] for p in data["points"]]
     assert (data["depth"], data["num_points"], names) == (50, 4, list(analysed("resnet50").selection.names))
     assert {c["name"] for c in data["candidates"] if c["chosen"]} == set(names)
-    assert [p["adapter_params"] for p in data["points"]] == [65_000, 257_000, 513_000, 1_025_000]
+    assert data["adapter_head"] == "conv"
+    assert [p["adapter_params"] for p in data["points"]] == [69_288, 162_152, 194_920, 260_456]
 
     root = ET.parse(picture).getroot()
     assert root.tag == f"{SVG}svg"
@@ -320,10 +325,10 @@ def test_names_that_mean_a_download_are_refused_offline(capsys: Capsys, spec: st
 
 @pytest.mark.parametrize("spec", ["resnet18", "tv:resnet18"])
 def test_num_classes_sets_the_classifier_width(capsys: Capsys, spec: str) -> None:
-    code, out, _ = inspect_cli(capsys, spec, "--num-classes", "10", "--format", "json")
+    code, out, _ = inspect_cli(capsys, spec, "--num-classes", "10", "--format", "json", "--head", "linear")
     assert code == 0
     data = json.loads(out)
-    # An adapter is C*K + K with K=10: the width reached the builder.
+    # A linear adapter is C*K + K with K=10: the width reached the builder.
     assert [p["adapter_params"] for p in data["points"]] == [p["shape"][1] * 10 + 10 for p in data["points"]]
 
 
@@ -383,11 +388,12 @@ def test_model_args_reach_the_factory_as_python_literals(capsys: Capsys, tmp_pat
 
 def test_smp_unet_inspects_offline_with_its_weights_argument(capsys: Capsys) -> None:
     code, out, _ = inspect_cli(capsys, "segmentation_models_pytorch:Unet", "--model-arg", "encoder_weights=None",
-                               "--model-arg", "encoder_name=resnet18", "--model-arg", "classes=3", "--format", "json")
+                               "--model-arg", "encoder_name=resnet18", "--model-arg", "classes=3", "--format", "json",
+                               "--head", "linear")
     assert code == 0
     data = json.loads(out)
     assert data["model"] == "segmentation_models_pytorch:Unet"
-    # Adapters are C*K + K with K=3: classes=3 reached the factory.
+    # Linear adapters are C*K + K with K=3: classes=3 reached the factory.
     assert [p["adapter_params"] for p in data["points"]] == [p["shape"][1] * 3 + 3 for p in data["points"]]
 
 
@@ -424,7 +430,8 @@ def test_num_classes_a_builder_ignores_is_refused_with_its_own_parameter(capsys:
                                                                          kwargs_factory: tuple[str, ...]) -> None:
     code, _, err = inspect_cli(capsys, *kwargs_factory, "--model-arg", "weights=None", "--num-classes", "5")
     assert_user_error(code, err, "--num-classes 5", "output of K=1", "`classes`", "Hint:", "--model-arg classes=5")
-    code, out, _ = inspect_cli(capsys, *kwargs_factory, "--model-arg", "weights=None", "--model-arg", "classes=5")
+    code, out, _ = inspect_cli(capsys, *kwargs_factory, "--model-arg", "weights=None", "--model-arg", "classes=5",
+                               "--head", "linear")
     assert code == 0 and json.loads(out)["points"][0]["adapter_params"] == 8 * 5 + 5
 
 
@@ -501,14 +508,21 @@ def test_a_one_logit_model_shows_its_adapters_as_instrument_builds_them(capsys: 
                                                                          kwargs_factory: tuple[str, ...]) -> None:
     import autoprobe
 
-    code, out, _ = inspect_cli(capsys, *kwargs_factory[:3], "--model-arg", "weights=None")
-    assert code == 0
-    assert "adapters: 9 parameters in all (C*K + K each, K=1)" in out
-    row = next(line for line in out.splitlines() if " P1 " in line)
-    assert " 9 " in row  # 8 channels x 1 logit + 1
     from kwargs_factory import build
 
+    # The default conv head: Linear(8, 8) + LayerNorm(8) + Linear(8, 1) = 72 + 16 + 9 = 97.
+    code, out, _ = inspect_cli(capsys, *kwargs_factory[:3], "--model-arg", "weights=None")
+    assert code == 0
+    assert "adapters: 97 parameters in all (conv heads, K=1, H = min(C, 128)" in out
+    assert " 97 " in next(line for line in out.splitlines() if " P1 " in line)
     probed = autoprobe.instrument(build(weights=None), input_size=(3, 16, 16))
+    assert sum(p.numel() for p in probed.autoprobe_adapters.parameters()) == 97
+    # The linear head: 8 channels x 1 logit + 1.
+    code, out, _ = inspect_cli(capsys, *kwargs_factory[:3], "--model-arg", "weights=None", "--head", "linear")
+    assert code == 0
+    assert "adapters: 9 parameters in all (C*K + K each, K=1)" in out
+    assert " 9 " in next(line for line in out.splitlines() if " P1 " in line)
+    probed = autoprobe.instrument(build(weights=None), input_size=(3, 16, 16), head="linear")
     assert sum(p.numel() for p in probed.autoprobe_adapters.parameters()) == 9
 
 

@@ -51,7 +51,10 @@ def test_the_compiled_step_matches_eager_and_trains() -> None:
 
     torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    # The conv heads' dropout draws from the global RNG: the same seed before each step gives both the same masks.
+    torch.manual_seed(7)
     eager_total = step(x, y)
+    torch.manual_seed(7)
     total = compiled(x, y)
     assert torch.allclose(total, eager_total, rtol=1e-5, atol=1e-6)
     total.backward()

@@ -187,8 +187,8 @@ def test_a_plain_pytorch_model_trains_and_evaluates_with_the_plain_trainer(tmp_p
     trainer.train()
     metrics = trainer.evaluate()
     point = probed.selection.names[0]
-    assert {"eval_loss", "eval_ce", f"eval_mi/{point}"} <= set(metrics)
-    assert {"loss", "ce", f"mi/{point}"} <= set(trainer.state.log_history[0])
+    assert {"eval_loss", "eval_ce", f"eval_dsn/{point}"} <= set(metrics)
+    assert {"loss", "ce", f"dsn/{point}"} <= set(trainer.state.log_history[0])
     # Not a Hugging Face model: the stock save_model writes its state_dict, all there is to save, unrefused.
     trainer.save_model(str(tmp_path / "saved"))
     saved = plain_state_dict(tmp_path / "saved")

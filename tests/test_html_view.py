@@ -54,7 +54,10 @@ def test_view_holds_every_node_once_in_a_module_tree(analysed: Analysed) -> None
     assert [g.label for g in stages] == ["layer1", "layer2", "layer3", "layer4", "global_pool"]
     assert [b.path for b in stages[0].children if isinstance(b, GroupRecord)] == ["layer1.0", "layer1.1", "layer1.2"]
     assert [(p.point, p.name) for p in view.points] == list(enumerate(analysis.selection.names, 1))
-    assert [p.adapter_params for p in view.points] == [65_000, 257_000, 513_000, 1_025_000]
+    # The default conv head at K=1000 (H = min(C, 128)); head="linear" counts C*K + K.
+    assert [p.adapter_params for p in view.points] == [69_288, 162_152, 194_920, 260_456]
+    linear = model_view(analysis.selection, analysis.graph, head="linear")
+    assert [p.adapter_params for p in linear.points] == [65_000, 257_000, 513_000, 1_025_000]
     assert stages[1].points == (3,) and stages[0].points == (2,)
     candidates = {s.node for s in analysis.selection.candidates}
     assert {n.name for n in nodes if n.candidate} == candidates
@@ -125,14 +128,14 @@ def test_page_in_headless_chromium(browser, analysed: Analysed, tmp_path: Path) 
     browser.find_element(By.CSS_SELECTOR, '.node[data-node="layer2.3.act3"]').click()
     record = browser.find_element(By.ID, "record").text
     for fragment in ("layer2.3.act3", "chosen point P3", "2 x 512 x 28 x 28", "NCHW", "22", "downsampling",
-                     "stage-boundary", "before downsampling 28x28 -> 14x14", "513,000 parameters"):
+                     "stage-boundary", "before downsampling 28x28 -> 14x14", "194,920 parameters"):
         assert fragment in record, record
 
     # A layer no rule flagged still says whether it can be chosen by hand, and its adapter's size.
     browser.find_element(By.CSS_SELECTOR, '.node[data-node="layer2.3.conv1"]').click()
     record = browser.find_element(By.ID, "record").text
     assert "not a candidate" in record and "yes: Analysis.choose takes it" in record
-    assert "129,000 parameters" in record  # 128 channels x 1000 classes + 1000
+    assert "145,768 parameters" in record  # conv head: 128*128 + 128 + 2*128 + 128*1000 + 1000
     browser.find_element(By.CSS_SELECTOR, '.node[data-node="x"]').click()
     assert "no (the model's input)" in browser.find_element(By.ID, "record").text
 

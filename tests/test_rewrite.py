@@ -116,8 +116,8 @@ def test_train_step_reaches_every_adapter_and_strip_is_bit_identical(case: str) 
     total.backward()
     assert torch.isfinite(total)
     points = [t.point for t in probed.report.taps]
-    # The default objective: CE plus MI at every point; NE is off by default (lam=0).
-    assert set(parts) == {"ce", *(f"mi/{p}" for p in points)}
+    # The default objective, DSN: CE at the output and at every point's (conv) head.
+    assert set(parts) == {"ce", *(f"dsn/{p}" for p in points)}
     for name, param in getattr(probed, ADAPTERS).named_parameters():
         assert param.grad is not None, f"adapter parameter {name} got no gradient"
         assert torch.isfinite(param.grad).all(), f"adapter parameter {name} has a non-finite gradient"
@@ -275,7 +275,7 @@ def test_dense_task_is_inferred_and_heads_match_the_output_resolution() -> None:
     assert probed.task == "dense"
     out = probed(torch.randn(2, 3, 16, 16))
     assert all(h.shape == out.output.shape == (2, 3, 16, 16) for h in out.heads.values())
-    assert all(t.adapter_type == "DenseAdapter" for t in probed.report.taps)
+    assert all(t.adapter_type == "ConvDenseAdapter" for t in probed.report.taps)  # the default conv head
 
 
 def test_task_override_is_checked_against_the_output() -> None:
@@ -300,7 +300,7 @@ def test_other_objectives(loss: str, parts: set[str]) -> None:
 
 def test_imachsr_weights_are_applied_to_the_parts() -> None:
     torch.manual_seed(0)
-    probed = instrument(_small_cnn(), input_size=(3, 16, 16), alpha=0.2, lam=0.05)
+    probed = instrument(_small_cnn(), input_size=(3, 16, 16), loss="imachsr", alpha=0.2, lam=0.05)
     total, got = probed.loss(probed(torch.randn(4, 3, 16, 16)), torch.tensor([0, 1, 2, 3]))
     names = [t.point for t in probed.report.taps]
     expected = got["ce"] + sum(0.2 * got[f"mi/{n}"] + 0.05 * got[f"ne/{n}"] for n in names)

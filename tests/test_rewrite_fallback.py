@@ -83,7 +83,7 @@ def test_fallback_selection_trains_every_adapter_and_strips_bit_identical(make, 
     assert all(h.shape == (4, 10) for h in out.heads.values())
     total, parts = probed.loss(out, y)
     total.backward()
-    assert {f"mi/{p.name}" for p in probed.selection.points} <= set(parts)
+    assert {f"dsn/{p.name}" for p in probed.selection.points} <= set(parts)
     for name, param in probed.autoprobe_adapters.named_parameters():
         assert param.grad is not None and param.grad.abs().sum() > 0, name
     assert _hooks_on(model) == 0  # hooks live only while a forward runs

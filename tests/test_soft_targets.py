@@ -77,7 +77,7 @@ def test_timm_mixup_and_cutmix_targets_train_a_probed_classifier() -> None:
         torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(),
         torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 5),
     )
-    probed = autoprobe.instrument(net, input_size=(3, 16, 16), task="classification")
+    probed = autoprobe.instrument(net, input_size=(3, 16, 16), task="classification", loss="imachsr")
     mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=5)
     x, y = torch.randn(8, 3, 16, 16), torch.arange(8) % 5
     x, soft = mixup(x, y)
@@ -216,5 +216,5 @@ def test_the_readme_block_runs() -> None:
 
     scope: dict[str, object] = {}
     exec(compile(python_block("### Soft targets and custom losses"), "README.md", "exec"), scope)
-    assert scope["y"].shape == (8, 10) and any(name.startswith("mi/") for name in scope["parts"])  # type: ignore[union-attr]
+    assert scope["y"].shape == (8, 10) and any(name.startswith("dsn/") for name in scope["parts"])  # type: ignore[union-attr]
     assert "output" in scope["parts"] and "class_weights=" in scope["smoothed"].report.objective  # type: ignore[union-attr]

@@ -15,6 +15,7 @@ from typing import Literal, NamedTuple, get_args
 import torch
 from torch import Tensor, nn
 
+from ..defaults import DEFAULT_OBJECTIVE, ObjectiveName
 from ..errors import InstrumentError
 from ..layout import Layout
 from . import _math
@@ -30,6 +31,7 @@ from .gate import Gate, GradientGate
 __all__ = [
     "Schedule",
     "ObjectiveName",
+    "DEFAULT_OBJECTIVE",
     "MIEstimator",
     "LossResult",
     "Objective",
@@ -42,7 +44,6 @@ __all__ = [
 
 Schedule = Literal["constant", "linear", "cosine"]
 MIEstimator = _math.MIEstimator
-ObjectiveName = Literal["imachsr", "dsn", "dks"]
 
 # The keyword options of make_objective each objective accepts.
 _OBJECTIVE_OPTIONS: dict[str, set[str]] = {
