@@ -210,6 +210,36 @@ class LayerGraph:
             up.append(ipdom[up[-1]])
         return tuple(reversed(down)) + tuple(up[1:])
 
+    @cached_property
+    def native_positions(self) -> dict[str, int | None]:
+        """The positions each node's content was computed at, propagated along the graph in execution order.
+
+        A node's own positions, except after an op that enlarged its input (an interpolation, a padding, an adaptive
+        pool to a larger grid, a transposed conv): there it keeps the positions the content had before, until an op
+        reduces it below them. So taking a pooled pyramid level (UperNet's 4x4 pooled to 6x6) or a window-padded map
+        (sam2's 8x8 padded to 14x14) back to its size is no reduction. A merge keeps its finest input's value (the
+        lateral of an FPN level, the high-resolution branch of an HRNet fuse); a node without positions carries its
+        inputs' value; ``None`` before the first spatial feature.
+
+        Example:
+            >>> import torch
+            >>> from autoprobe.trace import trace_fx
+            >>> class PoolUp(torch.nn.Module):
+            ...     def forward(self, x):
+            ...         y = torch.nn.functional.adaptive_avg_pool2d(x, 6)
+            ...         return torch.nn.functional.interpolate(y, size=(4, 4))
+            >>> g = build_layer_graph(trace_fx(PoolUp(), (3, 4, 4)))
+            >>> [(i.positions, g.native_positions[i.name]) for i in g]
+            [(16, 16), (36, 16), (16, 16), (16, 16)]
+        """
+        native: dict[str, int | None] = {}
+        for info in self.ordered:
+            carried = [native[p] for p in self.nx_graph.predecessors(info.name) if native[p] is not None]
+            inherited = max(carried) if carried else None
+            own = info.positions if info.channels is not None else None
+            native[info.name] = own if inherited is None else inherited if own is None else min(own, inherited)
+        return native
+
     def trunk_before(self, name: str) -> str:
         """The nearest trunk node that dominates ``name`` (``name`` itself if it is on the trunk)."""
         trunk, idom = set(self.trunk), self.dominators

@@ -277,6 +277,8 @@ def _raw_name(target: Any) -> str:
         name = aten._opname
     elif isinstance(target, str):
         name = target
+    elif getattr(target, "__module__", None) == "torch.nn.functional" and getattr(target, "__name__", "") == "unfold":
+        name = "im2col"  # F.unfold is ATen's im2col; the ``unfold`` method is a sliding window over one axis
     else:
         name = getattr(target, "__name__", None) or str(target)
     return name.rsplit(".", 1)[-1]

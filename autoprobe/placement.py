@@ -25,20 +25,19 @@ module call, since a tap on a function inside a module would move to that module
 ``by_name`` resolves names and module paths, then hands the nodes to ``Analysis.choose``, the one
 by-name entry point.
 
-Eligible depths are ``1 .. D - ceil(exclude_output * D)`` (the pack's policy), as in ``select``.
+Eligible depths are ``1 .. select.usable_depth`` (D less the pack's head zone), as in ``select``.
 """
 
 from __future__ import annotations
 
 import difflib
-import math
 import random
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Literal
 
 from .errors import SelectionError
-from .select import Fired, Point, Scored, Selection, can_be_point, point_at
+from .select import Fired, Point, Scored, Selection, can_be_point, point_at, usable_depth
 
 if TYPE_CHECKING:
     from .api import Analysis
@@ -76,8 +75,7 @@ def main_path(graph: LayerGraph) -> tuple[LayerInfo, ...]:
 
 
 def _limit(analysis: Analysis) -> int:
-    d = analysis.graph.depth
-    return max(d - math.ceil(analysis.pack.policy.exclude_output * d), 1)
+    return usable_depth(analysis.graph, analysis.pack.policy)
 
 
 def _eligible(analysis: Analysis, info: LayerInfo) -> bool:

@@ -37,6 +37,7 @@ __all__ = ["DetectorRule", "Policy", "RulePack", "load_rules", "builtin_packs"]
 
 _POSITIONS = ("input", "centre", "output", "none")
 _SPREADS = ("greedy", "strata")
+_HEADS = ("fraction", "last-merge")
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,12 @@ class Policy:
         spread: ``greedy`` picks the best-scoring candidates that keep ``min_distance``; ``strata`` cuts the
             usable depth into M equal strata and takes the best candidate of each first (an encoder-decoder's
             points then reach its decoder), then fills empty strata greedily.
+        head: what the head's zone is: ``fraction``, the last ``exclude_output * D``; ``last-merge``, no more
+            than what follows the last merge of feature maps before the output (a short decoder such as
+            DeepLabV3+'s, whose skip concat lies within that fraction, stays eligible).
+        balance: in an encoder-decoder (a decoder comes back up from the encoder's lowest resolution), the
+            encoder and the decoder each get ``M // 2`` points where their candidates allow, the weakest points
+            of the other side giving way.
     """
 
     points: int | None = None
@@ -74,6 +81,8 @@ class Policy:
     exclude_output: float = 0.1
     min_score: float = 0.0
     spread: str = "greedy"
+    head: str = "fraction"
+    balance: bool = False
 
 
 _DEFAULT_POLICY = Policy()
@@ -96,6 +105,10 @@ _POLICY_SCHEMA: dict[str, Option] = {
     "min_score": Option(float, _policy_default("min_score"), "candidates below this score are never picked"),
     "spread": Option(str, _policy_default("spread"), "greedy by score, or the best of each of M depth strata first",
                      _SPREADS),
+    "head": Option(str, _policy_default("head"), "the head's zone: the last exclude_output of D, or no more than "
+                   "what follows the last merge of feature maps", _HEADS),
+    "balance": Option(bool, _policy_default("balance"), "an encoder-decoder's encoder and decoder each get M // 2 "
+                      "points where their candidates allow"),
 }
 _AUTO_KEYS = frozenset({"points", "min_distance"})
 

@@ -26,6 +26,8 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 
+import networkx as nx
+
 from .detectors import Candidate, run_detectors
 from .errors import UsageError
 from .graph import LayerGraph, LayerInfo
@@ -35,7 +37,7 @@ from .trace import Backend, Mode
 
 __all__ = [
     "Fired", "Point", "Scored", "Selection", "select_points", "auto_points", "check_points", "can_be_point", "point_at",
-    "why_not_point",
+    "why_not_point", "usable_depth",
 ]
 
 
@@ -173,9 +175,42 @@ def check_points(points: object) -> None:
         )
 
 
-def _in_range(graph: LayerGraph, info: LayerInfo, policy: Policy) -> bool:
+def usable_depth(graph: LayerGraph, policy: Policy) -> int:
+    """The deepest depth a point may have: D less the head's zone (``Policy.head``).
+
+    ``fraction``: the last ``exclude_output * D`` are the head's. ``last-merge``: no more than the layers after the
+    decoder's last merge (a fusion of parallel branches or a skip join, below the output's depth; residual adds do
+    not count), so a decoder shorter than that fraction (DeepLabV3+'s ASPP and skip concats, three and six layers
+    before the logits of 137) keeps its points.
+
+    Example:
+        >>> import torch
+        >>> from autoprobe.trace import trace_fx
+        >>> from autoprobe.graph import build_layer_graph
+        >>> net = torch.nn.Sequential(*[torch.nn.Conv2d(3, 3, 1) for _ in range(20)])
+        >>> usable_depth(build_layer_graph(trace_fx(net, (3, 8, 8))), Policy())
+        18
+    """
     limit = graph.depth - math.ceil(policy.exclude_output * graph.depth)
-    return 1 <= info.depth <= max(limit, 1) and info.kind != "output" and info.shape is not None
+    if policy.head == "last-merge":
+        limit = max([limit, *(i.depth for i in graph if i.depth < graph.depth and _decoder_merge(graph, i))])
+    return max(limit, 1)
+
+
+def _decoder_merge(graph: LayerGraph, info: LayerInfo) -> bool:
+    """An add or concat of maps that fuses parallel branches (an ASPP) or joins one that comes back from a lower
+    resolution (``LayerGraph.native_positions``: a U-Net or DeepLabV3+ skip), not a residual ``x + f(x)``."""
+    inputs = graph.predecessors(info.name)
+    if info.kind not in ("add", "cat") or len(inputs) < 2 or info.positions is None or info.positions <= 1:
+        return False
+    native = graph.native_positions
+    if any((native[p.name] or info.positions) < info.positions for p in inputs):
+        return True
+    return not any(nx.has_path(graph.nx_graph, a.name, b.name) for a in inputs for b in inputs if a is not b)
+
+
+def _in_range(graph: LayerGraph, info: LayerInfo, policy: Policy) -> bool:
+    return 1 <= info.depth <= usable_depth(graph, policy) and info.kind != "output" and info.shape is not None
 
 
 def why_not_point(graph: LayerGraph, info: LayerInfo) -> str:
@@ -190,6 +225,12 @@ def why_not_point(graph: LayerGraph, info: LayerInfo) -> str:
     if out is not None and len(out) > 3 and info.spatial is not None and len(info.spatial) != len(out) - 2:
         # A dense output's adapter lays the tokens on a grid: only one the graph shows (the patch embedding's).
         if graph.token_grid(info.name, len(out) - 2) is None:
+            return "grid"
+    if out is not None and len(out) > 3 and info.spatial is not None and len(info.spatial) == len(out) - 2:
+        # A dense adapter resizes the map to the output's grid: axes that do not scale alike onto it are no image
+        # grid (MobileViT's (pixels in a patch, patches) axes between its unfold and fold).
+        scales = [o / s for o, s in zip(out[2:], info.spatial)]
+        if max(scales) >= 2 * min(scales):
             return "grid"
     return ""
 
@@ -225,7 +266,8 @@ def _skipped_notes(graph: LayerGraph, scored: list[Scored], policy: Policy) -> l
         names = reasons["grid"]
         notes.append(
             f"{len(names)} candidate(s) not eligible: token features whose grid the graph does not show (no map "
-            f"before them with their token count), for a dense output: {', '.join(names[:5])}"
+            f"before them with their token count), or maps whose axes do not scale alike onto the output's grid, "
+            f"for a dense output: {', '.join(names[:5])}"
             f"{' ...' if len(names) > 5 else ''}"
         )
     if reasons["untappable"]:
@@ -283,7 +325,7 @@ def select_points(graph: LayerGraph, pack: RulePack, *, points: int | None = Non
         eligible = [Scored(c.node, 1.0, (Fired(c.detector, c.reason, 1.0),)) for c in fallback]
         scored = list(eligible)  # the spine nodes are this selection's candidates: reports list the points from them
     m = points if points is not None else auto_points(graph.depth, policy)
-    usable = max(graph.depth - math.ceil(policy.exclude_output * graph.depth), 1)
+    usable = usable_depth(graph, policy)
     # Equal-score spine nodes would otherwise bunch up at the input: spread them over the usable depth.
     spread = usable / m if fell_back else 0.6 * usable / m
     distance = policy.min_distance if policy.min_distance is not None else max(1, math.floor(spread))
@@ -295,6 +337,11 @@ def select_points(graph: LayerGraph, pack: RulePack, *, points: int | None = Non
         distance = max(1, distance // 2)
         chosen = pick(graph, ranked, m, distance, usable)
         notes.append(f"min_distance relaxed to {distance} to place {m} points")
+    if policy.balance and not fell_back:
+        chosen, moved = _balance(graph, ranked, chosen, distance)
+        if moved:
+            notes.append(f"{abs(moved)} point(s) moved to the {'decoder' if moved > 0 else 'encoder'} side: an "
+                         "encoder-decoder's encoder and decoder each get M // 2 points where their candidates allow")
     if len(chosen) < m and not fell_back:
         # Detectors flagged too few depths (a leaf block hides its inside: NFNets): the spine's feature nodes
         # farthest from the points already chosen make up the rest, and the notes say how many.
@@ -366,6 +413,37 @@ def _strata(graph: LayerGraph, ranked: list[Scored], m: int, distance: int, usab
     for _, members in sorted(strata.items(), key=lambda kv: (-kv[1][0].score, kv[0])):
         picked = _greedy(graph, members, len(picked) + 1, distance, usable, tuple(picked))
     return _greedy(graph, ranked, m, distance, usable, tuple(picked))
+
+
+def _balance(graph: LayerGraph, ranked: list[Scored], chosen: list[Scored], distance: int) -> tuple[list[Scored], int]:
+    """``chosen`` with, in an encoder-decoder, each side holding ``len(chosen) // 2`` points where candidates allow.
+
+    The encoder is the lowest-resolution feature (``LayerGraph.pivot``) and every node before it; the decoder is
+    the rest. It applies only when the graph's trunk comes back up from the pivot (``trunk != spine``), so a
+    classifier's head is no decoder. While a side is short, its best candidate that keeps ``distance`` from the
+    other points replaces the other side's weakest point. Returns the points and how many moved (positive
+    towards the decoder, negative towards the encoder).
+    """
+    if graph.trunk == graph.spine or len(chosen) < 2:
+        return chosen, 0
+    encoder = nx.ancestors(graph.nx_graph, graph.pivot) | {graph.pivot}
+    picked, moved = list(chosen), 0
+    for _ in range(len(chosen)):
+        enc = [s for s in picked if s.node in encoder]
+        dec = [s for s in picked if s.node not in encoder]
+        short_decoder = len(dec) < len(picked) // 2
+        if not short_decoder and len(enc) >= len(picked) // 2:
+            break
+        give, take = (enc, False) if short_decoder else (dec, True)
+        weakest = min(give, key=lambda s: (s.score, -graph[s.node].order))
+        rest = [s for s in picked if s is not weakest]
+        best = next((s for s in ranked if (s.node in encoder) == take and s not in picked
+                     and all(abs(graph[s.node].depth - graph[c.node].depth) >= distance for c in rest)), None)
+        if best is None:
+            break
+        picked = [*rest, best]
+        moved += 1 if short_decoder else -1
+    return picked, moved
 
 
 def point_at(info: LayerInfo, scored: Scored) -> Point:

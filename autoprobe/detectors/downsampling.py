@@ -3,7 +3,10 @@
 Fires where a node's feature has at least ``min_factor`` times fewer positions
 (H*W, or tokens) than the feature entering it: strided convs, pooling, patch
 merging. Global pooling (down to one position) is a read-out, not a
-downsampling, and is skipped. With ``snap`` the point moves to the network's
+downsampling, and is skipped. Sizes are compared with what the source's content was computed at
+(``LayerGraph.native_positions``), so an op that takes an enlarged map back to its size (the
+interpolation after a pyramid pool to a larger grid, the slice that removes window padding) is
+no reduction. With ``snap`` the point moves to the network's
 trunk (``LayerGraph.trunk``: the nodes every path to or from the lowest-resolution feature passes
 through), so a stride inside a residual branch marks the block input, not a branch-internal tensor,
 and a stride in an encoder stage that feeds a decoder (FPN, U-Net) marks that stage's input rather
@@ -46,6 +49,8 @@ def detect(graph: LayerGraph, options: Mapping[str, Any]) -> tuple[Candidate, ..
             factor = source.positions / info.positions
             if factor < options["min_factor"]:
                 continue
+            if (graph.native_positions[source.name] or source.positions) / info.positions < options["min_factor"]:
+                continue  # back to (near) the size an enlarging op grew the source from: an unpad, no reduction
             if reshape and (source.positions, source.channels) == (info.channels, info.positions):
                 # Tokens and channels swapped places in an axis move: a transpose, not a reduction. Only a
                 # reshape can do that; a strided conv from 4 ch @ 16 to 16 ch @ 4 is a real downsampling.
@@ -57,9 +62,20 @@ def detect(graph: LayerGraph, options: Mapping[str, Any]) -> tuple[Candidate, ..
                 node = graph.trunk_before(source.name) if options["snap"] else source.name
                 found.setdefault((node, "before"), Candidate(node, ID, f"before downsampling {change}"))
             if options["position"] in ("after", "both"):
-                node = graph.trunk_after(info.name) if options["snap"] else info.name
+                node = _settled(graph, graph.trunk_after(info.name) if options["snap"] else info.name)
                 found.setdefault((node, "after"), Candidate(node, ID, f"after downsampling {change}"))
     return tuple(found.values())
+
+
+def _settled(graph: LayerGraph, name: str) -> str:
+    """``name``, or the end of the norm and activation chain that is its only reader (a strided conv's BN and ReLU):
+    the feature after a reduction is the one its block hands on, not the raw conv output before its norm."""
+    info = graph[name]
+    while True:
+        nxt = graph.successors(name)
+        if len(nxt) != 1 or nxt[0].kind not in ("norm", "act", "identity") or nxt[0].shape != info.shape:
+            return name
+        name = nxt[0].name
 
 
 def _size(info) -> str:  # noqa: ANN001
