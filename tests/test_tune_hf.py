@@ -37,7 +37,7 @@ def test_hp_space_runs_a_trainer_hyperparameter_search_over_output_only_and_dsn(
         built.append(setting.label)
         if setting.objective == "output":
             return vit
-        kwargs = autoprobe.tuning._Runner.instrument_kwargs(_Sized(), setting)
+        kwargs = setting.instrument_kwargs(input_size=(3, 16, 16))
         return autoprobe.instrument(vit, **kwargs, options=autoprobe.TraceOptions(input_name="pixel_values"))
 
     gen = torch.Generator().manual_seed(0)
@@ -60,10 +60,3 @@ def test_hp_space_runs_a_trainer_hyperparameter_search_over_output_only_and_dsn(
     assert set(best.hyperparameters) == set(autoprobe.tuning.SEARCH_KEYS)
     assert candidate(best.hyperparameters).label in built
 
-
-class _Sized:
-    """What ``_Runner.instrument_kwargs`` reads, for a 16x16 RGB input and the automatic points."""
-
-    _input_size = (3, 16, 16)
-    ignore_index = -100
-    rules = "default"

@@ -4,6 +4,7 @@ in memory, in a journal (``state=``) or an RDB (``storage=``), and two worker pr
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -59,8 +60,8 @@ def test_output_only_is_a_trial_never_pruned_and_another_wins_only_if_strictly_h
     # at the full budget iMacHSR ties output-only (output-only chosen) or beats it by 1e-6 (chosen).
     script = _Scripted([0.0, 0.5, 0.6, 0.1, 0.7, 0.2, last])
     state = tmp_path / "study.journal"
-    result = tune(_net, train, val, task="classification", steps=18, search=_TWO, score=script, state=state,
-                  progress=False)
+    result = tune(_net, train, val, task="classification", max_cost=math.inf, steps=18, search=_TWO, score=script,
+                  state=state, progress=False)
     trials = _trials(state)
     assert trials["output"].state == optuna.trial.TrialState.COMPLETE
     assert trials["output"].intermediate_values == {2: 0.0, 6: 0.1, 18: 0.2}
@@ -84,13 +85,14 @@ class _Accuracy:
     def __call__(self, model, val):
         with open(self.log, "a") as f:
             f.write(f"{os.getpid()}\n")
-        return autoprobe.tuning._accuracy(model, val)
+        return autoprobe.tunetrain.accuracy(model, val)
 
 
 def test_two_worker_processes_choose_as_one_and_report_every_rung_here(tmp_path):
     train, val = _data()
     log = tmp_path / "pids"
-    options = dict(task="classification", steps=18, lr=3e-3, search=_TWO, seed=3, score=_Accuracy(log))
+    options = dict(task="classification", max_cost=math.inf, steps=18, lr=3e-3, search=_TWO, seed=3,
+                   score=_Accuracy(log))
     one = tune(_net, train, val, progress=False, **options)
     assert set(log.read_text().split()) == {str(os.getpid())}
     log.unlink()
@@ -116,7 +118,7 @@ def test_workers_refuse_what_cannot_be_pickled():
 def test_an_rdb_storage_shares_the_study_so_a_second_call_trains_nothing(tmp_path):
     train, val = _data()
     url = f"sqlite:///{tmp_path / 'tune.db'}"
-    options = dict(task="classification", steps=18, lr=3e-3, search=_TWO, progress=False)
+    options = dict(task="classification", max_cost=math.inf, steps=18, lr=3e-3, search=_TWO, progress=False)
     first = tune(_net, train, val, storage=url, **options)
     assert first == tune(_net, train, val, **options)  # the same search as in memory
     built = []
@@ -126,10 +128,10 @@ def test_an_rdb_storage_shares_the_study_so_a_second_call_trains_nothing(tmp_pat
         return _net()
 
     again = tune(counting, train, val, storage=url, **options)
-    assert again == first and again.cost.validation_passes == 0
     # Only the choice is rebuilt, once: its weights were in the first call's scratch folder, so it
-    # is trained here again as a fresh run of its setting, to the same weights.
-    assert len(built) <= 2
+    # is trained here again as a fresh run of its setting (one pass at its end), to the same weights.
+    assert again == first and again.cost.validation_passes == 1 and again.cost.builds == 1
+    assert again.cost.steps == 18 and len(built) == 1
     assert all(torch.equal(again.model.state_dict()[k], v) for k, v in first.model.state_dict().items())
 
 
@@ -140,9 +142,10 @@ def test_a_state_file_of_the_older_format_or_another_search_is_refused(tmp_path)
     with pytest.raises(UsageError, match="format of an older autoprobe.*Hint"):
         tune(_net, train, val, task="classification", steps=6, search=_TWO, state=old, progress=False)
     state = tmp_path / "s.journal"
-    tune(_net, train, val, task="classification", steps=6, search=_TWO, state=state, progress=False)
+    tune(_net, train, val, task="classification", max_cost=math.inf, steps=6, search=_TWO, state=state, progress=False)
     with pytest.raises(UsageError, match="written by a search with other arguments.*Hint"):
-        tune(_net, train, val, task="classification", steps=6, search=_TWO, state=state, seed=1, progress=False)
+        tune(_net, train, val, task="classification", max_cost=math.inf, steps=6, search=_TWO, state=state, seed=1,
+             progress=False)
     with pytest.raises(UsageError, match="not both.*Hint"):
         tune(_net, train, val, task="classification", steps=6, state=state, storage="sqlite://", progress=False)
 
@@ -151,7 +154,7 @@ def test_without_optuna_tune_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna now raises ImportError
     train, val = _data()
     with pytest.raises(UsageError, match=r'not installed\. Hint: pip install "autoprobe\[tune\]"'):
-        tune(_net, train, val, task="classification", steps=6, search=_TWO, progress=False)
+        tune(_net, train, val, task="classification", max_cost=math.inf, steps=6, search=_TWO, progress=False)
 
 
 def test_hp_space_samples_every_key_and_candidate_builds_the_setting_tune_searches():
@@ -163,7 +166,7 @@ def test_hp_space_samples_every_key_and_candidate_builds_the_setting_tune_search
         assert set(params) == set(autoprobe.tuning.SEARCH_KEYS) and trial.params == params
         seen.add(candidate(params))
         study.tell(trial, 0.0)
-    assert seen == set(autoprobe.tuning._search_space(_TWO))  # output-only, the DSN and the iMacHSR setting
+    assert seen == set(autoprobe.tunespace.search_space(_TWO))  # output-only, the DSN and the iMacHSR setting
     with pytest.raises(UsageError, match="unknown search key.*Hint"):
         candidate({"weight": 1})
 
@@ -174,21 +177,21 @@ def test_a_worker_prunes_only_once_the_whole_rung_has_reported():
     import threading
     import time
 
-    from autoprobe import tuning
+    from autoprobe import tuneengine, tunespace, tunetrain
 
     train, val = _data()
-    rungs, candidates = [2, 6, 18], tuning._search_space(_TWO)
+    rungs, candidates = [2, 6, 18], tunespace.search_space(_TWO)
     store = optuna.storages.InMemoryStorage()
-    study = optuna.create_study(storage=store, direction="maximize", pruner=tuning._pruner(optuna, rungs, 3))
-    tuning._enqueue(optuna, study, candidates)
-    mine = tuning._claim(optuna, study, store, 1, 2)
+    study = optuna.create_study(storage=store, direction="maximize", pruner=tuneengine.pruner(optuna, rungs, 3))
+    tuneengine.enqueue(study, candidates)
+    mine = tuneengine.claim(optuna, study, store, 1, 2)
     assert mine.user_attrs["label"] == candidates[1].label
     mine.suggest_categorical("candidate", [c.label for c in candidates])
-    run = tuning._Runner(_net, train, val, task="classification", lr=1e-3, optimizer=None, lr_factor=None,
-                         score=lambda model, batches: 0.5, rules=None, seed=0, device="cpu", ignore_index=-100,
-                         full_steps=18, weights=None)
-    worker = threading.Thread(target=tuning._work, args=(optuna, study, store, run, candidates, rungs, lambda s: None,
-                                                         0, 2))
+    run = tunetrain.Runner(_net, train, val, task="classification", lr=1e-3, optimizer=None, lr_factor=None,
+                           score=lambda model, batches: 0.5, rules=None, seed=0, device="cpu", ignore_index=-100,
+                           full_steps=18, weights=None)
+    plan = tuneengine.Plan(tuple(candidates), tuple(rungs), 3, 18, math.inf, False)
+    worker = threading.Thread(target=tuneengine.work, args=(optuna, study, store, run, plan, lambda s: None, 0, 2))
     worker.start()
     other = lambda: {t.user_attrs["label"]: t for t in study.get_trials()}[candidates[2].label]  # noqa: E731
     while 2 not in other().intermediate_values:
@@ -206,7 +209,7 @@ def test_a_worker_prunes_only_once_the_whole_rung_has_reported():
 
 def test_a_search_interrupted_in_one_process_resumes_with_two_workers(tmp_path):
     train, val = _data()
-    options = dict(task="classification", steps=18, lr=3e-3, search=_TWO, seed=2)
+    options = dict(task="classification", max_cost=math.inf, steps=18, lr=3e-3, search=_TWO, seed=2)
     whole = tune(_net, train, val, progress=False, **options)
 
     class Stop(Exception):

@@ -1,0 +1,312 @@
+"""``tune``'s training: builds a candidate once, trains it rung by rung, scores it on validation, measures each.
+
+A candidate's model, optimizer and RNG state stay in memory between its rungs (built once: one
+``instrument`` call per candidate), and each rung's weights are saved when a folder is given (a
+state, or worker processes), so another process or a rerun continues from them. Every build,
+training stretch and validation pass is timed in CPU seconds (``Spend``).
+
+Rules defined once here:
+
+* pairing: every candidate starts from the same initial weights (the seed) and its dropout draws
+  are reseeded after ``instrument`` (``TRAIN_RNG_OFFSET``), so no candidate's masks depend on its
+  adapters;
+* continuation: a rung is the prefix of the full run, its learning-rate (``lr_factor(step)``) and
+  weight schedules (``progress=step / steps``) those of the full run.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from autoprobe.tunespace import OUTPUT
+    >>> from autoprobe.tunetrain import Runner
+    >>> batches = [(torch.randn(8, 4), torch.randint(0, 2, (8,)))]
+    >>> run = Runner(lambda: nn.Linear(4, 2), batches, batches, task="classification", lr=1e-3, optimizer=None,
+    ...              lr_factor=None, score=None, rules=None, seed=0, device="cpu", ignore_index=-100, full_steps=4,
+    ...              weights=None)
+    >>> run.advance(OUTPUT, 2); run.spend[OUTPUT].steps, run.spend[OUTPUT].passes
+    (2, 1)
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import SelectionError, UsageError
+from .tunebudget import Spend
+from .tunespace import Candidate
+
+__all__ = ["Batch", "Scorer", "Runner", "TRAIN_RNG_OFFSET", "SPACING", "reiterable", "accuracy", "miou_scorer",
+           "slug"]
+
+Batch = tuple[Tensor, Tensor]
+Scorer = Callable[[nn.Module, Iterable[Batch]], float]
+# Offset of the seed the dropout generator is reset to after instrument (see the module docstring).
+TRAIN_RNG_OFFSET = 7919
+# Weight layers between spaced points (two ResNet basic blocks; the paper's best distance).
+SPACING = 4
+
+
+@dataclass
+class _Live:
+    """A candidate between its rungs: the model it scores, what it trains, its optimizer and RNG."""
+
+    model: nn.Module
+    trainable: nn.Module
+    probed: nn.Module | None
+    opt: torch.optim.Optimizer
+    rng: Tensor | None  # None until its first rung: then seeded
+
+
+def reiterable(name: str, data: Iterable[Batch]) -> Iterable[Batch]:
+    """``data``, refused when it is a one-shot iterator (every candidate reads it from the start)."""
+    if iter(data) is data:
+        raise UsageError(f"tune: {name} is a one-shot iterator; every candidate needs to read it from the start. "
+                         "Hint: pass a list of batches or a DataLoader.")
+    return data
+
+
+def _cycle(data: Iterable[Batch], skip: int) -> Iterator[Batch]:
+    done = 0
+    while True:
+        empty = True
+        for batch in data:
+            empty = False
+            if done >= skip:
+                yield batch
+            done += 1
+        if empty:
+            return
+
+
+def slug(label: str) -> str:
+    """``label`` as a file name."""
+    return "".join(ch if ch.isalnum() or ch in "=.-" else "_" for ch in label)
+
+
+def _warm_up() -> None:
+    """Pays this process's one-off costs before anything is measured: torch's optimizers import their
+    compiler support on first use (about 1 CPU s) and ``instrument`` its modules. Not a candidate's
+    cost (a plain training run pays it too); it is in ``TuneCost.cpu_s``, not in the unit."""
+    from . import api, placement, rewrite  # noqa: F401
+
+    torch.optim.AdamW([nn.Parameter(torch.zeros(1))])
+
+
+class Runner:
+    """Builds and trains candidates rung by rung in this process, measuring what each costs.
+
+    Attributes:
+        scores: candidate -> its score at each rung this process knows of.
+        steps: candidate -> the steps it has trained.
+        errors: candidate -> why it could not be built.
+        spend: candidate -> what its work in this process cost (``Spend``).
+    """
+
+    def __init__(self, model: Any, train: Iterable[Batch], val: Iterable[Batch], *, task: str, lr: float,
+                 optimizer: Any, lr_factor: Any, score: Scorer | None, rules: str | None, seed: int, device: str,
+                 ignore_index: int, full_steps: int, weights: Path | None) -> None:
+        self.model, self.train, self.val, self.task = model, train, val, task
+        self.lr, self.optimizer, self.lr_factor = lr, optimizer, lr_factor
+        default = accuracy if task == "classification" else miou_scorer(ignore_index)
+        self.scorer = score if score is not None else default
+        self.rules = rules if rules is not None else ("dense" if task == "dense" else "default")
+        self.seed, self.device, self.ignore_index = seed, torch.device(device), ignore_index
+        self.weights = weights  # a folder for each rung's weights (a state, or shared by workers), or None
+        self.scores: dict[Candidate, list[float]] = {}
+        self.steps: dict[Candidate, int] = {}
+        self.errors: dict[Candidate, str] = {}
+        self.spend: dict[Candidate, Spend] = {}
+        self.selections: dict[Candidate, Any] = {}
+        self.full_steps = full_steps
+        self._live: dict[Candidate, _Live] = {}
+        self._input_size = tuple(next(iter(train))[0].shape[1:])
+        _warm_up()
+
+
+    def weights_file(self, c: Candidate, steps: int) -> Path | None:
+        """Where ``c``'s weights after ``steps`` steps are saved (None: kept in memory only)."""
+        # One file per rung: a crash between saving the weights and reporting the rung cannot leave
+        # a later rung's weights under an earlier rung's score.
+        return None if self.weights is None else self.weights / f"{slug(c.label)}@{steps}.pt"
+
+    def resume(self, c: Candidate, done: list[tuple[int, float]]) -> None:
+        """Rungs of ``c`` an earlier call finished (their weights are in the folder): not trained again."""
+        self.scores[c] = [v for _, v in done]
+        self.steps[c] = done[-1][0]
+
+    def instrument_kwargs(self, c: Candidate) -> dict[str, Any]:
+        """``c``'s ``instrument`` arguments for this search's input size, rules and ignore index."""
+        return c.instrument_kwargs(self._input_size, rules=self.rules, ignore_index=self.ignore_index,
+                                   selection=self.selections.get(c))
+
+    def _charge(self, c: Candidate, spend: Spend) -> None:
+        self.spend[c] = self.spend.get(c, Spend()) + spend
+
+    def _fresh(self) -> nn.Module:
+        torch.manual_seed(self.seed)
+        if isinstance(self.model, nn.Module):
+            return copy.deepcopy(self.model)
+        built = self.model()
+        if not isinstance(built, nn.Module):
+            raise UsageError(f"tune: the model factory returned {type(built).__name__}, not an nn.Module. "
+                             "Hint: pass a callable that builds the model, e.g. lambda: MyNet().")
+        return built
+
+    def build(self, c: Candidate) -> bool:
+        """Builds ``c`` (the factory, then ``instrument``) unless it is built; its weights loaded when it
+        continues from another process's or call's rung. Charged to ``spend``. False: it does not fit."""
+        if c in self.errors:
+            return False
+        if c in self._live:
+            return True
+        import autoprobe
+        from . import placement
+        from .api import analyze
+
+        cpu0 = time.process_time()
+        model = self._fresh()
+        probed = None
+        if c.objective != "output":
+            try:
+                if c.position != "auto" and c not in self.selections:
+                    analysis = analyze(model, input_size=self._input_size, rules=self.rules)
+                    self.selections[c] = placement.spaced(analysis, c.points or 3, SPACING, c.position)
+                probed = autoprobe.instrument(model, **self.instrument_kwargs(c))
+            except SelectionError as exc:  # a placement that does not fit this model: reported in the table
+                self.errors[c] = str(exc).splitlines()[0]
+                self._charge(c, Spend(builds=1, build_s=time.process_time() - cpu0))
+                return False
+        trainable = probed if probed is not None else model
+        trainable.to(self.device)
+        opt = (self.optimizer or (lambda p: torch.optim.AdamW(p, lr=self.lr)))(trainable.parameters())
+        for group in opt.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+        live = _Live(model, trainable, probed, opt, None)
+        done = self.steps.get(c, 0)
+        if done:
+            path = self.weights_file(c, done)
+            if path is None or not path.exists():
+                raise UsageError(f"tune: {c.label} is to continue from {done} steps, but those weights are gone "
+                                 f"({path}). Hint: rerun with a new state path.")
+            blob = torch.load(path, map_location=self.device, weights_only=False)
+            trainable.load_state_dict(blob["model"])
+            opt.load_state_dict(blob["optimizer"])
+            live.rng = blob["rng"]
+        self._live[c] = live
+        self._charge(c, Spend(builds=1, build_s=time.process_time() - cpu0))
+        return True
+
+    def drop(self, c: Candidate) -> None:
+        """Frees ``c``'s model (pruned: it trains no further here)."""
+        self._live.pop(c, None)
+
+    def advance(self, c: Candidate, to_steps: int) -> None:
+        """Trains ``c`` up to ``to_steps`` steps of the full run, scores it, saves its weights (given a folder)."""
+        if not self.build(c):
+            return
+        live = self._live[c]
+        done = self.steps.get(c, 0)
+        cpu0 = time.process_time()
+        if live.rng is None:
+            torch.manual_seed(self.seed + TRAIN_RNG_OFFSET)
+        else:
+            torch.set_rng_state(live.rng)
+        opt, probed, model = live.opt, live.probed, live.model
+        live.trainable.train()
+        batches = _cycle(self.train, done)
+        total = self.full_steps
+        for step in range(done, to_steps):
+            x, y = next(batches)
+            x, y = x.to(self.device), y.to(self.device)
+            if self.lr_factor is not None:
+                for group in opt.param_groups:
+                    group["lr"] = group["initial_lr"] * self.lr_factor(step)
+            if probed is None:
+                loss = _output_loss(model(x), y, self.ignore_index)
+            else:
+                loss = probed.loss(probed(x), y, progress=min(1.0, step / total)).total
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        cpu1 = time.process_time()
+        model.eval()
+        with torch.no_grad():
+            value = float(self.scorer(model, _on(self.val, self.device)))
+        cpu2 = time.process_time()
+        live.rng = torch.get_rng_state()
+        self.steps[c] = to_steps
+        self.scores.setdefault(c, []).append(value)
+        path = self.weights_file(c, to_steps)
+        if path is not None:  # saved before the score is reported, so a reported rung has its weights
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"model": live.trainable.state_dict(), "optimizer": opt.state_dict(), "rng": live.rng}, path)
+        # Saving the weights is the state's price, charged to training.
+        self._charge(c, Spend(steps=to_steps - done, passes=1, train_s=cpu1 - cpu0 + time.process_time() - cpu2,
+                              validation_s=cpu2 - cpu1))
+
+    def trained(self, c: Candidate, steps: int, say: Callable[[str], None]) -> nn.Module:
+        """``c`` with its weights at ``steps``: the live model, the folder's (a resumed search, or another
+        worker's), or, when another machine trained it, trained here once from scratch."""
+        live = self._live.get(c)
+        if live is None or self.steps.get(c) != steps:
+            self._live.pop(c, None)
+            path = self.weights_file(c, steps)
+            if path is None or not path.exists():
+                say(f"tune: {c.label} was trained elsewhere; training it here ({steps} steps, a fresh run of its "
+                    "setting)")
+                self.steps[c] = 0
+                self.advance(c, steps)
+            else:
+                self.steps[c] = steps
+                self.build(c)
+            live = self._live[c]
+        return live.trainable.eval()
+
+
+def _on(val: Iterable[Batch], device: torch.device) -> Iterator[Batch]:
+    for x, y in val:
+        yield x.to(device), y.to(device)
+
+
+def _output_loss(logits: Tensor, target: Tensor, ignore_index: int) -> Tensor:
+    if logits.dim() > 2 and logits.shape[2:] != target.shape[1:]:
+        logits = F.interpolate(logits, size=target.shape[1:], mode="bilinear", align_corners=False)
+    return F.cross_entropy(logits, target, ignore_index=ignore_index)
+
+
+def accuracy(model: nn.Module, val: Iterable[Batch]) -> float:
+    """The share of validation targets ``model``'s argmax gets right (classification's default score)."""
+    correct = total = 0
+    for x, y in val:
+        correct += int((model(x).argmax(1) == y).sum())
+        total += y.numel()
+    return correct / max(total, 1)
+
+
+def miou_scorer(ignore_index: int) -> Scorer:
+    """Mean IoU over the classes present in truth or prediction, ``ignore_index`` left out (dense's default)."""
+    def miou(model: nn.Module, val: Iterable[Batch]) -> float:
+        cm: Tensor | None = None
+        for x, y in val:
+            logits = model(x)
+            if logits.shape[2:] != y.shape[1:]:
+                logits = F.interpolate(logits, size=y.shape[1:], mode="bilinear", align_corners=False)
+            k = logits.shape[1]
+            valid = y != ignore_index
+            pred, truth = logits.argmax(1)[valid], y[valid]
+            counts = torch.bincount(truth * k + pred, minlength=k * k).reshape(k, k)
+            cm = counts if cm is None else cm + counts
+        assert cm is not None  # tune checked that val is not empty
+        tp = cm.diag().double()
+        union = cm.sum(0) + cm.sum(1) - cm.diag()
+        present = union > 0
+        return float((tp[present] / union[present].double()).mean()) if bool(present.any()) else 0.0
+    return miou
