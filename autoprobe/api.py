@@ -10,6 +10,7 @@ is opt-in: with ``allow_real_data=True``, a model whose forward reads tensor val
 from __future__ import annotations
 
 import difflib
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -101,36 +102,63 @@ def _input_size(model: nn.Module, given: object, default: tuple[int, ...]) -> tu
     return parse_input_size(given, argument="input_size=")
 
 
-def trace_options(
-    options: TraceOptions | None,
-    *,
-    train: bool = False,
-    leaf_modules: Sequence[type[nn.Module]] = (),
-    leaf_paths: Sequence[str] = (),
-    allow_real_data: bool = False,
-) -> TraceOptions:
-    """The ``TraceOptions`` of an API call that takes a record or the common keywords, not both.
+_TRACE_KEYWORDS = {"train": "mode", "leaf_modules": "leaf_modules", "leaf_paths": "leaf_paths",
+                   "allow_real_data": "allow_real_data"}
+"""The tracing keywords ``inspect``, ``analyze`` and ``instrument`` took before ``options=TraceOptions(...)`` was the
+one way (keyword -> its ``TraceOptions`` field)."""
+
+
+def trace_options(options: TraceOptions | None, legacy: Mapping[str, Any], call: str) -> TraceOptions:
+    """The one ``TraceOptions`` of a public call: ``options``, or a default one with the old keywords moved in.
+
+    The old keywords (``train``, ``leaf_modules``, ``leaf_paths``, ``allow_real_data``) still work, with a
+    ``FutureWarning`` that names the ``TraceOptions`` field to use instead.
+
+    Args:
+        options: the call's ``options=``; ``None`` is ``TraceOptions()``.
+        legacy: the other keyword arguments the call got.
+        call: the function's name, for messages.
+
+    Returns:
+        The ``TraceOptions``.
 
     Raises:
-        UsageError: both were given, or a keyword has the wrong type.
+        UsageError: ``options`` is not a ``TraceOptions``, or it is given together with an old keyword.
+        TypeError: a keyword the call does not take, as Python words it.
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as seen:
+        ...     warnings.simplefilter("always")
+        ...     trace_options(None, {"allow_real_data": True}, "inspect").allow_real_data
+        True
+        >>> print(seen[0].message)
+        inspect(allow_real_data=...) is deprecated; pass options=TraceOptions(allow_real_data=...).
     """
+    unknown = [k for k in legacy if k not in _TRACE_KEYWORDS]
+    if unknown:
+        raise TypeError(f"{call}() got an unexpected keyword argument {unknown[0]!r}")
+    if options is not None and not isinstance(options, TraceOptions):
+        raise UsageError(f"options must be an autoprobe TraceOptions, not {type(options).__name__}.\n"
+                         "Hint: pass options=autoprobe.TraceOptions(...).")
+    if not legacy:
+        return options if options is not None else TraceOptions()
     if options is not None:
-        if not isinstance(options, TraceOptions):
-            raise UsageError(f"options must be an autoprobe TraceOptions, not {type(options).__name__}.")
-        if train or leaf_modules or leaf_paths or allow_real_data:
-            raise UsageError(
-                "pass either options=TraceOptions(...) or train/leaf_modules/leaf_paths/allow_real_data, not both.\n"
-                "Hint: put them all in the TraceOptions."
-            )
-        return options
-    if not isinstance(train, bool):
-        raise UsageError(f"train must be True or False, not {train!r}.")
-    return TraceOptions(
-        mode="train" if train else "eval",
-        leaf_modules=leaf_modules,  # type: ignore[arg-type]  # TraceOptions checks and freezes it
-        leaf_paths=leaf_paths,  # type: ignore[arg-type]
-        allow_real_data=allow_real_data,
-    )
+        raise UsageError(
+            f"{call} got options=TraceOptions(...) and also {', '.join(sorted(legacy))}: pass one, not both.\n"
+            "Hint: put them all in the TraceOptions."
+        )
+    fields: dict[str, Any] = {}
+    for key, value in legacy.items():
+        field = _TRACE_KEYWORDS[key]
+        warnings.warn(f"{call}({key}=...) is deprecated; pass options=TraceOptions({field}=...).", FutureWarning,
+                      stacklevel=3)
+        if key == "train":
+            if not isinstance(value, bool):
+                raise UsageError(f"train must be True or False, not {value!r}.\nHint: pass options=TraceOptions(mode='train').")
+            value = "train" if value else "eval"
+        fields[field] = value
+    return TraceOptions(**fields)
 
 
 def analyze(
@@ -139,13 +167,10 @@ def analyze(
     input_size: Sequence[int] | None = None,
     rules: str | RulePack = "default",
     points: int | None = None,
-    train: bool = False,
-    leaf_modules: Sequence[type[nn.Module]] = (),
-    leaf_paths: Sequence[str] = (),
     num_classes: int | None = None,
-    allow_real_data: bool = False,
     options: TraceOptions | None = None,
     model_args: Mapping[str, Any] | None = None,
+    **deprecated: Any,
 ) -> Analysis:
     """Trace, detect and select for a model; see ``inspect`` for the arguments.
 
@@ -172,8 +197,7 @@ def analyze(
         ('fx', 18)
     """
     check_points(points)
-    opts = trace_options(options, train=train, leaf_modules=leaf_modules, leaf_paths=leaf_paths,
-                         allow_real_data=allow_real_data)
+    opts = trace_options(options, deprecated, "analyze")
     if isinstance(model, str):
         # A real run needs real weights: with allow_real_data a spec is built on the CPU (fresh weights, nothing
         # downloaded), and only the hooks backend ever computes with them.
@@ -213,11 +237,8 @@ def inspect(
     input_size: Sequence[int] | None = None,
     rules: str | RulePack = "default",
     points: int | None = None,
-    train: bool = False,
-    leaf_modules: Sequence[type[nn.Module]] = (),
-    leaf_paths: Sequence[str] = (),
-    allow_real_data: bool = False,
     options: TraceOptions | None = None,
+    **deprecated: Any,
 ) -> Selection:
     """Choose the deep-supervision points of a model, without running it on data.
 
@@ -233,14 +254,14 @@ def inspect(
         input_size: the input without batch, e.g. ``(3, 224, 224)``; defaults to the model's own.
         rules: a built-in pack name, a path to a ``.toml`` pack, or a loaded ``RulePack``.
         points: force M (a positive integer) instead of round(ln D).
-        train: analyse the training-mode graph instead of the eval-mode one.
-        leaf_modules: module classes to keep as single nodes when fx cannot trace them.
-        leaf_paths: module paths to keep as single nodes; each must name a submodule.
-        allow_real_data: let the hooks backend run the live model on real values when the forward
-            branches on them (off by default: such a model is refused with a message naming this).
-        options: a ``TraceOptions`` instead of ``train``/``leaf_*``/``allow_real_data``, for the rest
-            of the tracing options (``input_name=`` and ``forward_kwargs=`` for models called as
-            ``model(pixel_values=x)`` or with extra inputs).
+        options: how to trace, one ``TraceOptions``: ``mode="train"`` analyses the training-mode graph;
+            ``leaf_modules``/``leaf_paths`` keep classes or submodules as single nodes when fx cannot trace
+            them; ``allow_real_data=True`` lets the hooks backend run the live model on real values when the
+            forward branches on them (off by default: such a model is refused with a message naming it);
+            ``input_name=`` and ``forward_kwargs=`` for models called as ``model(pixel_values=x)`` or with
+            extra inputs. ``None`` is ``TraceOptions()``.
+        **deprecated: ``train``, ``leaf_modules``, ``leaf_paths``, ``allow_real_data``, the keywords before
+            ``options``: still taken, with a ``FutureWarning`` naming the ``TraceOptions`` field.
 
     Returns:
         The ``Selection``: D, the points with their reasons, every scored candidate.
@@ -249,8 +270,9 @@ def inspect(
         >>> sel = inspect("resnet18")
         >>> sel.depth, len(sel.points)
         (18, 3)
+        >>> inspect("resnet18", options=TraceOptions(mode="train")).mode
+        'train'
     """
     return analyze(
-        model, input_size=input_size, rules=rules, points=points, train=train,
-        leaf_modules=leaf_modules, leaf_paths=leaf_paths, allow_real_data=allow_real_data, options=options,
+        model, input_size=input_size, rules=rules, points=points, options=trace_options(options, deprecated, "inspect")
     ).selection

@@ -381,8 +381,8 @@ class ModelTrace:
                 listing = "\n".join(f"  - {a}" for a in failed)
                 raise RealDataNeeded(
                     f"no tracing backend could trace {type(model).__name__} without running it on real values:\n{listing}",
-                    "the model branches on tensor values. Pass allow_real_data=True (inspect, analyze, instrument, "
-                    "TraceOptions) to let the hooks backend run it once on a seeded random batch (no_grad, buffers "
+                    "the model branches on tensor values. Pass options=TraceOptions(allow_real_data=True) (inspect, "
+                    "analyze, instrument) to let the hooks backend run it once on a seeded random batch (no_grad, buffers "
                     "cloned, the model left unchanged), or make its control flow depend on shapes only.",
                 ) from exc
             except AutoprobeError as exc:

@@ -88,7 +88,7 @@ def hook_targets(
                 f"module's output, in a {traced.backend!r} graph: forward hooks can only tap module outputs, and "
                 "autoprobe taps a point exactly where it is named.\nHint: choose points that are module outputs with "
                 "`autoprobe.analyze(model, input_size=...).choose(name, ...)`, or make fx trace the model "
-                "(leaf_modules=[...] / leaf_paths=[...] around the part it cannot trace)."
+                "(options=TraceOptions(leaf_modules=[...] or leaf_paths=[...]) around the part it cannot trace)."
             )
         # The tracer recorded this node as the output of one module call: hook exactly that call.
         path, call = traced.module_calls[info.fx_name]
@@ -199,6 +199,6 @@ def _checked(site: TapSite, target: HookTarget, output: Any) -> Tensor:
             f"{tuple(output.shape[1:])} (batch aside), but the selection recorded a {site.layout} feature of shape "
             f"{site.feature_shape} there: the hook is on another call than the point. Refusing to supervise the "
             "wrong feature.\nHint: train at the input size given to instrument; if you do, choose points that "
-            "are module outputs, or make fx trace the model (leaf_paths=[...] around what it cannot trace)."
+            "are module outputs, or make fx trace the model (TraceOptions(leaf_paths=[...]) around what it cannot trace)."
         )
     return output

@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple, get_args
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 from .adapters import (
     DEFAULT_HEAD,
@@ -46,15 +46,15 @@ from .adapters import (
     make_adapter,
 )
 from .api import Analysis, analyze, trace_options
-from .backends import part_refusal, trace_with_fallbacks
+from .backends import ModelTrace, part_refusal
 from .errors import InstrumentError, SelectionError, UsageError
-from .fx_engine import FxEngine, FxRecipe, trace_both_modes
-from .graph import LayerGraph, LayerInfo, build_layer_graph
+from .fx_engine import FxEngine, FxRecipe
+from .graph import LayerGraph, LayerInfo
 from .hook_engine import HookEngine, HookRecipe, HookTarget, hook_targets
 from .layout import Layout
 from .losses import DEFAULT_OBJECTIVE, Gate, Objective, ObjectiveName, Schedule, make_objective
 from .losses import IMacHSR
-from .meta import device_of, meta_twins, seeded_run
+from .meta import device_of
 from .models import resolve_model
 from .outputs import OutputSelector, OutputSpec, check_channel_axis
 from .probed import Probed, ProbedOutput, RewriteReport, Tap
@@ -62,7 +62,7 @@ from .rules import RulePack
 from .select import Selection, why_not_point
 from .sizes import parse_input_size
 from .taps import ADAPTERS, TapEngine, TapSite
-from .trace import Traced, TraceOptions, forward_call, trace_fx, training_mode
+from .trace import Traced, TraceOptions
 
 __all__ = ["instrument", "Probed", "ProbedOutput", "RewriteReport", "Tap", "ADAPTERS", "LabelResolution"]
 
@@ -198,7 +198,8 @@ def instrument(
         >>> total.backward()
     """
     module, label, spec_size = _live_model(model, num_classes)
-    opts = trace_options(options, leaf_modules=leaf_modules, leaf_paths=leaf_paths, allow_real_data=allow_real_data)
+    given = {"leaf_modules": leaf_modules, "leaf_paths": leaf_paths, "allow_real_data": allow_real_data}
+    opts = trace_options(options, {k: v for k, v in given.items() if v}, "instrument")
     analysis: Analysis | None = None
     if selection is None:
         # The live module itself, a spec's too (built once, on the CPU): its trace is then reused below.
@@ -225,13 +226,15 @@ def instrument(
     form = check_adapter_head(head)
     size = _input_size(input_size, selection)
 
-    # The selection's own trace, when this call made it: reused, not traced again.
-    made_here = analysis is not None and analysis.traced is not None
-    placed = _place(module, selection, size, opts, label, analysis if made_here else None)
+    # One tracing object per call: the analysis's own when this call made the selection (its trace is tapped).
+    tracing = analysis.trace if analysis is not None and analysis.trace is not None else ModelTrace(module, size, opts)
+    placed = _place(tracing, selection, label)
     infos, targets = placed.infos, placed.targets
-    spec = OutputSpec.resolve(output, placed.example, model=label)
-    output_shape = tuple(int(s) for s in spec.select(placed.example).shape)
-    check_channel_axis(_output_axes(module, placed, spec, opts), output_shape, spec, label)
+    example = tracing.example(placed.train.mode, selection.backend)
+    spec = OutputSpec.resolve(output, example.output, model=label)
+    output_shape = tuple(int(s) for s in spec.select(example.output).shape)
+    axes = tracing.output_axes(placed.train.mode, selection.backend, spec.select) if len(output_shape) >= 3 else None
+    check_channel_axis(axes, output_shape, spec, label)
     resolved_task, shape = _resolve_task(task, output_shape, label)
     classes = output_shape[1]
     if num_classes is not None and num_classes != classes:
@@ -295,51 +298,28 @@ def instrument(
 class _Placement(NamedTuple):
     """Where the points sit: the traces, the checked layer info and, on the hook engine, the calls."""
 
-    train: Traced
+    train: Traced  # fx: the train-mode trace; export/hooks: the selection's mode
     eval: Traced | None  # fx only
     graph: LayerGraph
     infos: tuple[LayerInfo, ...]
     targets: tuple[HookTarget, ...] | None  # hook engine only
-    example: Any  # one output of the model (meta tensors), for the output selector
 
 
-def _place(
-    module: nn.Module,
-    selection: Selection,
-    size: tuple[int, ...],
-    opts: TraceOptions,
-    label: str,
-    made: Analysis | None = None,
-) -> _Placement:
-    """Trace the model the way its selection was made and check the selection against it.
+def _place(tracing: ModelTrace, selection: Selection, label: str) -> _Placement:
+    """The traces the selection is tapped on, asked of ``tracing``, and the selection checked against them.
 
-    ``made`` is the analysis (trace and graph) the selection was made on, when it is of ``module`` itself:
-    that mode is not traced again, so a call that selects and instruments traces each mode once.
+    fx taps both modes' graphs; export and hooks run the model's own Python, whatever its mode, so one graph in
+    the selection's mode is checked, and its module calls are hooked.
     """
-    same = made is not None and made.traced.backend == selection.backend and made.traced.mode == selection.mode
-    reuse = made if same else None
     if selection.backend == "fx":
-        if reuse is not None and selection.mode == "eval":
-            eval_traced, eval_graph = reuse.traced, reuse.graph
-            train_traced = trace_fx(module, size, dataclasses.replace(opts, mode="train"), other_mode=eval_traced)
-        else:
-            train_traced, eval_traced = trace_both_modes(module, size, opts)
-            eval_graph = build_layer_graph(eval_traced)
-        # One program in both modes (the usual case) is one graph: its layer graph is the selection's.
-        shared = train_traced.graph_module is eval_traced.graph_module
-        graph = eval_graph if shared else build_layer_graph(train_traced)
+        eval_traced, eval_graph = tracing.traced("eval", "fx"), tracing.graph("eval", "fx")
+        train_traced, graph = tracing.traced("train", "fx"), tracing.graph("train", "fx")
         infos = _check_selection(selection, {"train": graph, "eval": eval_graph}, label)
-        return _Placement(train_traced, eval_traced, graph, tuple(infos), None, _fx_example_output(train_traced))
-    # The model runs its own Python, whatever its mode: one graph, in the selection's mode, to check against.
-    options = dataclasses.replace(opts, mode=selection.mode)
-    rung = reuse if reuse is not None else trace_with_fallbacks(module, size, options, backends=(selection.backend,))
-    traced, rung_graph = rung.traced, rung.graph
+        return _Placement(train_traced, eval_traced, graph, tuple(infos), None)
+    traced, rung_graph = tracing.traced(selection.mode, selection.backend), tracing.graph(selection.mode, selection.backend)
     infos = _check_selection(selection, {selection.mode: rung_graph}, label)
-    placed = hook_targets(module, traced, rung_graph, infos)
-    return _Placement(
-        traced, None, rung_graph, tuple(info for _, info in placed), tuple(target for target, _ in placed),
-        _run_example_output(module, traced, options),
-    )
+    placed = hook_targets(tracing.model, traced, rung_graph, infos)
+    return _Placement(traced, None, rung_graph, tuple(info for _, info in placed), tuple(target for target, _ in placed))
 
 
 def _taps(
@@ -463,79 +443,6 @@ def _check_selection(
 
 
 # --------------------------------------------------------------------------- the output and the task
-
-
-def _fx_example_output(traced: Traced) -> Any:
-    """The model's output structure from the fx graph, with a meta tensor per tensor node."""
-
-    def rebuild(value: Any) -> Any:
-        # fx stores containers as its immutable_dict/immutable_list; give back the plain ones.
-        if isinstance(value, fx.Node):
-            meta = value.meta.get("tensor_meta")
-            return torch.empty(tuple(meta.shape), device="meta") if hasattr(meta, "shape") else None
-        if isinstance(value, dict):
-            return {k: rebuild(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            items = [rebuild(v) for v in value]
-            return type(value)(*items) if hasattr(value, "_fields") else (list(items) if isinstance(value, list) else tuple(items))
-        return value
-
-    output = rebuild(traced.graph_module.graph.output_node().args[0])
-    # fx lowered the model's ModelOutput to a dict; an output= callable gets the model's own type.
-    return traced.output_type(**output) if traced.output_type is not None and isinstance(output, dict) else output
-
-
-def _output_axes(module: nn.Module, placed: _Placement, spec: OutputSpec, options: TraceOptions) -> str | None:
-    """The axis labels of the prediction (``axes.Axis`` letters), for ``check_channel_axis``; ``None`` if unknown.
-
-    Read from the layer graph where the prediction is a node with a layout (the usual case: no run); else
-    from one meta run of the model whose torch functions propagate labels (``axes.run_labels``).
-    """
-    if len(spec.select(placed.example).shape) < 3:
-        return None
-    traced = placed.train
-    if traced.backend == "fx" and spec.how != "callable":
-        node: Any = traced.graph_module.graph.output_node().args[0]
-        if spec.how != "whole":
-            node = node.get(spec.key) if isinstance(node, Mapping) else (
-                node[spec.key] if isinstance(node, (tuple, list)) and isinstance(spec.key, int) else None)
-        name = traced.qualnames.get(node.name) if isinstance(node, fx.Node) else None
-        layout = placed.graph[name].layout if name is not None and name in placed.graph else None
-        if layout is not None:
-            return "".join(a if a in "NC" else "S" for a in layout.value)
-    from .axes import input_axes, run_labels
-
-    call = forward_call(module, options)
-    twins = meta_twins(module)
-    example = torch.empty(traced.input_shape, device="meta")
-
-    def prediction(x: torch.Tensor) -> torch.Tensor:
-        inputs = {call.input_name: x, **call.example_kwargs("meta")}
-        return spec.select(torch.func.functional_call(module, twins, (), inputs, strict=False))
-
-    with training_mode(module, traced.mode == "train"), torch.no_grad():
-        try:
-            found = run_labels(prediction, (example,), {}, {id(example): input_axes(example.dim())}, traced.input_shape[0])
-        except Exception:  # noqa: BLE001  the model reads values on meta (hooks with real data): axes unknown, not judged
-            return None
-    return found if isinstance(found, str) else None
-
-
-def _run_example_output(model: nn.Module, traced: Traced, options: TraceOptions) -> Any:
-    """One output of the model, for its structure: on meta twins of its weights, or, where the hooks
-    backend had to run it for real (``allow_real_data``), on the same kind of seeded batch."""
-    call = forward_call(model, options)
-    twins = meta_twins(model)
-    with training_mode(model, options.train), torch.no_grad():
-        try:
-            inputs = {call.input_name: torch.empty(traced.input_shape, device="meta"), **call.example_kwargs("meta")}
-            return torch.func.functional_call(model, twins, (), inputs, strict=False)
-        except Exception:  # the model reads values (the hooks backend's case): run one real batch instead
-            if traced.backend != "hooks" or not options.allow_real_data:
-                raise
-        run = seeded_run(model, traced.input_shape)
-        inputs = {call.input_name: run.example, **call.example_kwargs(run.device)}
-        return torch.func.functional_call(model, run.buffers, (), inputs, strict=False)
 
 
 def _resolve_task(task: Task | None, output_shape: tuple[int, ...], label: str) -> tuple[str, HeadShape]:

@@ -605,11 +605,11 @@ def _fx_trace(
         module = model.get_submodule(path) if path else model
         cls = f"{type(module).__module__}.{type(module).__qualname__}"
         hint = (
-            f"register it as a leaf so fx records it as one call: `leaf_paths=[{path!r}]` in Python "
+            f"register it as a leaf so fx records it as one call: `options=TraceOptions(leaf_paths=[{path!r}])` in Python "
             f"or `--leaf {path}` on the CLI."
             if path
             else "the model's own forward cannot be traced; wrap the untraceable part in a submodule "
-            "and pass that submodule in leaf_paths=[...] (`--leaf` on the CLI)."
+            "and pass that submodule in TraceOptions(leaf_paths=[...]) (`--leaf` on the CLI)."
         )
         raise TraceError(
             f"torch.fx could not trace module {path or '<top level>'!r} ({cls}) at {_user_frame(exc)}: "
