@@ -19,8 +19,8 @@ Example:
     >>> ask = dict(rung=0, rung_steps=[2, 6, 18], eta=3, steps=18, admitted=1, rebuild=False)
     >>> room({"output": out, "dsn": dsn}, {}, "dsn", {"dsn": "dsn"}, max_cost=4, **ask) is None
     True
-    >>> room({"output": out, "dsn": dsn}, {}, "dsn", {"dsn": "dsn"}, max_cost=3, **ask)[:50]
-    'over budget: rung 1 would bring the search to 3.23'
+    >>> room({"output": out, "dsn": dsn}, {}, "dsn", {"dsn": "dsn"}, max_cost=2.5, **ask)[:50]
+    'over budget: rung 1 would bring the search to 2.51'
 """
 
 from __future__ import annotations
