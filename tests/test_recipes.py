@@ -143,16 +143,19 @@ DETECTOR_SCRIPT = """
 """
 
 
+DETECTOR_EDITS = [
+    *DETECTOR,
+    Edit("autoprobe/detectors/__init__.py",
+         "from . import (  # noqa: E402  (Candidate and Option must exist before the detectors import them)\n",
+         "    toy_marker,\n"),
+    Edit("autoprobe/detectors/__init__.py", "DETECTORS: tuple[ModuleType, ...] = (\n", "    toy_marker,\n"),
+    Edit("autoprobe/packs/default.toml", "", "\n[detectors.toy-marker]\nweight = 1.0\nstrength = 1.0\n"),
+]
+"""The detector recipe: its module, two lines in the registry, one table in the default pack."""
+
+
 def test_a_new_detector_takes_its_module_the_registry_and_the_pack(tmp_path: Path) -> None:
-    edits = [
-        *DETECTOR,
-        Edit("autoprobe/detectors/__init__.py",
-             "from . import (  # noqa: E402  (Candidate and Option must exist before the detectors import them)\n",
-             "    toy_marker,\n"),
-        Edit("autoprobe/detectors/__init__.py", "DETECTORS: tuple[ModuleType, ...] = (\n", "    toy_marker,\n"),
-        Edit("autoprobe/packs/default.toml", "", "\n[detectors.toy-marker]\nweight = 1.0\nstrength = 1.0\n"),
-    ]
-    _check_recipe(tmp_path, edits, DETECTOR_SCRIPT, ["marker"])
+    _check_recipe(tmp_path, DETECTOR_EDITS, DETECTOR_SCRIPT, ["marker"])
 
 
 # ------------------------------------------------------------------------------------------------ a CLI flag
@@ -250,3 +253,25 @@ def test_the_schema_names_the_ladders_backends() -> None:
     from autoprobe.report import json_schema
 
     assert json_schema()["properties"]["backend"]["enum"] == list(LADDER)
+
+
+# ------------------------------------------------------------------------------------------------ the README
+
+RECIPES = {"An op": OP, "A detector": DETECTOR_EDITS, "A backend": BACKEND, "A CLI flag": FLAG}
+
+
+def _readme_recipe(title: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("\n### Changing autoprobe\n"):]
+    start = section.index(f"- **{title}**")
+    end = section.find("\n- **", start + 1)
+    return section[start:end if end != -1 else None]
+
+
+def test_the_readme_names_every_file_each_recipe_touches() -> None:
+    for title, edits in RECIPES.items():
+        shown = _readme_recipe(title)
+        # A new file is named by its place (``detectors/NAME.py``); the packs live in ``rules/`` in the repository.
+        paths = (str(Path(e.path).with_stem("NAME")) if e.anchor is None else e.path for e in edits)
+        for path in dict.fromkeys(p.replace("autoprobe/packs/", "rules/") for p in paths):
+            assert f"`{path}`" in shown, f"README's recipe {title!r} does not name {path}"
