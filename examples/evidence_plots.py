@@ -55,7 +55,7 @@ CONFIRMATION_SEEDS = frozenset(range(5, 10))
 
 def canvas(record: dict) -> int:
     """The segmentation canvas side a run trained on (records before the 64x64 regime have no field: 32)."""
-    return int(record.get("canvas", 32))
+    return int(record.get("canvas") or 32)  # classification records carry None
 
 
 def _main(records: Sequence[dict]) -> list[dict]:

@@ -1,4 +1,4 @@
-"""Train a small CNN on Fashion-MNIST with iMacHSR deep supervision, then ship the plain model.
+"""Train a small CNN on Fashion-MNIST with deep supervision (autoprobe's default: DSN, conv heads), then ship the plain model.
 
 The part that matters is ``train``: instrument, a normal loop with ``probed.loss``,
 ``strip()``. The data are the four IDX files of Fashion-MNIST, read from ``--data``

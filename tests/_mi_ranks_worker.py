@@ -24,13 +24,15 @@ CLASSES = 5
 
 
 def build(gather_mi: bool) -> autoprobe.Probed:
-    """The probed model, identical on every process (no BatchNorm: per-rank statistics would differ)."""
+    """The probed model, identical on every process (no BatchNorm: per-rank statistics would differ; linear
+    heads: the conv head's dropout draws different masks on each rank than on the combined batch)."""
     torch.manual_seed(0)
     net = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, CLASSES),
     )
-    return autoprobe.instrument(net, input_size=(3, 8, 8), gather_mi=gather_mi, alpha=1.0)
+    return autoprobe.instrument(net, input_size=(3, 8, 8), loss="imachsr", head="linear",
+                                gather_mi=gather_mi, alpha=1.0)
 
 
 def combined_batch() -> tuple[torch.Tensor, torch.Tensor]:

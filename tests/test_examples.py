@@ -100,7 +100,7 @@ def test_fashion_mnist_example_quick_trains_strips_and_scores():
     assert done.returncode == 0, done.stderr[-3000:]
     assert "trained on 512 images" in done.stdout
     assert "1 tap" in done.stdout or " taps," in done.stdout  # the report summary: it trained instrumented
-    assert "mi/" in done.stdout  # and logged the iMacHSR terms (CE and MI; NE is off by default)
+    assert "dsn/" in done.stdout  # and logged the default objective's terms (DSN: CE at the output and the head)
     accuracy = float(done.stdout.rsplit("test accuracy of the stripped model:", 1)[1])
     assert 0.10 < accuracy <= 1.0  # above chance (0.10) after 8 steps
     missing = subprocess.run([sys.executable, str(script), "--quick", "--data", "/no/such/dir"], capture_output=True,
