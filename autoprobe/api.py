@@ -112,7 +112,7 @@ def trace_options(options: TraceOptions | None, legacy: Mapping[str, Any], call:
     """The one ``TraceOptions`` of a public call: ``options``, or a default one with the old keywords moved in.
 
     The old keywords (``train``, ``leaf_modules``, ``leaf_paths``, ``allow_real_data``) still work, with a
-    ``FutureWarning`` that names the ``TraceOptions`` field to use instead.
+    ``DeprecationWarning`` that names the ``TraceOptions`` field to use instead.
 
     Args:
         options: the call's ``options=``; ``None`` is ``TraceOptions()``.
@@ -151,7 +151,7 @@ def trace_options(options: TraceOptions | None, legacy: Mapping[str, Any], call:
     fields: dict[str, Any] = {}
     for key, value in legacy.items():
         field = _TRACE_KEYWORDS[key]
-        warnings.warn(f"{call}({key}=...) is deprecated; pass options=TraceOptions({field}=...).", FutureWarning,
+        warnings.warn(f"{call}({key}=...) is deprecated; pass options=TraceOptions({field}=...).", DeprecationWarning,
                       stacklevel=3)
         if key == "train":
             if not isinstance(value, bool):
@@ -261,7 +261,7 @@ def inspect(
             ``input_name=`` and ``forward_kwargs=`` for models called as ``model(pixel_values=x)`` or with
             extra inputs. ``None`` is ``TraceOptions()``.
         **deprecated: ``train``, ``leaf_modules``, ``leaf_paths``, ``allow_real_data``, the keywords before
-            ``options``: still taken, with a ``FutureWarning`` naming the ``TraceOptions`` field.
+            ``options``: still taken, with a ``DeprecationWarning`` naming the ``TraceOptions`` field.
 
     Returns:
         The ``Selection``: D, the points with their reasons, every scored candidate.

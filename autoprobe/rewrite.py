@@ -52,7 +52,7 @@ from .fx_engine import FxEngine, FxRecipe
 from .graph import LayerGraph, LayerInfo
 from .hook_engine import HookEngine, HookRecipe, HookTarget, hook_targets
 from .layout import Layout
-from .losses import DEFAULT_OBJECTIVE, Gate, Objective, ObjectiveName, Schedule, make_objective
+from .losses import DEFAULT_OBJECTIVE, Gate, LossOptions, Objective, ObjectiveName, Schedule, make_objective
 from .losses import IMacHSR
 from .meta import device_of
 from .models import resolve_model
@@ -633,9 +633,10 @@ def _make_objective(
         raise UsageError(
             f"gather_mi applies to loss='imachsr' (it gathers the MI joint); loss is {loss!r}. Hint: leave it out."
         )
-    return make_objective(
-        loss, names, layouts, target_kind=_TARGET_KINDS[task], alpha=alpha, lam=lam, schedule=schedule,
-        ignore_index=ignore_index, regression_loss=regression_loss,  # type: ignore[arg-type]
-        gather_mi=extra.gather_mi if loss == "imachsr" else None, label_smoothing=extra.label_smoothing,
-        class_weights=extra.class_weights, output_loss=extra.output_loss, gate=extra.gate,
+    options = LossOptions(
+        alpha=alpha, lam=lam, schedule=schedule, regression_loss=regression_loss,  # type: ignore[arg-type]
+        gather_mi=extra.gather_mi, label_smoothing=extra.label_smoothing, class_weights=extra.class_weights,
+        output_loss=extra.output_loss, gate=extra.gate,
     )
+    return make_objective(loss, names, layouts, target_kind=_TARGET_KINDS[task], ignore_index=ignore_index,
+                          options=options)

@@ -61,3 +61,61 @@ def test_nothing_outside_the_tracing_owner_traces() -> None:
             if name not in allowed and not (name == "torch.export.export" and path.name == "backends.py"):
                 strays.append(f"{path.relative_to(PACKAGE)}:{line} calls {name}")
     assert not strays, "tracing outside backends.ModelTrace:\n" + "\n".join(strays)
+
+
+# ------------------------------------------------------------------------------------------------ torch's private API, caches
+
+NO_PUBLIC_SPELLING = {
+    ("meta.py", "torch.utils._pytree"): "the pytree helpers have no public module in this torch",
+    ("meta.py", "torch.utils._python_dispatch"): "TorchDispatchMode has no public import path",
+}
+"""Private torch modules a file imports because torch has no public name for what it needs, with the reason."""
+
+
+def _private_torch_imports(source: str) -> list[tuple[int, str]]:
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "torch":
+            if any(part.startswith("_") for part in node.module.split(".")):
+                found.append((node.lineno, node.module))
+            found.extend((node.lineno, f"{node.module}.{a.name}") for a in node.names if a.name.startswith("_"))
+        elif isinstance(node, ast.Import):
+            found.extend((node.lineno, a.name) for a in node.names
+                         if a.name.split(".")[0] == "torch" and any(p.startswith("_") for p in a.name.split(".")))
+    return found
+
+
+def test_no_private_torch_import() -> None:
+    assert _private_torch_imports("from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata\n") \
+        == [(1, "torch.fx.passes.shape_prop._extract_tensor_metadata")]
+    strays = [
+        f"{path.relative_to(PACKAGE)}:{line} imports {name}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for line, name in _private_torch_imports(path.read_text())
+        if (path.name, name) not in NO_PUBLIC_SPELLING
+    ]
+    assert not strays, "private torch imports:\n" + "\n".join(strays)
+
+
+def _unbounded_caches(source: str) -> list[tuple[int, str]]:
+    """``(line, decorator)`` of every cache without an explicit bound: ``functools.cache``, or ``lru_cache``
+    without ``maxsize=`` or with ``maxsize=None``."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        for deco in getattr(node, "decorator_list", []):
+            name = ast.unparse(deco)
+            call = name.split("(")[0]
+            if call.endswith(".cache") or call == "cache" or (
+                    call.endswith("lru_cache") and ("maxsize" not in name or "maxsize=None" in name)):
+                found.append((node.lineno, name))
+    return found
+
+
+def test_every_cache_is_bounded() -> None:
+    assert [n for _, n in _unbounded_caches(
+        "@functools.lru_cache\ndef a(): ...\n@functools.cache\ndef b(): ...\n@lru_cache(maxsize=None)\ndef c(): ...\n"
+        "@functools.lru_cache(maxsize=8)\ndef d(): ...\n@cached_property\ndef e(self): ...\n"
+    )] == ["functools.lru_cache", "functools.cache", "lru_cache(maxsize=None)"]
+    unbounded = [f"{path.relative_to(PACKAGE)}:{line} @{name}" for path in sorted(PACKAGE.rglob("*.py"))
+                 for line, name in _unbounded_caches(path.read_text())]
+    assert not unbounded, "caches without a bound:\n" + "\n".join(unbounded)

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import abc
 import math
+import dataclasses
+import inspect
+import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Literal, NamedTuple, get_args
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 from torch import Tensor, nn
 
-from ..defaults import DEFAULT_OBJECTIVE, ObjectiveName
+from ..defaults import DEFAULT_HEAD, DEFAULT_OBJECTIVE, AdapterHead, ObjectiveName
 from ..errors import InstrumentError
 from ..layout import Layout
 from . import _math
@@ -39,18 +43,12 @@ __all__ = [
     "DSN",
     "DKS",
     "schedule_weight",
+    "LossOptions",
     "make_objective",
 ]
 
 Schedule = Literal["constant", "linear", "cosine"]
 MIEstimator = _math.MIEstimator
-
-# The keyword options of make_objective each objective accepts.
-_OBJECTIVE_OPTIONS: dict[str, set[str]] = {
-    "imachsr": {"layouts", "alpha", "lam", "mi_estimator", "gather_mi", "gate", "region_ce"},
-    "dsn": {"alpha", "gate"},
-    "dks": {"alpha", "beta", "temperature", "gate"},
-}
 
 
 class LossResult(NamedTuple):
@@ -624,32 +622,142 @@ class DKS(DSN):
         return f"{super().extra_repr()}, beta={self.beta}, temperature={self.temperature}"
 
 
+_HEADS = {"metadata": {"objective": False}}
+"""A field of ``LossOptions`` that shapes the heads the loss compares, read by ``instrument``, not by the objective."""
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """How the deep supervision is trained: the objective's options and the heads' form, one record.
+
+    ``instrument(loss_options=...)`` takes it (the way ``prepare_fx`` takes a ``QConfigMapping``) and hands it to
+    ``make_objective``; every option left at its default takes the objective class's own default. An option the
+    chosen objective does not take (``lam`` for ``dsn``) is an error, never silently ignored: which objective
+    takes which option is read from the classes' own signatures.
+
+    Attributes:
+        alpha: intermediate weight (MI / correlation for imachsr, the output loss for dsn/dks), one value or per point.
+        lam: negative-entropy weight (imachsr), one value or per point.
+        beta: synergy weight (dks).
+        temperature: synergy temperature (dks).
+        schedule: ``"constant"``, ``"linear"`` or ``"cosine"`` decay of the intermediate weights.
+        regression_loss: ``"mse"`` or ``"l1"``, for regression targets.
+        mi_estimator: ``"image"``, ``"pooled"``, ``"shuffled"`` or ``"region"`` (imachsr; see ``IMacHSR``).
+        gather_mi: sum the MI joint over the ranks of the default process group (imachsr).
+        region_ce: the CE half's weight of ``mi_estimator="region"`` (imachsr).
+        label_smoothing: epsilon in [0, 1) of the multiclass cross entropy (see ``Objective``).
+        class_weights: K weights of the multiclass cross entropy (see ``Objective``).
+        output_loss: a callable ``(logits, target) -> scalar`` replacing the output's loss (see ``Objective``).
+        gate: ``"cosine"``, ``"binary"`` or a ``Gate`` (see ``Objective``); ``None`` keeps every term at its weight.
+        head: the adapters' form, ``"conv"`` (the default, ``defaults.DEFAULT_HEAD``) or ``"linear"``
+            (see ``autoprobe.adapters``); ``instrument`` reads it, the objective does not.
+        label_resolution: dense outputs: ``"upsample"`` (adapter logits at the output's resolution) or
+            ``"downsample"`` (at each point's own, the target resized to it); read by ``instrument``.
+
+    Example:
+        >>> LossOptions(alpha=0.5, schedule="cosine").given()
+        {'alpha': 0.5, 'schedule': 'cosine'}
+    """
+
+    alpha: float | Mapping[str, float] | None = None
+    lam: float | Mapping[str, float] | None = None
+    beta: float | None = None
+    temperature: float | None = None
+    schedule: Schedule = "constant"
+    regression_loss: RegressionLoss = "mse"
+    mi_estimator: MIEstimator | None = None
+    gather_mi: bool = False
+    region_ce: float | None = None
+    label_smoothing: float = 0.0
+    class_weights: Sequence[float] | Tensor | None = None
+    output_loss: Callable[[Tensor, Tensor], Tensor] | None = None
+    gate: Gate | str | None = None
+    head: AdapterHead = field(default=DEFAULT_HEAD, **_HEADS)  # type: ignore[arg-type]
+    label_resolution: Literal["upsample", "downsample"] = field(default="upsample", **_HEADS)  # type: ignore[arg-type]
+
+    def given(self, *, objective: bool = True) -> dict[str, Any]:
+        """The options set to something else than their default; with ``objective``, the objective's only."""
+        return {
+            f.name: value for f in dataclasses.fields(self)
+            if (not objective or f.metadata.get("objective", True))
+            and not _is_default(value := getattr(self, f.name), f.default)
+        }
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    """Whether an option is at its default: ``None`` by identity (a tensor's ``==`` is elementwise), else by value."""
+    return value is None if default is None else bool(value == default)
+
+
+_OBJECTIVES: dict[str, type[Objective]] = {"imachsr": IMacHSR, "dsn": DSN, "dks": DKS}
+"""The objectives ``make_objective`` builds, by name (``ObjectiveName``)."""
+
+
+def _takes(cls: type[Objective]) -> frozenset[str]:
+    """The ``LossOptions`` fields ``cls`` takes: those of its constructor's parameters."""
+    names = {f.name for f in dataclasses.fields(LossOptions) if f.metadata.get("objective", True)}
+    return frozenset(names & set(inspect.signature(cls).parameters))
+
+
+def loss_options(options: LossOptions | None, legacy: Mapping[str, Any], call: str) -> LossOptions:
+    """The one ``LossOptions`` of a call: ``options``, or a default one with the old keywords moved in.
+
+    The old keywords (``alpha=``, ``gate=``, ``head=``, ...: every ``LossOptions`` field) still work, with a
+    ``DeprecationWarning`` that names the field.
+
+    Args:
+        options: the call's record; ``None`` is ``LossOptions()``.
+        legacy: the call's other keyword arguments.
+        call: the function's name, and the record's keyword, for messages (``"make_objective"``,
+            ``"instrument"``).
+
+    Returns:
+        The ``LossOptions``.
+
+    Raises:
+        InstrumentError: ``options`` is not a ``LossOptions``, or it is given together with an old keyword.
+        TypeError: a keyword that is no ``LossOptions`` field, as Python words it.
+
+    Example:
+        >>> with warnings.catch_warnings(record=True) as seen:
+        ...     warnings.simplefilter("always")
+        ...     loss_options(None, {"alpha": 0.4}, "make_objective").alpha
+        0.4
+        >>> print(seen[0].message)
+        make_objective(alpha=...) is deprecated; pass options=LossOptions(alpha=...).
+    """
+    keyword = "loss_options" if call == "instrument" else "options"
+    known = {f.name for f in dataclasses.fields(LossOptions)}
+    unknown = [k for k in legacy if k not in known]
+    if unknown:
+        raise TypeError(f"{call}() got an unexpected keyword argument {unknown[0]!r}")
+    if options is not None and not isinstance(options, LossOptions):
+        raise InstrumentError(f"{keyword} must be an autoprobe LossOptions, not {type(options).__name__}.\n"
+                              f"Hint: pass {keyword}=autoprobe.LossOptions(...).")
+    if options is not None and legacy:
+        raise InstrumentError(f"{call} got {keyword}=LossOptions(...) and also {', '.join(sorted(legacy))}: pass one, "
+                              "not both.\nHint: put them all in the LossOptions.")
+    for key in legacy:
+        warnings.warn(f"{call}({key}=...) is deprecated; pass {keyword}=LossOptions({key}=...).", DeprecationWarning,
+                      stacklevel=3)
+    return options if options is not None else LossOptions(**legacy)
+
+
 def make_objective(
     name: ObjectiveName,
     points: Sequence[str],
     layouts: Mapping[str, str | Layout] | None = None,
     *,
     target_kind: TargetKind = "multiclass",
-    alpha: float | Mapping[str, float] | None = None,
-    lam: float | Mapping[str, float] | None = None,
-    beta: float | None = None,
-    temperature: float | None = None,
-    schedule: Schedule = "constant",
     ignore_index: int = -100,
-    regression_loss: RegressionLoss = "mse",
-    mi_estimator: MIEstimator | None = None,
-    gather_mi: bool | None = None,
-    region_ce: float | None = None,
-    label_smoothing: float = 0.0,
-    class_weights: Sequence[float] | Tensor | None = None,
-    output_loss: Callable[[Tensor, Tensor], Tensor] | None = None,
-    gate: Gate | str | None = None,
+    options: LossOptions | None = None,
+    **deprecated: Any,
 ) -> Objective:
     """Build an objective by name, for ``instrument``, configs and the CLI.
 
-    Options left at ``None`` take the class default. An option the chosen
-    objective does not have (``lam`` for ``dsn``, ``beta`` for ``imachsr``)
-    is an error rather than silently ignored.
+    Options left at their defaults take the class default. An option the chosen objective does not
+    have (``lam`` for ``dsn``, ``beta`` for ``imachsr``) is an error rather than silently ignored; which
+    class takes which option is read from its constructor.
 
     Per target kind: ``"imachsr"`` uses MI for labels (Bernoulli MI for binary and
     multi-label) and 1 - Pearson r for regression; ``"dsn"`` applies the output's loss
@@ -661,68 +769,46 @@ def make_objective(
         points: supervised point names.
         layouts: point name -> feature layout; required by ``imachsr`` only.
         target_kind: ``"multiclass"``, ``"binary"``, ``"multilabel"`` or ``"regression"``.
-        alpha: intermediate weight (MI / correlation for imachsr, the output loss for dsn/dks).
-        lam: NE weight (imachsr).
-        beta: synergy weight (dks).
-        temperature: synergy temperature (dks).
-        schedule: ``"constant"``, ``"linear"`` or ``"cosine"``.
         ignore_index: target value excluded from every term (labels only).
-        regression_loss: ``"mse"`` or ``"l1"``; only ``target_kind="regression"`` takes ``"l1"``.
-        mi_estimator: ``"image"``, ``"pooled"``, ``"shuffled"`` or ``"region"`` (imachsr; see ``IMacHSR``).
-        gather_mi: sum the MI tables over the ranks (imachsr; see ``IMacHSR``).
-        region_ce: the CE half's weight of ``mi_estimator="region"`` (imachsr; see ``IMacHSR``).
-        label_smoothing: epsilon of the multiclass cross entropy (see ``Objective``).
-        class_weights: K weights of the multiclass cross entropy (see ``Objective``).
-        output_loss: a callable ``(logits, target) -> scalar`` replacing the output's loss (see ``Objective``).
-        gate: ``"cosine"``, ``"binary"`` or a ``Gate``: weight each point's terms by gradient agreement
-            with the output loss (see ``Objective``); ``None``, the default, leaves them at their weights.
+        options: the ``LossOptions`` (weights, schedule, estimator, output-loss options, gate); ``head`` and
+            ``label_resolution`` are ``instrument``'s and not read here.
+        **deprecated: ``LossOptions`` fields as keywords, the form before the record: still taken, with a
+            ``DeprecationWarning``.
 
     Returns:
         An ``IMacHSR``, ``DSN`` or ``DKS``.
 
     Raises:
-        InstrumentError: an unknown name, kind or option, an option the objective does not
-            take, ``"dks"`` with regression, or ``regression_loss="l1"`` with labels.
+        InstrumentError: an unknown name or kind, an option the objective does not take, ``"dks"`` with
+            regression, or ``regression_loss="l1"`` with labels.
 
     Example:
-        >>> make_objective("dsn", ["layer1", "layer3"], alpha=0.4)
+        >>> make_objective("dsn", ["layer1", "layer3"], options=LossOptions(alpha=0.4))
         DSN(points=['layer1', 'layer3'], schedule='constant', ignore_index=-100, alpha={'layer1': 0.4, 'layer3': 0.4})
     """
-    options = {"layouts": layouts, "alpha": alpha, "lam": lam, "beta": beta, "temperature": temperature,
-               "mi_estimator": mi_estimator, "gather_mi": gather_mi, "region_ce": region_ce}
-    given = {key for key, option in options.items() if option is not None}
-    if name not in _OBJECTIVE_OPTIONS:
-        raise InstrumentError(f"unknown objective {name!r}; expected one of {list(get_args(ObjectiveName))}")
-    foreign = sorted(given - _OBJECTIVE_OPTIONS[name])
+    options = loss_options(options, deprecated, "make_objective")
+    if name not in _OBJECTIVES:
+        raise InstrumentError(f"unknown objective {name!r}; expected one of {list(_OBJECTIVES)}")
+    cls = _OBJECTIVES[name]
+    given = options.given()
+    takes = _takes(cls)
+    foreign = sorted(set(given) - takes)
     if foreign:
-        raise InstrumentError(
-            f"objective {name!r} does not take {foreign}; it takes {sorted(_OBJECTIVE_OPTIONS[name])}"
-        )
+        raise InstrumentError(f"objective {name!r} does not take {foreign}; it takes {sorted(takes)}")
     kind = check_target_kind(target_kind)
-    check_regression_loss(regression_loss)
-    if regression_loss != "mse" and kind != "regression":
+    check_regression_loss(options.regression_loss)
+    if options.regression_loss != "mse" and kind != "regression":
         raise InstrumentError(
-            f"regression_loss={regression_loss!r} applies to regression targets; target_kind is {kind!r}. "
+            f"regression_loss={options.regression_loss!r} applies to regression targets; target_kind is {kind!r}. "
             "Hint: pass task='regression' to instrument, or leave regression_loss at its default."
         )
     if name == "dks":
         check_dks_kind(kind)
-    # Pass only what was given, so the class defaults stay defined in one place.
-    weights = {key: option for key, option in (("alpha", alpha), ("lam", lam)) if option is not None}
-    estimator = {key: option for key, option in (("mi_estimator", mi_estimator), ("gather_mi", gather_mi),
-                                                 ("region_ce", region_ce)) if option is not None}
-    synergy = {key: option for key, option in (("beta", beta), ("temperature", temperature)) if option is not None}
-    common = {"schedule": schedule, "ignore_index": ignore_index, "target_kind": kind,
-              "label_smoothing": label_smoothing, "class_weights": class_weights, "output_loss": output_loss,
-              "gate": gate}
-    if name == "imachsr":
+    if "layouts" in inspect.signature(cls).parameters:
         if layouts is None:
-            raise InstrumentError("objective 'imachsr' needs layouts: point name -> feature layout, for NE")
-        return IMacHSR(points, layouts, regression_loss=regression_loss, **common, **weights,  # type: ignore[arg-type]
-                       **estimator)
-    if name == "dsn":
-        return DSN(points, regression_loss=regression_loss, **common, **weights)  # type: ignore[arg-type]
-    return DKS(points, **common, **weights, **synergy)  # type: ignore[arg-type]
+            raise InstrumentError(f"objective {name!r} needs layouts: point name -> feature layout, for NE")
+        return cls(points, layouts, target_kind=kind, ignore_index=ignore_index, **given)  # type: ignore[call-arg]
+    return cls(points, target_kind=kind, ignore_index=ignore_index, **given)  # type: ignore[call-arg]
 
 
 def schedule_weight(schedule: Schedule, progress: float | None) -> float:
@@ -756,3 +842,4 @@ def schedule_weight(schedule: Schedule, progress: float | None) -> float:
     if schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     return 1.0
+
