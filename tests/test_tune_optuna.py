@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
 
 import optuna
 import pytest
@@ -77,31 +78,48 @@ def test_output_only_is_a_trial_never_pruned_and_another_wins_only_if_strictly_h
 
 
 class _Accuracy:
-    """Accuracy, noting the process that scored (picklable, so worker processes can run it)."""
+    """Accuracy, noting the process that scored (picklable, so worker processes can run it); the score
+    ``slow_at`` is returned a second late, so the worker holding that candidate reports its rung last."""
 
-    def __init__(self, log):
-        self.log = log
+    def __init__(self, log, slow_at=None):
+        self.log, self.slow_at = log, slow_at
 
     def __call__(self, model, val):
+        value = autoprobe.tunetrain.accuracy(model, val)
         with open(self.log, "a") as f:
             f.write(f"{os.getpid()}\n")
-        return autoprobe.tunetrain.accuracy(model, val)
+        if value == self.slow_at:
+            time.sleep(1.0)
+        return value
 
 
-def test_two_worker_processes_choose_as_one_and_report_every_rung_here(tmp_path):
+def test_two_worker_processes_choose_as_one_train_each_rung_once_and_prune_on_the_whole_rung(tmp_path):
     train, val = _data()
     log = tmp_path / "pids"
-    options = dict(task="classification", max_cost=math.inf, steps=18, lr=3e-3, search=_TWO, seed=3,
-                   score=_Accuracy(log))
-    one = tune(_net, train, val, progress=False, **options)
+    options = dict(task="classification", max_cost=math.inf, steps=18, lr=3e-3, search=_TWO, seed=3)
+    one = tune(_net, train, val, progress=False, score=_Accuracy(log), **options)
     assert set(log.read_text().split()) == {str(os.getpid())}
     log.unlink()
+    # The first rung's winner (DSN, dealt to the second worker) reports late: a worker that pruned
+    # before the whole rung had reported would keep the loser (iMacHSR) on a rung of one.
+    output, winner, loser = one.table
+    assert len(loser.scores) == 1 and len(winner.scores) == 3
+    assert winner.scores[0] not in (output.scores[0], loser.scores[0])
     lines: list[str] = []
-    two = tune(_net, train, val, progress=lines.append, workers=2, **options)
-    pids = set(log.read_text().split())
-    assert len(pids) == 2 and str(os.getpid()) not in pids  # two worker processes trained and scored
-    assert two == one  # the same table (scores bit-equal), the same choice
-    assert sum("rung" in line for line in lines) == sum(len(row.scores) for row in one.table)
+    state = tmp_path / "two.journal"
+    two = tune(_net, train, val, progress=lines.append, workers=2, state=state,
+               score=_Accuracy(log, slow_at=winner.scores[0]), **options)
+    pids = log.read_text().split()
+    assert len(set(pids)) == 2 and str(os.getpid()) not in pids  # two worker processes trained and scored
+    assert two == one  # the same table (scores bit-equal), the same choice: the pruner saw whole rungs
+    # No rung trained twice: one scoring per rung, one progress line per rung, one trial per candidate.
+    rung_lines = [line.split(":")[1] for line in lines if "rung" in line]
+    assert len(pids) == len(rung_lines) == len(set(rung_lines)) == sum(len(row.scores) for row in one.table)
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(state)))
+    (name,) = optuna.get_all_study_names(storage)
+    trials = optuna.load_study(study_name=name, storage=storage).get_trials()
+    assert sorted(t.user_attrs["label"] for t in trials) == sorted(row.candidate.label for row in one.table)
+    assert all(t.state.is_finished() and t.state.name != "FAIL" for t in trials)
     assert two.cost.validation_passes == one.cost.validation_passes
     got, want = two.model.state_dict(), one.model.state_dict()
     assert all(torch.equal(got[k], want[k]) for k in want)
