@@ -12,13 +12,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import nn
 
 from .tunespace import Candidate
 
-__all__ = ["CandidateResult", "TuneCost", "TuneResult"]
+__all__ = ["CandidateResult", "TrainedCandidate", "TuneCost", "TuneResult"]
 
 
 @dataclass(frozen=True)
@@ -122,3 +122,15 @@ class TuneResult:
     # Two results are equal when the search was the same; the model and the times are not compared.
     model: nn.Module | None = field(default=None, compare=False, repr=False)
     cost: TuneCost | None = field(default=None, compare=False)
+
+
+class TrainedCandidate(NamedTuple):
+    """One setting trained the full budget outside ``tune``'s halving (``autoprobe.tuning.train_candidate``).
+
+    Attributes:
+        model: the trained model: the ``Probed`` (ship ``model.strip()``) or, for output-only, the plain model.
+        row: its scores at each rung and its steps.
+    """
+
+    model: nn.Module
+    row: CandidateResult

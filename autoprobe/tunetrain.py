@@ -41,10 +41,11 @@ from torch import Tensor, nn
 
 from .errors import SelectionError, UsageError
 from .tunebudget import Spend
-from .tunespace import Candidate
+from .tunerecords import CandidateResult, TrainedCandidate
+from .tunespace import Candidate, rungs
 
 __all__ = ["Batch", "Scorer", "Runner", "TRAIN_RNG_OFFSET", "SPACING", "reiterable", "accuracy", "miou_scorer",
-           "slug"]
+           "slug", "train_candidate"]
 
 Batch = tuple[Tensor, Tensor]
 Scorer = Callable[[nn.Module, Iterable[Batch]], float]
@@ -310,3 +311,54 @@ def miou_scorer(ignore_index: int) -> Scorer:
         present = union > 0
         return float((tp[present] / union[present].double()).mean()) if bool(present.any()) else 0.0
     return miou
+
+
+def train_candidate(setting: Candidate, model: Any, train: Iterable[Batch], val: Iterable[Batch], *, task: str,
+                    steps: int, report: Callable[[int, float], None] | None = None, eta: int = 3, lr: float = 1e-3,
+                    optimizer: Any = None, lr_factor: Callable[[int], float] | None = None,
+                    score: Scorer | None = None, rules: str | None = None, seed: int = 0,
+                    device: str | torch.device = "cpu", ignore_index: int = -100) -> TrainedCandidate:
+    """``tune``'s objective for one setting: trained the full budget as ``tune`` trains it, scored at each rung.
+
+    The function another search engine runs per trial (Ray Tune with ASHA, README "Ray Tune"): the
+    same build, batches, seeds and schedules as a candidate of ``tune``, so its scores are those
+    ``tune``'s table shows for that setting (bit-equal on the CPU) and ``report(step, score)`` is
+    called where ``tune`` reports a rung; raising in ``report`` (a scheduler stopping the trial) stops it.
+
+    Args:
+        setting: the ``Candidate`` (``autoprobe.tuning.candidate(config)`` of sampled keys).
+        model, train, val, task, steps, eta, lr, optimizer, lr_factor, score, rules, seed, device,
+            ignore_index: as ``autoprobe.tune``'s.
+        report: called with ``(steps trained, validation score)`` at the end of each rung.
+
+    Returns:
+        A ``TrainedCandidate``: the trained model (the ``Probed`` or, for output-only, the plain
+        model) and its ``CandidateResult`` row.
+
+    Raises:
+        SelectionError: the setting's points do not fit this model.
+        UsageError: a one-shot iterator, or a factory that returns no module.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from autoprobe.tunespace import OUTPUT
+        >>> data = [(torch.randn(8, 4), torch.randint(0, 2, (8,)))]
+        >>> done = train_candidate(OUTPUT, lambda: nn.Linear(4, 2), data, data, task="classification", steps=9)
+        >>> done.row.steps, len(done.row.scores)
+        (9, 3)
+    """
+    run = Runner(model, reiterable("train", train), reiterable("val", val), task=task, lr=lr, optimizer=optimizer,
+                 lr_factor=lr_factor, score=score, rules=rules, seed=seed, device=str(device),
+                 ignore_index=ignore_index, full_steps=steps, weights=None)
+    dev = torch.device(device)
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        for rung in rungs(steps, eta):
+            run.advance(setting, rung)
+            if setting in run.errors:
+                raise SelectionError(f"tune: {setting.label} does not fit this model: {run.errors[setting]}")
+            if report is not None:
+                report(rung, run.scores[setting][-1])
+        trained = run.trained(setting, steps, lambda line: None)
+    scores = tuple(run.scores[setting])
+    return TrainedCandidate(trained, CandidateResult(setting, steps, scores, steps))

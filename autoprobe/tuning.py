@@ -19,7 +19,8 @@ This module is ``tune`` itself and the public names; each job has its module:
 * ``tunetrain``: building a candidate once, training it rung by rung, scoring it, timing each;
 * ``tuneengine``: the Optuna study, its storage, the synchronous halving pruner, a worker's loop;
 * ``tuneworkers``: ``workers=N`` processes on this machine;
-* ``tunehp``: ``hp_space`` and ``candidate`` for searches run by others (Hugging Face, Ray Tune);
+* ``tunehp``: ``hp_space`` and ``candidate`` for searches run by others (Hugging Face, Ray Tune),
+  with ``train_candidate`` (``tunetrain``) the objective they run per trial;
 * ``tunerecords``: the records handed back (``CandidateResult``, ``TuneCost``, ``TuneResult``).
 
 Rules defined once here:
@@ -84,14 +85,14 @@ from .tunebudget import Spend, unit_s
 from .tuneengine import (STUDY_PREFIX, Plan, WorkerStats, enqueue, open_storage, optuna_module, pruner, reclaim,
                          result, wait, work)
 from .tunehp import candidate, hp_space
-from .tunerecords import CandidateResult, TuneCost, TuneResult
+from .tunerecords import CandidateResult, TrainedCandidate, TuneCost, TuneResult
 from .tunespace import (DEFAULT_SEARCH, OUTPUT, SEARCH_KEYS, Candidate, TuneTask, check_options, draw, rungs,
                         search_space)
-from .tunetrain import Batch, Runner, Scorer, reiterable
+from .tunetrain import Batch, Runner, Scorer, reiterable, train_candidate
 from .tuneworkers import check_picklable, spawn
 
-__all__ = ["Candidate", "CandidateResult", "TuneCost", "TuneResult", "SEARCH_KEYS", "DEFAULT_SEARCH", "tune",
-           "hp_space", "candidate"]
+__all__ = ["Candidate", "CandidateResult", "TrainedCandidate", "TuneCost", "TuneResult", "SEARCH_KEYS",
+           "DEFAULT_SEARCH", "tune", "hp_space", "candidate", "train_candidate"]
 
 # The fingerprint's format: a study of another format is another search.
 _FORMAT = 2

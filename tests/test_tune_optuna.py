@@ -247,3 +247,21 @@ def test_a_search_interrupted_in_one_process_resumes_with_two_workers(tmp_path):
     # only the rungs the interrupt left were trained: the first rung's three and output-only's second were not
     assert sum("rung" in line for line in lines) == sum(len(row.scores) for row in whole.table) - 4
     assert all(torch.equal(resumed.model.state_dict()[k], v) for k, v in whole.model.state_dict().items())
+
+
+def test_train_candidate_is_tunes_objective_for_one_setting():
+    from autoprobe.tuning import train_candidate
+
+    train, val = _data()
+    options = dict(task="classification", steps=18, lr=3e-3, seed=2)
+    whole = tune(_net, train, val, search=_TWO, max_cost=math.inf, progress=False, **options)
+    dsn = next(row for row in whole.table if row.candidate.objective == "dsn")
+    reports: list[tuple[int, float]] = []
+    done = train_candidate(dsn.candidate, _net, train, val, report=lambda step, v: reports.append((step, v)),
+                           **options)
+    assert [s for s, _ in reports] == [2, 6, 18] and done.row.scores == tuple(v for _, v in reports)
+    assert done.row.scores[: len(dsn.scores)] == dsn.scores  # the rungs tune trained, bit-equal
+    if whole.chosen == dsn.candidate:
+        got, want = done.model.state_dict(), whole.model.state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    assert isinstance(done.model, autoprobe.Probed)
