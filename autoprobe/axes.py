@@ -7,7 +7,7 @@ or token axis, ``M`` the batch merged with spatial axes (Swin's windows, LeViT's
 of an op's output follow from the op and its inputs' labels, never from the sizes happening to
 coincide, so a tensor's layout does not change with the input size:
 
-- conv, pooling, batch/group/instance norm, interpolate, upsample and pixel shuffle make
+- conv, pooling, batch/group/instance norm, interpolate, upsample, pixel shuffle and fold make
   channels-first outputs (``NCHW`` for rank 4); the model's input is channels-first;
 - ``linear`` labels the last axis ``C`` (so a linear on a rank-3 input is ``NLC``), except that a
   linear over a spatial axis (MLP-Mixer's token mixing) keeps it spatial; an embedding appends ``C``;
@@ -563,6 +563,22 @@ def _im2col(args: tuple, kwargs: dict, env: AxisEnv) -> Labels:
     return lab[0] + Axis.CHANNELS + Axis.SPATIAL
 
 
+def _col2im(args: tuple, kwargs: dict, env: AxisEnv) -> Labels:
+    """``F.fold`` / ``nn.Fold`` / ``col2im``: (N, C * prod(kernel), L) -> (N, C, *S), channels-first maps again.
+
+    Its input is often unlabelled (MobileViT reshapes ``F.unfold``'s patches to (N, C, pixels, patches), which
+    merges and splits axes no rule follows), so its leading axis is the batch when it is one already or, unknown,
+    when it has the traced batch size (as an ``M`` axis split with the batch size in front is the batch again).
+    """
+    lab, shape = _first_tensor(args[:1], env)
+    out = _out_shape(env)
+    if out is None or len(out) < 3:
+        return None
+    head = lab[0] if lab is not None and lab[0] in (Axis.BATCH, Axis.MERGED) else (
+        Axis.BATCH if shape is not None and shape[0] == env.batch == out[0] else Axis.UNKNOWN)
+    return head + Axis.CHANNELS + Axis.SPATIAL * (len(out) - 2)
+
+
 def _positions(index: Any) -> bool:
     """Whether ``index`` is a constant flat list of integer positions."""
     return isinstance(index, list) and bool(index) and all(isinstance(i, int) and not isinstance(i, bool) for i in index)
@@ -657,7 +673,7 @@ _RULE_FUNCTIONS: dict[str, Callable[[tuple, dict, AxisEnv], Labels]] = {
     "unbind": _unbind, "permute": _permute, "transpose": _transpose, "t": _t, "movedim": _movedim,
     "flatten": _flatten, "unflatten": _unflatten, "view": _view, "squeeze": _squeeze, "unsqueeze": _unsqueeze,
     "getitem": _getitem, "slice": _slice, "select": _select, "reduce": _reduce, "matmul": _matmul, "sdpa": _sdpa,
-    "mha": _mha, "expand": _expand, "im2col": _im2col,
+    "mha": _mha, "expand": _expand, "im2col": _im2col, "col2im": _col2im,
 }
 if set(_RULE_FUNCTIONS) != RULE_NAMES:  # a rule the registry may name must have a function, and no function idles
     raise ImportError(f"axes.py binds rules {sorted(set(_RULE_FUNCTIONS) ^ RULE_NAMES)} that ops.RULE_NAMES does not "
@@ -719,9 +735,11 @@ def module_axes(module: nn.Module, args: tuple, kwargs: Mapping[str, Any], env: 
     if isinstance(module, (nn.modules.conv._ConvNd, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
                            nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
                            nn.modules.pooling._LPPoolNd, nn.modules.batchnorm._NormBase, nn.GroupNorm,
-                           nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle, nn.LocalResponseNorm, nn.Fold,
+                           nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle, nn.LocalResponseNorm,
                            nn.ChannelShuffle)):
         return _channels_first(args, dict(kwargs), env)
+    if isinstance(module, nn.Fold):
+        return _col2im(args, dict(kwargs), env)
     if isinstance(module, nn.Linear):
         return _linear(args, dict(kwargs), env)
     if isinstance(module, nn.Unfold):

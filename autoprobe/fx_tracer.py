@@ -48,7 +48,7 @@ from torch import fx, nn
 
 from .meta import meta_twins
 
-__all__ = ["QualnameTracer", "Specialization", "INPLACE_META", "specialization_note"]
+__all__ = ["QualnameTracer", "Specialization", "INPLACE_META", "specialization_note", "is_library_leaf"]
 
 
 class _NoValue(Exception):
@@ -229,9 +229,13 @@ class QualnameTracer(fx.Tracer):
         self._tensor_paths: tuple[dict[int, str], dict[int, str]] | None = None
         self._evaluating = False
         self._dict_types: list[tuple[tuple[Any, ...], type]] = []
+        self._shape_leaf: nn.Module | None = None
+        self._shape_nodes: dict[fx.Node, bool] = {}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if module_qualified_name in self._leaf_paths or isinstance(m, self._leaf_types):
+        if module_qualified_name in self._leaf_paths or isinstance(m, self._leaf_types) or m is self._shape_leaf:
+            return True
+        if is_library_leaf(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -239,9 +243,11 @@ class QualnameTracer(fx.Tracer):
         if self._evaluating:
             # A leaf module run on meta tensors to read a value: run it, record nothing.
             return forward(*args, **kwargs)
-        previous = self.current_qualname
+        previous, outer_leaf = self.current_qualname, self._shape_leaf
         try:
             self.current_qualname = self.path_of_module(m)
+            if self._of_shapes_only(args, kwargs):
+                self._shape_leaf = m  # called with sizes only (BEiT's relative position bias): one call, as a leaf
             return super().call_module(m, forward, args, kwargs)
         except Exception:
             # Remember the innermost module that failed; `finally` unwinds the name below.
@@ -249,7 +255,31 @@ class QualnameTracer(fx.Tracer):
                 self.failed_at = self.current_qualname
             raise
         finally:
-            self.current_qualname = previous
+            self.current_qualname, self._shape_leaf = previous, outer_leaf
+
+    def _of_shapes_only(self, args: Any, kwargs: Any) -> bool:
+        """Whether a module call's traced arguments are all sizes read from shapes (``x.shape[2] // 16``), with at
+        least one: such a module computes from its parameters and those sizes, often in Python fx cannot trace (item
+        assignment into an index table), so it is recorded as one call; the graph module calls it with the sizes."""
+        found: list[fx.Node] = []
+        fx.node.map_aggregate((args, kwargs), lambda a: found.append(a.node) if isinstance(a, fx.Proxy) else None)
+        return bool(found) and all(self._shape_valued(n) for n in found)
+
+    def _shape_valued(self, node: fx.Node) -> bool:
+        """A node computed from tensors' sizes only: ``x.shape``/``x.size()``/``x.dim()`` and Python arithmetic or
+        indexing on such values (memoized)."""
+        known = self._shape_nodes.get(node)
+        if known is None:
+            if node.op == "call_function" and node.target is getattr:
+                known = len(node.args) > 1 and node.args[1] in ("shape", "ndim")
+            elif node.op == "call_method" and node.target in ("size", "dim"):
+                known = True
+            elif node.op == "call_function" and getattr(node.target, "__module__", None) in ("_operator", "operator"):
+                known = bool(node.all_input_nodes) and all(self._shape_valued(i) for i in node.all_input_nodes)
+            else:
+                known = False
+            self._shape_nodes[node] = known
+        return known
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
         """fx's rule (a parameter, then a buffer, of the root becomes a ``get_attr`` node named by its first
@@ -453,6 +483,28 @@ class QualnameTracer(fx.Tracer):
         finally:
             self._evaluating = False
         raise _NoValue(f"depends on {node.name}, a {node.op} node")
+
+
+_LIBRARY_LEAVES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("einops.layers.torch", ("Rearrange", "Reduce")),
+)
+"""Module classes of other libraries fx cannot trace through but that are one op each (einops' layers parse their
+pattern in Python on the input's shape): fx records them as one call, and their axes come from the torch ops they
+run (``graph._run_opaque``). Read only from libraries already imported, so tracing never imports one."""
+
+
+def is_library_leaf(module: nn.Module) -> bool:
+    """Whether ``module`` is one of ``_LIBRARY_LEAVES`` (an einops ``Rearrange``): fx keeps it as one call.
+
+    Example:
+        >>> is_library_leaf(torch.nn.ReLU())
+        False
+    """
+    for library, names in _LIBRARY_LEAVES:
+        loaded = sys.modules.get(library)
+        if loaded is not None and isinstance(module, tuple(getattr(loaded, n) for n in names if hasattr(loaded, n))):
+            return True
+    return False
 
 
 def _reads_device(node: fx.Node) -> bool:

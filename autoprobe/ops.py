@@ -51,7 +51,7 @@ __all__ = [
 RULE_NAMES = frozenset(
     {"elementwise", "channels_first", "linear", "addmm", "layer_norm", "embedding", "cat", "stack", "split",
      "unbind", "permute", "transpose", "t", "movedim", "flatten", "unflatten", "view", "squeeze", "unsqueeze",
-     "getitem", "slice", "select", "reduce", "matmul", "sdpa", "mha", "expand", "im2col"}
+     "getitem", "slice", "select", "reduce", "matmul", "sdpa", "mha", "expand", "im2col", "col2im"}
 )
 """The axis rules an ``Op`` may name; ``axes.py`` binds each to its function (and checks it binds them all)."""
 
@@ -184,8 +184,9 @@ OPS: Mapping[str, Op] = _index(
     _aten("pool", "channels_first", "adaptive_avg_pool3d", ("_adaptive_avg_pool3d",)),
     _ops("", "channels_first", ("lp_pool1d", "lp_pool3d", "max_pool1d_with_indices", "max_pool3d_with_indices"),
          windowed=True),
-    _ops("", "channels_first", ("adaptive_max_pool1d", "adaptive_max_pool3d", "fractional_max_pool2d", "fold",
+    _ops("", "channels_first", ("adaptive_max_pool1d", "adaptive_max_pool3d", "fractional_max_pool2d",
                                 "grid_sample")),
+    _ops("", "col2im", ("fold", "col2im")),
     _ops("resize", "channels_first", ("interpolate", "upsample", "upsample_bilinear", "upsample_nearest")),
     _aten("resize", "channels_first", "interpolate",
           ("upsample_bilinear2d", "upsample_nearest2d", "upsample_bicubic2d", "upsample_linear1d",
@@ -277,8 +278,6 @@ def _raw_name(target: Any) -> str:
         name = aten._opname
     elif isinstance(target, str):
         name = target
-    elif getattr(target, "__module__", None) == "torch.nn.functional" and getattr(target, "__name__", "") == "unfold":
-        name = "im2col"  # F.unfold is ATen's im2col; the ``unfold`` method is a sliding window over one axis
     else:
         name = getattr(target, "__name__", None) or str(target)
     return name.rsplit(".", 1)[-1]

@@ -6,7 +6,7 @@ engineer would put them.
   residual still are;
 * a size an enlarging op made (a pool to a larger grid, a window padding) going back is no downsampling;
 * after a strided conv the point is the end of its norm and activation, not the raw conv output;
-* F.unfold is im2col, so a fold after it gives channels-first maps again (MobileViT);
+* a fold gives channels-first maps again after an unfold whose patches no rule follows (MobileViT);
 * the dense pack's head zone ends at the decoder's last merge (the balance of an encoder-decoder's points is a
   rule case on smp's UNet++, ``rule_cases/families``).
 """
