@@ -10,8 +10,8 @@ paper's M = O(log D), at most about 5 in practice). Points are picked
 greedily by score, ties broken by execution order, never by hash or dict
 order, keeping ``min_distance`` weight layers between adjacent points and
 none in the last ``exclude_output * D`` of the depth (the head). When the
-distance leaves fewer than M points it is halved, and that is recorded in
-``Selection.notes``: a relaxation is never silent. A node is a point only if
+distance leaves fewer than M points it is halved, keeping the points placed so
+far, and that is recorded in ``Selection.notes``: a relaxation is never silent. A node is a point only if
 ``instrument`` can tap it (``can_be_point``): its layout is one the graph's ops
 decide, and on the export and hooks backends it is a module call's output (what a
 forward hook sees); candidates left out for either reason are named in the notes.
@@ -335,7 +335,9 @@ def select_points(graph: LayerGraph, pack: RulePack, *, points: int | None = Non
     chosen = pick(graph, ranked, m, distance, usable)
     while len(chosen) < m and distance > 1:
         distance = max(1, distance // 2)
-        chosen = pick(graph, ranked, m, distance, usable)
+        # The points placed at the wider distance stay (a DenseNet's stage ends over its depth): the relaxed
+        # distance only adds to them, instead of a fresh pick bunching the best scores near the input.
+        chosen = _greedy(graph, ranked, m, distance, usable, tuple(chosen))
         notes.append(f"min_distance relaxed to {distance} to place {m} points")
     if policy.balance and not fell_back:
         chosen, moved = _balance(graph, ranked, chosen, distance)
