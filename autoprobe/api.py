@@ -102,7 +102,7 @@ def _input_size(model: nn.Module, given: object, default: tuple[int, ...]) -> tu
     return parse_input_size(given, argument="input_size=")
 
 
-_TRACE_KEYWORDS = {"train": "mode", "leaf_modules": "leaf_modules", "leaf_paths": "leaf_paths",
+TRACE_KEYWORDS = {"train": "mode", "leaf_modules": "leaf_modules", "leaf_paths": "leaf_paths",
                    "allow_real_data": "allow_real_data"}
 """The tracing keywords ``inspect``, ``analyze`` and ``instrument`` took before ``options=TraceOptions(...)`` was the
 one way (keyword -> its ``TraceOptions`` field)."""
@@ -135,7 +135,7 @@ def trace_options(options: TraceOptions | None, legacy: Mapping[str, Any], call:
         >>> print(seen[0].message)
         inspect(allow_real_data=...) is deprecated; pass options=TraceOptions(allow_real_data=...).
     """
-    unknown = [k for k in legacy if k not in _TRACE_KEYWORDS]
+    unknown = [k for k in legacy if k not in TRACE_KEYWORDS]
     if unknown:
         raise TypeError(f"{call}() got an unexpected keyword argument {unknown[0]!r}")
     if options is not None and not isinstance(options, TraceOptions):
@@ -150,7 +150,7 @@ def trace_options(options: TraceOptions | None, legacy: Mapping[str, Any], call:
         )
     fields: dict[str, Any] = {}
     for key, value in legacy.items():
-        field = _TRACE_KEYWORDS[key]
+        field = TRACE_KEYWORDS[key]
         warnings.warn(f"{call}({key}=...) is deprecated; pass options=TraceOptions({field}=...).", DeprecationWarning,
                       stacklevel=3)
         if key == "train":

@@ -30,14 +30,13 @@ import difflib
 import hashlib
 import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 from torch import nn
 
 from .adapters import (
-    DEFAULT_HEAD,
     AdapterHead,
     HeadShape,
     Task,
@@ -45,14 +44,15 @@ from .adapters import (
     check_adapter_head,
     make_adapter,
 )
-from .api import Analysis, analyze, trace_options
+from .api import TRACE_KEYWORDS, Analysis, analyze, trace_options
 from .backends import ModelTrace, part_refusal
 from .errors import InstrumentError, SelectionError, UsageError
 from .fx_engine import FxEngine, FxRecipe
 from .graph import LayerGraph, LayerInfo
 from .hook_engine import HookEngine, HookRecipe, HookTarget, hook_targets
 from .layout import Layout
-from .losses import DEFAULT_OBJECTIVE, Gate, LossOptions, Objective, ObjectiveName, Schedule, make_objective
+from .losses import DEFAULT_OBJECTIVE, LossOptions, Objective, ObjectiveName, make_objective
+from .losses.objectives import loss_options as _loss_options
 from .losses import IMacHSR
 from .meta import device_of
 from .models import resolve_model
@@ -87,22 +87,10 @@ def instrument(
     task: Task | None = None,
     output: OutputSelector = None,
     ignore_index: int = -100,
-    label_resolution: LabelResolution = "upsample",
-    regression_loss: Literal["mse", "l1"] = "mse",
-    alpha: float | Mapping[str, float] | None = None,
-    lam: float | Mapping[str, float] | None = None,
-    head: AdapterHead = DEFAULT_HEAD,
-    schedule: Schedule = "constant",
-    label_smoothing: float = 0.0,
-    class_weights: Sequence[float] | torch.Tensor | None = None,
-    output_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    gather_mi: bool = False,
-    gate: Gate | Literal["cosine", "binary"] | None = None,
     num_classes: int | None = None,
-    leaf_modules: Sequence[type[nn.Module]] = (),
-    leaf_paths: Sequence[str] = (),
-    allow_real_data: bool = False,
+    loss_options: LossOptions | None = None,
     options: TraceOptions | None = None,
+    **deprecated: Any,
 ) -> Probed:
     """Make a model trainable with deep supervision at its automatically chosen points.
 
@@ -138,41 +126,24 @@ def instrument(
             callable must be a module-level function for ``torch.save(probed)`` to pickle it.
         ignore_index: target value excluded from every loss term and check (255 for
             torchvision/Cityscapes masks); class ids only.
-        label_resolution: dense outputs only: ``"upsample"`` (adapter logits resized to the
-            output's resolution; the loss then runs at the target's) or ``"downsample"``
-            (adapter logits at each point's own resolution and the target resized to it,
-            nearest for labels, keeping ``ignore_index``: nnU-Net/MONAI deep supervision).
-        regression_loss: ``"mse"`` or ``"l1"``, for ``task="regression"``.
-        alpha: intermediate weight (MI for imachsr, CE for dsn/dks); one value or per point.
-        lam: negative-entropy weight (imachsr only); one value or per point.
-        head: the adapters' form: ``"conv"`` (the default: mmsegmentation's FCN auxiliary head,
-            3x3 conv to min(C, 128) channels, BatchNorm, ReLU, dropout 0.1, 1x1 conv; for vector
-            outputs Linear, LayerNorm, ReLU, dropout, Linear) or ``"linear"`` (pool + one Linear,
-            or a 1x1 conv: C*K + K parameters). See ``autoprobe.adapters``.
-        schedule: ``"constant"``, ``"linear"`` or ``"cosine"`` decay of the intermediate weights.
-        label_smoothing: epsilon in [0, 1) of the cross entropy at the output (and at every
-            head for ``"dsn"``/``"dks"``), as ``F.cross_entropy(label_smoothing=)``; class targets only.
-        class_weights: one weight per class for that cross entropy, as ``F.cross_entropy(weight=)``.
-        output_loss: a callable ``(logits, target) -> scalar`` replacing the output's loss (and
-            DSN's at each head); it gets the logits resized to the target and the target as
-            passed to ``probed.loss``. Its part is named ``"output"``.
-        gather_mi: sum the MI joint over the ranks of the default process group (imachsr, for
-            small per-GPU batches; see ``autoprobe.losses.IMacHSR``).
-        gate: ``"cosine"`` scales each point's terms by max(0, cos) of their gradient with the output
-            loss's (Du et al. 2018), ``"binary"`` by 1 where the cosine is positive, else 0;
-            ``Gate("cosine", every=5)`` measures every 5 training calls instead of 25. ``None``
-            (the default) keeps every term at its weight. See ``autoprobe.losses.gate``.
         num_classes: classifier width when ``model`` is a spec; with a module, checked against
             the output (K is always read from the output).
-        leaf_modules: module classes fx must not trace into.
-        leaf_paths: module paths fx must not trace into.
-        allow_real_data: let the hooks backend run the model on one seeded random batch when its
-            forward reads tensor values (see ``inspect``).
-        options: a ``TraceOptions`` instead of ``leaf_*``/``allow_real_data``, for the other tracing
-            options: a model called with keywords (``model(pixel_values=x)``) takes
-            ``TraceOptions(input_name="pixel_values")``; extra inputs go in ``forward_kwargs=``
-            (example tensors of the right shape). The probed model is then called like the model
-            (``probed(pixel_values=x, attention_mask=m)``). Its ``mode`` is ignored: both modes are traced.
+        loss_options: how the points are trained, one ``LossOptions``: the weights (``alpha``, ``lam``,
+            ``beta``, ``temperature``), their ``schedule``, the output loss's ``label_smoothing``,
+            ``class_weights``, ``output_loss`` and ``regression_loss``, the MI estimator's options, the
+            ``gate``, and the heads' form: ``head`` (``"conv"``, the default, mmsegmentation's FCN auxiliary
+            head; or ``"linear"``) and ``label_resolution`` (dense outputs: ``"upsample"``, adapter logits at
+            the output's resolution, or ``"downsample"``, at each point's own with the target resized to it:
+            nnU-Net/MONAI deep supervision). ``None`` is ``LossOptions()``; see ``autoprobe.LossOptions``.
+        options: how to trace, one ``TraceOptions``: ``leaf_modules``/``leaf_paths`` fx must not trace into,
+            ``allow_real_data`` (the hooks backend may run the model on one seeded random batch when its
+            forward reads tensor values, see ``inspect``), and for a model called with keywords
+            (``model(pixel_values=x)``) ``input_name="pixel_values"``, with extra inputs in
+            ``forward_kwargs=`` (example tensors of the right shape). The probed model is then called like the
+            model (``probed(pixel_values=x, attention_mask=m)``). Its ``mode`` is ignored: both modes are traced.
+        **deprecated: the keywords before the records (``alpha=``, ``head=``, ``gate=``, ... and
+            ``leaf_paths=``, ``allow_real_data=``, ...): still taken, with a ``DeprecationWarning`` naming
+            the record's field.
 
     Returns:
         The ``Probed`` model. Wrap it (not the user's model) for DDP/FSDP2, after this call;
@@ -197,9 +168,10 @@ def instrument(
         >>> total, parts = probed.loss(out, torch.tensor([1, 7]))
         >>> total.backward()
     """
+    opts = trace_options(options, {k: v for k, v in deprecated.items() if k in TRACE_KEYWORDS}, "instrument")
+    losses = _loss_options(loss_options, {k: v for k, v in deprecated.items() if k not in TRACE_KEYWORDS}, "instrument")
     module, label, spec_size = _live_model(model, num_classes)
-    given = {"leaf_modules": leaf_modules, "leaf_paths": leaf_paths, "allow_real_data": allow_real_data}
-    opts = trace_options(options, {k: v for k, v in given.items() if v}, "instrument")
+    label_resolution = losses.label_resolution
     analysis: Analysis | None = None
     if selection is None:
         # The live module itself, a spec's too (built once, on the CPU): its trace is then reused below.
@@ -223,7 +195,7 @@ def instrument(
         raise InstrumentError(
             f"label_resolution={label_resolution!r}; expected one of {list(get_args(LabelResolution))}"
         )
-    form = check_adapter_head(head)
+    form = check_adapter_head(losses.head)
     size = _input_size(input_size, selection)
 
     # One tracing object per call: the analysis's own when this call made the selection (its trace is tapped).
@@ -261,10 +233,7 @@ def instrument(
     sites = tuple(
         TapSite(info.name, keys[info.name], tuple((info.shape or ())[1:]), str(info.layout)) for info in infos
     )
-    objective = _make_objective(
-        loss, infos, alpha, lam, schedule, ignore_index, resolved_task, regression_loss,
-        _OutputOptions(label_smoothing, class_weights, output_loss, gather_mi, gate),
-    )
+    objective = _make_objective(loss, infos, losses, ignore_index, resolved_task)
     if isinstance(objective, IMacHSR):  # RMI refuses heads too small for its regions, known once adapters exist
         objective.check_heads(
             {info.name: _head_shape(adapters[keys[info.name]], info, output_shape, 1) for info in infos}, output_shape
@@ -581,38 +550,26 @@ def _head_shape(adapter: nn.Module, info: LayerInfo, output_shape: tuple[int, ..
     return (batch, output_shape[1], *grid)
 
 
-class _OutputOptions(NamedTuple):
-    """``instrument``'s output-loss and MI options, handed to the objective as they are."""
-
-    label_smoothing: float = 0.0
-    class_weights: Sequence[float] | torch.Tensor | None = None
-    output_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-    gather_mi: bool = False
-    gate: Gate | str | None = None
+# Options only a named loss reads; with a given Objective each is a mistake (its own are set on it).
+_NAMED_LOSS_WEIGHTS = ("alpha", "lam", "schedule")
 
 
 def _make_objective(
-    loss: ObjectiveName | Objective,
-    infos: Sequence[LayerInfo],
-    alpha: float | Mapping[str, float] | None,
-    lam: float | Mapping[str, float] | None,
-    schedule: Schedule,
-    ignore_index: int,
-    task: str,
-    regression_loss: str,
-    extra: _OutputOptions = _OutputOptions(),
+    loss: ObjectiveName | Objective, infos: Sequence[LayerInfo], options: LossOptions, ignore_index: int, task: str
 ) -> Objective:
+    """The objective over the points: the given one, checked against the taps and the task, or ``make_objective``'s."""
     names = [info.name for info in infos]
     if isinstance(loss, Objective):
-        if alpha is not None or lam is not None or schedule != "constant" or ignore_index != -100:
+        given = sorted(options.given())
+        if any(k in _NAMED_LOSS_WEIGHTS for k in given) or ignore_index != -100:
             raise InstrumentError(
-                "alpha, lam, schedule and ignore_index configure a named loss; a given Objective already has its own. "
-                "Hint: set them on the Objective, or pass loss='imachsr'|'dsn'|'dks'."
+                f"{', '.join(given) or 'ignore_index'} configure a named loss; a given Objective already has its own. "
+                "Hint: set them on the Objective, or pass loss='imachsr'|'dsn'|'dks' with loss_options=LossOptions(...)."
             )
-        if extra != _OutputOptions():
+        if given:
             raise UsageError(
-                "label_smoothing, class_weights, output_loss, gather_mi and gate configure a named loss; a given Objective "
-                "already has its own. Hint: pass them to the Objective (`IMacHSR(..., label_smoothing=0.1)`)."
+                f"{', '.join(given)} configure a named loss; a given Objective already has its own. "
+                "Hint: pass them to the Objective (`IMacHSR(..., label_smoothing=0.1)`)."
             )
         kind = _TARGET_KINDS[task]
         if getattr(loss, "target_kind", "multiclass") != kind:
@@ -626,17 +583,12 @@ def _make_objective(
                 "Hint: build it with `[p.name for p in selection.points]`."
             )
         return loss
-    if not isinstance(loss, str) or loss not in get_args(ObjectiveName):
-        raise InstrumentError(f"unknown loss {loss!r}; expected one of {list(get_args(ObjectiveName))} or an Objective")
-    layouts = {info.name: str(info.layout) for info in infos} if loss == "imachsr" else None
-    if extra.gather_mi is not False and loss != "imachsr":
+    if not isinstance(loss, str):
+        raise InstrumentError(f"unknown loss {loss!r}; expected an objective's name or an Objective")
+    if options.gather_mi is not False and loss != "imachsr":
         raise UsageError(
             f"gather_mi applies to loss='imachsr' (it gathers the MI joint); loss is {loss!r}. Hint: leave it out."
         )
-    options = LossOptions(
-        alpha=alpha, lam=lam, schedule=schedule, regression_loss=regression_loss,  # type: ignore[arg-type]
-        gather_mi=extra.gather_mi, label_smoothing=extra.label_smoothing, class_weights=extra.class_weights,
-        output_loss=extra.output_loss, gate=extra.gate,
-    )
-    return make_objective(loss, names, layouts, target_kind=_TARGET_KINDS[task], ignore_index=ignore_index,
+    layouts = {info.name: str(info.layout) for info in infos}
+    return make_objective(loss, names, layouts, target_kind=_TARGET_KINDS[task], ignore_index=ignore_index,  # type: ignore[arg-type]
                           options=options)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import autoprobe
-from autoprobe import backends, fx_tracer, trace
+from autoprobe import LossOptions, backends, fx_tracer, trace
 
 SIZE = (3, 16, 16)
 
@@ -84,7 +84,8 @@ def _counted(model: nn.Module, **kwargs) -> tuple[autoprobe.Probed, dict[str, in
             mock.patch.object(trace, "propagate_shapes", counting("propagate", propagate)), \
             mock.patch.object(backends, "build_layer_graph", counting("graph", build)), \
             mock.patch.object(backends.ModelTrace, "__init__", counting("tracing", init)):
-        probed = autoprobe.instrument(model, input_size=SIZE, points=2, head="linear", **kwargs)
+        probed = autoprobe.instrument(model, input_size=SIZE, points=2, loss_options=LossOptions(head="linear"),
+                                      **kwargs)
     return probed, counts
 
 
@@ -186,7 +187,7 @@ def test_export_and_hooks_run_the_models_python_once(branch: str, backend: str) 
     """The selection's run is the one tapped and the example output and its axes are read from it: no other run."""
     model = Unfx(branch)
     _RUNS.clear()
-    probed, counts = _counted(model, allow_real_data=backend == "hooks")
+    probed, counts = _counted(model, options=autoprobe.TraceOptions(allow_real_data=backend == "hooks"))
     assert probed.selection.backend == backend
     assert counts["tracing"] == 1
     assert len(_RUNS) == 1, _RUNS  # export: on fake tensors; hooks: the one real run (its meta run stopped early)

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -59,12 +60,16 @@ def _run(root: Path, script: str) -> object:
 
 
 def _check_recipe(tmp_path: Path, edits: list[Edit], script: str, want: object) -> None:
-    """``want`` with every edit; something else with the edits of any one file left out."""
-    assert _run(_package(tmp_path / "all", edits), script) == want
-    for skipped in dict.fromkeys(e.path for e in edits):
-        kept = [e for e in edits if e.path != skipped]
-        got = _run(_package(tmp_path / skipped.replace("/", "_"), kept), script)
-        assert got != want, f"the recipe works without touching {skipped}: the README names a file it does not need"
+    """``want`` with every edit; something else with the edits of any one file left out (the copies run two at a
+    time: each is a fresh interpreter)."""
+    skipped = list(dict.fromkeys(e.path for e in edits))
+    copies = [_package(tmp_path / "all", edits)] + [
+        _package(tmp_path / path.replace("/", "_"), [e for e in edits if e.path != path]) for path in skipped]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda root: _run(root, script), copies))
+    assert results[0] == want
+    for path, got in zip(skipped, results[1:]):
+        assert got != want, f"the recipe works without touching {path}: the README names a file it does not need"
 
 
 # ------------------------------------------------------------------------------------------------ an op
@@ -255,9 +260,90 @@ def test_the_schema_names_the_ladders_backends() -> None:
     assert json_schema()["properties"]["backend"]["enum"] == list(LADDER)
 
 
+# ------------------------------------------------------------------------------------------------ a loss term
+
+LOSS = [
+    Edit("autoprobe/losses/terms.py", "", textwrap.dedent('''
+
+
+        class ToyLogitNorm(nn.Module):
+            """The mean squared logit of each head (a recipe's example)."""
+
+            def forward(self, heads: Mapping[str, Tensor]) -> dict[str, Tensor]:
+                return {name: logits.float().pow(2).mean() for name, logits in heads.items()}
+        ''')),
+    Edit("autoprobe/losses/objectives.py", '"""The objectives ``make_objective`` builds, by name (``ObjectiveName``)."""\n', textwrap.dedent('''
+
+        from .terms import ToyLogitNorm  # noqa: E402
+
+
+        class Toy(Objective):
+            """The output loss plus alpha times each head's mean squared logit."""
+
+            def __init__(self, points, alpha=0.1, schedule="constant", ignore_index=-100, target_kind="multiclass",
+                         regression_loss="mse", label_smoothing=0.0, class_weights=None, output_loss=None, gate=None):
+                super().__init__(points, schedule=schedule, ignore_index=ignore_index, target_kind=target_kind,
+                                 regression_loss=regression_loss, label_smoothing=label_smoothing,
+                                 class_weights=class_weights, output_loss=output_loss, gate=gate)
+                self.alpha = per_point("alpha", alpha, self.points)
+                self.norm = ToyLogitNorm()
+
+            def _terms(self, output, heads, features, matcher):
+                found = self.norm({name: heads[name].logits for name in self.points})
+                return [(f"toy/{name}", self.alpha[name], found[name]) for name in self.points]
+
+
+        _OBJECTIVES["toy"] = Toy
+        ''')),
+]
+"""A term module, and an objective over it with its options (the constructor's parameters) and its name."""
+
+LOSS_SCRIPT = """
+    import json, warnings, torch
+    import autoprobe
+    from autoprobe import LossOptions
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 3))
+    try:
+        probed = autoprobe.instrument(net, input_size=(3, 16, 16), loss="toy", loss_options=LossOptions(alpha=0.5))
+    except autoprobe.AutoprobeError as exc:
+        print(json.dumps(type(exc).__name__))
+    else:
+        total, parts = probed.loss(probed(torch.randn(2, 3, 16, 16)), torch.tensor([0, 2]))
+        total.backward()
+        print(json.dumps(sorted({name.split("/")[0] for name in parts})))
+"""
+
+
+def test_a_new_loss_term_takes_the_terms_and_an_objective(tmp_path: Path) -> None:
+    _check_recipe(tmp_path, LOSS, LOSS_SCRIPT, ["ce", "toy"])
+
+
+# ------------------------------------------------------------------------------------------------ a module class
+
+MODULE = [Edit("autoprobe/ops.py", '        nn.Upsample: ModuleKind("resize"),\n', '        nn.ZeroPad2d: ModuleKind("reshape"),\n')]
+"""A torch.nn class the registry did not know, by type: its kind (and family, for a norm or an activation)."""
+
+MODULE_SCRIPT = """
+    import json, torch
+    from autoprobe.backends import trace_with_fallbacks
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ZeroPad2d(1), torch.nn.Conv2d(4, 4, 3))
+    seen = {b: [n.kind for n in trace_with_fallbacks(net, (3, 12, 12), backends=(b,)).graph if n.name == "1"]
+            for b in ("fx", "hooks")}
+    print(json.dumps(seen))
+"""
+
+
+def test_a_new_module_class_takes_the_registry_alone(tmp_path: Path) -> None:
+    _check_recipe(tmp_path, MODULE, MODULE_SCRIPT, {"fx": ["reshape"], "hooks": ["reshape"]})
+
+
 # ------------------------------------------------------------------------------------------------ the README
 
-RECIPES = {"An op": OP, "A detector": DETECTOR_EDITS, "A backend": BACKEND, "A CLI flag": FLAG}
+RECIPES = {"An op": OP, "A detector": DETECTOR_EDITS, "A backend": BACKEND, "A CLI flag": FLAG, "A loss term": LOSS,
+           "A module class": MODULE}
 
 
 def _readme_recipe(title: str) -> str:

@@ -1,0 +1,82 @@
+"""Options travel as records (issue 27): ``TraceOptions`` is the one tracing argument of ``inspect``, ``analyze`` and
+``instrument``; the old keywords still work, with a warning that names the record's field.
+"""
+
+from __future__ import annotations
+
+import inspect as pyinspect
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import autoprobe
+from autoprobe import TraceOptions
+from autoprobe.errors import UsageError
+
+SIZE = (3, 16, 16)
+OLD_TRACE_KEYWORDS = {"train", "leaf_modules", "leaf_paths", "allow_real_data"}
+
+
+def small() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+
+
+@pytest.mark.parametrize("function", [autoprobe.inspect, autoprobe.analyze, autoprobe.instrument],
+                         ids=lambda f: f.__name__)
+def test_the_public_calls_declare_no_tracing_keyword_but_options(function) -> None:  # noqa: ANN001
+    parameters = pyinspect.signature(function).parameters
+    assert not OLD_TRACE_KEYWORDS & set(parameters)
+    assert parameters["options"].kind is pyinspect.Parameter.KEYWORD_ONLY
+
+
+def test_an_old_tracing_keyword_still_works_and_names_the_record() -> None:
+    model = small()
+    with pytest.warns(DeprecationWarning, match=r"inspect\(train=\.\.\.\) is deprecated; pass options=TraceOptions\(mode="):
+        old = autoprobe.inspect(model, input_size=SIZE, train=True)
+    new = autoprobe.inspect(model, input_size=SIZE, options=TraceOptions(mode="train"))
+    assert old.mode == new.mode == "train" and old.names == new.names
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        autoprobe.inspect(model, input_size=SIZE, options=TraceOptions(leaf_paths=("3",)))  # the record: no warning
+
+
+def test_a_keyword_no_call_takes_and_a_mix_are_refused() -> None:
+    with pytest.raises(TypeError, match="unexpected keyword argument 'leaf'"):
+        autoprobe.inspect(small(), input_size=SIZE, leaf=["3"])
+    with pytest.raises(UsageError, match="not both"):
+        autoprobe.analyze(small(), input_size=SIZE, allow_real_data=True, options=TraceOptions())
+    with pytest.raises(UsageError, match="must be an autoprobe TraceOptions"):
+        autoprobe.inspect(small(), input_size=SIZE, options={"mode": "train"})  # type: ignore[arg-type]
+    torch.manual_seed(0)
+
+
+def test_instrument_takes_twelve_parameters_and_the_two_records() -> None:
+    parameters = pyinspect.signature(autoprobe.instrument).parameters
+    named = [p for p in parameters.values() if p.kind is not pyinspect.Parameter.VAR_KEYWORD]
+    assert len(named) <= 12, [p.name for p in named]
+    assert {"points", "rules", "loss", "input_size", "task", "output", "ignore_index", "loss_options", "options"} \
+        <= set(parameters)
+
+
+def test_the_loss_record_reaches_the_objective_and_the_adapters() -> None:
+    model = small()
+    default = autoprobe.instrument(model, input_size=SIZE, points=2)
+    probed = autoprobe.instrument(model, input_size=SIZE, points=2, loss="dsn",
+                                  loss_options=autoprobe.LossOptions(alpha=0.7, head="linear"))
+    assert probed.objective.alpha == dict.fromkeys(probed.selection.names, 0.7)
+    assert default.objective.alpha != probed.objective.alpha  # the class default (0.3) where not given
+    linear = {t.adapter_type for t in probed.report.taps}
+    assert linear != {t.adapter_type for t in default.report.taps}
+    with pytest.warns(DeprecationWarning, match=r"instrument\(alpha=\.\.\.\) is deprecated; pass "
+                                                r"loss_options=LossOptions\(alpha=\.\.\.\)"):
+        old = autoprobe.instrument(model, input_size=SIZE, points=2, loss="dsn", alpha=0.7, head="linear")
+    assert old.objective.alpha == probed.objective.alpha and {t.adapter_type for t in old.report.taps} == linear
+    with pytest.warns(DeprecationWarning, match=r"pass options=TraceOptions\(leaf_paths="):
+        autoprobe.instrument(model, input_size=SIZE, points=2, leaf_paths=["3"])
+    with pytest.raises(TypeError, match="unexpected keyword argument 'heads'"):
+        autoprobe.instrument(model, input_size=SIZE, heads="linear")
+    with pytest.raises(autoprobe.errors.InstrumentError, match="does not take \\['lam'\\]"):
+        autoprobe.instrument(model, input_size=SIZE, loss="dsn", loss_options=autoprobe.LossOptions(lam=0.1))
