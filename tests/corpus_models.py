@@ -115,8 +115,7 @@ CORPUS: tuple[Case, ...] = (
          (3, 64, 64)),
     Case("smp-DeepLabV3Plus-efficientnet-b3", "segmentation_models_pytorch", _smp("DeepLabV3Plus", "efficientnet-b3"),
          (3, 64, 64)),
-    Case("smp-FPN-tu-convnext_atto", "segmentation_models_pytorch", _smp("FPN", "tu-convnext_atto"), (3, 64, 64),
-         fast=True),
+    Case("smp-FPN-tu-convnext_atto", "segmentation_models_pytorch", _smp("FPN", "tu-convnext_atto"), (3, 64, 64)),
     Case("smp-Linknet-tu-regnety_002", "segmentation_models_pytorch", _smp("Linknet", "tu-regnety_002"), (3, 64, 64)),
     Case("smp-MAnet-mobilenet_v2", "segmentation_models_pytorch", _smp("MAnet", "mobilenet_v2"), (3, 64, 64)),
     Case("smp-PAN-tu-mobilenetv3_small_100", "segmentation_models_pytorch", _smp("PAN", "tu-mobilenetv3_small_100"),
@@ -166,7 +165,7 @@ CORPUS: tuple[Case, ...] = (
     Case("tv-fasterrcnn_mobilenet_v3_large_fpn", "torchvision", _tv_detection("fasterrcnn_mobilenet_v3_large_fpn"),
          (3, 128, 128), detection=True),
     # timm hybrids (convolutions and attention)
-    Case("timm-mobilevit_xxs", "timm", _timm("mobilevit_xxs"), (3, 128, 128), rules="default", fast=True),
+    Case("timm-mobilevit_xxs", "timm", _timm("mobilevit_xxs"), (3, 128, 128), rules="default"),
     Case("timm-mobilevitv2_050", "timm", _timm("mobilevitv2_050"), (3, 128, 128), rules="default"),
     Case("timm-levit_128s", "timm", _timm("levit_128s"), (3, 224, 224), rules="default"),
     Case("timm-efficientformerv2_s0", "timm", _timm("efficientformerv2_s0"), (3, 224, 224), rules="default"),

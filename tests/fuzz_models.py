@@ -28,7 +28,7 @@ from autoprobe.errors import AutoprobeError
 
 FAMILIES = (
     "sequential", "residual", "inception", "unet", "attention", "normmix", "shared", "control", "inplace",
-    "conv1d", "conv3d", "functional", "encdec",
+    "conv1d", "conv3d", "functional", "encdec", "attrs", "isinstance",
 )
 
 
@@ -46,6 +46,7 @@ class Case:
     sizes: tuple[tuple[int, ...], ...]  # one or two input sizes (without batch) the model accepts
     dense: bool = False  # output (B, K, *spatial): labels are masks
     needs_values: bool = False  # its forward reads tensor values: inspect needs allow_real_data
+    on_fx: bool = False  # its Python reads types or sizes only: fx must trace it (no fallback)
     notes: list[str] = field(default_factory=list)
 
 
@@ -359,6 +360,48 @@ class _Functional(nn.Module):
         return F.linear(x.mean((2, 3)), self.w3)
 
 
+class _Attrs(nn.Module):
+    """A forward that writes attributes (issue 25.1): a window clipped to the map's size (HF Swin's
+    ``self.window_size = min(input_resolution)``), the last input size seen and a call counter."""
+
+    def __init__(self, r: random.Random) -> None:
+        super().__init__()
+        c = _width(r)
+        self.window = r.choice([4, 8, 32])
+        self.calls = 0
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, 1, 1), _act(r))
+        self.mix = nn.Conv2d(c, c, 3, 1, 1)
+        self.down = nn.Sequential(nn.Conv2d(c, c, 3, 2, 1), _act(r))
+        self.head = _Head(c, r.randint(2, 5), 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        self.last_size = x.shape[-1]
+        x = self.stem(x)
+        if min(x.shape[-2:]) <= self.window:
+            self.window = min(x.shape[-2:])
+        return self.head(self.down(self.mix(x) + x))
+
+
+class _IsInstance(nn.Module):
+    """A forward that branches on ``isinstance(x, torch.Tensor)`` (MONAI's ``torch.jit.isinstance``, issue 25.3):
+    a tensor goes through ``a``, a tuple or list through ``b``; fx must take the branch the model takes."""
+
+    def __init__(self, r: random.Random) -> None:
+        super().__init__()
+        c = _width(r)
+        self.jit = r.random() < 0.5
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, 1, 1), _act(r))
+        self.a = nn.Sequential(nn.Conv2d(c, c, 3, 2, 1), _act(r))
+        self.b = nn.Conv2d(c, 2 * c, 1)  # another width: the wrong branch fails, it does not pass unseen
+        self.head = _Head(c, r.randint(2, 5), 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        tensor = torch.jit.isinstance(x, torch.Tensor) if self.jit else isinstance(x, torch.Tensor)
+        return self.head(self.a(x) if tensor else self.b(x[0]))
+
+
 def build(family: str, seed: int) -> Case:
     """One random model of ``family`` from ``seed``, with the input sizes it accepts."""
     r = random.Random(f"{family}:{seed}")
@@ -386,9 +429,9 @@ def build(family: str, seed: int) -> Case:
         return Case(family, seed, model, two_d, needs_values=model.kind == "value")
     factories: dict[str, Callable[[random.Random], nn.Module]] = {
         "residual": _Residual, "inception": _Inception, "normmix": _NormMix, "shared": _Shared,
-        "inplace": _InPlace, "functional": _Functional,
+        "inplace": _InPlace, "functional": _Functional, "attrs": _Attrs, "isinstance": _IsInstance,
     }
-    return Case(family, seed, factories[family](r), two_d)
+    return Case(family, seed, factories[family](r), two_d, on_fx=family in ("attrs", "isinstance"))
 
 
 # ----------------------------------------------------------------------------- the guarantees
@@ -400,11 +443,14 @@ def _snapshot(model: nn.Module) -> tuple:
     hooks = tuple(
         (n, len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks)) for n, m in model.named_modules()
     )
-    return state, flags, hooks
+    # Every module's own attributes by identity (a forward that writes one, traced, must not leave a Proxy behind).
+    attributes = tuple((n, tuple((k, id(v)) for k, v in vars(m).items() if not k.startswith("_")))
+                       for n, m in model.named_modules())
+    return state, flags, hooks, attributes
 
 
 def _same_snapshot(a: tuple, b: tuple) -> bool:
-    if a[1] != b[1] or a[2] != b[2] or a[0].keys() != b[0].keys():
+    if a[1] != b[1] or a[2] != b[2] or a[3] != b[3] or a[0].keys() != b[0].keys():
         return False
     return all(torch.equal(a[0][k], b[0][k]) for k in a[0])
 
@@ -443,6 +489,8 @@ def check(case: Case) -> str:
             raise Broken(f"the selection depends on the input size: {got} vs "
                          f"{[(p.name, p.layout) for p in other.selection.points]}")
     selection = first.selection
+    if case.on_fx and selection.backend != "fx":
+        raise Broken(f"a forward that reads only types or sizes fell off fx: {selection.notes}")
     for point in selection.points:
         if point.layout is None or first.graph[point.name].channels is None:
             raise Broken(f"point {point.name} has no layout")
@@ -503,6 +551,7 @@ def check(case: Case) -> str:
     if stripped.state_dict().keys() != before[0].keys():
         raise Broken("strip() changed the state_dict keys")
     reference.load_state_dict(stripped.state_dict())
+    copy.deepcopy(stripped).load_state_dict(stripped.state_dict())  # a leaked Proxy broke deepcopy (issue 25.1)
     stripped.eval()
     reference.eval()
     with torch.no_grad():
