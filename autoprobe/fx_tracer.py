@@ -47,8 +47,9 @@ import torch
 from torch import fx, nn
 
 from .meta import meta_twins
+from .ops import is_library_leaf
 
-__all__ = ["QualnameTracer", "Specialization", "INPLACE_META", "specialization_note", "is_library_leaf"]
+__all__ = ["QualnameTracer", "Specialization", "INPLACE_META", "specialization_note"]
 
 
 class _NoValue(Exception):
@@ -483,28 +484,6 @@ class QualnameTracer(fx.Tracer):
         finally:
             self._evaluating = False
         raise _NoValue(f"depends on {node.name}, a {node.op} node")
-
-
-_LIBRARY_LEAVES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("einops.layers.torch", ("Rearrange", "Reduce")),
-)
-"""Module classes of other libraries fx cannot trace through but that are one op each (einops' layers parse their
-pattern in Python on the input's shape): fx records them as one call, and their axes come from the torch ops they
-run (``graph._run_opaque``). Read only from libraries already imported, so tracing never imports one."""
-
-
-def is_library_leaf(module: nn.Module) -> bool:
-    """Whether ``module`` is one of ``_LIBRARY_LEAVES`` (an einops ``Rearrange``): fx keeps it as one call.
-
-    Example:
-        >>> is_library_leaf(torch.nn.ReLU())
-        False
-    """
-    for library, names in _LIBRARY_LEAVES:
-        loaded = sys.modules.get(library)
-        if loaded is not None and isinstance(module, tuple(getattr(loaded, n) for n in names if hasattr(loaded, n))):
-            return True
-    return False
 
 
 def _reads_device(node: fx.Node) -> bool:

@@ -46,6 +46,7 @@ from torch import nn
 
 __all__ = [
     "Op", "OPS", "RULE_NAMES", "op_name", "lookup", "shown_name", "act_family", "ModuleKind", "module_kind", "owns_matrix",
+    "is_windowed", "is_mode_free", "is_library_leaf",
 ]
 
 RULE_NAMES = frozenset(
@@ -476,6 +477,57 @@ def _norm_act(module: nn.Module) -> str:
         return ""
     known = _registered(act)
     return known.family if known is not None and known.kind == "act" else act_family(type(act).__name__)
+
+
+_WINDOWED_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.conv._ConvNd, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._LPPoolNd, nn.Unfold, nn.PixelUnshuffle,
+)
+"""Module classes whose output size is their input's less a window, over a stride (as ``Op.windowed``)."""
+
+_MODE_FREE_PACKAGES = ("torch.", "timm.layers.", "torchvision.ops.")
+"""Packages whose modules keep their output shapes in train and eval mode (a dropout, a batch norm, timm's conv
+variants): another library's leaf could return an auxiliary output in train mode only, unseen by fx."""
+
+_LIBRARY_LEAVES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("einops.layers.torch", ("Rearrange", "Reduce")),
+)
+"""Module classes of other libraries fx cannot trace through but that are one op each (einops' layers parse their
+pattern in Python on the input's shape): fx records them as one call. Read only from libraries already imported."""
+
+
+def is_windowed(module: nn.Module | None) -> bool:
+    """Whether ``module``'s output size is its input's less a window (a conv, a pooling, an unfold).
+
+    Example:
+        >>> is_windowed(nn.Conv2d(1, 1, 3)), is_windowed(nn.ReLU()), is_windowed(None)
+        (True, False, False)
+    """
+    return isinstance(module, _WINDOWED_TYPES)
+
+
+def is_mode_free(module: nn.Module) -> bool:
+    """Whether ``module``'s class comes from a package whose modules keep their shapes in both modes.
+
+    Example:
+        >>> is_mode_free(nn.Dropout())
+        True
+    """
+    return type(module).__module__.startswith(_MODE_FREE_PACKAGES)
+
+
+def is_library_leaf(module: nn.Module) -> bool:
+    """Whether ``module`` is another library's one-op module fx keeps as one call (an einops ``Rearrange``).
+
+    Example:
+        >>> is_library_leaf(nn.ReLU())
+        False
+    """
+    for library, names in _LIBRARY_LEAVES:
+        loaded = sys.modules.get(library)
+        if loaded is not None and isinstance(module, tuple(getattr(loaded, n) for n in names if hasattr(loaded, n))):
+            return True
+    return False
 
 
 def module_kind(module: nn.Module) -> ModuleKind:

@@ -34,7 +34,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 from .errors import AutoprobeError, SizeErrorParts, TraceError, UsageError
 from .fx_tracer import INPLACE_META, QualnameTracer, specialization_note
 from .meta import meta_twins, needs_values
-from .ops import lookup, op_name
+from .ops import is_mode_free, is_windowed, lookup, op_name
 from .sizes import TRACE_BATCH, size_error
 
 __all__ = [
@@ -766,7 +766,7 @@ def _shrinks_by_input(node: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
     """Whether ``node``'s zero-size axis is the traced input's doing: a windowed op (conv, pooling,
     unfold) or a slice that is not empty at any length, applied to a tensor that was not empty."""
     if node.op == "call_module":
-        return isinstance(modules.get(str(node.target)), _WINDOWED_MODULES)
+        return is_windowed(modules.get(str(node.target)))
     if node.op in ("call_function", "call_method") and (op := lookup(node.target)) is not None and op.windowed:
         return True
     slices = _slices(node)
@@ -938,7 +938,7 @@ _MODE_FREE_PACKAGES = ("torch.", "timm.layers.", "torchvision.ops.")
 def _mode_free_leaves(graph: fx.Graph, root: nn.Module) -> bool:
     """Whether every module the graph calls comes from a package whose modules keep their shapes in both modes."""
     return all(
-        type(root.get_submodule(str(n.target))).__module__.startswith(_MODE_FREE_PACKAGES)
+        is_mode_free(root.get_submodule(str(n.target)))
         for n in graph.find_nodes(op="call_module")
     )
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import autoprobe
-from autoprobe.fx_tracer import is_library_leaf
+from autoprobe.ops import is_library_leaf
 
 
 class SizeBias(nn.Module):
