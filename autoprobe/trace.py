@@ -729,11 +729,6 @@ def propagate_shapes(
     torch.func.functional_call(runner, twins, args, strict=False)
 
 
-_WINDOWED_MODULES: tuple[type[nn.Module], ...] = (
-    nn.modules.conv._ConvNd, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
-    nn.modules.pooling._LPPoolNd, nn.Unfold, nn.PixelUnshuffle,
-)
-
 _LONG_AXIS = 1 << 30
 """An axis length no input reaches: a slice empty even there is empty by construction, not by the input."""
 
@@ -929,10 +924,6 @@ def same_program(a: fx.Graph, b: fx.Graph) -> bool:
             return False
     return True
 
-
-# Leaf modules whose output shapes do not depend on their mode (a dropout, a batch norm, timm's conv
-# variants): another library's leaf could return an auxiliary output in train mode only, unseen by fx.
-_MODE_FREE_PACKAGES = ("torch.", "timm.layers.", "torchvision.ops.")
 
 
 def _mode_free_leaves(graph: fx.Graph, root: nn.Module) -> bool:
