@@ -66,6 +66,9 @@ class Spend:
     def __add__(self, other: Spend) -> Spend:
         return Spend(*(a + b for a, b in zip(self.astuple(), other.astuple())))
 
+    def __sub__(self, other: Spend) -> Spend:
+        return Spend(*(a - b for a, b in zip(self.astuple(), other.astuple())))
+
     def astuple(self) -> tuple[float, ...]:
         """The fields, in order."""
         return (self.steps, self.passes, self.builds, self.train_s, self.validation_s, self.build_s)

@@ -31,7 +31,7 @@ from .tunerecords import CandidateResult, TuneResult
 from .tunespace import OUTPUT, Candidate, survivors
 from .tunetrain import Runner
 
-__all__ = ["Plan", "WorkerStats", "optuna_module", "open_storage", "pruner", "canonical", "enqueue", "reclaim",
+__all__ = ["Plan", "WorkerStats", "optuna_module", "open_storage", "pruner", "kept", "canonical", "enqueue", "reclaim",
            "claim", "wait", "work", "result", "STUDY_PREFIX"]
 
 STUDY_PREFIX = "autoprobe-tune-"
@@ -47,6 +47,9 @@ class Plan(NamedTuple):
         steps: one full run's steps.
         max_cost: the bound, in output-only runs (``math.inf``: none).
         rebuild: the returned model is built again in the calling process (another process trained it).
+        share: the workers of one ``spawn`` own the whole study (no ``storage=`` shared with other
+            calls), so each later rung's survivors are dealt afresh over them, continuing from the
+            saved weights of the rung before: output-only and the best survivor train side by side.
     """
 
     candidates: tuple[Candidate, ...]
@@ -55,6 +58,7 @@ class Plan(NamedTuple):
     steps: int
     max_cost: float
     rebuild: bool
+    share: bool = False
 
 
 class WorkerStats(NamedTuple):
@@ -128,13 +132,21 @@ def pruner(optuna: Any, rung_steps: Sequence[int], eta: int) -> Any:
             step = trial.last_step
             if step is None or trial.user_attrs.get("label") == OUTPUT.label or step >= rung_steps[-1]:
                 return False
-            entered = [t for t in canonical(study.get_trials(deepcopy=False)) if t.user_attrs["label"] != OUTPUT.label
-                       and _entered(t, step, rung_steps[0])]
-            ranked = sorted((t for t in entered if step in t.intermediate_values),
-                            key=lambda t: (-t.intermediate_values[step], t.user_attrs["index"]))
-            return trial.number not in {t.number for t in ranked[:survivors(len(entered), eta)]}
+            return trial.number not in kept(study.get_trials(deepcopy=False), step, rung_steps, eta)
 
     return HalvingPruner()
+
+
+def kept(trials: Iterable[Any], step: int, rung_steps: Sequence[int], eta: int) -> set[int]:
+    """The trial numbers the rung ending at ``step`` keeps: output-only, and the best ``ceil(n / eta)``
+    of the ``n`` other candidates that entered it (ties: the earlier candidate). A function of the
+    scores reported at ``step`` only, so every worker computes it alike at any time after the rung."""
+    trials = canonical(trials)
+    entered = [t for t in trials if t.user_attrs["label"] != OUTPUT.label and _entered(t, step, rung_steps[0])]
+    ranked = sorted((t for t in entered if step in t.intermediate_values),
+                    key=lambda t: (-t.intermediate_values[step], t.user_attrs["index"]))
+    best = {t.number for t in ranked[:survivors(len(entered), eta)]}
+    return best | {t.number for t in trials if t.user_attrs["label"] == OUTPUT.label}
 
 
 def canonical(trials: Iterable[Any]) -> list[Any]:
@@ -211,9 +223,11 @@ def work(optuna: Any, study: Any, store: Any, run: Runner, plan: Plan, say: Call
 
     The first rung hands out the candidates: dealt round-robin over the ``size`` workers (this is
     number ``rank``), and a worker done with its own takes any still waiting (another machine's
-    call, a slow start). The worker that took a candidate keeps it, continuing it in memory. Before
-    a later rung every worker waits until every candidate has reported the rung before (or
-    finished), so the pruner compares the whole rung. A candidate whose next rung does not fit the
+    call, a slow start). Before a later rung every worker waits until every candidate has reported
+    the rung before (or finished), so the pruner compares the whole rung. Then, when the workers of
+    one call own the study (``plan.share``), the rung's survivors are dealt afresh (``_deal``),
+    each continuing from its saved weights where another worker trained it so far; otherwise (an
+    RDB shared with other calls) the worker that took a candidate keeps it, continuing in memory. A candidate whose next rung does not fit the
     budget is stopped (pruned, ``error`` "over budget: ..."); once one is stopped at the first rung
     no later candidate is admitted.
     """
@@ -289,6 +303,8 @@ def work(optuna: Any, study: Any, store: Any, run: Runner, plan: Plan, say: Call
             mine.append((trial, c))
     for r in range(1, len(rungs)):
         wait(study, lambda t: t.state.is_finished() or rungs[r - 1] in t.intermediate_values, alone)
+        if plan.share and size > 1:
+            mine = _deal(optuna, study, run, by_label, base, rungs[r - 1], rungs, plan.eta, rank, size)
         alive = []
         for trial, c in mine:
             if run.steps[c] < rungs[r]:
@@ -303,6 +319,41 @@ def work(optuna: Any, study: Any, store: Any, run: Runner, plan: Plan, say: Call
     for trial, c in mine:
         study.tell(trial, run.scores[c][-1])
     return WorkerStats(os.getpid(), {c.label: s for c, s in run.spend.items()}, 0.0)
+
+
+def _deal(optuna: Any, study: Any, run: Runner, by_label: dict[str, Candidate], base: dict[str, Spend], step: int,
+          plan_rungs: Sequence[int], eta: int, rank: int, size: int) -> list[tuple[Any, Candidate]]:
+    """This worker's share of the candidates still running after the rung ending at ``step``.
+
+    Every worker computes the same split: the pruner's decision is a function of the rung's reports,
+    the kept trials are dealt round-robin in search order (output-only first, to worker 0), and the
+    pruned ones are told by the worker they are dealt to. A candidate another worker trained so far
+    continues here from its saved weights (bit-equal to continuing in memory); one dealt elsewhere is
+    freed here.
+    """
+    # The rung's trials, a set no worker's later report changes: those that reported ``step``.
+    trials = canonical(study.get_trials(deepcopy=False))
+    rung = [t for t in trials if step in t.intermediate_values]
+    keep = kept(trials, step, plan_rungs, eta)
+    for j, t in enumerate(t for t in rung if t.number not in keep):
+        c = by_label[t.user_attrs["label"]]
+        run.drop(c)
+        if j % size == rank and not t.state.is_finished():
+            study.tell(t.number, state=optuna.trial.TrialState.PRUNED)
+    mine = []
+    for j, t in enumerate(t for t in rung if t.number in keep):
+        c = by_label[t.user_attrs["label"]]
+        if j % size != rank or t.state.is_finished():
+            run.drop(c)
+            continue
+        done = sorted(t.intermediate_values.items())
+        if run.steps.get(c) != done[-1][0] or not run.holds(c):
+            run.drop(c)
+            run.resume(c, done)
+        # What it spent, less what this worker's own record of it already holds.
+        base[c.label] = Spend.from_attr(t.user_attrs.get("spend")) - run.spend.get(c, Spend())
+        mine.append((optuna.trial.Trial(study, t._trial_id), c))
+    return mine
 
 
 def result(study: Any, run: Runner, plan: Plan, dropped: int, seed: int, say: Callable[[str], None]) -> TuneResult:

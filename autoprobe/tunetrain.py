@@ -205,6 +205,10 @@ class Runner:
         self._charge(c, Spend(builds=1, build_s=time.process_time() - cpu0))
         return True
 
+    def holds(self, c: Candidate) -> bool:
+        """Whether ``c`` is built in this process (continuing it needs no load)."""
+        return c in self._live
+
     def drop(self, c: Candidate) -> None:
         """Frees ``c``'s model (pruned: it trains no further here)."""
         self._live.pop(c, None)

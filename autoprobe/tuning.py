@@ -82,8 +82,8 @@ from torch import nn
 
 from .errors import UsageError
 from .tunebudget import Spend, unit_s
-from .tuneengine import (STUDY_PREFIX, Plan, WorkerStats, enqueue, open_storage, optuna_module, pruner, reclaim,
-                         result, wait, work)
+from .tuneengine import (STUDY_PREFIX, Plan, WorkerStats, canonical, enqueue, open_storage, optuna_module, pruner,
+                         reclaim, result, wait, work)
 from .tunehp import candidate, hp_space
 from .tunerecords import CandidateResult, TrainedCandidate, TuneCost, TuneResult
 from .tunespace import (DEFAULT_SEARCH, OUTPUT, SEARCH_KEYS, Candidate, TuneTask, check_options, draw, rungs,
@@ -205,7 +205,7 @@ def tune(
     rung_steps = rungs(steps, eta)
     candidates, dropped = draw(space, rung_steps, eta, steps, max_cost, seed)
     plan = Plan(tuple(candidates), tuple(rung_steps), eta, steps, float(max_cost),
-                rebuild=workers > 1 or storage is not None)
+                rebuild=workers > 1 or storage is not None, share=storage is None)
     say = _progress(progress)
     fingerprint = json.dumps([_FORMAT, [c.label for c in candidates], rung_steps, seed, lr, task, float(max_cost)])
     options = dict(task=task, lr=lr, optimizer=optimizer, lr_factor=lr_factor, score=score, rules=rules, seed=seed,
@@ -254,9 +254,9 @@ def tune(
                 stats = spawn(workers, payload, spec, name, say)
             wait(study, lambda t: t.state.is_finished(), alone=storage is None)  # other machines' (storage=)
             outcome = result(study, run, plan, dropped, seed, say)
-            output = {t.user_attrs["label"]: t for t in study.get_trials(deepcopy=False)
-                      if t.state.is_finished() and t.user_attrs.get("label") == OUTPUT.label}
-            unit = unit_s(Spend.from_attr(output[OUTPUT.label].user_attrs.get("spend")), steps)
+            trials = canonical(study.get_trials(deepcopy=False))
+            output = next(t for t in trials if t.user_attrs["label"] == OUTPUT.label)
+            unit = unit_s(Spend.from_attr(output.user_attrs.get("spend")), steps)
     finally:
         optuna.logging.set_verbosity(verbosity)
         if scratch is not None:
