@@ -9,10 +9,11 @@ import sys
 
 import pytest
 import torch
-from torch import nn
 
+import test_tune_optuna
 from autoprobe import tune
 from autoprobe.tuning import candidate, train_candidate
+from test_tune_optuna import _data, _net
 
 pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray")
@@ -21,18 +22,6 @@ pytest.importorskip("ray.tune")
 _STEPS = 18  # rungs of 2, 6 and 18 steps: three reports per trial
 _SEARCH = {"objective": ["dsn", "imachsr"], "alpha": [0.3], "lam": [0.0], "points": [1], "position": ["auto"],
            "schedule": ["constant"], "gate": [None], "head": ["linear"]}
-
-
-def _data():
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(512, 1, 8, 8, generator=gen)
-    y = (x[:, 0, :4, :4].mean((1, 2)) > 0).long() * 2 + (x[:, 0, 4:, 4:].mean((1, 2)) > 0).long()
-    return [(x[i : i + 32], y[i : i + 32]) for i in range(0, 384, 32)], [(x[384:], y[384:])]
-
-
-def _net():
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
-                         nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 4))
 
 
 def _trainable(config, train, val):
@@ -47,7 +36,8 @@ def test_ray_tune_asha_runs_tunes_objective_and_the_output_only_guarantee_is_app
     from ray import tune as rt
     from ray.tune.schedulers import ASHAScheduler
 
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import this test
+    for module in (sys.modules[__name__], test_tune_optuna):  # Ray's workers cannot import the tests
+        ray.cloudpickle.register_pickle_by_value(module)
     train, val = _data()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
