@@ -14,7 +14,7 @@ layout, into logits (or regression values) shaped like the model's selected outp
 That is the ``head="linear"`` form: a single linear map, C*K + K parameters. The argument for
 it is that an expressive adapter could learn the task itself and leave z_m unchanged.
 
-``head="conv"``, the default (``DEFAULT_HEAD``; ``instrument(head=...)``, ``make_adapter(head=...)``),
+``head="conv"``, the default (``DEFAULT_HEAD``; ``instrument(loss_options=LossOptions(head=...))``, ``make_adapter(head=...)``),
 builds the heavier head segmentation pipelines put on backbone stages instead, mmsegmentation's
 FCN auxiliary head:
 
@@ -41,7 +41,7 @@ resolution, so every labelled pixel counts exactly once and ``ignore_index`` pix
 excluded exactly (nearest-neighbour downsampling of a label map drops thin objects).
 Downsampling the target to each point's resolution (nnU-Net, MONAI) is cheaper at early
 high-resolution points of 3-D models, where a full-resolution logit volume per point costs
-memory. ``instrument(label_resolution=...)`` chooses; the adapter only decides its output size.
+memory. ``LossOptions(label_resolution=...)`` chooses; the adapter only decides its output size.
 
 Token features (``NLC`` tokens feeding a 2-D output) need the token grid and the number of
 prefix (cls, register) tokens; ``instrument`` reads both from the graph (the patch

@@ -117,7 +117,7 @@ def _build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--all-candidates", action="store_true", help="list every candidate, not only the points")
     inspect.add_argument(
         "--head", choices=ADAPTER_HEADS, default=DEFAULT_HEAD,
-        help=f"the adapter form the adapter column counts, as instrument(head=...) (default {DEFAULT_HEAD})",
+        help=f"the adapter form the adapter column counts, as LossOptions(head=...) (default {DEFAULT_HEAD})",
     )
     inspect.add_argument("--graph", metavar="FILE", help="write an SVG picture of the layer graph")
     inspect.add_argument(

@@ -113,7 +113,7 @@ class AutoprobeCallback(TrainerCallback):
             raise UsageError(
                 f"TrainingArguments(label_smoothing_factor={args.label_smoothing_factor}) makes the Trainer compute "
                 "its own loss on the logits, without autoprobe's terms. Hint: leave it at 0 and pass "
-                f"`instrument(..., label_smoothing={args.label_smoothing_factor})`."
+                f"`instrument(..., loss_options=LossOptions(label_smoothing={args.label_smoothing_factor}))`."
             )
 
     def on_log(

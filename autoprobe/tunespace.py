@@ -8,7 +8,7 @@ Example:
     >>> from autoprobe.tunespace import Candidate, rungs, search_space
     >>> [c.label for c in search_space({"objective": ["dsn"], "alpha": [0.3], "points": [1], "schedule": ["constant"]})]
     ['output', 'dsn/alpha=0.3/M=1/auto']
-    >>> Candidate("dsn", 0.3, head="conv").instrument_kwargs(input_size=(3, 32, 32))["head"]
+    >>> Candidate("dsn", 0.3, head="conv").instrument_kwargs(input_size=(3, 32, 32))["loss_options"].head
     'conv'
     >>> rungs(1500, 3)
     [166, 500, 1500]
@@ -25,6 +25,7 @@ from typing import Any, Literal, get_args
 import torch
 
 from .errors import UsageError
+from .losses import LossOptions
 
 __all__ = ["TuneObjective", "TuneTask", "TunePosition", "TuneHead", "SEARCH_KEYS", "DEFAULT_SEARCH", "Candidate",
            "OUTPUT", "search_space", "search_values", "check_values", "check_options", "rungs", "survivors",
@@ -65,8 +66,8 @@ class Candidate:
         points: M, or None for the automatic M.
         position: ``"auto"`` (autoprobe's choice) or ``"input"``/``"centre"``/``"output"``.
         schedule: ``"constant"``, ``"linear"`` or ``"cosine"`` decay of the intermediate weights.
-        gate: ``None``, ``"cosine"`` or ``"binary"``: the gradient-similarity gate (``instrument(gate=)``).
-        head: the adapters' form, ``"linear"`` or ``"conv"`` (``instrument(head=)``).
+        gate: ``None``, ``"cosine"`` or ``"binary"``: the gradient-similarity gate (``LossOptions(gate=)``).
+        head: the adapters' form, ``"linear"`` or ``"conv"`` (``LossOptions(head=)``).
     """
 
     objective: TuneObjective = "output"
@@ -107,9 +108,9 @@ class Candidate:
                 with ``autoprobe.placement.spaced``).
 
         Returns:
-            ``instrument``'s keyword arguments: ``loss``, ``alpha``, ``lam`` (iMacHSR), ``schedule``,
-            ``gate``, ``head``, ``input_size``, ``ignore_index`` and ``rules`` (with ``points``) or
-            ``selection``.
+            ``instrument``'s keyword arguments: ``loss``, ``loss_options`` (a ``LossOptions`` with
+            ``alpha``, ``lam`` (iMacHSR), ``schedule``, ``gate`` and ``head``), ``input_size``,
+            ``ignore_index`` and ``rules`` (with ``points``) or ``selection``.
 
         Raises:
             UsageError: output-only training (nothing to instrument), or a spaced position without
@@ -122,14 +123,12 @@ class Candidate:
         if self.objective == "output":
             raise UsageError("tune: output-only training has no instrument arguments: train the plain model. "
                              "Hint: check candidate.objective == 'output' first.")
-        kwargs: dict[str, Any] = {"loss": self.objective, "alpha": self.alpha, "schedule": self.schedule,
+        # Gate and head always given, None and "linear" included: a candidate is its own setting,
+        # whatever instrument's defaults are.
+        options = LossOptions(alpha=self.alpha, lam=self.lam if self.objective == "imachsr" else None,
+                              schedule=self.schedule, gate=self.gate, head=self.head)
+        kwargs: dict[str, Any] = {"loss": self.objective, "loss_options": options,
                                   "input_size": tuple(input_size), "ignore_index": ignore_index}
-        if self.objective == "imachsr":
-            kwargs["lam"] = self.lam
-        # Always given, None and "linear" included: a candidate is its own setting, whatever
-        # instrument's defaults are.
-        kwargs["gate"] = self.gate
-        kwargs["head"] = self.head
         if self.position == "auto":
             kwargs["rules"] = rules
             if self.points is not None:

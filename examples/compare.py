@@ -330,10 +330,9 @@ def run_one(spec: RunSpec, data, cfg: SegConfig, device: str, threads: int) -> d
             kwargs = {"rules": "dense"} if spec.task == "seg" and selection is None else {}
             if spec.placement.kind == "auto" and spec.placement.points is not None:
                 kwargs["points"] = spec.placement.points
-            if spec.method == "imachsr":
-                kwargs.update(IMACHSR_REGISTERED)
             # The arms as registered, whatever instrument's defaults become: no gate, linear heads.
-            kwargs.update(gate=REGISTERED_GATE, head=REGISTERED_HEAD)
+            weights = dict(IMACHSR_REGISTERED) if spec.method == "imachsr" else {}
+            kwargs["loss_options"] = autoprobe.LossOptions(**weights, gate=REGISTERED_GATE, head=REGISTERED_HEAD)
             probed = autoprobe.instrument(model, selection, loss=spec.method, input_size=size, **kwargs)
         points = list(probed.selection.names)
         notes = list(probed.selection.notes)
@@ -455,7 +454,7 @@ def _instrument_with_options(model: nn.Module, spec: RunSpec, size: tuple[int, .
     the adapter options go to ``instrument``."""
     import autoprobe
     from autoprobe.api import analyze
-    from autoprobe.losses import make_objective
+    from autoprobe.losses import LossOptions, make_objective
 
     if spec.method not in ("imachsr", "dsn") or spec.placement.kind != "auto":
         raise SystemExit(f"{spec.key()}: options apply to iMacHSR or DSN at automatic points")
@@ -466,10 +465,11 @@ def _instrument_with_options(model: nn.Module, spec: RunSpec, size: tuple[int, .
     adapter_options = {"head": REGISTERED_HEAD, **{k: options.pop(k) for k in INSTRUMENT_OPTIONS if k in options}}
     if spec.method == "imachsr":
         objective = make_objective("imachsr", selection.names, {p.name: p.layout for p in selection.points},
-                                   **{**dict(IMACHSR_REGISTERED), **options})
+                                   options=LossOptions(**{**dict(IMACHSR_REGISTERED), **options}))
     else:
-        objective = make_objective("dsn", selection.names, **options)
-    return autoprobe.instrument(model, selection, loss=objective, input_size=size, **adapter_options)
+        objective = make_objective("dsn", selection.names, options=LossOptions(**options))
+    return autoprobe.instrument(model, selection, loss=objective, input_size=size,
+                                loss_options=LossOptions(**adapter_options))
 
 
 class _TrainBatches:

@@ -70,7 +70,8 @@ def train(name: str, *, steps: int, size: int, classes: int, label_resolution: s
     torch.manual_seed(0)
     model = build(name, classes)
     probed = autoprobe.instrument(
-        model, rules="dense", input_size=(3, size, size), ignore_index=IGNORE, label_resolution=label_resolution
+        model, rules="dense", input_size=(3, size, size), ignore_index=IGNORE,
+        loss_options=autoprobe.LossOptions(label_resolution=label_resolution),
     )
     print(probed.report.summary())
     optimizer = torch.optim.AdamW(probed.parameters(), lr=1e-3)

@@ -76,7 +76,7 @@ def train(model: nn.Module, loader: DataLoader, epochs: int) -> nn.Module:
     Returns:
         The same model object, trained, with no adapters.
     """
-    probed = autoprobe.instrument(model, input_size=(1, 28, 28), schedule="linear")
+    probed = autoprobe.instrument(model, input_size=(1, 28, 28), loss_options=autoprobe.LossOptions(schedule="linear"))
     print(probed.report.summary())
     optimizer = torch.optim.Adam(probed.parameters(), lr=1e-3)
     steps, done = epochs * len(loader), 0

@@ -201,5 +201,5 @@ def test_the_trainers_own_label_smoothing_is_refused_with_the_instrument_option(
     args = TrainingArguments(str(tmp_path), max_steps=1, report_to="none", use_cpu=True, label_smoothing_factor=0.1,
                              disable_tqdm=True)
     trainer = Trainer(model=probed, args=args, train_dataset=_Images(4, 0), callbacks=[AutoprobeCallback(probed)])
-    with pytest.raises(UsageError, match=r"label_smoothing_factor=0.1.*Hint.*instrument\(\.\.\., label_smoothing=0.1\)"):
+    with pytest.raises(UsageError, match=r"label_smoothing_factor=0.1.*Hint.*loss_options=LossOptions\(label_smoothing=0.1\)"):
         trainer.train()

@@ -143,7 +143,7 @@ def test_a_gated_candidate_is_one_more_setting_and_trains():
     assert all(row.error is None and row.scores for row in result.table)
     gated = next(row.candidate for row in result.table if row.candidate.gate == "cosine")
     kwargs = gated.instrument_kwargs(input_size=(1, 8, 8))
-    assert kwargs["gate"] == "cosine"
+    assert kwargs["loss_options"].gate == "cosine"
     assert autoprobe.instrument(_plain_net(), **kwargs).objective.gate is not None
     assert "gate" not in autoprobe.tuning.DEFAULT_SEARCH or autoprobe.tuning.DEFAULT_SEARCH["gate"] == (None,)
 
