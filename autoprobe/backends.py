@@ -539,7 +539,8 @@ def part_refusal(label: str, part: str) -> str:
         "cannot be tapped in the whole model's forward, and its output has no (B, K) or (B, K, *S) prediction.\n"
         f"Hint: supervise the {part} as a model of its own, beside the detector's own losses: "
         f"`autoprobe.instrument(model.{part}, input_size=..., output=lambda feats: <a (B, K, H, W) prediction from "
-        "the feature maps>, output_loss=<your loss of it and the target>)`; `autoprobe.inspect(model)` shows the "
+        "the feature maps>, loss_options=LossOptions(output_loss=<your loss of it and the target>))`; "
+        "`autoprobe.inspect(model)` shows the "
         f"points of the {part}."
     )
 

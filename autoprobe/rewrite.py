@@ -46,7 +46,7 @@ from .adapters import (
 )
 from .api import TRACE_KEYWORDS, Analysis, analyze, trace_options
 from .backends import ModelTrace, part_refusal
-from .errors import InstrumentError, SelectionError, UsageError
+from .errors import AutoprobeError, InstrumentError, SelectionError, TraceError, UsageError
 from .fx_engine import FxEngine, FxRecipe
 from .graph import LayerGraph, LayerInfo
 from .hook_engine import HookEngine, HookRecipe, HookTarget, hook_targets
@@ -200,7 +200,15 @@ def instrument(
 
     # One tracing object per call: the analysis's own when this call made the selection (its trace is tapped).
     tracing = analysis.trace if analysis is not None and analysis.trace is not None else ModelTrace(module, size, opts)
-    placed = _place(tracing, selection, label)
+    try:
+        placed = _place(tracing, selection, label)
+    except TraceError as exc:
+        # A given selection of a model only its backbone traces (a detector, from `inspect`): the same
+        # refusal, with what to pass, as when instrument makes the selection itself.
+        part = _traced_part(tracing, selection)
+        if part is None:
+            raise
+        raise InstrumentError(part_refusal(label, part)) from exc
     infos, targets = placed.infos, placed.targets
     example = tracing.example(placed.train.mode, selection.backend)
     spec = OutputSpec.resolve(output, example.output, model=label)
@@ -272,6 +280,15 @@ class _Placement(NamedTuple):
     graph: LayerGraph
     infos: tuple[LayerInfo, ...]
     targets: tuple[HookTarget, ...] | None  # hook engine only
+
+
+def _traced_part(tracing: ModelTrace, selection: Selection) -> str | None:
+    """The submodule the ladder falls back to when no backend traces the whole model, else ``None``."""
+    try:
+        traced = tracing.ladder(selection.mode).traced
+    except AutoprobeError:
+        return None
+    return traced.part or None
 
 
 def _place(tracing: ModelTrace, selection: Selection, label: str) -> _Placement:

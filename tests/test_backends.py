@@ -373,6 +373,9 @@ def test_a_model_no_backend_traces_is_inspected_through_its_backbone_with_a_note
         autoprobe.instrument(model, input_size=(3, 32, 32))
     assert "`backbone` submodule alone" in str(info.value)
     assert str(info.value).splitlines()[-1].startswith("Hint: supervise the backbone as a model of its own")
+    # The selection inspect showed, given back: the same refusal, not the whole model's TraceError.
+    with pytest.raises(InstrumentError, match="`backbone` submodule alone"):
+        autoprobe.instrument(model, selection, input_size=(3, 32, 32))
 
 
 def test_torchvision_mask_rcnn_shows_backbone_points_without_a_download() -> None:
