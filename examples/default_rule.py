@@ -82,7 +82,7 @@ def _arm_runs(records: Sequence[dict], task: str, model: str, method: str, setti
     out: dict[int, dict] = {}
     for r in records:
         if ((r["task"], r["model"], r["method"], r["setting"]) == (task, model, method, setting) and not r.get("quick")
-                and r.get("canvas", 32) == 32):
+                and (r.get("canvas") or 32) == 32):  # classification records carry None
             if r["seed"] in SEEDS and r["curve"]["val"]:
                 out.setdefault(r["seed"], r)
     return out
@@ -212,7 +212,7 @@ def confirmation_rows(records: Sequence[dict]) -> list[dict]:
                 runs = {r["seed"]: r for r in records
                         if (r["task"], r["model"], r["method"], r["setting"]) == (task, model, method, setting)
                         and r["seed"] in CONFIRMATION_SEEDS and not r.get("pilot") and not r.get("quick")
-                        and r.get("canvas", 32) == size}
+                        and (r.get("canvas") or 32) == size}
                 if not runs:
                     continue
                 if name == "output-only":

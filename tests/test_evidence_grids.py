@@ -25,7 +25,7 @@ def _record(spec, value: float, *, pilot: bool | None = None) -> dict:
     return {"task": spec.task, "model": spec.model, "method": spec.method, "setting": spec.setting,
             "seed": spec.seed, "steps": spec.steps, "batch": spec.batch,
             "pilot": spec.pilot if pilot is None else pilot, "quick": False, "metrics": {metric: value},
-            **({"canvas": spec.canvas} if spec.task == "seg" else {}),
+            "canvas": spec.canvas if spec.task == "seg" else None,  # as compare.py writes it
             "curve": {"val_step": [spec.steps], "val": [value]}}
 
 
