@@ -29,6 +29,7 @@ Grids (``--grid NAME``, repeatable, or ``all``); EVIDENCE.md says which ran on w
   cls-resnet     timm ResNet-18 (half width) on Fashion-MNIST, baseline/DSN/iMacHSR x 5 seeds
   cls-vit        a small timm ViT on Fashion-MNIST, baseline/DSN/iMacHSR x 5 seeds
   cls-resnet-tuned, cls-vit-tuned   the tuned arm of each, 5 seeds
+  tuned-returned the tuned arm after issue 26 on all four models (the returned model, no retrain)
   cls-shipped, vit-shipped   iMacHSR at the shipped default on ResNet-18n and the ViT, 5 seeds
   default-gated, default-heads   the default's validation rule (EVIDENCE.md section 7): the gated
                  candidates (and DeepLabV3+'s DSN at today's points), then Region MI and conv heads;
@@ -159,8 +160,11 @@ class RunSpec:
 
     @property
     def setting(self) -> str:
-        if self.method in ("baseline", "tuned"):
-            return "none" if self.method == "baseline" else "tuned"
+        if self.method == "baseline":
+            return "none"
+        if self.method == "tuned":
+            # `tuned` alone: the arm of before issue 26 (the choice retrained); options name the later arms.
+            return "/".join(["tuned"] + [f"{k}={v}" for k, v in self.options])
         return "/".join([self.placement.label] + [f"{k}={v}" for k, v in self.options])
 
     def key(self) -> str:
@@ -311,11 +315,22 @@ def run_one(spec: RunSpec, data, cfg: SegConfig, device: str, threads: int) -> d
     points: list[str] = []
     notes: list[str] = []
     tuned = None
+    returned = spec.method == "tuned" and dict(spec.options).get("model") == "returned"
     if spec.method == "tuned":
         tuned = _tune(spec, data, device)
         torch.manual_seed(spec.seed)
         model = build_model(spec.model)
-    if spec.method == "baseline" or (tuned is not None and tuned.instrument_kwargs is None):
+    if returned:
+        # Issue 26: tune returns the choice trained, as its search trained it; nothing is retrained,
+        # so what this row scores on test is what a user of tune ships, and its cost is the search's.
+        from autoprobe import Probed
+
+        model = tuned.model.strip() if isinstance(tuned.model, Probed) else tuned.model
+        trainable, probed = model, None
+        if tuned.instrument_kwargs is not None:
+            points = list(tuned.model.selection.names)
+            notes = list(tuned.model.selection.notes)
+    elif spec.method == "baseline" or (tuned is not None and tuned.instrument_kwargs is None):
         trainable: nn.Module = model
         probed = None
     else:
@@ -351,7 +366,7 @@ def run_one(spec: RunSpec, data, cfg: SegConfig, device: str, threads: int) -> d
     step_wall = 0.0
     eval_wall = 0.0
     cpu_train0 = time.process_time()
-    for step, idx in enumerate(_batches(len(train_set), spec.batch, spec.steps, spec.seed)):
+    for step, idx in enumerate(_batches(len(train_set), spec.batch, 0 if returned else spec.steps, spec.seed)):
         x, y = train_set.images[idx].to(device), train_set.labels[idx].to(device)
         t0 = time.perf_counter()
         if probed is None:
@@ -417,7 +432,9 @@ def run_one(spec: RunSpec, data, cfg: SegConfig, device: str, threads: int) -> d
         "selection_notes": notes,
         "tune": None if tuned is None else {
             "chosen": tuned.chosen.label, "val_score": tuned.score, "output_only_val_score": tuned.output_only_score,
-            "cost_steps": tuned.cost_steps, "dropped": tuned.dropped,
+            "cost_steps": tuned.cost_steps, "dropped": tuned.dropped, "retrained": not returned,
+            "cost": None if tuned.cost is None else {k: (round(v, 3) if isinstance(v, float) else v)
+                                                     for k, v in dataclasses.asdict(tuned.cost).items()},
             "table": [{"candidate": row.candidate.label, "steps": row.steps, "scores": list(row.scores),
                        "error": row.error} for row in tuned.table]},
         "metrics": {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()},
@@ -727,6 +744,18 @@ def _confirmation(name: str, canvas: int = 32) -> list[RunSpec]:
     return specs
 
 
+def _tuned_returned() -> list[RunSpec]:
+    """The tuned arm again after issue 26 (issue 24 item 5): the draw dealt over the objectives, the
+    search on Optuna within max_cost, and the chosen model scored as tune returns it (no retraining);
+    the four models, seeds 0-4, seed-major."""
+    return [RunSpec(task, model, "tuned", s, steps, batch, options=(("model", "returned"),))
+            for s in range(5)
+            for task, model, steps, batch in (("seg", "deeplabv3plus", SEG_STEPS, SEG_BATCH),
+                                              ("seg", "unet", SEG_STEPS, SEG_BATCH),
+                                              ("cls", "resnet18n", CLS_STEPS, CLS_BATCH),
+                                              ("cls", "vit", CLS_STEPS, CLS_BATCH))]
+
+
 def _pilots64() -> list[RunSpec]:
     """The 64x64 regime's baseline pilots (issue 24 item 4), seed 0, validation only: does the registered
     budget (1,500 x 16 at 3e-3) flatten there, and is pixel accuracy 10 points over all-background?"""
@@ -755,6 +784,7 @@ GRIDS = {
     "cls-vit": lambda: _cls("vit", ("baseline", "dsn", "imachsr")),
     "cls-resnet-tuned": lambda: _cls("resnet18n", ("tuned",)),
     "cls-vit-tuned": lambda: _cls("vit", ("tuned",)),
+    "tuned-returned": _tuned_returned,
     "cls-shipped": lambda: _shipped("cls", "resnet18n", range(5)),
     "vit-shipped": lambda: _shipped("cls", "vit", range(5)),
     "default-gated": lambda: _default_validation(("dsn-gated", "imachsr-gated")),

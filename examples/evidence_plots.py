@@ -21,10 +21,11 @@ __all__ = ["load", "paired", "summary_rows", "render"]
 # `imachsr` is the objective registered with the primary grid (alpha 0.5, lambda 0.01); `imachsr-mi`
 # is the default shipped since (MI only, lambda 0), trained and scored on test like the others.
 ARMS = (("baseline", "baseline", "none"), ("dsn", "dsn", "auto"), ("imachsr", "imachsr", "auto"),
-        ("imachsr-mi", "imachsr", "auto/lam=0.0"), ("dks", "dks", "auto"), ("tuned", "tuned", "tuned"))
+        ("imachsr-mi", "imachsr", "auto/lam=0.0"), ("dks", "dks", "auto"), ("tuned", "tuned", "tuned"),
+        ("tuned-returned", "tuned", "tuned/model=returned"))
 SEG_METRICS = ("mIoU", "mF1", "mPrecision", "mRecall")
 COLORS = {"baseline": "#555555", "dsn": "#1f77b4", "imachsr": "#d62728", "imachsr-mi": "#ff7f0e", "dks": "#2ca02c",
-          "tuned": "#9467bd"}
+          "tuned": "#9467bd", "tuned-returned": "#8c564b"}
 
 
 @dataclass(frozen=True)
@@ -400,21 +401,31 @@ def _flattening(steps: Sequence[int], values: Sequence[float]) -> float:
 def _tune_table(records: Sequence[dict], task: str, model: str) -> str:
     """Per seed: what ``autoprobe.tune`` chose on validation, its and output-only's validation score,
     and the test score of the choice beside the baseline's of the same seed."""
-    tuned = sorted(_select(records, task=task, model=model, method="tuned"), key=lambda r: r["seed"])
-    if not tuned:
-        return ""
     metric = "mIoU" if task == "seg" else "accuracy"
     base = _by_seed(_select(records, task=task, model=model, method="baseline", setting="none"), metric)
-    head = ["seed", "tune chose (validation)", "its val", "output-only's val", "test of the choice", "baseline's test",
-            "search cost (x budget)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in tuned:
-        t = r["tune"]
-        chosen = next(row for row in t["table"] if row["candidate"] == t["chosen"])
-        lines.append(f"| {r['seed']} | {t['chosen']} | {chosen['scores'][-1] * 100:.2f} | {t['output_only_val_score'] * 100:.2f} "
-                     f"| {r['metrics'][metric] * 100:.2f} | {base[r['seed']] * 100 if r['seed'] in base else math.nan:.2f} "
-                     f"| {t['cost_steps'] / r['steps']:.2f} |")
-    return "`autoprobe.tune` per seed (scores in %):\n\n" + "\n".join(lines) + "\n"
+    parts = []
+    for setting, title in (("tuned", "the choice retrained (before issue 26)"),
+                           ("tuned/model=returned", "the model tune returns (issue 26: no retraining)")):
+        tuned = sorted(_select(records, task=task, model=model, method="tuned", setting=setting), key=lambda r: r["seed"])
+        if not tuned:
+            continue
+        returned = setting != "tuned"
+        head = ["seed", "tune chose (validation)", "its val", "output-only's val", "test of the choice",
+                "baseline's test", "training steps (x budget)"] + (["measured cost (runs)", "CPU s", "wall s"] if returned else [])
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in tuned:
+            t = r["tune"]
+            chosen = next(row for row in t["table"] if row["candidate"] == t["chosen"])
+            cells = [str(r["seed"]), t["chosen"], f"{chosen['scores'][-1] * 100:.2f}", f"{t['output_only_val_score'] * 100:.2f}",
+                     f"{r['metrics'][metric] * 100:.2f}", f"{base[r['seed']] * 100 if r['seed'] in base else math.nan:.2f}",
+                     f"{t['cost_steps'] / r['steps']:.2f}"]
+            if returned:
+                cost = t.get("cost") or {}
+                cells += [f"{cost.get('runs', math.nan):.2f}", f"{cost.get('cpu_s', math.nan):.0f}",
+                          f"{cost.get('wall_s', math.nan):.0f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+        parts.append(f"`autoprobe.tune` per seed, {title} (scores in %):\n\n" + "\n".join(lines) + "\n")
+    return "\n".join(parts)
 
 
 def _regime_check(base: Sequence[dict]) -> str:

@@ -96,6 +96,27 @@ def test_the_tune_table_shows_the_choice_its_validation_score_and_both_test_scor
     assert plots._tune_table([base], "seg", "unet") == ""
 
 
+def test_the_returned_model_arm_is_its_own_row_with_its_measured_cost(evidence):
+    compare, plots = evidence
+    specs = compare.grid_specs(["tuned-returned"])
+    assert {(s.model, s.seed) for s in specs} == {(m, s) for m in ("deeplabv3plus", "unet", "resnet18n", "vit")
+                                                  for s in range(5)}
+    # its key is not the old arm's, so the grid's skip-finished does not take an old row for a new one
+    old = {s.key() for s in compare.grid_specs(["primary-tuned", "seg-unet-tuned", "cls-resnet-tuned", "cls-vit-tuned"])}
+    assert not old & {s.key() for s in specs}
+    spec = next(s for s in specs if s.model == "unet" and s.seed == 3)
+    base = {**_record(compare.RunSpec("seg", "unet", "baseline", 3, spec.steps, spec.batch), 0.20), "data": {}}
+    tuned = {**_record(spec, 0.25), "data": {},
+             "tune": {"chosen": "output", "cost_steps": 2 * spec.steps, "output_only_val_score": 0.21,
+                      "cost": {"runs": 3.12, "cpu_s": 410.4, "wall_s": 222.2},
+                      "table": [{"candidate": "output", "scores": [0.1, 0.21]}]}}
+    table = plots._tune_table([base, tuned], "seg", "unet")
+    assert "the model tune returns" in table and "the choice retrained" not in table
+    assert "| 3 | output | 21.00 | 21.00 | 25.00 | 20.00 | 2.00 | 3.12 | 410 | 222 |" in table
+    # summary.json's row: the arm is named by its setting, so the old and new tuned rows stay apart
+    assert ("tuned-returned", "tuned", spec.setting) in plots.ARMS
+
+
 def test_the_default_rule_reads_the_settings_the_grids_train_and_chooses_by_its_registered_rule(evidence):
     compare, _ = evidence
     rule = importlib.import_module("examples.default_rule")
