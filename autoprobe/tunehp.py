@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, get_args
 
+from .defaults import DEFAULT_HEAD
 from .errors import UsageError
 from .tunespace import OUTPUT, SEARCH_KEYS, Candidate, TuneObjective, check_values, search_values
 
@@ -81,4 +82,4 @@ def candidate(params: Mapping[str, Any]) -> Candidate:
     alpha = params.get("alpha")
     return Candidate(objective, None if alpha is None else float(alpha), None if lam is None else float(lam),
                      params.get("points"), params.get("position", "auto"), params.get("schedule", "constant"),
-                     params.get("gate"), params.get("head", "linear"))
+                     params.get("gate"), params.get("head", DEFAULT_HEAD))

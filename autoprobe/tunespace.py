@@ -24,6 +24,7 @@ from typing import Any, Literal, get_args
 
 import torch
 
+from .defaults import DEFAULT_HEAD
 from .errors import UsageError
 from .losses import LossOptions
 
@@ -40,8 +41,9 @@ TuneHead = Literal["linear", "conv"]
 # iMacHSR and the auxiliary CE weight for DSN; lam applies to iMacHSR only; points=None is the
 # automatic M; position "auto" is autoprobe's selection, the others ``placement.spaced``; gate None is
 # no gate, "cosine" / "binary" the gradient-similarity gate (``autoprobe.losses.gate``); head the
-# adapter's form. gate and head are not searched by default, so the default space is the one
-# EVIDENCE.md's tuned rows ran (linear heads, no gate).
+# adapter's form. gate and head are not searched by default: every candidate has instrument's own
+# head (``defaults.DEFAULT_HEAD``, conv since issue 24's rule chose it on validation) and no gate.
+# EVIDENCE.md's first tuned rows ran linear heads; its `tuned-returned` rows run this space.
 SEARCH_KEYS: tuple[str, ...] = ("objective", "alpha", "lam", "points", "position", "schedule", "gate", "head")
 DEFAULT_SEARCH: Mapping[str, tuple[Any, ...]] = {
     "objective": ("output", "dsn", "imachsr"),
@@ -51,7 +53,7 @@ DEFAULT_SEARCH: Mapping[str, tuple[Any, ...]] = {
     "position": ("auto",),
     "schedule": ("constant", "cosine"),
     "gate": (None,),
-    "head": ("linear",),
+    "head": (DEFAULT_HEAD,),
 }
 
 
@@ -77,7 +79,7 @@ class Candidate:
     position: TunePosition = "auto"
     schedule: str = "constant"
     gate: str | None = None
-    head: TuneHead = "linear"
+    head: TuneHead = DEFAULT_HEAD
 
     @property
     def label(self) -> str:
@@ -92,7 +94,7 @@ class Candidate:
             parts.append(self.schedule)
         if self.gate is not None:
             parts.append(f"gate={self.gate}")
-        if self.head != "linear":
+        if self.head != DEFAULT_HEAD:  # a label names what departs from instrument's defaults
             parts.append(f"head={self.head}")
         return "/".join(parts)
 
@@ -123,7 +125,7 @@ class Candidate:
         if self.objective == "output":
             raise UsageError("tune: output-only training has no instrument arguments: train the plain model. "
                              "Hint: check candidate.objective == 'output' first.")
-        # Gate and head always given, None and "linear" included: a candidate is its own setting,
+        # Gate and head always given, None and either head included: a candidate is its own setting,
         # whatever instrument's defaults are.
         options = LossOptions(alpha=self.alpha, lam=self.lam if self.objective == "imachsr" else None,
                               schedule=self.schedule, gate=self.gate, head=self.head)

@@ -42,7 +42,10 @@ def _plain_net():
     return nn.Sequential(*conv(1, 8), *conv(8, 8), *conv(8, 8), *conv(8, 8), nn.Flatten(), nn.Linear(512, 4))
 
 
-_STEM_HEAD = {"objective": ["dsn"], "alpha": [1.0], "points": [1], "position": ["input"], "schedule": ["constant"]}
+# A linear head on the stem: the known answer is that of a head whose 1x1 map reaches the stem at once
+# (a conv head's BN and 3x3 conv need more than these 60 steps on a 4-channel stem).
+_STEM_HEAD = {"objective": ["dsn"], "alpha": [1.0], "points": [1], "position": ["input"], "schedule": ["constant"],
+              "head": ["linear"]}
 # Weights that swamp the output loss with an input-side term: worse than output-only on this task.
 _HARMFUL = {"objective": ["dsn", "imachsr"], "alpha": [100.0], "lam": [100.0], "points": [1], "position": ["input"],
             "schedule": ["constant"]}
@@ -54,7 +57,7 @@ def test_a_known_good_setting_wins_and_its_instrument_arguments_reproduce_it():
                   search=_STEM_HEAD, progress=False)
     assert result.chosen.objective == "dsn" and result.chosen.position == "input"
     assert result.score > result.output_only_score + 0.3
-    assert [row.candidate.label for row in result.table] == ["output", "dsn/alpha=1.0/M=1/input"]
+    assert [row.candidate.label for row in result.table] == ["output", "dsn/alpha=1.0/M=1/input/head=linear"]
     assert result.cost_steps <= 4 * 60
     probed = autoprobe.instrument(_cut_net(), **result.instrument_kwargs)
     assert list(probed.selection.names) == ["1"] and type(probed.objective).__name__ == "DSN"
@@ -231,3 +234,15 @@ def test_the_default_search_stays_within_max_cost_measured_validation_included()
     assert stopped and any("stopped by max_cost" in line for line in lines)
     assert cost.runs <= 3.5, cost  # the bound, measured: steps, validation passes and builds
     assert table[0].steps == 180 and result.model is not None
+
+
+def test_the_default_search_trains_instruments_own_head():
+    # One default, defined once: what tune searches is what instrument trains when told nothing.
+    from autoprobe.defaults import DEFAULT_HEAD
+    from autoprobe.tunespace import Candidate
+
+    assert autoprobe.tuning.DEFAULT_SEARCH["head"] == (DEFAULT_HEAD,)
+    kwargs = Candidate("dsn", 0.3).instrument_kwargs(input_size=(1, 8, 8))
+    assert kwargs["loss_options"].head == DEFAULT_HEAD == autoprobe.LossOptions().head
+    assert Candidate("dsn", 0.3).label == "dsn/alpha=0.3/M=auto/auto"
+    assert Candidate("dsn", 0.3, head="linear").label == "dsn/alpha=0.3/M=auto/auto/head=linear"
