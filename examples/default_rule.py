@@ -24,12 +24,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["CANDIDATES", "CURRENT", "SEEDS", "CONFIRMATION_SEEDS", "RuleOutcome", "validation_rows", "apply_rule",
+__all__ = ["CANDIDATES", "CURRENT", "SEEDS", "CONFIRMATION_SEEDS", "canvas", "RuleOutcome", "validation_rows", "apply_rule",
            "rule_table", "confirmation_rows", "confirmation_table", "gate_table", "gate_plot"]
 
 MODELS = (("seg", "deeplabv3plus"), ("seg", "unet"), ("cls", "resnet18n"), ("cls", "vit"))
 SEEDS = (0, 1, 2)
 CONFIRMATION_SEEDS = (5, 6, 7, 8, 9)
+
+
+def canvas(record: dict) -> int:
+    """The segmentation canvas side a run trained on: 32 where the record has no field (those before the
+    64x64 regime) or None (classification records, as compare.py writes them).
+
+    Example:
+        >>> canvas({"canvas": 64}), canvas({"canvas": None}), canvas({})
+        (64, 32, 32)
+    """
+    return int(record.get("canvas") or 32)
 CANVASES = (32, 64)  # the segmentation canvas sides the confirmation ran at (64: issue 24's larger regime)
 # (name, method, setting, pilot): the runs a candidate is read from. DeepLabV3+'s DSN at today's
 # points is a pilot spelled `auto/M=3` (its main-table runs had older points); see _arm_runs.
@@ -82,7 +93,7 @@ def _arm_runs(records: Sequence[dict], task: str, model: str, method: str, setti
     out: dict[int, dict] = {}
     for r in records:
         if ((r["task"], r["model"], r["method"], r["setting"]) == (task, model, method, setting) and not r.get("quick")
-                and (r.get("canvas") or 32) == 32):  # classification records carry None
+                and canvas(r) == 32):
             if r["seed"] in SEEDS and r["curve"]["val"]:
                 out.setdefault(r["seed"], r)
     return out
@@ -212,7 +223,7 @@ def confirmation_rows(records: Sequence[dict]) -> list[dict]:
                 runs = {r["seed"]: r for r in records
                         if (r["task"], r["model"], r["method"], r["setting"]) == (task, model, method, setting)
                         and r["seed"] in CONFIRMATION_SEEDS and not r.get("pilot") and not r.get("quick")
-                        and (r.get("canvas") or 32) == size}
+                        and canvas(r) == size}
                 if not runs:
                     continue
                 if name == "output-only":

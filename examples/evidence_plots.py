@@ -15,6 +15,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+def _sibling(name: str):
+    """A module beside this file (``default_rule``, ``mechanism``), imported as a script's sibling would be."""
+    import importlib
+    import sys
+
+    if __package__:
+        return importlib.import_module(f"{__package__}.{name}")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
+
+
 __all__ = ["load", "paired", "summary_rows", "render"]
 
 # A table's arms: (its name in tables and summary.json, the runs' method, the runs' setting).
@@ -51,12 +65,12 @@ def load(path: Path) -> list[dict]:
 
 
 # Seeds 5-9 confirm the default's rule (EVIDENCE.md section 7): their own rows, never merged into the tables.
-CONFIRMATION_SEEDS = frozenset(range(5, 10))
 
 
-def canvas(record: dict) -> int:
-    """The segmentation canvas side a run trained on (records before the 64x64 regime have no field: 32)."""
-    return int(record.get("canvas") or 32)  # classification records carry None
+# Defined once, in the rule's module: which seeds are the confirmation's, and how a record's canvas is read.
+_RULE = _sibling("default_rule")
+CONFIRMATION_SEEDS = frozenset(_RULE.CONFIRMATION_SEEDS)
+canvas = _RULE.canvas
 
 
 def _main(records: Sequence[dict]) -> list[dict]:
@@ -282,20 +296,6 @@ def _delta_bars(records, base, settings: Sequence[tuple[str, str]], title: str, 
     ax.set_ylabel("ΔmIoU vs baseline (points, paired)")
     ax.set_title(title, fontsize=9)
     return _save(plt, fig, path)
-
-
-def _sibling(name: str):
-    """A module beside this file (``default_rule``, ``mechanism``), imported as a script's sibling would be."""
-    import importlib
-    import sys
-
-    if __package__:
-        return importlib.import_module(f"{__package__}.{name}")
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.pop(0)
 
 
 def _qualitative(records: list[dict], out: Path) -> Path | None:
