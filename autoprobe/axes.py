@@ -45,7 +45,7 @@ from typing import Any, Union
 from torch import nn
 
 from .layout import Layout
-from .ops import OPS, RULE_NAMES, op_name
+from .ops import MODULE_RULE_NAMES, OPS, RULE_NAMES, ModuleClass, module_class, op_name
 from .sizes import TRACE_BATCH
 
 __all__ = ["Axis", "Axes", "Labels", "AxisEnv", "AxisRuleError", "propagate", "module_axes", "layout_of", "input_axes", "op_name"]
@@ -723,49 +723,69 @@ def propagate(op: str, args: tuple, kwargs: Mapping[str, Any], env: AxisEnv, *, 
     return _broadcast(same, shape, env) if same else None
 
 
-def module_axes(module: nn.Module, args: tuple, kwargs: Mapping[str, Any], env: AxisEnv) -> Labels:
-    """The labels of a module call's output, from the module's class.
+# ---- module calls: a registered class's rule (``ops.ModuleClass.rule``) reads the module's attributes as its op's
+# arguments; the registry decides which classes a rule covers, this table only binds names to functions.
 
-    torch.nn's own layers map to their functional rule (``Conv2d`` -> ``conv2d``, ``LayerNorm`` ->
-    ``layer_norm`` over its ``normalized_shape``, ``Flatten`` -> ``flatten``); activations,
-    dropout and identities are elementwise. A module autoprobe keeps whole without knowing its
-    class (a leaf block) keeps a same-shaped input's labels, makes channels-first maps when its
+
+def _as_called(rule: Callable[[tuple, dict, AxisEnv], Labels]) -> Callable[[nn.Module, tuple, dict, AxisEnv], Labels]:
+    """A module rule for a module whose call passes its functional op's arguments (a conv, a linear, a dropout)."""
+
+    def call(module: nn.Module, args: tuple, kwargs: dict, env: AxisEnv) -> Labels:
+        return rule(args, kwargs, env)
+
+    return call
+
+
+def _module_layer_norm(module: nn.Module, args: tuple, kwargs: dict, env: AxisEnv) -> Labels:
+    return _layer_norm((args[0], tuple(module.normalized_shape)), {}, env) if args else None
+
+
+def _module_flatten(module: nn.Module, args: tuple, kwargs: dict, env: AxisEnv) -> Labels:
+    return _flatten((args[0], module.start_dim, module.end_dim), {}, env) if args else None
+
+
+def _module_unflatten(module: nn.Module, args: tuple, kwargs: dict, env: AxisEnv) -> Labels:
+    return _unflatten((args[0], module.dim), {}, env) if args else None
+
+
+_MODULE_RULES: dict[str, Callable[[nn.Module, tuple, dict, AxisEnv], Labels]] = {
+    "elementwise": _as_called(_elementwise), "same_as_first": _as_called(_same_as_first),
+    "channels_first": _as_called(_channels_first), "linear": _as_called(_linear), "embedding": _as_called(_embedding),
+    "mha": _as_called(_mha), "im2col": _as_called(_im2col), "col2im": _as_called(_col2im),
+    "layer_norm": _module_layer_norm, "flatten": _module_flatten, "unflatten": _module_unflatten,
+}
+if set(_MODULE_RULES) != MODULE_RULE_NAMES:  # a rule a module class may name must have a function, and none idles
+    raise ImportError(f"axes.py binds module rules {sorted(set(_MODULE_RULES) ^ MODULE_RULE_NAMES)} that "
+                      "ops.MODULE_RULE_NAMES does not list, or the reverse. Hint: name each rule once in both.")
+
+
+def module_axes(module: nn.Module, args: tuple, kwargs: Mapping[str, Any], env: AxisEnv) -> Labels:
+    """The labels of a module call's output, from the module's registry entry (``ops.module_class``).
+
+    A registered class follows its entry's rule (``Conv2d`` -> ``channels_first``, ``LayerNorm`` ->
+    ``layer_norm`` over its ``normalized_shape``, ``Flatten`` -> ``flatten``; activations, dropout and
+    identities are elementwise); a subclass follows its nearest registered base's. A module autoprobe keeps
+    whole with no rule (a leaf block) keeps a same-shaped input's labels, makes channels-first maps when its
     last layer is a convolution or pooling, and is otherwise unknown.
+
+    Args:
+        module: the called module.
+        args, kwargs: the call's arguments; ``env.labels``/``env.shape`` read the tensors among them.
+        env: how to read an argument's labels and shape, and the output's shape.
+
+    Returns:
+        The output's labels, or ``None`` where they are unknown.
+
+    Example:
+        >>> env = AxisEnv.simple({"NCSS": (2, 8, 4, 4)}, out=(2, 128))
+        >>> module_axes(nn.Flatten(), ("NCSS",), {}, env)
+        'N?'
+        >>> module_axes(nn.Conv2d(8, 8, 1), ("NCSS",), {}, AxisEnv.simple(out=(2, 8, 4, 4)))
+        'NCSS'
     """
-    if isinstance(module, (nn.modules.conv._ConvNd, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
-                           nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
-                           nn.modules.pooling._LPPoolNd, nn.modules.batchnorm._NormBase, nn.GroupNorm,
-                           nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle, nn.LocalResponseNorm,
-                           nn.ChannelShuffle)):
-        return _channels_first(args, dict(kwargs), env)
-    if isinstance(module, nn.Fold):
-        return _col2im(args, dict(kwargs), env)
-    if isinstance(module, nn.Linear):
-        return _linear(args, dict(kwargs), env)
-    if isinstance(module, nn.Unfold):
-        return _im2col(args, dict(kwargs), env)
-    if isinstance(module, nn.LayerNorm):
-        return _layer_norm((args[0], tuple(module.normalized_shape)), {}, env) if args else None
-    rms = getattr(nn, "RMSNorm", None)
-    if rms is not None and isinstance(module, rms):
-        return _layer_norm((args[0], tuple(module.normalized_shape)), {}, env) if args else None
-    if isinstance(module, nn.Flatten):
-        return _flatten((args[0], module.start_dim, module.end_dim), {}, env) if args else None
-    if isinstance(module, nn.Unflatten):
-        return _unflatten((args[0], module.dim), {}, env) if args else None
-    if isinstance(module, nn.Embedding):
-        return _embedding(args, dict(kwargs), env)
-    if isinstance(module, nn.MultiheadAttention):
-        return _mha(args, dict(kwargs), env)
-    home = type(module).__module__
-    if isinstance(module, (nn.Identity, nn.modules.dropout._DropoutNd)) or home.startswith(
-        ("torch.nn.modules.activation", "torch.nn.modules.dropout")
-    ):
-        return _elementwise(args, dict(kwargs), env)
-    if home == "torch.nn.modules.padding":
-        return _same_as_first(args, dict(kwargs), env)  # ZeroPad2d & co. grow the spatial axes, keep every label
-    if isinstance(module, (nn.Softmax, nn.LogSoftmax, nn.Softmin)):
-        return _elementwise(args, dict(kwargs), env)
+    entry = module_class(module)
+    if entry is not None and entry.rule:
+        return _MODULE_RULES[entry.rule](module, tuple(args), dict(kwargs), env)
     shape = _out_shape(env)
     if shape is not None:
         same = [a for a in args if env.shape(a) == shape and isinstance(env.labels(a), str)]
@@ -777,15 +797,17 @@ def module_axes(module: nn.Module, args: tuple, kwargs: Mapping[str, Any], env: 
     return None
 
 
+def _makes_map(entry: ModuleClass | None) -> bool:
+    return entry is not None and entry.kind in ("conv", "pool") and entry.rule == "channels_first"
+
+
 def _last_layer(module: nn.Module) -> nn.Module | None:
-    """The block's last registered conv or pooling layer, when no linear comes after it (its output is a map)."""
-    layers = [m for m in module.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear,
-                                                             nn.modules.pooling._AdaptiveAvgPoolNd,
-                                                             nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd))]
-    if layers and not isinstance(layers[-1], nn.Linear):
+    """The block's last conv or pooling layer that makes channels-first maps, when no linear comes after it (its
+    output is a map); read off each layer's registry entry."""
+    layers = [m for m in module.modules() if (e := module_class(m)) is not None and (_makes_map(e) or e.rule == "linear")]
+    if layers and _makes_map(module_class(layers[-1])):
         return layers[-1]
     return None
-
 
 
 def run_labels(fn: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any], labels: Mapping[int, Axes],

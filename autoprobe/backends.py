@@ -52,7 +52,7 @@ from torch.overrides import TorchFunctionMode
 from .errors import AutoprobeError, InputSizeError, RealDataNeeded, TraceError, UsageError
 from .axes import AxisEnv, Labels, input_axes, propagate
 from .graph import LayerGraph, build_layer_graph
-from .ops import op_name, shown_name
+from .ops import is_leaf_module, op_name, shown_name
 from .meta import ValueReadCheck, ValuesNeeded, device_of, meta_twins, needs_values, seeded_run
 from .trace import (
     Backend,
@@ -607,12 +607,9 @@ def _size_it_runs_at(
 
 
 def _is_leaf(module: nn.Module, path: str, leaf_types: tuple[type[nn.Module], ...], leaf_paths: frozenset[str]) -> bool:
-    """fx's own leaf rule (torch.nn built-ins) plus timm's and the user's leaves, so names match fx's."""
-    if path in leaf_paths or isinstance(module, leaf_types):
-        return True
-    home = type(module).__module__
-    containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-    return (home.startswith("torch.nn") or home.startswith("torch.ao.nn")) and not isinstance(module, containers)
+    """The registry's leaf rule (``ops.is_leaf_module``: fx's own, torch.nn built-ins, and other libraries' one-op
+    modules) plus timm's and the user's leaves, so names match fx's."""
+    return path in leaf_paths or isinstance(module, leaf_types) or is_leaf_module(module)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,7 +46,8 @@ from torch import nn
 
 __all__ = [
     "Op", "OPS", "RULE_NAMES", "op_name", "lookup", "shown_name", "act_family", "ModuleKind", "module_kind", "owns_matrix",
-    "is_windowed", "is_mode_free", "is_library_leaf",
+    "MODULE_RULE_NAMES", "ModuleClass", "ModulePackage", "module_class", "is_windowed", "is_view", "is_mode_free",
+    "is_library_leaf", "is_leaf_module",
 ]
 
 RULE_NAMES = frozenset(
@@ -330,6 +331,15 @@ def shown_name(target: Any) -> str:
 
 # ----------------------------------------------------------------------------- modules, by type
 
+MODULE_RULE_NAMES = frozenset(
+    {"elementwise", "same_as_first", "channels_first", "linear", "layer_norm", "embedding", "flatten", "unflatten",
+     "mha", "im2col", "col2im"}
+)
+"""The axis rules a ``ModuleClass`` may name: a module's call read as a call of its functional op, with the
+module's attributes as the op's arguments (``layer_norm`` over its ``normalized_shape``, ``flatten`` from its
+``start_dim``/``end_dim``); ``same_as_first`` keeps the first input's labels whatever the sizes (a padding grows the
+spatial axes). ``axes.py`` binds each name to its function once (and checks it binds them all)."""
+
 
 class ModuleKind(NamedTuple):
     """What a called module is.
@@ -346,96 +356,204 @@ class ModuleKind(NamedTuple):
     act: str = ""
 
 
+class ModuleClass(NamedTuple):
+    """One module class's registry entry: everything autoprobe reads off a module by its type.
+
+    A class without an entry of its own has its nearest registered base's entry, whole (``module_class``): an
+    entry of its own replaces every field, as a subclass's method replaces its base's.
+
+    Attributes:
+        kind: coarse kind, as for ``ModuleKind.kind``; ``""``: the type says nothing of what it computes (a
+            flatten, a padding), so ``module_kind`` reads it as it reads a class without an entry.
+        family: the norm family of a norm, the activation family of an act.
+        rule: the name of the axis rule a call of it follows (one of ``MODULE_RULE_NAMES``), or ``""``: read as
+            a block autoprobe keeps whole (a same-shaped input's labels, a map after its last conv or pooling).
+        windowed: its output size is its input's less a window, over a stride (as ``Op.windowed``).
+        view: its output is its input reshaped or passed through (``Flatten``, ``Identity``): never a depth's
+            point of its own (``placement.depth_points``).
+        leaf: another library's one-op module that fx cannot trace through (einops' ``Rearrange`` parses its
+            pattern in Python on the input's shape): fx records it as one call, and export's names follow.
+
+    Example:
+        >>> ModuleClass("pool", rule="channels_first", windowed=True).kind
+        'pool'
+    """
+
+    kind: str = ""
+    family: str = ""
+    rule: str = ""
+    windowed: bool = False
+    view: bool = False
+    leaf: bool = False
+
+
+class ModulePackage(NamedTuple):
+    """What a class's home package implies, whatever the class: true of a package's code, not of a class
+    hierarchy (a subclass in a user's code runs the user's forward).
+
+    Attributes:
+        prefix: the start of the class's ``__module__``.
+        leaf: fx's own leaf rule: its modules are recorded as calls, not traced through.
+        mode_free: its modules keep their output shapes in train and eval mode (a dropout, a batch norm, timm's
+            conv variants); another library's module could return an auxiliary output in train mode only.
+    """
+
+    prefix: str
+    leaf: bool = False
+    mode_free: bool = False
+
+
+_PACKAGES: tuple[ModulePackage, ...] = (
+    ModulePackage("torch.nn", leaf=True, mode_free=True),
+    ModulePackage("torch.ao.nn", leaf=True, mode_free=True),
+    ModulePackage("torch.", mode_free=True),
+    ModulePackage("timm.layers.", mode_free=True),
+    ModulePackage("torchvision.ops.", mode_free=True),
+)
+"""The packages autoprobe knows; a class's facts are those of every prefix its ``__module__`` starts with."""
+
+# fx's leaf rule keeps containers out: a Sequential is traced through, a ModuleList or ModuleDict is never called.
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
 def owns_matrix(module: nn.Module, recurse: bool = False) -> bool:
     """Whether ``module`` (or, with ``recurse``, anything inside it) owns a weight of two or more dimensions."""
     return any(p.dim() >= 2 for p in module.parameters(recurse=recurse))
 
 
-def _torch_types() -> dict[type, ModuleKind]:
+def _torch_classes() -> dict[type, ModuleClass]:
+    """torch.nn's classes, by type (built when first asked for: the table holds classes, not names)."""
     conv, pool, norm = nn.modules.conv, nn.modules.pooling, nn.modules.batchnorm
-    table: dict[type, ModuleKind] = {}
-    # Every torch.nn activation is an ``act`` of its own class's family, unless registered as something else below.
+    padding = nn.modules.padding
+    table: dict[type, ModuleClass] = {}
+    # Every torch.nn activation is an elementwise ``act`` of its own class's family, unless registered below.
     activation = nn.modules.activation
     for name in activation.__all__:
         cls = getattr(activation, name)
         if isinstance(cls, type) and issubclass(cls, nn.Module):
-            table[cls] = ModuleKind("act", act_family(name))
+            table[cls] = ModuleClass("act", act_family(name), "elementwise")
+    windowed_pool = ModuleClass("pool", rule="channels_first", windowed=True)
     table.update({
-        conv._ConvNd: ModuleKind("conv"),
-        nn.Linear: ModuleKind("linear"),
-        nn.Bilinear: ModuleKind("linear"),
-        nn.Identity: ModuleKind("identity"),
-        nn.modules.dropout._DropoutNd: ModuleKind("identity"),
-        nn.MultiheadAttention: ModuleKind("attention"),
-        norm._BatchNorm: ModuleKind("norm", "batch"),
-        nn.modules.instancenorm._InstanceNorm: ModuleKind("norm", "instance"),
-        nn.LayerNorm: ModuleKind("norm", "layer"),
-        nn.GroupNorm: ModuleKind("norm", "group"),
-        nn.LocalResponseNorm: ModuleKind("norm", "localresponsenorm"),
-        nn.Sigmoid: ModuleKind("gate"),
-        nn.Hardsigmoid: ModuleKind("gate"),
-        nn.LogSigmoid: ModuleKind("gate"),
-        nn.Softmax: ModuleKind("softmax"),
-        nn.LogSoftmax: ModuleKind("softmax"),
-        **dict.fromkeys((pool._MaxPoolNd, pool._AvgPoolNd, pool._AdaptiveAvgPoolNd, pool._AdaptiveMaxPoolNd,
-                         pool._LPPoolNd, pool._MaxUnpoolNd, nn.FractionalMaxPool2d, nn.FractionalMaxPool3d),
-                        ModuleKind("pool")),
-        nn.Upsample: ModuleKind("resize"),
-        nn.PixelShuffle: ModuleKind("resize"),
+        conv._ConvNd: ModuleClass("conv", rule="channels_first", windowed=True),
+        nn.Linear: ModuleClass("linear", rule="linear"),
+        nn.Bilinear: ModuleClass("linear"),
+        nn.Embedding: ModuleClass(rule="embedding"),
+        nn.Identity: ModuleClass("identity", rule="elementwise", view=True),
+        nn.modules.dropout._DropoutNd: ModuleClass("identity", rule="elementwise"),
+        nn.MultiheadAttention: ModuleClass("attention", rule="mha"),
+        # Batch and instance norms both derive from _NormBase; a third-party subclass of it keeps its channels first.
+        norm._NormBase: ModuleClass(rule="channels_first"),
+        norm._BatchNorm: ModuleClass("norm", "batch", "channels_first"),
+        nn.modules.instancenorm._InstanceNorm: ModuleClass("norm", "instance", "channels_first"),
+        nn.LayerNorm: ModuleClass("norm", "layer", "layer_norm"),
+        nn.GroupNorm: ModuleClass("norm", "group", "channels_first"),
+        nn.LocalResponseNorm: ModuleClass("norm", "localresponsenorm", "channels_first"),
+        nn.Sigmoid: ModuleClass("gate", rule="elementwise"),
+        nn.Hardsigmoid: ModuleClass("gate", rule="elementwise"),
+        nn.LogSigmoid: ModuleClass("gate", rule="elementwise"),
+        nn.Softmax: ModuleClass("softmax", rule="elementwise"),
+        nn.LogSoftmax: ModuleClass("softmax", rule="elementwise"),
+        pool._MaxPoolNd: windowed_pool,
+        pool._AvgPoolNd: windowed_pool,
+        pool._LPPoolNd: windowed_pool,
+        pool._AdaptiveAvgPoolNd: ModuleClass("pool", rule="channels_first"),
+        pool._AdaptiveMaxPoolNd: ModuleClass("pool", rule="channels_first"),
+        **dict.fromkeys((pool._MaxUnpoolNd, nn.FractionalMaxPool2d, nn.FractionalMaxPool3d), ModuleClass("pool")),
+        nn.Upsample: ModuleClass("resize", rule="channels_first"),
+        nn.PixelShuffle: ModuleClass("resize", rule="channels_first"),
+        nn.PixelUnshuffle: ModuleClass(rule="channels_first", windowed=True),
+        nn.ChannelShuffle: ModuleClass(rule="channels_first"),
+        nn.Unfold: ModuleClass(rule="im2col", windowed=True),
+        nn.Fold: ModuleClass(rule="col2im"),
+        nn.Flatten: ModuleClass(rule="flatten", view=True),
+        nn.Unflatten: ModuleClass(rule="unflatten", view=True),
+        # ZeroPad2d & co. grow the spatial axes and keep every label.
+        **dict.fromkeys((padding._ConstantPadNd, padding._ReflectionPadNd, padding._ReplicationPadNd,
+                         padding._CircularPadNd), ModuleClass(rule="same_as_first")),
     })
     rms = getattr(nn, "RMSNorm", None)
     if rms is not None:
-        table[rms] = ModuleKind("norm", "rms")
+        table[rms] = ModuleClass("norm", "rms", "layer_norm")
     return table
 
 
-def _timm_types() -> dict[type, ModuleKind]:
-    """timm's own layers that are not subclasses of torch.nn's (those inherit their entry)."""
-    layers = sys.modules["timm.layers"]
-    table: dict[type, ModuleKind] = {}
-    for names, kind in (
-        (("CondConv2d",), ModuleKind("conv")),
-        (("FrozenBatchNormAct2d",), ModuleKind("norm", "batch")),
-        (("RmsNorm", "RmsNorm2d"), ModuleKind("norm", "rms")),
-        (("DropPath", "DropBlock2d"), ModuleKind("identity")),
-        (("Sigmoid", "HardSigmoid"), ModuleKind("gate")),
-        (("SelectAdaptivePool2d", "AdaptiveAvgMaxPool2d", "BlurPool2d"), ModuleKind("pool")),
-    ):
-        for name in names:
-            cls = getattr(layers, name, None)
-            if isinstance(cls, type):
-                table[cls] = kind
-    for name in ("Swish", "Mish", "Tanh", "HardSwish", "GELU", "GELUTanh", "QuickGELU"):
-        cls = getattr(layers, name, None)
-        if isinstance(cls, type):
-            table[cls] = ModuleKind("act", act_family(name))
-    return table
+_LIBRARY_CLASSES: Mapping[str, Mapping[str, ModuleClass]] = MappingProxyType({
+    # timm's own layers that are not subclasses of torch.nn's (those inherit their entry).
+    "timm.layers": MappingProxyType({
+        "CondConv2d": ModuleClass("conv"),
+        "FrozenBatchNormAct2d": ModuleClass("norm", "batch"),
+        **dict.fromkeys(("RmsNorm", "RmsNorm2d"), ModuleClass("norm", "rms")),
+        **dict.fromkeys(("DropPath", "DropBlock2d"), ModuleClass("identity")),
+        **dict.fromkeys(("Sigmoid", "HardSigmoid"), ModuleClass("gate")),
+        **dict.fromkeys(("SelectAdaptivePool2d", "AdaptiveAvgMaxPool2d", "BlurPool2d"), ModuleClass("pool")),
+        **{name: ModuleClass("act", act_family(name))
+           for name in ("Swish", "Mish", "Tanh", "HardSwish", "GELU", "GELUTanh", "QuickGELU")},
+    }),
+    "torchvision.ops": MappingProxyType({
+        "FrozenBatchNorm2d": ModuleClass("norm", "batch"), "DeformConv2d": ModuleClass("conv"),
+    }),
+    # fx cannot trace through einops' layers, but each is one op.
+    "einops.layers.torch": MappingProxyType(dict.fromkeys(("Rearrange", "Reduce"), ModuleClass(leaf=True))),
+})
+"""Other libraries' classes, by the module that exports them and the class's name there. A library's entries are
+read only once it is imported: a module of its cannot exist before, and autoprobe never imports it for that."""
 
 
-def _torchvision_types() -> dict[type, ModuleKind]:
-    ops = sys.modules["torchvision.ops"]
-    return {ops.FrozenBatchNorm2d: ModuleKind("norm", "batch"), ops.DeformConv2d: ModuleKind("conv")}
-
-
-@functools.lru_cache(maxsize=4)
-def _module_types(libraries: frozenset[str]) -> Mapping[type, ModuleKind]:
-    table = _torch_types()
-    if "timm.layers" in libraries:
-        table.update(_timm_types())
-    if "torchvision.ops" in libraries:
-        table.update(_torchvision_types())
+def _check(table: dict[type, ModuleClass]) -> Mapping[type, ModuleClass]:
+    for cls, entry in table.items():
+        if entry.rule and entry.rule not in MODULE_RULE_NAMES:
+            raise ValueError(f"module class {cls.__qualname__} names axis rule {entry.rule!r}, which is not in "
+                             "MODULE_RULE_NAMES")
     return MappingProxyType(table)
 
 
-def _registered(module: nn.Module) -> ModuleKind | None:
-    """The entry of the nearest registered class in ``module``'s class hierarchy (most specific first)."""
-    libraries = frozenset(name for name in ("timm.layers", "torchvision.ops") if name in sys.modules)
-    table = _module_types(libraries)
-    for cls in type(module).__mro__:
-        found = table.get(cls)
+# Bounded: one table per set of imported libraries, and a process imports them once (at most one table each).
+@functools.lru_cache(maxsize=8)
+def _module_classes(libraries: frozenset[str]) -> Mapping[type, ModuleClass]:
+    table = _torch_classes()
+    for library in sorted(libraries):
+        loaded = sys.modules[library]
+        for name, entry in _LIBRARY_CLASSES[library].items():
+            cls = getattr(loaded, name, None)
+            if isinstance(cls, type):
+                table[cls] = entry
+    return _check(table)
+
+
+def _entry(cls: type) -> ModuleClass | None:
+    """The entry of the nearest registered class in ``cls``'s class hierarchy (most specific first)."""
+    table = _module_classes(frozenset(name for name in _LIBRARY_CLASSES if name in sys.modules))
+    for base in cls.__mro__:
+        found = table.get(base)
         if found is not None:
             return found
     return None
+
+
+def module_class(module: nn.Module | type[nn.Module]) -> ModuleClass | None:
+    """The registry entry of a module, or of a module class: its own class's, else its nearest registered base's.
+
+    Args:
+        module: a module, or a module class.
+
+    Returns:
+        The entry, or ``None`` for a class none of whose bases is registered.
+
+    Example:
+        >>> class Shrink(nn.MaxPool2d):  # a subclass has its registered base's entry
+        ...     pass
+        >>> module_class(Shrink(2))
+        ModuleClass(kind='pool', family='', rule='channels_first', windowed=True, view=False, leaf=False)
+        >>> module_class(nn.Flatten).view, module_class(nn.Module)
+        (True, None)
+    """
+    return _entry(module if isinstance(module, type) else type(module))
+
+
+def _registered(module: nn.Module) -> ModuleKind | None:
+    """The kind of ``module``'s registry entry, or ``None`` where it has none or its entry names no kind."""
+    entry = module_class(module)
+    return ModuleKind(entry.kind, entry.family) if entry is not None and entry.kind else None
 
 
 def _named(module: nn.Module) -> ModuleKind | None:
@@ -479,55 +597,99 @@ def _norm_act(module: nn.Module) -> str:
     return known.family if known is not None and known.kind == "act" else act_family(type(act).__name__)
 
 
-_WINDOWED_TYPES: tuple[type[nn.Module], ...] = (
-    nn.modules.conv._ConvNd, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
-    nn.modules.pooling._LPPoolNd, nn.Unfold, nn.PixelUnshuffle,
-)
-"""Module classes whose output size is their input's less a window, over a stride (as ``Op.windowed``)."""
-
-_MODE_FREE_PACKAGES = ("torch.", "timm.layers.", "torchvision.ops.")
-"""Packages whose modules keep their output shapes in train and eval mode (a dropout, a batch norm, timm's conv
-variants): another library's leaf could return an auxiliary output in train mode only, unseen by fx."""
-
-_LIBRARY_LEAVES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("einops.layers.torch", ("Rearrange", "Reduce")),
-)
-"""Module classes of other libraries fx cannot trace through but that are one op each (einops' layers parse their
-pattern in Python on the input's shape): fx records them as one call. Read only from libraries already imported."""
+def _package(module: nn.Module) -> tuple[ModulePackage, ...]:
+    home = type(module).__module__
+    return tuple(p for p in _PACKAGES if home.startswith(p.prefix))
 
 
 def is_windowed(module: nn.Module | None) -> bool:
     """Whether ``module``'s output size is its input's less a window (a conv, a pooling, an unfold).
 
+    Args:
+        module: a module, or ``None`` (a node that calls no module).
+
+    Returns:
+        Its registry entry's ``windowed``; ``False`` for ``None`` or a class without an entry.
+
     Example:
         >>> is_windowed(nn.Conv2d(1, 1, 3)), is_windowed(nn.ReLU()), is_windowed(None)
         (True, False, False)
     """
-    return isinstance(module, _WINDOWED_TYPES)
+    entry = module_class(module) if module is not None else None
+    return entry is not None and entry.windowed
+
+
+def is_view(module: nn.Module | None) -> bool:
+    """Whether ``module``'s output is its input reshaped or passed through (``Flatten``, ``Identity``).
+
+    Args:
+        module: a module, or ``None`` (a node of no module).
+
+    Returns:
+        Its registry entry's ``view``; ``False`` for ``None`` or a class without an entry.
+
+    Example:
+        >>> is_view(nn.Unflatten(1, (2, 2))), is_view(nn.Conv2d(1, 1, 1)), is_view(None)
+        (True, False, False)
+    """
+    entry = module_class(module) if module is not None else None
+    return entry is not None and entry.view
 
 
 def is_mode_free(module: nn.Module) -> bool:
     """Whether ``module``'s class comes from a package whose modules keep their shapes in both modes.
 
+    A per-package rule (``ModulePackage.mode_free``), not a per-class one: a subclass in a user's code runs the
+    user's forward, which may add an output in train mode.
+
+    Args:
+        module: a module.
+
+    Returns:
+        Whether its class's home package is mode-free.
+
     Example:
         >>> is_mode_free(nn.Dropout())
         True
     """
-    return type(module).__module__.startswith(_MODE_FREE_PACKAGES)
+    return any(p.mode_free for p in _package(module))
 
 
 def is_library_leaf(module: nn.Module) -> bool:
     """Whether ``module`` is another library's one-op module fx keeps as one call (an einops ``Rearrange``).
 
+    Args:
+        module: a module.
+
+    Returns:
+        Its registry entry's ``leaf``; ``False`` for a class without an entry.
+
     Example:
         >>> is_library_leaf(nn.ReLU())
         False
     """
-    for library, names in _LIBRARY_LEAVES:
-        loaded = sys.modules.get(library)
-        if loaded is not None and isinstance(module, tuple(getattr(loaded, n) for n in names if hasattr(loaded, n))):
-            return True
-    return False
+    entry = module_class(module)
+    return entry is not None and entry.leaf
+
+
+def is_leaf_module(module: nn.Module) -> bool:
+    """Whether fx records a call of ``module`` as one node: torch.nn's own modules but containers (fx's own rule,
+    ``ModulePackage.leaf``) and another library's one-op modules (``is_library_leaf``). The user's leaf types and
+    paths come on top (``TraceOptions``).
+
+    Args:
+        module: a module.
+
+    Returns:
+        Whether it is a leaf of every trace, whatever the options.
+
+    Example:
+        >>> is_leaf_module(nn.Conv2d(1, 1, 1)), is_leaf_module(nn.Sequential()), is_leaf_module(nn.Module())
+        (True, False, True)
+    """
+    if is_library_leaf(module):
+        return True
+    return any(p.leaf for p in _package(module)) and not isinstance(module, _CONTAINERS)
 
 
 def module_kind(module: nn.Module) -> ModuleKind:

@@ -37,6 +37,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Literal
 
 from .errors import SelectionError
+from .ops import is_view
 from .select import Fired, Point, Scored, Selection, can_be_point, point_at, usable_depth
 
 if TYPE_CHECKING:
@@ -48,7 +49,6 @@ __all__ = ["Position", "POSITIONS", "main_path", "depth_points", "spaced", "by_n
 Position = Literal["input", "centre", "output"]
 POSITIONS: tuple[str, ...] = ("input", "centre", "output")
 _VIEW_KINDS = frozenset({"reshape", "identity"})
-_VIEW_MODULES = frozenset({"Flatten", "Unflatten", "Identity"})  # torch's own view modules, when called as such
 
 
 def main_path(graph: LayerGraph) -> tuple[LayerInfo, ...]:
@@ -95,9 +95,12 @@ def depth_points(analysis: Analysis) -> dict[int, LayerInfo]:
         {1: '1', 2: '3'}
     """
     out: dict[int, LayerInfo] = {}
+    modules = dict(analysis.model.module.named_modules())
     for info in main_path(analysis.graph):
-        # A reshape or identity (flatten, dropout) is a view of the node before it, not a new feature.
-        if _eligible(analysis, info) and info.kind not in _VIEW_KINDS and info.module_type not in _VIEW_MODULES:
+        # A reshape or identity (flatten, dropout) is a view of the node before it, not a new feature: by the op's
+        # kind, or by its module's registry entry (``Flatten``'s kind is ``other``, its entry a view).
+        view = info.kind in _VIEW_KINDS or is_view(modules.get(info.module_path))
+        if _eligible(analysis, info) and not view:
             out[info.depth] = info  # the path is in execution order: the last one of a depth wins
     return out
 

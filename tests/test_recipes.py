@@ -322,22 +322,40 @@ def test_a_new_loss_term_takes_the_terms_and_an_objective(tmp_path: Path) -> Non
 
 # ------------------------------------------------------------------------------------------------ a module class
 
-MODULE = [Edit("autoprobe/ops.py", '        nn.Upsample: ModuleKind("resize"),\n', '        nn.ZeroPad2d: ModuleKind("reshape"),\n')]
-"""A torch.nn class the registry did not know, by type: its kind (and family, for a norm or an activation)."""
+MODULE = [Edit("autoprobe/ops.py", "_LIBRARY_CLASSES: Mapping[str, Mapping[str, ModuleClass]] = MappingProxyType({\n",
+               '    "toylib": MappingProxyType({"Halve": ModuleClass("pool", rule="channels_first", windowed=True, '
+               'leaf=True)}),\n')]
+"""Another library's class the registry did not know, by type: its one entry (kind, axis rule, windowed, leaf)."""
 
 MODULE_SCRIPT = """
-    import json, torch
+    import json, pathlib
+    pathlib.Path("toylib.py").write_text(
+        "import torch\\n"
+        "class Halve(torch.nn.Module):  # a library's 2x2 max pool\\n"
+        "    def forward(self, x):\\n"
+        "        return torch.nn.functional.max_pool2d(x, 2)\\n")
+    import torch, toylib
+    from autoprobe import ops
     from autoprobe.backends import trace_with_fallbacks
 
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ZeroPad2d(1), torch.nn.Conv2d(4, 4, 3))
-    seen = {b: [n.kind for n in trace_with_fallbacks(net, (3, 12, 12), backends=(b,)).graph if n.name == "1"]
-            for b in ("fx", "hooks")}
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.halve, self.b = torch.nn.Conv2d(3, 4, 3), toylib.Halve(), torch.nn.Conv2d(4, 4, 3)
+        def forward(self, x):
+            return self.b(self.halve(self.a(x)))
+
+    seen = {b: [[n.op, n.kind, str(n.layout)] for n in trace_with_fallbacks(Net(), (3, 14, 14), backends=(b,)).graph
+                if n.module_path == "halve" or n.name == "halve"] for b in ("fx", "hooks")}
+    seen["windowed"] = ops.is_windowed(toylib.Halve())
     print(json.dumps(seen))
 """
 
 
 def test_a_new_module_class_takes_the_registry_alone(tmp_path: Path) -> None:
-    _check_recipe(tmp_path, MODULE, MODULE_SCRIPT, {"fx": ["reshape"], "hooks": ["reshape"]})
+    # Without its entry fx traces through the class (a max_pool2d call) and hooks read it as ``other``.
+    _check_recipe(tmp_path, MODULE, MODULE_SCRIPT, {"fx": [["call_module", "pool", "NCHW"]],
+                                                    "hooks": [["call_module", "pool", "NCHW"]], "windowed": True})
 
 
 # ------------------------------------------------------------------------------------------------ the README
