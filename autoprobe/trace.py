@@ -668,9 +668,14 @@ class _ShapeProp(fx.Interpreter):
                 ) from exc
             # An assert's message was formatted while tracing, so its numbers read ``Proxy(getitem_2)``.
             reason = _PROXY.sub("<traced value>", str(exc).splitlines()[0]) if str(exc) else ""
+            size = self.input_shape[1:]
+            hint = "pass the size the model was built for, one example's shape without the batch axis"
+            if len(size) >= 3 and size[0] == 1:
+                # The commonest first-hour slip: the batch axis given too (autoprobe adds its own).
+                hint += " (if its leading 1 is a batch axis, drop it)"
             raise size_error(SizeErrorParts(
-                f"input size {self.input_shape[1:]} does not fit the model: {where} failed with "
-                f"{type(exc).__name__}: {reason}", "pass the size the model was built for", self.input_shape[1:], "failed",
+                f"input size {size} does not fit the model: {where} failed with "
+                f"{type(exc).__name__}: {reason}", hint, size, "failed",
             ), argument=self.size_argument) from exc
         meta = fx.node.map_aggregate(
             _fields(result), lambda v: _metadata(v) if isinstance(v, torch.Tensor) else v

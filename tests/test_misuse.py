@@ -136,3 +136,15 @@ def test_a_chosen_selection_instruments_at_exactly_those_points() -> None:
     analysis = autoprobe.api.analyze(small(), input_size=(3, 16, 16))
     probed = autoprobe.instrument(small(), analysis.choose("4"), input_size=(3, 16, 16))
     assert [t.point for t in probed.report.taps] == ["4"]
+
+
+def test_a_size_with_the_batch_axis_is_told_to_drop_it() -> None:
+    # The first-hour slip: (1, 3, 32, 32) for a 2-d conv net; the hint names the batch axis.
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(InputSizeError, match=r"without the batch axis \(if its leading 1 is a batch axis, drop it\)"):
+        autoprobe.inspect(model, input_size=(1, 3, 32, 32))
+    with pytest.raises(InputSizeError) as caught:
+        autoprobe.inspect(model, input_size=(3, 3, 32, 32))
+    assert "leading 1" not in str(caught.value)  # only a leading 1 reads as a batch axis
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
