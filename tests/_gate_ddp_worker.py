@@ -26,8 +26,9 @@ def main(out_dir: str) -> None:
     torch.manual_seed(0)
     found = {}
     for wrt in ("feature", "parameters"):
+        gate = autoprobe.Gate("cosine", every=5, wrt=wrt)
         probed = autoprobe.instrument(_model(), input_size=(3, 16, 16), loss="dsn",
-                                      gate=autoprobe.Gate("cosine", every=5, wrt=wrt))
+                                      loss_options=autoprobe.LossOptions(gate=gate))
         ddp = DistributedDataParallel(probed)
         optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05)
         data = torch.Generator().manual_seed(100 + rank)  # different batches per rank

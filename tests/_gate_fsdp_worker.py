@@ -38,13 +38,15 @@ def main(out_dir: str) -> None:
     torch.use_deterministic_algorithms(True)
     found = {}
     gates = {wrt: autoprobe.Gate("cosine", every=1, wrt=wrt) for wrt in ("feature", "parameters")}
-    expected = {wrt: _train(autoprobe.instrument(_model(), input_size=(3, 32, 32), loss="dsn", gate=g).train())
+    expected = {wrt: _train(autoprobe.instrument(_model(), input_size=(3, 32, 32), loss="dsn",
+                                              loss_options=autoprobe.LossOptions(gate=g)).train())
                 for wrt, g in gates.items()}
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     for wrt, gate in gates.items():
-        probed = autoprobe.instrument(_model(), input_size=(3, 32, 32), loss="dsn", gate=gate).train()
+        probed = autoprobe.instrument(_model(), input_size=(3, 32, 32), loss="dsn",
+                                      loss_options=autoprobe.LossOptions(gate=gate)).train()
         for block in probed.model.blocks:
             fully_shard(block, mesh=mesh)
         fully_shard(probed, mesh=mesh)

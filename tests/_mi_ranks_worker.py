@@ -31,8 +31,8 @@ def build(gather_mi: bool) -> autoprobe.Probed:
         nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, CLASSES),
     )
-    return autoprobe.instrument(net, input_size=(3, 8, 8), loss="imachsr", head="linear",
-                                gather_mi=gather_mi, alpha=1.0)
+    return autoprobe.instrument(net, input_size=(3, 8, 8), loss="imachsr",
+                                loss_options=autoprobe.LossOptions(head="linear", gather_mi=gather_mi, alpha=1.0))
 
 
 def combined_batch() -> tuple[torch.Tensor, torch.Tensor]:

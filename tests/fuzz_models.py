@@ -25,6 +25,7 @@ from torch import nn
 import autoprobe
 from autoprobe.api import analyze
 from autoprobe.errors import AutoprobeError
+from autoprobe.trace import TraceOptions
 
 FAMILIES = (
     "sequential", "residual", "inception", "unet", "attention", "normmix", "shared", "control", "inplace",
@@ -468,7 +469,7 @@ def check(case: Case) -> str:
     before = _snapshot(model)
     real = case.needs_values
     try:
-        analyses = [analyze(model, input_size=size, allow_real_data=real) for size in case.sizes]
+        analyses = [analyze(model, input_size=size, options=TraceOptions(allow_real_data=real)) for size in case.sizes]
     except AutoprobeError as exc:
         if not _same_snapshot(before, _snapshot(model)):
             raise Broken("analyze changed the user's model") from exc
@@ -499,7 +500,8 @@ def check(case: Case) -> str:
     size = case.sizes[0]
     reference = copy.deepcopy(model)
     try:
-        probed = autoprobe.instrument(model, selection, input_size=size, allow_real_data=real)
+        probed = autoprobe.instrument(model, selection, input_size=size,
+                                      options=TraceOptions(allow_real_data=real))
     except AutoprobeError as exc:
         if not _same_snapshot(before, _snapshot(model)):
             raise Broken("a refused instrument changed the user's model") from exc

@@ -118,8 +118,10 @@ def build():
 
 
 def test_mode_selects_the_graph_that_is_traced(capsys: Capsys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """--mode train traces the training graph (here with its extra branch), as the Python API's train=True does."""
+    """--mode train traces the training graph (here with its extra branch), as the Python API's
+    options=TraceOptions(mode="train") does."""
     from autoprobe.api import analyze
+    from autoprobe.trace import TraceOptions
 
     write_module(tmp_path, "train_branch_net", TRAIN_BRANCH_SOURCE)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -129,7 +131,7 @@ def test_mode_selects_the_graph_that_is_traced(capsys: Capsys, tmp_path: Path, m
                                    "--format", "json")
         assert code == 0
         documents[mode] = json.loads(out)
-        api = analyze("train_branch_net:build", input_size=(3, 16, 16), train=mode == "train").selection
+        api = analyze("train_branch_net:build", input_size=(3, 16, 16), options=TraceOptions(mode=mode)).selection
         assert documents[mode]["mode"] == mode
         assert (documents[mode]["depth"], [p["name"] for p in documents[mode]["points"]]) == (api.depth, list(api.names))
     assert (documents["eval"]["depth"], documents["train"]["depth"]) == (4, 8)
@@ -522,7 +524,8 @@ def test_a_one_logit_model_shows_its_adapters_as_instrument_builds_them(capsys: 
     assert code == 0
     assert "adapters: 9 parameters in all (C*K + K each, K=1)" in out
     assert " 9 " in next(line for line in out.splitlines() if " P1 " in line)
-    probed = autoprobe.instrument(build(weights=None), input_size=(3, 16, 16), head="linear")
+    probed = autoprobe.instrument(build(weights=None), input_size=(3, 16, 16),
+                                  loss_options=autoprobe.LossOptions(head="linear"))
     assert sum(p.numel() for p in probed.autoprobe_adapters.parameters()) == 9
 
 

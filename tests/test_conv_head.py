@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autoprobe import instrument
+from autoprobe import LossOptions, instrument
 from autoprobe.adapters import (
     ClassificationAdapter,
     ConvClassificationAdapter,
@@ -100,7 +100,7 @@ def _unet_batch() -> tuple[torch.Tensor, torch.Tensor]:
 def test_instrument_with_conv_heads_reports_their_real_size_strips_them_and_trains_them(loss: str) -> None:
     net = ToyUNet()
     keys = set(net.state_dict())
-    probed = instrument(net, input_size=(3, 32, 32), points=2, head="conv", loss=loss)
+    probed = instrument(net, input_size=(3, 32, 32), points=2, loss_options=LossOptions(head="conv"), loss=loss)
     adapters = {tap.point: probed.get_submodule(tap.adapter) for tap in probed.report.taps}
     assert all(isinstance(a, ConvDenseAdapter) for a in adapters.values())
     for tap in probed.report.taps:
@@ -124,7 +124,7 @@ def test_instrument_with_conv_heads_reports_their_real_size_strips_them_and_trai
 def test_conv_heads_on_a_classification_model_are_mlps() -> None:
     net = ToyTransformer(MHAAttention)
     keys = set(net.state_dict())
-    probed = instrument(net, input_size=(3, 16, 16), points=2, head="conv", loss="dsn")
+    probed = instrument(net, input_size=(3, 16, 16), points=2, loss_options=LossOptions(head="conv"), loss="dsn")
     assert {tap.adapter_type for tap in probed.report.taps} == {"ConvClassificationAdapter"}
     out = probed(torch.randn(2, 3, 16, 16))
     assert all(h.shape == (2, 10) for h in out.heads.values())
@@ -142,7 +142,7 @@ def test_an_unknown_head_is_refused_with_the_choices() -> None:
     with pytest.raises(InstrumentError, match="unknown adapter head='mlp'; " + choices):
         make_adapter(channels=C, layout="NC", spatial=None, task="classification", num_classes=K, head="mlp")
     with pytest.raises(InstrumentError, match=choices):
-        instrument(ToyUNet(), input_size=(3, 32, 32), points=1, head="fcn")
+        instrument(ToyUNet(), input_size=(3, 32, 32), points=1, loss_options=LossOptions(head="fcn"))
 
 
 def test_linear_head_builds_the_same_modules_and_outputs_as_before() -> None:
@@ -170,7 +170,7 @@ def test_linear_head_builds_the_same_modules_and_outputs_as_before() -> None:
 @pytest.mark.parametrize("make", [ToyUNet, lambda: ToyTransformer(MHAAttention)])
 def test_instrument_head_linear_is_bit_identical_to_the_library_before_conv_heads(make) -> None:
     runs = []
-    for options in ({}, {"head": "linear"}):
+    for options in ({}, {"loss_options": LossOptions(head="linear")}):
         torch.manual_seed(0)
         net = make()
         torch.manual_seed(1)

@@ -19,7 +19,7 @@ from torch.autograd.graph import get_gradient_edge
 
 import autoprobe
 from autoprobe.errors import InstrumentError
-from autoprobe.losses import DSN, Gate, GradientGate, IMacHSR, gradient_agreement
+from autoprobe.losses import DSN, Gate, GradientGate, IMacHSR, LossOptions, gradient_agreement
 from autoprobe.losses.gate import _feature_edge
 
 
@@ -119,7 +119,8 @@ def test_gate_none_is_bit_identical_to_the_objective_before_the_gate() -> None:
 
 def test_gated_parts_hold_the_weight_in_force_within_0_and_alpha() -> None:
     net = _net()
-    probed = autoprobe.instrument(net, input_size=(3, 16, 16), loss="dsn", alpha=0.3, gate=Gate("cosine", every=1))
+    probed = autoprobe.instrument(net, input_size=(3, 16, 16), loss="dsn",
+                                  loss_options=LossOptions(alpha=0.3, gate=Gate("cosine", every=1)))
     opt = torch.optim.SGD(probed.parameters(), lr=0.05)
     seen = []
     for x, y in _batches(4):
@@ -182,7 +183,8 @@ def test_strip_and_the_state_dict_are_untouched_by_the_gate() -> None:
     net = _net()
     keys = list(net.state_dict())
     plain = autoprobe.instrument(_net(), input_size=(3, 16, 16), loss="imachsr")
-    gated = autoprobe.instrument(net, input_size=(3, 16, 16), loss="imachsr", gate="cosine")
+    gated = autoprobe.instrument(net, input_size=(3, 16, 16), loss="imachsr",
+                                  loss_options=LossOptions(gate="cosine"))
     assert list(gated.state_dict()) == list(plain.state_dict())
     x, y = _batches(1)[0]
     gated.loss(gated(x), y)[0].backward()
@@ -190,7 +192,8 @@ def test_strip_and_the_state_dict_are_untouched_by_the_gate() -> None:
 
 
 def test_the_compiled_step_reads_the_weights_in_force_as_one_graph() -> None:
-    probed = autoprobe.instrument(_net(), input_size=(3, 16, 16), loss="dsn", gate=Gate("cosine", every=1))
+    probed = autoprobe.instrument(_net(), input_size=(3, 16, 16), loss="dsn",
+                                  loss_options=LossOptions(gate=Gate("cosine", every=1)))
     x, y = _batches(1)[0]
     probed.loss(probed(x), y)  # an eager call measures
     probed.objective.gate.weights.copy_(torch.tensor([0.25] * len(probed.selection.names)))
@@ -210,7 +213,7 @@ def test_the_compiled_step_reads_the_weights_in_force_as_one_graph() -> None:
 
 def test_gate_options_are_checked() -> None:
     with pytest.raises(InstrumentError, match="unknown gate kind 'cos'"):
-        autoprobe.instrument(_net(), input_size=(3, 16, 16), loss="dsn", gate="cos")
+        autoprobe.instrument(_net(), input_size=(3, 16, 16), loss="dsn", loss_options=LossOptions(gate="cos"))
     with pytest.raises(InstrumentError, match="every=0"):
         Gate("cosine", every=0)
     with pytest.raises(InstrumentError, match="gate must be"):
@@ -274,7 +277,8 @@ def test_under_autocast_the_gate_measures_a_bfloat16_forward_and_holds_float32_w
 
 def test_the_labels_call_the_trainers_use_carries_the_gate_parts() -> None:
     # transformers.Trainer and AutoprobeCallback read ProbedLossOutput.parts from `probed(x, labels=y)`.
-    probed = autoprobe.instrument(_net(), input_size=(3, 16, 16), loss="dsn", gate="cosine")
+    probed = autoprobe.instrument(_net(), input_size=(3, 16, 16), loss="dsn",
+                                  loss_options=LossOptions(gate="cosine"))
     x, y = _batches(1)[0]
     record = probed(x, labels=y)
     assert {f"gate/{name}" for name in probed.selection.names} <= set(record.parts)

@@ -16,6 +16,7 @@ from autoprobe.losses import (
     DKSLoss,
     DSNLoss,
     IMacHSR,
+    LossOptions,
     MutualInformationLoss,
     NegativeEntropyLoss,
     OutputCrossEntropy,
@@ -324,11 +325,11 @@ def test_classification_objective_and_make_objective() -> None:
     g = torch.Generator().manual_seed(8)
     output, labels = torch.randn(6, 4, generator=g), torch.tensor([0, 1, 2, 3, 1, 0])
     heads = {"s": torch.randn(6, 4, generator=g)}
-    objective = make_objective("imachsr", ["s"], {"s": "NLC"}, alpha=1.0, lam=0.5)
+    objective = make_objective("imachsr", ["s"], {"s": "NLC"}, options=LossOptions(alpha=1.0, lam=0.5))
     assert isinstance(objective, IMacHSR)
     result = objective(output, heads, {"s": torch.randn(6, 5, 8, generator=g)}, labels)
     assert value(result.parts["ce"]) == pytest.approx(hand_ce(output, labels), rel=1e-6)
-    assert isinstance(make_objective("dks", ["s"], beta=0.5), DKS)
+    assert isinstance(make_objective("dks", ["s"], options=LossOptions(beta=0.5)), DKS)
     assert make_objective("dsn", ["s"]).alpha == {"s": 0.3}
 
 
@@ -439,7 +440,7 @@ def test_make_objective_rejects_unknown_names_and_foreign_options() -> None:
     with pytest.raises(InstrumentError, match=r"unknown objective 'ce'; expected one of \['imachsr', 'dsn', 'dks'\]"):
         make_objective("ce", POINTS)  # type: ignore[arg-type]
     with pytest.raises(InstrumentError, match=r"objective 'dsn' does not take \['lam'\]"):
-        make_objective("dsn", POINTS, lam=0.1)
+        make_objective("dsn", POINTS, options=LossOptions(lam=0.1))
     with pytest.raises(InstrumentError, match="needs layouts"):
         make_objective("imachsr", POINTS)
 

@@ -17,6 +17,7 @@ from autoprobe.losses import (
     DKSLoss,
     DSNLoss,
     IMacHSR,
+    LossOptions,
     MutualInformationLoss,
     OutputCrossEntropy,
     OutputLoss,
@@ -309,11 +310,13 @@ def test_regression_objectives_by_hand() -> None:
     feature = randn(2, 3, 2, 2, seed=20)
     pooled = F.avg_pool2d(flow, 2)  # 4 -> 2 is an exact 2x2 area mean
     mse = value(((output - flow) ** 2).mean())
-    dsn = make_objective("dsn", ["p"], target_kind="regression", alpha=0.5)(output, {"p": head}, {}, flow)
+    dsn_objective = make_objective("dsn", ["p"], target_kind="regression", options=LossOptions(alpha=0.5))
+    dsn = dsn_objective(output, {"p": head}, {}, flow)
     assert sorted(dsn.parts) == ["dsn/p", "mse"]
     assert value(dsn.parts["mse"]) == pytest.approx(mse, rel=1e-6)
     assert value(dsn.parts["dsn/p"]) == pytest.approx(value(((head - pooled) ** 2).mean()), rel=1e-6)
-    imachsr = make_objective("imachsr", ["p"], {"p": "NCHW"}, target_kind="regression", regression_loss="l1", lam=0.01)
+    imachsr = make_objective("imachsr", ["p"], {"p": "NCHW"}, target_kind="regression",
+                             options=LossOptions(regression_loss="l1", lam=0.01))
     result = imachsr(output, {"p": head}, {"p": feature}, flow)
     assert sorted(result.parts) == ["corr/p", "l1", "ne/p"]
     assert value(result.parts["l1"]) == pytest.approx(value((output - flow).abs().mean()), rel=1e-6)
@@ -398,7 +401,7 @@ def test_dks_refuses_regression_and_l1_needs_regression() -> None:
     with pytest.raises(InstrumentError, match=r"use loss='dsn'"):
         DKSLoss(target_kind="regression")
     with pytest.raises(InstrumentError, match=r"regression_loss='l1' applies to regression targets"):
-        make_objective("dsn", ["p"], regression_loss="l1")
+        make_objective("dsn", ["p"], options=LossOptions(regression_loss="l1"))
     with pytest.raises(InstrumentError, match="unknown target_kind 'mask'"):
         make_objective("dsn", ["p"], target_kind="mask")  # type: ignore[arg-type]
     with pytest.raises(InstrumentError, match="CorrelationLoss"):

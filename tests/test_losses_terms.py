@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from autoprobe.errors import InstrumentError, UsageError
 from autoprobe.losses import DKS, DSN, CorrelationLoss, DKSLoss, DSNLoss, IMacHSR, LossResult, MutualInformationLoss
-from autoprobe.losses import NegativeEntropyLoss, Objective, OutputLoss, make_objective
+from autoprobe.losses import LossOptions, NegativeEntropyLoss, Objective, OutputLoss, make_objective
 
 torch.set_num_threads(1)
 
@@ -83,7 +83,8 @@ def test_imachsr_terms_are_the_term_modules_bit_for_bit(kind: str) -> None:
 @pytest.mark.parametrize("estimator", ["image", "pooled", "shuffled"])
 def test_every_mi_estimator_is_the_mi_module(estimator: str) -> None:
     output, head, feature, target = _batch("multiclass", seed=1)
-    objective = make_objective("imachsr", ["p"], {"p": "NCHW"}, alpha=1.0, lam=0.0, mi_estimator=estimator)  # type: ignore[arg-type]
+    objective = make_objective("imachsr", ["p"], {"p": "NCHW"},
+                               options=LossOptions(alpha=1.0, lam=0.0, mi_estimator=estimator))  # type: ignore[arg-type]
     term = MutualInformationLoss(estimator=estimator)  # type: ignore[arg-type]
     got = _value_and_grads(lambda: objective(output, {"p": head}, {"p": feature}, target).parts["mi/p"], [])
     assert torch.equal(got[0], term(head, target).detach())

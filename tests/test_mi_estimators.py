@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from autoprobe.errors import InstrumentError
-from autoprobe.losses import IMacHSR, make_objective
+from autoprobe.losses import IMacHSR, LossOptions, make_objective
 
 _EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "mi_estimators.py"
 
@@ -45,7 +45,7 @@ def test_imachsr_reports_the_estimator_it_was_given():
     unrelated = 20.0 * F.one_hot(torch.randint(10, (32,), generator=gen), 10).float()
     parts = {}
     for estimator in ("image", "shuffled"):
-        objective = make_objective("imachsr", ["s1"], {"s1": "NC"}, mi_estimator=estimator)
+        objective = make_objective("imachsr", ["s1"], {"s1": "NC"}, options=LossOptions(mi_estimator=estimator))
         result = objective(torch.zeros(32, 10), {"s1": unrelated}, {"s1": torch.zeros(32, 4)}, labels)
         parts[estimator] = -float(result.parts["mi/s1"])
     assert parts["image"] > 0.5 and parts["shuffled"] < parts["image"] - 0.4
@@ -56,4 +56,4 @@ def test_an_unknown_estimator_is_refused_with_the_choices():
     with pytest.raises(InstrumentError, match="unknown mi_estimator 'plugin'.*'image', 'pooled', 'shuffled'"):
         IMacHSR(["s1"], {"s1": "NC"}, mi_estimator="plugin")
     with pytest.raises(InstrumentError, match="does not take \\['mi_estimator'\\]"):
-        make_objective("dsn", ["s1"], mi_estimator="pooled")
+        make_objective("dsn", ["s1"], options=LossOptions(mi_estimator="pooled"))

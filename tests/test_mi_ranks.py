@@ -41,4 +41,4 @@ def test_gather_mi_is_validated() -> None:
 
         net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3),
                                   torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(64, 3))
-        autoprobe.instrument(net, input_size=(3, 8, 8), loss="dsn", gather_mi=True)
+        autoprobe.instrument(net, input_size=(3, 8, 8), loss="dsn", loss_options=autoprobe.LossOptions(gather_mi=True))

@@ -27,9 +27,11 @@ def test_points_must_be_a_positive_integer(points: object) -> None:
 
 def test_leaf_modules_take_classes_not_names() -> None:
     with pytest.raises(UsageError, match="leaf_modules takes nn.Module classes, but got 'Conv2d'"):
-        autoprobe.inspect(small(), input_size=(3, 16, 16), leaf_modules=["Conv2d"])  # type: ignore[list-item]
+        autoprobe.inspect(small(), input_size=(3, 16, 16),
+                          options=autoprobe.TraceOptions(leaf_modules=["Conv2d"]))  # type: ignore[list-item]
     with pytest.raises(UsageError, match="leaf_modules must be a sequence"):
-        autoprobe.inspect(small(), input_size=(3, 16, 16), leaf_modules=nn.Conv2d)  # type: ignore[arg-type]
+        autoprobe.inspect(small(), input_size=(3, 16, 16),
+                          options=autoprobe.TraceOptions(leaf_modules=nn.Conv2d))  # type: ignore[arg-type]
 
 
 def test_a_function_is_not_a_model() -> None:
@@ -39,7 +41,7 @@ def test_a_function_is_not_a_model() -> None:
 
 def test_leaf_paths_must_name_a_submodule() -> None:
     with pytest.raises(UsageError, match=r"leaf_paths names 'no.such.module', which is not a submodule"):
-        autoprobe.inspect(small(), input_size=(3, 16, 16), leaf_paths=["no.such.module"])
+        autoprobe.inspect(small(), input_size=(3, 16, 16), options=autoprobe.TraceOptions(leaf_paths=["no.such.module"]))
     with pytest.raises(UsageError, match="Close names: 3"):
         trace_with_fallbacks(small(), (3, 16, 16), autoprobe.trace.TraceOptions(leaf_paths=["33"]))
 

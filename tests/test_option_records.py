@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 import autoprobe
-from autoprobe import TraceOptions
-from autoprobe.errors import UsageError
+from autoprobe import LossOptions, TraceOptions
+from autoprobe.errors import InstrumentError, UsageError
+from autoprobe.losses import make_objective
 
 SIZE = (3, 16, 16)
 OLD_TRACE_KEYWORDS = {"train", "leaf_modules", "leaf_paths", "allow_real_data"}
@@ -70,9 +71,12 @@ def test_the_loss_record_reaches_the_objective_and_the_adapters() -> None:
     assert default.objective.alpha != probed.objective.alpha  # the class default (0.3) where not given
     linear = {t.adapter_type for t in probed.report.taps}
     assert linear != {t.adapter_type for t in default.report.taps}
-    with pytest.warns(DeprecationWarning, match=r"instrument\(alpha=\.\.\.\) is deprecated; pass "
-                                                r"loss_options=LossOptions\(alpha=\.\.\.\)"):
+    # One warning per old keyword, each naming its own field (pytest.warns re-raises any it does not match).
+    with pytest.warns(DeprecationWarning, match=r"instrument\((alpha|head)=\.\.\.\) is deprecated; pass "
+                                                r"loss_options=LossOptions\((alpha|head)=\.\.\.\)") as seen:
         old = autoprobe.instrument(model, input_size=SIZE, points=2, loss="dsn", alpha=0.7, head="linear")
+    assert sorted(str(w.message) for w in seen if w.category is DeprecationWarning) == [
+        f"instrument({key}=...) is deprecated; pass loss_options=LossOptions({key}=...)." for key in ("alpha", "head")]
     assert old.objective.alpha == probed.objective.alpha and {t.adapter_type for t in old.report.taps} == linear
     with pytest.warns(DeprecationWarning, match=r"pass options=TraceOptions\(leaf_paths="):
         autoprobe.instrument(model, input_size=SIZE, points=2, leaf_paths=["3"])
@@ -80,3 +84,13 @@ def test_the_loss_record_reaches_the_objective_and_the_adapters() -> None:
         autoprobe.instrument(model, input_size=SIZE, heads="linear")
     with pytest.raises(autoprobe.errors.InstrumentError, match="does not take \\['lam'\\]"):
         autoprobe.instrument(model, input_size=SIZE, loss="dsn", loss_options=autoprobe.LossOptions(lam=0.1))
+
+
+def test_an_old_make_objective_keyword_still_works_and_names_the_record() -> None:
+    with pytest.warns(DeprecationWarning, match=r"make_objective\(alpha=\.\.\.\) is deprecated; pass "
+                                                r"options=LossOptions\(alpha=\.\.\.\)"):
+        old = make_objective("dsn", ["a", "b"], alpha=0.4)
+    new = make_objective("dsn", ["a", "b"], options=LossOptions(alpha=0.4))
+    assert old.alpha == new.alpha == {"a": 0.4, "b": 0.4}
+    with pytest.raises(InstrumentError, match="not both"):
+        make_objective("dsn", ["a"], alpha=0.4, options=LossOptions())

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from autoprobe import instrument
+from autoprobe import LossOptions, instrument
 from autoprobe.errors import InstrumentError
 from autoprobe.trace import TraceOptions
 from conftest import REPO
@@ -116,7 +116,7 @@ def _segformer(num_labels: int = 3) -> nn.Module:
 def test_segformer_from_config_trains_on_masks_four_times_its_logits(label_resolution: str) -> None:
     x, y = torch.randn(2, *IMAGE), _masks(3)
     probed, parts = _train_step_and_strip(_segformer(), x, y, rules="dense", ignore_index=255,
-                                          label_resolution=label_resolution)
+                                          loss_options=LossOptions(label_resolution=label_resolution))
     out = probed(x)
     assert type(out.output).__name__ == "SemanticSegmenterOutput" and out.output.logits.shape == (2, 3, 8, 8)
     assert probed.report.output == "output['logits']"
@@ -174,7 +174,8 @@ def test_class_ids_said_on_one_logit_are_refused() -> None:
 @pytest.mark.parametrize("label_resolution", ["upsample", "downsample"])
 def test_3d_unet_is_supervised_at_its_skip_concatenations(label_resolution: str) -> None:
     x, y = torch.randn(2, 1, 16, 16, 16), _masks(3, (16, 16, 16), ignore=None)
-    probed, _ = _train_step_and_strip(UNet3D(), x, y, rules="dense", label_resolution=label_resolution)
+    probed, _ = _train_step_and_strip(UNet3D(), x, y, rules="dense",
+                                      loss_options=LossOptions(label_resolution=label_resolution))
     skips = [t for t in probed.report.taps if t.point.startswith("cat")]
     assert len(skips) == 2 and all(t.layout == "NCDHW" for t in skips)
     heads = probed(x).heads

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from autoprobe import inspect, instrument
 from autoprobe.errors import InstrumentError, UsageError
-from autoprobe.losses import IMacHSR, MutualInformationLoss, OutputLoss, make_objective
+from autoprobe.losses import IMacHSR, LossOptions, MutualInformationLoss, OutputLoss, make_objective
 
 from toy_models import MHAAttention, ToyTransformer, ToyUNet
 
@@ -161,7 +161,7 @@ def test_the_term_mixes_region_ce_of_cross_entropy_and_imachsr_logs_it_as_rmi() 
         0.5 * rmi + 0.5 * ce, rel=1e-5
     )
     assert "mi_estimator='region', region_ce=0.5" in repr(default)
-    built = make_objective("imachsr", ["s1"], {"s1": "NCHW"}, mi_estimator="region", region_ce=0.3)
+    built = make_objective("imachsr", ["s1"], {"s1": "NCHW"}, options=LossOptions(mi_estimator="region", region_ce=0.3))
     assert float(built(torch.zeros(2, 3, 16, 16), {"s1": head}, {}, labels).parts["rmi/s1"]) == pytest.approx(
         0.7 * rmi + 0.3 * ce, rel=1e-5
     )
@@ -173,7 +173,7 @@ def test_bad_options_and_kinds_are_refused_naming_what_to_pass() -> None:
     with pytest.raises(UsageError, match=r"region_ce must be a number in \[0, 1\].*Hint:"):
         MutualInformationLoss(estimator="region", region_ce=1.5)
     with pytest.raises(InstrumentError, match="does not take \\['region_ce'\\]"):
-        make_objective("dsn", ["s1"], region_ce=0.5)
+        make_objective("dsn", ["s1"], options=LossOptions(region_ce=0.5))
     for kind in ("binary", "multilabel", "regression"):
         with pytest.raises(InstrumentError, match=f"target_kind is '{kind}'.*Hint: for {kind} targets use"):
             IMacHSR(["s1"], {"s1": "NCHW"}, mi_estimator="region", target_kind=kind)
@@ -207,7 +207,7 @@ def test_instrument_refuses_a_point_whose_own_grid_is_too_small_naming_it() -> N
     small = [p for p in selection.points if tuple(p.shape[2:]) == (8, 8)]
     assert small, [p.shape for p in selection.points]
     with pytest.raises(InstrumentError, match=f"head of point '{small[0].name}' is compared at 8x8.*Hint:"):
-        instrument(net, selection, loss=objective, label_resolution="downsample")
+        instrument(net, selection, loss=objective, loss_options=LossOptions(label_resolution="downsample"))
     # At the output's resolution the same points are compared at the target's size, checked per batch.
     probed = instrument(net, selection, loss=objective)
     out = probed(torch.randn(2, 3, 16, 16))

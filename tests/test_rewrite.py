@@ -20,7 +20,7 @@ from torch import nn
 import autoprobe
 from autoprobe.api import analyze
 from autoprobe.errors import InstrumentError, SelectionError
-from autoprobe.losses import DSN
+from autoprobe.losses import DSN, LossOptions
 from autoprobe.rewrite import ADAPTERS, Probed, ProbedOutput, RewriteReport, Tap, instrument
 from autoprobe.select import Fired, Point
 from conftest import REPO
@@ -287,7 +287,7 @@ def test_task_override_is_checked_against_the_output() -> None:
 @pytest.mark.parametrize(("loss", "parts"), [("dsn", {"ce", "dsn/"}), ("dks", {"ce", "dsn/", "dks"})])
 def test_other_objectives(loss: str, parts: set[str]) -> None:
     torch.manual_seed(0)
-    probed = instrument(_small_cnn(), input_size=(3, 16, 16), loss=loss, alpha=0.2)
+    probed = instrument(_small_cnn(), input_size=(3, 16, 16), loss=loss, loss_options=LossOptions(alpha=0.2))
     total, got = probed.loss(probed(torch.randn(4, 3, 16, 16)), torch.tensor([0, 1, 2, 3]))
     assert {p.split("/")[0] + ("/" if "/" in p else "") for p in got} == parts
     # alpha=0.2 reaches every intermediate CE: the total is rebuilt from the unweighted parts.
@@ -300,7 +300,8 @@ def test_other_objectives(loss: str, parts: set[str]) -> None:
 
 def test_imachsr_weights_are_applied_to_the_parts() -> None:
     torch.manual_seed(0)
-    probed = instrument(_small_cnn(), input_size=(3, 16, 16), loss="imachsr", alpha=0.2, lam=0.05)
+    probed = instrument(_small_cnn(), input_size=(3, 16, 16), loss="imachsr",
+                        loss_options=LossOptions(alpha=0.2, lam=0.05))
     total, got = probed.loss(probed(torch.randn(4, 3, 16, 16)), torch.tensor([0, 1, 2, 3]))
     names = [t.point for t in probed.report.taps]
     expected = got["ce"] + sum(0.2 * got[f"mi/{n}"] + 0.05 * got[f"ne/{n}"] for n in names)
@@ -316,14 +317,14 @@ def test_given_objective_and_conflicting_options() -> None:
     with pytest.raises(InstrumentError, match="objective is over points"):
         instrument(model, input_size=(3, 16, 16), loss=DSN(["nope"]))
     with pytest.raises(InstrumentError, match="already has its own"):
-        instrument(model, input_size=(3, 16, 16), loss=DSN(names), alpha=0.5)
+        instrument(model, input_size=(3, 16, 16), loss=DSN(names), loss_options=LossOptions(alpha=0.5))
     with pytest.raises(InstrumentError, match="does not take"):
-        instrument(model, input_size=(3, 16, 16), loss="dsn", lam=0.1)
+        instrument(model, input_size=(3, 16, 16), loss="dsn", loss_options=LossOptions(lam=0.1))
 
 
 def test_schedule_decays_intermediate_terms() -> None:
     torch.manual_seed(0)
-    probed = instrument(_small_cnn(), input_size=(3, 16, 16), schedule="linear")
+    probed = instrument(_small_cnn(), input_size=(3, 16, 16), loss_options=LossOptions(schedule="linear"))
     out = probed(torch.randn(4, 3, 16, 16))
     y = torch.tensor([0, 1, 2, 3])
     total, parts = probed.loss(out, y, progress=1.0)

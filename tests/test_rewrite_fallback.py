@@ -19,6 +19,7 @@ from autoprobe.api import analyze
 from autoprobe.errors import InstrumentError, UsageError
 from autoprobe.rewrite import ProbedOutput, instrument
 from autoprobe.select import Point
+from autoprobe.trace import TraceOptions
 from toy_models import BranchyNet as Net, SliceThenShared
 
 torch.set_num_threads(2)
@@ -71,7 +72,7 @@ def test_fallback_selection_trains_every_adapter_and_strips_bit_identical(make, 
     torch.manual_seed(0)
     model = make()
     keys = list(model.state_dict())
-    probed = instrument(model, input_size=SIZE, allow_real_data=backend == "hooks")
+    probed = instrument(model, input_size=SIZE, options=TraceOptions(allow_real_data=backend == "hooks"))
     assert probed.report.backend == backend
     assert probed.selection.backend == backend
     assert all(tap.hooked for tap in probed.report.taps)
@@ -121,7 +122,7 @@ def test_function_inside_a_block_is_refused_not_moved_to_the_block_output() -> N
 
 def test_probed_fallback_model_survives_torch_save_and_load() -> None:
     torch.manual_seed(0)
-    probed = instrument(Net("value"), input_size=SIZE, allow_real_data=True).eval()
+    probed = instrument(Net("value"), input_size=SIZE, options=TraceOptions(allow_real_data=True)).eval()
     buffer = io.BytesIO()
     torch.save(probed, buffer)
     buffer.seek(0)
@@ -167,11 +168,12 @@ class _SharedBlock(nn.Module):
 def test_each_call_of_a_shared_module_is_tapped_separately() -> None:
     torch.manual_seed(0)
     model = _SharedBlock()
-    analysis = analyze(model, input_size=(3, 16, 16), allow_real_data=True)
+    analysis = analyze(model, input_size=(3, 16, 16), options=TraceOptions(allow_real_data=True))
     graph = analysis.graph
     assert analysis.selection.backend == "hooks" and "block.1_1" in graph
     points = _points(graph, ("block.1", "block.1_1"))
-    probed = instrument(model, dataclasses.replace(analysis.selection, points=points), allow_real_data=True).eval()
+    probed = instrument(model, dataclasses.replace(analysis.selection, points=points),
+                        options=TraceOptions(allow_real_data=True)).eval()
     assert [t.hooked for t in probed.report.taps] == ["block.1", "block.1#1"]
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():

@@ -143,7 +143,8 @@ def test_instrument_passes_smoothing_and_weights_to_the_output_and_dsn_heads() -
         torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 3),
     )
     weights = [1.0, 2.0, 0.5]
-    probed = autoprobe.instrument(net, input_size=(3, 8, 8), loss="dsn", label_smoothing=0.1, class_weights=weights)
+    probed = autoprobe.instrument(net, input_size=(3, 8, 8), loss="dsn",
+                                  loss_options=autoprobe.LossOptions(label_smoothing=0.1, class_weights=weights))
     out, y = probed(torch.randn(4, 3, 8, 8)), torch.tensor([0, 1, 2, 1])
     parts = probed.loss(out, y).parts
     w = torch.tensor(weights)
@@ -207,7 +208,8 @@ def test_class_weights_of_the_wrong_width_and_options_beside_a_given_objective()
                               torch.nn.Flatten(), torch.nn.Linear(64, 3))
     names = autoprobe.inspect(net, input_size=(3, 8, 8)).names
     with pytest.raises(UsageError, match=r"a given Objective already has its own.*Hint"):
-        autoprobe.instrument(net, input_size=(3, 8, 8), loss=DSN(list(names)), label_smoothing=0.1)
+        autoprobe.instrument(net, input_size=(3, 8, 8), loss=DSN(list(names)),
+                             loss_options=autoprobe.LossOptions(label_smoothing=0.1))
     assert math.isfinite(DSN([], label_smoothing=0.1)(torch.randn(2, 3), {}, {}, torch.tensor([0, 1])).total.item())
 
 
