@@ -30,6 +30,7 @@ __all__ = ["CANDIDATES", "CURRENT", "SEEDS", "CONFIRMATION_SEEDS", "canvas", "Ru
 MODELS = (("seg", "deeplabv3plus"), ("seg", "unet"), ("cls", "resnet18n"), ("cls", "vit"))
 SEEDS = (0, 1, 2)
 CONFIRMATION_SEEDS = (5, 6, 7, 8, 9)
+CANVASES = (32, 64)  # the segmentation canvas sides the confirmation ran at (64: issue 24's larger regime)
 
 
 def canvas(record: dict) -> int:
@@ -41,7 +42,8 @@ def canvas(record: dict) -> int:
         (64, 32, 32)
     """
     return int(record.get("canvas") or 32)
-CANVASES = (32, 64)  # the segmentation canvas sides the confirmation ran at (64: issue 24's larger regime)
+
+
 # (name, method, setting, pilot): the runs a candidate is read from. DeepLabV3+'s DSN at today's
 # points is a pilot spelled `auto/M=3` (its main-table runs had older points); see _arm_runs.
 CANDIDATES: tuple[tuple[str, str, str], ...] = (

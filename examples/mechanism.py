@@ -98,7 +98,8 @@ def _probed(spec: compare.RunSpec, state: dict, size: tuple[int, ...], train: Sp
     name, options = TERMS[term]
     torch.manual_seed(probe_seed)  # the same heads for every term and form of a checkpoint
     probed = autoprobe.instrument(model, loss=name, input_size=size, rules=rules,
-                                  gate=Gate("cosine", every=1, wrt=form), **options).to(device)
+                                  loss_options=autoprobe.LossOptions(gate=Gate("cosine", every=1, wrt=form),
+                                                                     **options)).to(device)
     _fit_heads(probed, spec, train, device, probe_seed)
     return probed
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from autoprobe import api
+from autoprobe import TraceOptions, api
 from autoprobe.api import analyze
 from autoprobe.backends import LADDER, trace_export, trace_hooks, trace_with_fallbacks
 from autoprobe.errors import InputSizeError, TraceError
@@ -106,7 +106,7 @@ def test_value_branch_on_a_live_model_needs_allow_real_data():
 def test_value_branch_on_a_live_model_falls_back_to_hooks():
     torch.manual_seed(0)
     model = Net("value")
-    selection = analyze(model, input_size=SIZE, allow_real_data=True).selection
+    selection = analyze(model, input_size=SIZE, options=TraceOptions(allow_real_data=True)).selection
     assert any("ran the model once on real values" in n for n in selection.notes)
     assert selection.backend == "hooks"
     assert len(selection.points) >= 1
