@@ -52,6 +52,7 @@ from torch.overrides import TorchFunctionMode
 from .errors import AutoprobeError, InputSizeError, RealDataNeeded, TraceError, UsageError
 from .axes import AxisEnv, Labels, input_axes, propagate
 from .graph import LayerGraph, build_layer_graph
+from .labelling import Labeller
 from .ops import is_leaf_module, op_name, shown_name
 from .meta import ValueReadCheck, ValuesNeeded, device_of, meta_twins, needs_values, seeded_run
 from .trace import (
@@ -640,53 +641,113 @@ def _named_op(op: torch._ops.OpOverload) -> Callable[..., Any]:
 _INLINED_HOPS = frozenset({"wrap_with_set_grad_enabled", "wrap_with_autocast"})
 
 
-class _ExportConverter:
-    """Copy an ExportedProgram's graph into a plain fx graph that graph.py reads like an fx trace."""
+class _ExportConverter(fx.Interpreter):
+    """Copy an ExportedProgram's graph into a plain fx graph that graph.py reads like an fx trace.
 
-    def __init__(self, ep: torch.export.ExportedProgram, model: nn.Module, input_name: str = "") -> None:
+    An ``fx.Interpreter`` over export's graph whose values are the new graph's nodes (the way
+    ``fx.Transformer``'s are proxies). Each node is copied with export's ``tensor_meta`` and labelled
+    (``labelling.Labeller``) as it is made, so one walk records both facts. The override map:
+
+    - ``placeholder``: made first, in ``convert``: the user input (then other user inputs) as
+      placeholders, a lifted parameter, buffer or constant as a ``get_attr`` of the model's own tensor;
+    - ``get_attr``: a constant tensor is kept as an attribute; a higher-order op's body stays a
+      ``GraphModule``, inlined where it is called;
+    - ``call_function``: an ATen overload is shown under its functional name (``_named_op``); grad and
+      autocast regions are inlined (another ``_ExportConverter`` over the body, into the same graph);
+      ``getitem`` of a tuple of copied values picks the value;
+    - ``output``: the copied values the program returns.
+    """
+
+    def __init__(self, ep: torch.export.ExportedProgram, model: nn.Module, input_name: str = "", batch: int = 1,
+                 body: fx.GraphModule | None = None, parent: _ExportConverter | None = None) -> None:
         from torch.export.graph_signature import InputKind
 
+        super().__init__(body if body is not None else ep.graph_module, garbage_collect_values=False)
+        self.extra_traceback = False
         self.ep = ep
         self.model = model
         self.input_name = input_name
-        self.graph = fx.Graph()
-        self.attrs: dict[str, Any] = {}
+        self.batch = batch
+        # A body's copy writes into its parent's graph, attributes and labels.
+        self.new_graph: fx.Graph = parent.new_graph if parent else fx.Graph()
+        self.attrs: dict[str, Any] = parent.attrs if parent else {}
+        self.labeller: Labeller | None = parent.labeller if parent else None
         self.roles: dict[str, Any] = {spec.arg.name: spec for spec in ep.graph_signature.input_specs}
         self.InputKind = InputKind
+        self._source: fx.Node | None = None
 
     def convert(self) -> fx.Graph:
+        """The copied graph: the user input is its first placeholder, and every node has its shape and labels."""
         from torch.export.graph_signature import OutputKind
 
-        src = self.ep.graph_module
-        env: dict[fx.Node, Any] = {}
-        placeholders = [n for n in src.graph.nodes if n.op == "placeholder"]
+        placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
         # The user input first: build_layer_graph takes the first placeholder as the input.
         ordered = sorted(
             placeholders,
             key=lambda n: (self.roles[n.name].kind != self.InputKind.USER_INPUT, n.name != self.input_name),
         )
+        env = {}
         for node in ordered:
             env[node] = self._input(node)
-        outputs = self._copy_body(src, env)
+        outputs = self.run(initial_env=env, enable_io_processing=False)
+        outputs = tuple(outputs) if isinstance(outputs, (list, tuple)) else (outputs,)
         specs = self.ep.graph_signature.output_specs
         user = [value for value, spec in zip(outputs, specs) if spec.kind == OutputKind.USER_OUTPUT]
         if not user:
             raise TraceError("torch.export produced no user output. Hint: the model's forward must return a tensor.")
-        self.graph.output(user[0] if len(user) == 1 else tuple(user))
-        return self.graph
+        self.labeller.label(self.new_graph.output(user[0] if len(user) == 1 else tuple(user)))
+        return self.new_graph
+
+    def run_node(self, n: fx.Node) -> Any:
+        self._source = n
+        return super().run_node(n)
+
+    def placeholder(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        # convert() and _inline() give every placeholder its value before the run.
+        raise TraceError(f"torch.export produced an input {target!r} autoprobe did not place (an internal error).")
+
+    def get_attr(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        value = self.fetch_attr(str(target))
+        if isinstance(value, fx.GraphModule):
+            return value  # a higher-order op's body; inlined where it is called
+        name = f"_export_{target}".replace(".", "_")
+        self.attrs[name] = value
+        return self._made(self.new_graph.get_attr(name))
+
+    def call_function(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        node = self._source
+        hop_name = target.name() if isinstance(target, torch._ops.HigherOrderOperator) else ""
+        if hop_name in _INLINED_HOPS:
+            # Grad/autocast regions change nothing about the data flow: inline their bodies.
+            index = next(i for i, a in enumerate(args) if isinstance(a, fx.GraphModule))
+            return self._inline(args[index], args[index + 1 :])
+        if target is operator.getitem and isinstance(args[0], tuple):
+            return args[0][args[1]]
+        if isinstance(target, torch._ops.OpOverload):
+            target = _named_op(target)
+        elif getattr(target, "__name__", "") == "" and not callable(target):
+            raise TraceError(f"torch.export produced an unreadable call {node.name!r} ({target!r}).")
+        return self._made(self.new_graph.create_node("call_function", target, args, kwargs, name=node.name))
+
+    def call_method(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        raise TraceError(f"torch.export produced a call_method node {self._source.name!r}, which autoprobe cannot read.")
+
+    call_module = call_method
 
     def _input(self, node: fx.Node) -> fx.Node:
         spec = self.roles[node.name]
         if spec.kind == self.InputKind.USER_INPUT:
-            new = self.graph.placeholder(node.name)
+            new = self.new_graph.placeholder(node.name)
         elif spec.kind in (self.InputKind.PARAMETER, self.InputKind.BUFFER, self.InputKind.CONSTANT_TENSOR):
             target = str(spec.target)
             self.attrs[target] = self._resolve(target)
-            new = self.graph.get_attr(target)
+            new = self.new_graph.get_attr(target)
         else:
             raise TraceError(f"torch.export input {node.name!r} is a {spec.kind.name}, which autoprobe cannot read.")
-        self._set_meta(new, node)
-        return new
+        self._source = node
+        if self.labeller is None:  # the first placeholder made is the model's input
+            self.labeller = Labeller({}, new.name, self.batch)
+        return self._made(new)
 
     def _resolve(self, target: str) -> Any:
         """The model's own tensor for a lifted parameter/buffer, else export's lifted constant."""
@@ -697,60 +758,22 @@ class _ExportConverter:
             return owner
         return self.ep.constants[target]
 
-    def _set_meta(self, new: fx.Node, old: fx.Node) -> None:
+    def _made(self, new: fx.Node) -> fx.Node:
+        """``new``, a copy of the node being run, with its shape, module stack and labels."""
+        old = self._source
         meta = tensor_meta(old.meta.get("val"))
         if has_tensor(meta):
             new.meta["tensor_meta"] = meta
         if "nn_module_stack" in old.meta:
             new.meta["nn_module_stack"] = old.meta["nn_module_stack"]
-
-    def _copy_body(self, src: fx.GraphModule, env: dict[fx.Node, Any]) -> tuple[Any, ...]:
-        """Copy every non-placeholder node of ``src``; returns what its output node returns."""
-        for node in src.graph.nodes:
-            if node.op == "placeholder":
-                continue
-            if node.op == "output":
-                result = fx.node.map_arg(node.args[0], lambda n: env[n])
-                return tuple(result) if isinstance(result, (list, tuple)) else (result,)
-            if node.op == "get_attr":
-                value = functools.reduce(getattr, str(node.target).split("."), src)
-                if isinstance(value, fx.GraphModule):
-                    env[node] = value  # a higher-order op's body; inlined where it is called
-                    continue
-                target = f"_export_{node.target}".replace(".", "_")
-                self.attrs[target] = value
-                env[node] = new = self.graph.get_attr(target)
-                self._set_meta(new, node)
-                continue
-            if node.op != "call_function":
-                raise TraceError(f"torch.export produced a {node.op} node {node.name!r}, which autoprobe cannot read.")
-            target = node.target
-            name = getattr(target, "__name__", "")
-            hop_name = target.name() if isinstance(target, torch._ops.HigherOrderOperator) else ""
-            if hop_name in _INLINED_HOPS:
-                # Grad/autocast regions change nothing about the data flow: inline their bodies.
-                args = [env[a] if isinstance(a, fx.Node) else a for a in node.args]
-                index = next(i for i, a in enumerate(args) if isinstance(a, fx.GraphModule))
-                env[node] = self._inline(args[index], args[index + 1 :])
-                continue
-            if target is operator.getitem and isinstance(env.get(node.args[0]), tuple):
-                env[node] = env[node.args[0]][node.args[1]]
-                continue
-            if isinstance(target, torch._ops.OpOverload):
-                target = _named_op(target)
-            elif name == "" and not callable(target):
-                raise TraceError(f"torch.export produced an unreadable call {node.name!r} ({target!r}).")
-            args = fx.node.map_arg(node.args, lambda n: env[n])
-            kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
-            env[node] = new = self.graph.create_node("call_function", target, args, kwargs, name=node.name)
-            self._set_meta(new, node)
-        raise TraceError("torch.export produced a graph without an output node.")
+        self.labeller.label(new)
+        return new
 
     def _inline(self, body: fx.GraphModule, operands: Sequence[Any]) -> tuple[Any, ...]:
-        env: dict[fx.Node, Any] = {}
+        copy = _ExportConverter(self.ep, self.model, self.input_name, self.batch, body=body, parent=self)
         inputs = [n for n in body.graph.nodes if n.op == "placeholder"]
-        env.update(zip(inputs, operands))
-        return self._copy_body(body, env)
+        result = copy.run(initial_env=dict(zip(inputs, operands)), enable_io_processing=False)
+        return tuple(result) if isinstance(result, (list, tuple)) else (result,)
 
 
 def _module_stack_paths(node: fx.Node) -> list[tuple[str, str]]:
@@ -895,7 +918,7 @@ def trace_export(model: nn.Module, input_size: Sequence[int], options: TraceOpti
         except Exception as exc:  # export runs the model's Python; report whatever it raised
             raise TraceError(f"torch.export failed: {type(exc).__name__}: {_first_line(exc)}") from exc
     sys.stderr.write(captured.getvalue())  # a successful export's own messages are the user's to see
-    converter = _ExportConverter(ep, model, call.input_name)
+    converter = _ExportConverter(ep, model, call.input_name, input_shape[0])
     graph = converter.convert()
     qualnames, calls = _export_qualnames(graph, model, options.leaf_types(), frozenset(options.leaf_paths))
     gm = _graph_module(model, graph, converter.attrs, type(model).__name__)

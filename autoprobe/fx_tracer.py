@@ -225,7 +225,7 @@ class QualnameTracer(fx.Tracer):
         self._inputs = inputs
         self._values: dict[fx.Node, Any] = {}
         self._order: dict[fx.Node, int] = {}
-        self._twins: dict[str, dict[str, torch.Tensor]] = {}
+        self._evaluator: _MetaEvaluator | None = None
         self._device_dependent: set[fx.Node] = set()
         self._tensor_paths: tuple[dict[int, str], dict[int, str]] | None = None
         self._evaluating = False
@@ -452,38 +452,60 @@ class QualnameTracer(fx.Tracer):
 
     def _evaluate(self, node: fx.Node) -> Any:
         """``node``'s value on meta tensors at the traced size (its inputs are evaluated already)."""
-        if node.op == "placeholder":
-            target = str(node.target)
-            if target.startswith("*"):
-                # fx's placeholder for ``*args`` or ``**kwargs``: autoprobe passes nothing there.
-                return {} if target.startswith("**") else ()
-            if node.target not in self._inputs:
-                raise _NoValue(f"depends on argument {node.target!r}, whose value tracing does not know")
-            return self._inputs[node.target]
-        args = fx.node.map_arg(node.args, self._values.__getitem__)
-        kwargs = fx.node.map_arg(node.kwargs, self._values.__getitem__)
+        if self._evaluator is None:
+            self._evaluator = _MetaEvaluator(self.root, node.graph, self._inputs, self._values)
         self._evaluating = True
         try:
-            if node.op == "get_attr":
-                value: Any = self.root
-                for atom in str(node.target).split("."):
-                    value = getattr(value, atom)
-                return torch.empty_like(value, device="meta") if isinstance(value, torch.Tensor) else value
-            if node.op == "call_function":
-                return node.target(*args, **kwargs)  # type: ignore[operator]
-            if node.op == "call_method":
-                return getattr(args[0], str(node.target))(*args[1:], **kwargs)
-            if node.op == "call_module":
-                path = str(node.target)
-                module = self.root.get_submodule(path)
-                if path not in self._twins:
-                    self._twins[path] = meta_twins(module)
-                return torch.func.functional_call(module, self._twins[path], tuple(args), dict(kwargs), strict=False)
+            return self._evaluator.run_node(node)
+        except _NoValue:
+            raise
         except Exception as exc:  # any op that meta tensors cannot run, or that needs data (.item())
             raise _NoValue(f"cannot be evaluated on meta ({type(exc).__name__} at {node.name}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
         finally:
             self._evaluating = False
-        raise _NoValue(f"depends on {node.name}, a {node.op} node")
+
+
+class _MetaEvaluator(fx.Interpreter):
+    """The values of the nodes fx is recording, on meta tensors at the traced size, for ``QualnameTracer.concrete``.
+
+    An ``fx.Interpreter`` over the graph being traced whose ``env`` is the tracer's table of values, so a
+    node is run once its inputs are there (``QualnameTracer._value`` runs them in order). The override map:
+
+    - ``placeholder``: the traced input by parameter name (``*args``/``**kwargs`` are empty: autoprobe
+      passes nothing there); another argument's value is unknown;
+    - ``get_attr``: a meta twin of a tensor attribute (the model's own is never read);
+    - ``call_module``: the module on meta twins of its weights (``torch.func.functional_call``);
+    - ``call_function`` / ``call_method``: the Interpreter's own.
+    """
+
+    def __init__(self, root: nn.Module, graph: fx.Graph, inputs: Mapping[str, Any], values: dict[fx.Node, Any]) -> None:
+        super().__init__(root, garbage_collect_values=False, graph=graph)
+        self.extra_traceback = False
+        self.env = values
+        self._inputs = inputs
+        self._twins: dict[str, dict[str, torch.Tensor]] = {}
+
+    def placeholder(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        name = str(target)
+        if name.startswith("*"):
+            return {} if name.startswith("**") else ()
+        if name not in self._inputs:
+            raise _NoValue(f"depends on argument {name!r}, whose value tracing does not know")
+        return self._inputs[name]
+
+    def get_attr(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        value = self.fetch_attr(str(target))
+        return torch.empty_like(value, device="meta") if isinstance(value, torch.Tensor) else value
+
+    def call_module(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        path = str(target)
+        module = self.module.get_submodule(path)
+        if path not in self._twins:
+            self._twins[path] = meta_twins(module)
+        return torch.func.functional_call(module, self._twins[path], tuple(args), dict(kwargs), strict=False)
+
+    def output(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        raise _NoValue("is the graph's output")
 
 
 def _reads_device(node: fx.Node) -> bool:

@@ -10,9 +10,9 @@ owning a matrix-shaped parameter) on the longest path from the input to a
 node, the node itself included; ``D`` is the depth of the output. A leaf block
 fx keeps whole counts every weight layer inside it.
 
-Layouts are derived from the operations, never guessed from sizes: ``axes.py`` propagates a
-label per axis (batch, channels, spatial, unknown) along the graph from the input's
-channels-first layout, the way ShapeProp propagates shapes (conv, pooling and batch/group norm
+Layouts are derived from the operations, never guessed from sizes: each rung records a label per
+axis (batch, channels, spatial, unknown) on every node as it records its shape, in the same walk
+(``labelling.py``, with the rules of ``axes.py``), from the input's channels-first layout (conv, pooling and batch/group norm
 make channels-first maps, linear and a LayerNorm over the last dim put the channels last,
 permute/transpose/flatten/reshape move them, cat and elementwise ops keep them). A node whose
 labels spell no ``Layout`` (attention scores ``q @ k^T``, a reshape that merges the channels
@@ -22,7 +22,6 @@ and selection never chooses it. A layout never depends on the input size.
 
 from __future__ import annotations
 
-import inspect
 import math
 import operator
 from collections.abc import Iterator
@@ -31,16 +30,13 @@ from functools import cached_property
 from typing import Any
 
 import networkx as nx
-import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import TensorMetadata
 
-from .axes import Axis, AxisEnv, Labels, input_axes, layout_of, module_axes, propagate, run_labels
+from .axes import Labels, layout_of
 from .errors import TraceError
+from .labelling import AXES_META
 from .layout import Layout
-from .meta import meta_twins
-from .ops import lookup, module_kind, op_name, owns_matrix
-from .sizes import TRACE_BATCH
+from .ops import lookup, module_kind, owns_matrix
 from .trace import Backend, Mode, Traced, first_tensor_meta
 
 __all__ = ["LayerInfo", "LayerGraph", "build_layer_graph"]
@@ -330,117 +326,6 @@ def _features(layout: Layout | None, shape: tuple[int, ...]) -> tuple[int | None
     return layout.channels(shape), layout.spatial(shape)
 
 
-def _out_shapes(meta: Any) -> Any:
-    """The shape of a node's output (a tuple of ints), a tuple of those for a tuple output, or ``None``."""
-    if isinstance(meta, TensorMetadata):
-        return tuple(int(s) for s in meta.shape)
-    if isinstance(meta, (list, tuple)):
-        return tuple(_out_shapes(m) for m in meta)
-    return None
-
-
-def _node_labels(
-    graph: fx.Graph, modules: dict[str, nn.Module], input_node: fx.Node, batch: int = TRACE_BATCH
-) -> dict[fx.Node, Labels]:
-    """Axis labels of every node, propagated in execution order from the input (see ``axes.py``)."""
-    labels: dict[fx.Node, Labels] = {}
-
-    def shape_of(v: Any) -> tuple[int, ...] | None:
-        if isinstance(v, fx.Node):
-            meta = v.meta.get("tensor_meta")
-            return tuple(int(s) for s in meta.shape) if isinstance(meta, TensorMetadata) else None
-        return None
-
-    def labels_of(v: Any) -> Labels:
-        return labels.get(v) if isinstance(v, fx.Node) else None
-
-    for node in graph.nodes:
-        if "axes" in node.meta:  # the hooks backend propagated the labels while the model ran
-            labels[node] = node.meta["axes"]
-            continue
-        out = _out_shapes(node.meta.get("tensor_meta"))
-        if node.op == "placeholder":
-            labels[node] = input_axes(len(out)) if node is input_node and isinstance(out, tuple) and all(
-                isinstance(s, int) for s in out) else None
-            continue
-        if node.op in ("get_attr", "output"):
-            labels[node] = labels_of(node.args[0]) if node.op == "output" and isinstance(node.args[0], fx.Node) else None
-            continue
-        env = AxisEnv(labels_of, shape_of, out, batch)
-        if node.op == "call_module":
-            module = modules[str(node.target)]
-            found = module_axes(module, node.args, node.kwargs, env)
-            if not type(module).__module__.startswith("torch.") and not _decided(found):
-                found = _run_opaque(node, labels_of, batch, module) or found  # a leaf block fx kept whole
-        else:
-            found = propagate(op_name(node.target), node.args, node.kwargs, env, node=node.name)
-            if _opaque(node) and not _decided(found):
-                found = _run_opaque(node, labels_of, batch) or found
-        # Only tensors computed from the input are data; a parameter's transpose or expand has no labels.
-        fed = any(labels.get(a) is not None for a in node.all_input_nodes)
-        labels[node] = _known_rank(found, out) if fed else found
-    return labels
-
-
-def _opaque(node: fx.Node) -> bool:
-    """A call of a plain Python function fx kept whole (timm's autowrapped ``deblockify``), not a torch op."""
-    target = node.target
-    return node.op == "call_function" and inspect.isfunction(target) and not (
-        getattr(target, "__module__", "") or "").startswith("torch")
-
-
-def _decided(labels: Labels) -> bool:
-    if isinstance(labels, tuple):
-        return all(_decided(part) for part in labels)
-    return isinstance(labels, str) and Axis.UNKNOWN not in labels
-
-
-def _run_opaque(node: fx.Node, labels_of: Any, batch: int, module: nn.Module | None = None) -> Labels:
-    """The labels of an opaque function's or leaf block's output, from the torch ops inside it, run on meta tensors
-    of its inputs' shapes (``axes.run_labels``; a block's weights are meta twins, through ``functional_call``, so
-    the model's own are never touched); ``None`` when an argument is a value only known at run time."""
-    known: dict[int, str] = {}
-    unknown = False
-
-    def materialize(arg: fx.Node) -> Any:
-        nonlocal unknown
-        meta = arg.meta.get("tensor_meta")
-        if not isinstance(meta, TensorMetadata):
-            unknown = True
-            return None
-        tensor = torch.empty(tuple(meta.shape), dtype=meta.dtype, device="meta")
-        lab = labels_of(arg)
-        if isinstance(lab, str):
-            known[id(tensor)] = lab
-        return tensor
-
-    args = fx.node.map_arg(node.args, materialize)
-    kwargs = fx.node.map_arg(node.kwargs, materialize)
-    if unknown:
-        return None
-    if module is None:
-        fn: Any = node.target
-    else:
-        twins = meta_twins(module, remove_duplicate=True)
-
-        def fn(*args: Any, **kwargs: Any) -> Any:  # the leaf's own ops, on meta twins of its weights
-            return torch.func.functional_call(module, twins, args, kwargs)
-    try:
-        return run_labels(fn, tuple(args), dict(kwargs), known, batch)
-    except (RuntimeError, TypeError, ValueError, IndexError, NotImplementedError):
-        return None  # it does not run on meta tensors (reads values): its axes stay unknown, and notes say so
-
-
-def _known_rank(labels: Labels, out: Any) -> Labels:
-    """Labels that fit the output: a tensor whose labels no rule decided is all ``?`` (data, but no known axes)."""
-    if isinstance(out, tuple) and all(isinstance(s, int) for s in out):
-        return labels if isinstance(labels, str) and len(labels) == len(out) else Axis.UNKNOWN * len(out)
-    if isinstance(out, tuple):
-        parts = labels if isinstance(labels, tuple) and len(labels) == len(out) else (None,) * len(out)
-        return tuple(_known_rank(p, o) for p, o in zip(parts, out))
-    return None
-
-
 def build_layer_graph(traced: Traced) -> LayerGraph:
     """Turn a traced model into a ``LayerGraph``.
 
@@ -478,8 +363,10 @@ def build_layer_graph(traced: Traced) -> LayerGraph:
     keep = (nx.descendants(full, source.name) | {source.name}) & (nx.ancestors(full, sink.name) | {sink.name})
     if sink.name not in keep:
         raise TraceError("the model's output does not depend on its input. Hint: check the model's forward.")
+    if AXES_META not in source.meta:
+        raise RuntimeError(f"the {traced.backend} rung left the input node {source.name!r} without axis labels "
+                           "(an internal error: every rung labels its nodes as it records their shapes).")
     modules = dict(gm.named_modules())
-    labels = _node_labels(gm.graph, modules, source, traced.input_shape[0])
 
     graph = nx.DiGraph()
     infos: dict[str, LayerInfo] = {}
@@ -487,7 +374,7 @@ def build_layer_graph(traced: Traced) -> LayerGraph:
         data_inputs = [infos[a.name] for a in node.all_input_nodes if a.name in infos]
         info = _layer_info(
             node, order, traced.qualnames, modules, traced.module_types, data_inputs, len(node.all_input_nodes),
-            traced.input_shape[0], labels.get(node), traced.module_calls.get(node.name),
+            traced.input_shape[0], node.meta.get(AXES_META), traced.module_calls.get(node.name),
         )
         infos[node.name] = info
         graph.add_node(info.name, info=info)

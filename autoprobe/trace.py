@@ -4,10 +4,11 @@ The tracer names nodes by module path (``layer1.0.conv1``, ``blocks.3.attn.softm
 ``node_names`` documents, and respects timm's leaf-module and autowrap-function registries plus the
 leaves the user names in ``TraceOptions``.
 
-Shapes come from running the traced graph on meta tensors: every parameter and buffer of the model
-is swapped for a meta twin of the same shape for the run (``torch.func.functional_call``) and the
-input is a meta tensor, so nothing is computed, no weight is read or written, and the user's module
-is never mutated: its ``training`` flags are restored after tracing.
+Shapes and axis labels (``labelling.py``) come from one run of the traced graph on meta tensors,
+each node labelled right after it runs: every parameter and buffer of the model is swapped for a
+meta twin of the same shape for the run (``torch.func.functional_call``) and the input is a meta
+tensor, so nothing is computed, no weight is read or written, and the user's module is never
+mutated: its ``training`` flags are restored after tracing.
 
 ``TraceOptions`` is the one record every tracing backend (fx here, export and hooks in
 ``backends.py``), ``analyze`` and ``instrument`` take: the mode, the leaves, how the model is called,
@@ -33,6 +34,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from .errors import AutoprobeError, SizeErrorParts, TraceError, UsageError
 from .fx_tracer import INPLACE_META, QualnameTracer, specialization_note
+from .labelling import Labeller
 from .meta import meta_twins, needs_values
 from .ops import is_mode_free, is_windowed, lookup, op_name
 from .sizes import TRACE_BATCH, size_error
@@ -624,18 +626,20 @@ def _target_name(n: fx.Node) -> str:
 
 
 class _ShapeProp(fx.Interpreter):
-    """Record ``TensorMetadata`` on ``node.meta['tensor_meta']`` for every node.
+    """Record ``TensorMetadata`` on ``node.meta['tensor_meta']`` and the axis labels on ``node.meta['axes']``
+    for every node, in one run: each node is labelled (``labelling.Labeller``) right after it has run.
 
     Unlike ``torch.fx.passes.shape_prop.ShapeProp`` it prints nothing and turns a failing node into
     an ``InputSizeError`` (or a ``TraceError`` for a read of a value) that names the node; fx's own
     ``extra_traceback`` note is switched off because the message already says where.
     """
 
-    def __init__(self, gm: fx.GraphModule, input_shape: tuple[int, ...], size_argument: str) -> None:
+    def __init__(self, gm: fx.GraphModule, input_shape: tuple[int, ...], size_argument: str, input_node: str) -> None:
         super().__init__(gm)
         self.extra_traceback = False
         self.input_shape = input_shape
         self.size_argument = size_argument
+        self.labeller = Labeller(self.submodules, input_node, input_shape[0])
 
     def call_module(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         module = self.fetch_attr(target)
@@ -682,6 +686,7 @@ class _ShapeProp(fx.Interpreter):
         )
         if has_tensor(meta):
             n.meta["tensor_meta"] = meta
+        self.labeller.label(n)  # outside the try: a labelling rule's error is autoprobe's, not the input size's
         return result
 
 
@@ -695,14 +700,15 @@ def _fields(value: Any) -> Any:
 class _Runner(nn.Module):
     """Lets ``torch.func.functional_call`` swap tensors in while the interpreter runs."""
 
-    def __init__(self, gm: fx.GraphModule, input_shape: tuple[int, ...], size_argument: str) -> None:
+    def __init__(self, gm: fx.GraphModule, input_shape: tuple[int, ...], size_argument: str, input_node: str) -> None:
         super().__init__()
         self.gm = gm
         self.input_shape = input_shape
         self.size_argument = size_argument
+        self.input_node = input_node
 
     def forward(self, *args: Any) -> Any:
-        return _ShapeProp(self.gm, self.input_shape, self.size_argument).run(*args)
+        return _ShapeProp(self.gm, self.input_shape, self.size_argument, self.input_node).run(*args)
 
 
 def propagate_shapes(
@@ -711,8 +717,10 @@ def propagate_shapes(
     inputs: Sequence[Any] | None = None,
     *,
     size_argument: str = "input_size=",
+    input_node: str | None = None,
 ) -> None:
-    """Run ``gm`` on meta tensors, filling ``node.meta['tensor_meta']``.
+    """Run ``gm`` on meta tensors, filling ``node.meta['tensor_meta']`` and ``node.meta['axes']`` (the axis
+    labels, ``labelling.py``) in the same walk.
 
     Every parameter and buffer is swapped for a meta twin for the run, so a live model's weights
     are neither read nor written (train-mode BatchNorm would otherwise update its running
@@ -723,12 +731,15 @@ def propagate_shapes(
         input_shape: full shape including the batch dimension.
         inputs: the placeholders' values in order (meta tensors); default one meta input of ``input_shape``.
         size_argument: how the caller names the input size in messages (``input_size=`` or ``--input-size``).
+        input_node: the placeholder that is the model's input (channels-first labels); default the first.
 
     Raises:
         InputSizeError: a node failed on this size; the message names the node.
         TraceError: a node needs tensor values.
     """
-    runner = _Runner(gm, input_shape, size_argument)
+    if input_node is None:
+        input_node = next(n.name for n in gm.graph.nodes if n.op == "placeholder")
+    runner = _Runner(gm, input_shape, size_argument, input_node)
     twins = meta_twins(runner)
     args = tuple(inputs) if inputs is not None else (torch.empty(input_shape, device="meta"),)
     torch.func.functional_call(runner, twins, args, strict=False)
@@ -900,7 +911,7 @@ def trace_fx(
                 inputs.append({} if param.startswith("**") else ())
             else:
                 inputs.append(node.args[0] if node.args else None)
-        propagate_shapes(gm, input_shape, inputs)
+        propagate_shapes(gm, input_shape, inputs, input_node=input_node)
     qualnames, calls = _fx_names(graph, tracer.node_scope, model)
     notes = specialization_note(tracer.specializations, input_shape)
     traced = finish_trace(model, gm, qualnames, calls, input_shape, options, "fx", input_node, notes)

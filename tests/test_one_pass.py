@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import autoprobe
-from autoprobe import LossOptions, backends, fx_tracer, trace
+from autoprobe import LossOptions, backends, fx_tracer, labelling, trace
 
 SIZE = (3, 16, 16)
 
@@ -210,3 +210,33 @@ def test_a_channels_last_prediction_is_refused_from_the_trace_alone() -> None:
     with pytest.raises(autoprobe.InstrumentError, match="axis 1 is a spatial axis"):
         autoprobe.instrument(Last("device"), input_size=SIZE, points=1)
     assert len(_RUNS) == 1, _RUNS
+
+
+def _labelled_in_one_walk(model: nn.Module) -> tuple[autoprobe.Analysis, list[tuple[str, bool, bool]]]:
+    """``analyze`` with every ``Labeller.label`` call recorded: (node, its shape was there, the next node's was)."""
+    calls: list[tuple[str, bool, bool]] = []
+    label = labelling.Labeller.label
+
+    def recorded(self, node):  # noqa: ANN001, ANN202
+        later = node.next
+        calls.append((node.name, "tensor_meta" in node.meta or node.op == "output",
+                      later.op != "root" and "tensor_meta" in later.meta))
+        return label(self, node)
+
+    with mock.patch.object(labelling.Labeller, "label", recorded):
+        analysis = autoprobe.analyze(model, input_size=SIZE, points=2)
+    return analysis, calls
+
+
+@pytest.mark.parametrize("model, backend", [(Plain(), "fx"), (Unfx("device"), "export")], ids=["fx", "export"])
+def test_shapes_and_axis_labels_are_recorded_in_one_walk(model: nn.Module, backend: str) -> None:
+    """Each node is labelled once, right after its shape is recorded and before the next node's (not in a second
+    pass over a graph whose shapes are all there), and building the layer graph labels nothing."""
+    analysis, calls = _labelled_in_one_walk(model)
+    assert analysis.graph.backend == backend
+    names = [c[0] for c in calls]
+    assert len(names) == len(set(names)), "a node was labelled twice"
+    assert {info.fx_name for info in analysis.graph} <= set(names)
+    assert all(had_shape for _, had_shape, _ in calls), "a node was labelled before its shape was recorded"
+    assert not any(next_had_shape for _, _, next_had_shape in calls), "labels were computed after all the shapes"
+    assert [info.layout.value for info in analysis.graph.ordered[:2]] == ["NCHW", "NCHW"]
