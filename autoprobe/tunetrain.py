@@ -219,6 +219,52 @@ class Runner:
             return
         live = self._live[c]
         done = self.steps.get(c, 0)
+        train_s = self._train_to(c, to_steps)
+        value, validation_s = self._validate(c)
+        live.rng = torch.get_rng_state()  # after the pass, as a rung's saved weights hold it
+        self.scores.setdefault(c, []).append(value)
+        cpu0 = time.process_time()
+        path = self.weights_file(c, to_steps)
+        if path is not None:  # saved before the score is reported, so a reported rung has its weights
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"model": live.trainable.state_dict(), "optimizer": live.opt.state_dict(), "rng": live.rng},
+                       path)
+        # Saving the weights is the state's price, charged to training.
+        self._charge(c, Spend(steps=to_steps - done, passes=1, train_s=train_s + time.process_time() - cpu0,
+                              validation_s=validation_s))
+
+    def measure(self, c: Candidate, warm: int, to_steps: int) -> Spend:
+        """Trains ``c`` up to ``warm`` steps, then up to ``to_steps`` (a prefix of its rung), and times one
+        validation pass whose score is not kept: an early measure of what a step and a pass cost
+        (``tuneengine``: the unit). Everything is charged to ``spend``.
+
+        The rung then continues bit-equal to one trained in one go: the pass runs in eval mode without
+        gradients, and the RNG state training continues from is the one before it.
+
+        Args:
+            c: the candidate (built here unless it is).
+            warm: steps trained before the measure: a process's first steps pay one-off costs (the
+                optimizer's state, the allocator), which would inflate the step time extrapolated
+                from a few.
+            to_steps: where the measure stops, before the rung's end.
+
+        Returns:
+            The measure: the steps from ``warm`` to ``to_steps`` and the pass (no build).
+        """
+        if not self.build(c):
+            return Spend()
+        done = self.steps.get(c, 0)
+        warm_s = self._train_to(c, warm) if warm > done else 0.0
+        train_s = self._train_to(c, to_steps)
+        _, validation_s = self._validate(c)  # training continues from the RNG state before it
+        measured = Spend(steps=to_steps - max(warm, done), passes=1, train_s=train_s, validation_s=validation_s)
+        self._charge(c, measured + Spend(steps=max(warm - done, 0), train_s=warm_s))
+        return measured
+
+    def _train_to(self, c: Candidate, to_steps: int) -> float:
+        """Trains the built ``c`` from its steps up to ``to_steps``; its CPU seconds."""
+        live = self._live[c]
+        done = self.steps.get(c, 0)
         cpu0 = time.process_time()
         if live.rng is None:
             torch.manual_seed(self.seed + TRAIN_RNG_OFFSET)
@@ -241,21 +287,18 @@ class Runner:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        cpu1 = time.process_time()
+        self.steps[c] = to_steps
+        live.rng = torch.get_rng_state()  # where the next stretch's dropout continues
+        return time.process_time() - cpu0
+
+    def _validate(self, c: Candidate) -> tuple[float, float]:
+        """The built ``c``'s validation score and the pass's CPU seconds."""
+        model = self._live[c].model
+        cpu0 = time.process_time()
         model.eval()
         with torch.no_grad():
             value = float(self.scorer(model, _on(self.val, self.device)))
-        cpu2 = time.process_time()
-        live.rng = torch.get_rng_state()
-        self.steps[c] = to_steps
-        self.scores.setdefault(c, []).append(value)
-        path = self.weights_file(c, to_steps)
-        if path is not None:  # saved before the score is reported, so a reported rung has its weights
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"model": live.trainable.state_dict(), "optimizer": opt.state_dict(), "rng": live.rng}, path)
-        # Saving the weights is the state's price, charged to training.
-        self._charge(c, Spend(steps=to_steps - done, passes=1, train_s=cpu1 - cpu0 + time.process_time() - cpu2,
-                              validation_s=cpu2 - cpu1))
+        return value, time.process_time() - cpu0
 
     def trained(self, c: Candidate, steps: int, say: Callable[[str], None]) -> nn.Module:
         """``c`` with its weights at ``steps``: the live model, the folder's (a resumed search, or another

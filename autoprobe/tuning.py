@@ -166,7 +166,9 @@ def tune(
             ``model`` (a factory), ``train``, ``val``, ``score``, ``optimizer`` and ``lr_factor``
             must be picklable (defined at module level, no lambdas), and a calling script needs the
             ``if __name__ == "__main__":`` guard (spawned workers import it); the choice is the same
-            as with one worker.
+            as with one worker. Output-only's rungs fill the workers' waits at the rungs' barriers,
+            and with a finite ``max_cost`` the unit is measured on output-only's first steps and one
+            more validation pass (``score`` is called for it; counted in the cost).
 
     Returns:
         A ``TuneResult``.

@@ -13,7 +13,9 @@ which matters on a shared machine.
 
 For each two-worker run it also prints what the synchronous halving schedule itself allows
 (``schedule_steps``): the search's training steps over the wall time, in steps, of the rungs dealt
-over two workers, so the gap left to 2x is split into the schedule's share and the processes'.
+over two workers, output-only filling the barriers, so the gap left to 2x is split into the
+schedule's share and the processes'; and beside it what the engine allowed before output-only
+filled the barriers (and, with a finite ``max_cost``, before the unit's early measure).
 
 Usage:
     python benchmarks/tune_workers.py                  # steps=90, 2 repeats
@@ -54,22 +56,29 @@ SEARCH = {"objective": ["dsn", "imachsr"], "alpha": [0.1, 0.5], "lam": [0.0], "p
           "position": ["auto"], "schedule": ["constant"]}
 
 
-def schedule_steps(table, rung_steps, workers: int, unit_wait: bool = True) -> int:
+def schedule_steps(table, rung_steps, workers: int, unit: str | None = "probe", filler: bool = True) -> int:
     """The wall time, in training steps, that tune's synchronous halving allows ``workers`` processes
     for the search ``table`` recorded, if every step cost the same and nothing else took time.
 
-    It replays the engine's rule (``tuneengine.work``): the first rung dealt round-robin in search
-    order (output-only first, to worker 0), a worker done with its own taking any still waiting, the
-    other candidates' first rungs waiting for output-only's (``unit_wait``: the measure ``max_cost``
-    needs); then at each later rung, once every candidate has reported the one before, the kept
-    candidates dealt round-robin again. So a measured ratio can be read against what the schedule
-    itself permits, apart from the processes' start and the study's bookkeeping.
+    It replays the engine's rule (``tuneengine.work``), the free worker with the lowest number first:
+    the first rung dealt round-robin in search order (output-only first, to worker 0), a worker done
+    with its own taking any still waiting, the other candidates' first rungs waiting for the unit
+    (``unit``); then at each later rung, once every candidate other than output-only has reported the
+    one before, the kept ones dealt round-robin again, a worker done with its own taking any still
+    untaken; and a worker with no job training output-only's next rung once its rung before is done
+    (``filler``). So a measured ratio can be read against what the schedule itself permits, apart
+    from the processes' start, the unit's validation pass and the study's bookkeeping.
 
     Args:
-        table: ``TuneResult.table`` rows (``candidate``, ``steps``: the last rung each reached).
+        table: ``TuneResult.table`` rows (``candidate``, ``steps``: the last rung each reached), output-only first.
         rung_steps: the rungs' ends (``tunespace.rungs``).
         workers: the processes.
-        unit_wait: whether the first rung waits for output-only's (a finite ``max_cost``).
+        unit: what the other candidates' first rungs wait for: None (``max_cost=math.inf``), ``"probe"``
+            (output-only's warm-up step and ``tuneengine.probe_steps``: a finite ``max_cost``) or
+            ``"rung"`` (output-only's whole first rung, as before the early measure).
+        filler: False replays the engine before output-only filled the barriers: output-only dealt with
+            the others at every rung (to worker 0) and waited for at each barrier, and no job taken
+            from another worker after the first rung.
 
     Returns:
         The last worker's finishing time, in steps.
@@ -77,30 +86,59 @@ def schedule_steps(table, rung_steps, workers: int, unit_wait: bool = True) -> i
     Example:
         >>> from types import SimpleNamespace as Row
         >>> table = [Row(steps=720)] + [Row(steps=s) for s in (720, 240, 80, 80)]  # output-only first
-        >>> schedule_steps(table, (80, 240, 720), 1), schedule_steps(table, (80, 240, 720), 2)
-        (1840, 1040)
+        >>> rungs = (80, 240, 720)
+        >>> schedule_steps(table, rungs, 1), schedule_steps(table, rungs, 2, unit=None)
+        (1840, 960)
+        >>> schedule_steps(table, rungs, 2), schedule_steps(table, rungs, 2, unit="rung")
+        (971, 1040)
+        >>> schedule_steps(table, rungs, 2, unit=None, filler=False)  # the barriers with output-only in them
+        1040
     """
-    first = rung_steps[0]
+    from autoprobe.tuneengine import probe_steps
+
+    first, last = rung_steps[0], len(rung_steps) - 1
     entered = [row for row in table if row.steps >= first]
+    length = [b - a for a, b in zip((0, *rung_steps), rung_steps)]
+    probe = probe_steps(first)  # timed after one warm-up step
+    wait = {None: 0, "rung": first, "probe": first if probe is None else 1 + probe}[unit]
+    # pending[r]: rung r's untaken jobs, by their place in the deal (None: not dealt yet); ends[r]: when
+    # its taken jobs end, those its barrier waits for; opens[r]: when its jobs may start.
+    pending: list[list[int] | None] = [list(range(len(entered)))] + [None] * last
+    ends: list[list[int]] = [[] for _ in rung_steps]
+    opens = [0] * len(rung_steps)
     free = [0] * workers  # when each worker is next free
-    own = [[i for i in range(len(entered)) if i % workers == w] for w in range(workers)]
-    waiting = list(range(len(entered)))
-    unit_done = 0
-    while waiting:
+    finish, unit_at, out_next, out_ready = 0, 0, 1, math.inf  # output-only's next rung, when it may start
+    while any(p is None or p for p in pending) or (filler and out_next <= last):
+        r = next((k for k, p in enumerate(pending) if p is None or p), None)
+        if r is not None and pending[r] is None:  # the rung before is all taken: deal this one at its barrier
+            dealt = entered[1:] if filler else entered  # output-only (first) is dealt only without the filler
+            kept = [row for row in dealt if row.steps >= rung_steps[r]]
+            pending[r] = list(range(len(kept)))
+            opens[r] = max(ends[r - 1], default=opens[r - 1])
+            continue
         w = min(range(workers), key=lambda k: (free[k], k))
-        mine = [i for i in own[w] if i in waiting]
-        i = mine[0] if mine else waiting[0]
-        waiting.remove(i)
-        start = free[w] if i == 0 or not unit_wait else max(free[w], unit_done)
-        free[w] = start + first
-        if i == 0:
-            unit_done = free[w]
-    end = max(free)
-    for prev, step in zip(rung_steps, rung_steps[1:]):
-        kept = [row for row in table if row.steps >= step]
-        per = [len(kept[w::workers]) for w in range(workers)]
-        end += max(per) * (step - prev)
-    return end
+        now = free[w]
+        ready = pending[r] if r is not None and opens[r] <= now else []
+        own = [j for j in ready if j % workers == w]
+        # Without the filler a later rung's jobs stayed with the worker they were dealt to.
+        if own or (ready and (r == 0 or filler)):
+            j = (own or ready)[0]
+            ready.remove(j)
+            start = max(now, unit_at) if r == 0 and j else now
+            free[w] = start + length[r]
+            finish = max(finish, free[w])
+            if r == 0 and j == 0:  # output-only's first rung: the unit's measure
+                unit_at, out_ready = start + wait, free[w]
+            if not (filler and r == 0 and j == 0):
+                ends[r].append(free[w])
+        elif filler and out_next <= last and out_ready <= now:
+            free[w] = out_ready = now + length[out_next]
+            finish = max(finish, free[w])
+            out_next += 1
+        else:  # idle until something changes
+            free[w] = min((t for t in [*free, opens[r] if r is not None else 0, out_ready] if t > now),
+                          default=math.inf)
+    return finish
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -140,9 +178,12 @@ def main(argv: list[str] | None = None) -> None:
                   f"chose {result.chosen.label}, cost {result.cost_steps} steps, load {os.getloadavg()[0]:.2f}")
             if workers == 2:
                 # What synchronous halving itself permits for this table, at equal cost per step.
-                bound = schedule_steps(result.table, rungs(args.steps, 3), 2, unit_wait=math.isfinite(max_cost))
+                unit = "probe" if math.isfinite(max_cost) else None
+                bound = schedule_steps(result.table, rungs(args.steps, 3), 2, unit=unit)
+                before = schedule_steps(result.table, rungs(args.steps, 3), 2, unit=unit and "rung", filler=False)
                 print(f"  the schedule allows {result.cost_steps} / {bound} steps = {result.cost_steps / bound:.2f}x "
-                      f"at 2 workers ({len(result.table)} candidates, output-only included)")
+                      f"at 2 workers ({len(result.table)} candidates, output-only included; without the filler "
+                      f"{'and the probe ' if unit else ''}{result.cost_steps / before:.2f}x)")
     # The fixed cost of worker processes: the same search at 3 steps, where training is nothing.
     fixed = {}
     for workers in (1, 2):

@@ -125,6 +125,96 @@ def test_two_worker_processes_choose_as_one_train_each_rung_once_and_prune_on_th
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
+def test_output_only_is_trained_by_a_worker_a_barrier_would_idle(tmp_path):
+    """The first rung's winner (DSN, the second worker's) scores a second late: the first worker, done
+    with its share of the rung (output-only, iMacHSR), trains output-only's later rungs meanwhile
+    instead of waiting at the barrier, and the table is still one worker's, bit-equal."""
+    train, val = _data()
+    options = dict(task="classification", max_cost=math.inf, steps=18, lr=3e-3, search=_TWO, seed=3)
+    one = tune(_net, train, val, progress=False, score=_Accuracy(tmp_path / "one"), **options)
+    output, winner, loser = one.table
+    assert winner.scores[0] not in output.scores + loser.scores  # only the winner's first rung is slow
+    state = tmp_path / "two.journal"
+    two = tune(_net, train, val, progress=False, workers=2, state=state,
+               score=_Accuracy(tmp_path / "two", slow_at=winner.scores[0]), **options)
+    assert two == one
+    trials = _trials(state)
+    # user attribute "trained": [step, pid, wall clock at the rung's end] per rung, whoever trained it
+    out = {step: (pid, end) for step, pid, end in trials["output"].user_attrs["trained"]}
+    (late,) = [(pid, end) for step, pid, end in trials[winner.candidate.label].user_attrs["trained"] if step == 2]
+    assert sorted(out) == [2, 6, 18]
+    assert out[6][1] < late[1] and out[18][1] < late[1]  # both before the barrier they would have waited at
+    assert out[6][0] != late[0]  # by the worker that was not busy
+
+
+@pytest.mark.parametrize("max_cost", [1e9, math.inf])
+def test_a_first_rung_waits_for_output_only_only_as_long_as_the_unit_needs(tmp_path, max_cost):
+    """With a finite max_cost the unit is measured on output-only's first steps and one validation pass
+    (counted), so another worker admits its candidate before output-only's first rung ends; with no
+    bound it waits for nothing. Output-only's rung continues bit-equal: the table is one worker's."""
+    train, val = _data()
+    # steps=27: a first rung of 3 steps, one to warm up and one timed for the measure.
+    options = dict(task="classification", max_cost=max_cost, steps=27, lr=3e-3, search=_TWO, seed=3)
+    one = tune(_net, train, val, progress=False, **options)
+    state = tmp_path / "two.journal"
+    # The first worker's first scoring after the measure's (its first with no bound) is output-only's
+    # first rung: a second late, so that rung ends a second after the unit could be known.
+    probe = autoprobe.tuneengine.probe_steps(3) if math.isfinite(max_cost) else None
+    two = tune(_net, train, val, progress=False, workers=2, state=state, score=_SlowCall(1 + (probe is not None)),
+               **options)
+    trials = _trials(state)
+    first_rung_end = next(end for step, _, end in trials["output"].user_attrs["trained"] if step == 3)
+    admitted = [t.user_attrs["admitted_at"] for label, t in trials.items() if label != "output"]
+    assert min(admitted) < first_rung_end
+    assert probe is None or probe == 1 and trials["output"].user_attrs["probe"]["steps"] == probe
+    assert two == one and two.cost.validation_passes == one.cost.validation_passes + (probe is not None)
+
+
+def test_the_early_measure_leaves_output_onlys_first_rung_bit_equal():
+    """Trained one step, then measured (steps and a validation pass whose score is dropped, which here
+    also draws random numbers), then to the rung's end: the weights and the score of the rung trained
+    in one go, dropout included."""
+    from autoprobe import tunetrain
+    from autoprobe.tunespace import OUTPUT
+
+    train, val = _data()
+
+    def runner(score):
+        return tunetrain.Runner(_dropout_net, train, val, task="classification", lr=3e-3, optimizer=None,
+                                lr_factor=None, score=score, rules=None, seed=0, device="cpu", ignore_index=-100,
+                                full_steps=27, weights=None)
+
+    def drawing(model, batches):  # a score that uses the global RNG
+        torch.rand(3)
+        return tunetrain.accuracy(model, batches)
+
+    whole, measured = runner(drawing), runner(drawing)
+    whole.advance(OUTPUT, 9)
+    part = measured.measure(OUTPUT, 1, 3)
+    measured.advance(OUTPUT, 9)
+    assert (part.steps, part.passes) == (2, 1) and measured.spend[OUTPUT].steps == 9
+    assert measured.scores[OUTPUT] == whole.scores[OUTPUT]
+    got, want = measured._live[OUTPUT].model.state_dict(), whole._live[OUTPUT].model.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def _dropout_net():
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Dropout(0.3), nn.Flatten(), nn.Linear(256, 4))
+
+
+class _SlowCall:
+    """Accuracy, its ``n``-th call in each process a second late (picklable: each worker counts its own)."""
+
+    def __init__(self, n):
+        self.n, self.calls = n, 0
+
+    def __call__(self, model, val):
+        self.calls += 1
+        if self.calls == self.n:
+            time.sleep(1.0)
+        return autoprobe.tunetrain.accuracy(model, val)
+
+
 def test_workers_refuse_what_cannot_be_pickled():
     train, val = _data()
     with pytest.raises(UsageError, match="so model must be picklable.*Hint: define it at module level"):
