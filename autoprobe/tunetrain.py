@@ -17,11 +17,10 @@ Example:
     >>> import torch
     >>> from torch import nn
     >>> from autoprobe.tunespace import OUTPUT
-    >>> from autoprobe.tunetrain import Runner
+    >>> from autoprobe.tunetrain import Runner, TrainOptions
     >>> batches = [(torch.randn(8, 4), torch.randint(0, 2, (8,)))]
-    >>> run = Runner(lambda: nn.Linear(4, 2), batches, batches, task="classification", lr=1e-3, optimizer=None,
-    ...              lr_factor=None, score=None, rules=None, seed=0, device="cpu", ignore_index=-100, full_steps=4,
-    ...              weights=None)
+    >>> run = Runner(lambda: nn.Linear(4, 2), batches, batches, task="classification", options=TrainOptions(),
+    ...              seed=0, full_steps=4, weights=None)
     >>> run.advance(OUTPUT, 2); run.spend[OUTPUT].steps, run.spend[OUTPUT].passes
     (2, 1)
 """
@@ -40,12 +39,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import SelectionError, UsageError
+from .legacy import moved_into
 from .tunebudget import Spend
 from .tunerecords import CandidateResult, TrainedCandidate
 from .tunespace import Candidate, rungs
 
-__all__ = ["Batch", "Scorer", "Runner", "TRAIN_RNG_OFFSET", "SPACING", "reiterable", "accuracy", "miou_scorer",
-           "slug", "train_candidate"]
+__all__ = ["Batch", "Scorer", "TrainOptions", "RunnerSetup", "Runner", "TRAIN_RNG_OFFSET", "SPACING", "reiterable",
+           "accuracy", "miou_scorer", "slug", "train_candidate"]
 
 Batch = tuple[Tensor, Tensor]
 Scorer = Callable[[nn.Module, Iterable[Batch]], float]
@@ -53,6 +53,79 @@ Scorer = Callable[[nn.Module, Iterable[Batch]], float]
 TRAIN_RNG_OFFSET = 7919
 # Weight layers between spaced points (two ResNet basic blocks; the paper's best distance).
 SPACING = 4
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """How every candidate of a search trains and is scored (``tune``, ``train_candidate``).
+
+    Attributes:
+        lr: AdamW's learning rate, constant (when ``optimizer`` is None).
+        optimizer: a factory ``params -> Optimizer``, instead of AdamW(lr).
+        lr_factor: ``step -> factor`` on each parameter group's initial learning rate at that step
+            of the full run (warm-up, cosine decay); a function of the step, so a candidate that
+            continues from a checkpoint follows the full run's schedule. None: constant.
+        score: ``(model, val) -> float``, higher is better; default accuracy (classification)
+            or mean IoU over the classes present in truth or prediction (dense).
+        rules: the rule pack for automatic points; default ``"dense"`` for dense tasks.
+        device: where to train, ``"cpu"`` or ``"cuda"``.
+        ignore_index: target value the losses and the default score leave out.
+
+    Example:
+        >>> TrainOptions(lr=3e-3).lr, TrainOptions().device
+        (0.003, 'cpu')
+        >>> TrainOptions(lr=0)
+        Traceback (most recent call last):
+        ...
+        autoprobe.errors.UsageError: tune: lr=0 must be a positive number, AdamW's learning rate. Hint: lr=1e-3.
+    """
+
+    lr: float = 1e-3
+    optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None
+    lr_factor: Callable[[int], float] | None = None
+    score: Scorer | None = None
+    rules: str | None = None
+    device: str | torch.device = "cpu"
+    ignore_index: int = -100
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr > 0:
+            raise UsageError(f"tune: lr={self.lr!r} must be a positive number, AdamW's learning rate. Hint: lr=1e-3.")
+        for name in ("optimizer", "lr_factor", "score"):
+            value = getattr(self, name)
+            if value is not None and not callable(value):
+                raise UsageError(f"tune: {name}={value!r} must be a callable or None. Hint: see TrainOptions' "
+                                 "docstring for what it is called with.")
+        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+            raise UsageError(f"tune: ignore_index={self.ignore_index!r} must be an integer. Hint: ignore_index=-100.")
+
+    @staticmethod
+    def of(options: TrainOptions | None, legacy: dict[str, Any], call: str) -> TrainOptions:
+        """``options``, or a default record with the old loose keywords (``lr=``, ``score=``, ...) moved in
+        (``legacy.moved_into``: each with a ``DeprecationWarning``)."""
+        return moved_into(TrainOptions, options, legacy, call, "options", stacklevel=4)
+
+
+@dataclass(frozen=True)
+class RunnerSetup:
+    """What a ``Runner`` needs besides the model and the data: the same in every worker process of a search.
+
+    Attributes:
+        task: ``"classification"`` or ``"dense"``.
+        options: how candidates train and are scored.
+        seed: every candidate's initial weights.
+        full_steps: one full run's steps (the schedules' horizon).
+    """
+
+    task: str
+    options: TrainOptions
+    seed: int
+    full_steps: int
+
+    def runner(self, model: Any, train: Iterable[Batch], val: Iterable[Batch], weights: Path | None) -> Runner:
+        """A ``Runner`` of this setup (``weights``: the folder of each rung's weights, or None)."""
+        return Runner(model, train, val, task=self.task, options=self.options, seed=self.seed,
+                      full_steps=self.full_steps, weights=weights)
 
 
 @dataclass
@@ -111,15 +184,15 @@ class Runner:
         spend: candidate -> what its work in this process cost (``Spend``).
     """
 
-    def __init__(self, model: Any, train: Iterable[Batch], val: Iterable[Batch], *, task: str, lr: float,
-                 optimizer: Any, lr_factor: Any, score: Scorer | None, rules: str | None, seed: int, device: str,
-                 ignore_index: int, full_steps: int, weights: Path | None) -> None:
+    def __init__(self, model: Any, train: Iterable[Batch], val: Iterable[Batch], *, task: str, options: TrainOptions,
+                 seed: int, full_steps: int, weights: Path | None) -> None:
         self.model, self.train, self.val, self.task = model, train, val, task
-        self.lr, self.optimizer, self.lr_factor = lr, optimizer, lr_factor
-        default = accuracy if task == "classification" else miou_scorer(ignore_index)
-        self.scorer = score if score is not None else default
-        self.rules = rules if rules is not None else ("dense" if task == "dense" else "default")
-        self.seed, self.device, self.ignore_index = seed, torch.device(device), ignore_index
+        self.options = options
+        self.lr, self.optimizer, self.lr_factor = options.lr, options.optimizer, options.lr_factor
+        default = accuracy if task == "classification" else miou_scorer(options.ignore_index)
+        self.scorer = options.score if options.score is not None else default
+        self.rules = options.rules if options.rules is not None else ("dense" if task == "dense" else "default")
+        self.seed, self.device, self.ignore_index = seed, torch.device(options.device), options.ignore_index
         self.weights = weights  # a folder for each rung's weights (a state, or shared by workers), or None
         self.scores: dict[Candidate, list[float]] = {}
         self.steps: dict[Candidate, int] = {}
@@ -361,10 +434,8 @@ def miou_scorer(ignore_index: int) -> Scorer:
 
 
 def train_candidate(setting: Candidate, model: Any, train: Iterable[Batch], val: Iterable[Batch], *, task: str,
-                    steps: int, report: Callable[[int, float], None] | None = None, eta: int = 3, lr: float = 1e-3,
-                    optimizer: Any = None, lr_factor: Callable[[int], float] | None = None,
-                    score: Scorer | None = None, rules: str | None = None, seed: int = 0,
-                    device: str | torch.device = "cpu", ignore_index: int = -100) -> TrainedCandidate:
+                    steps: int, report: Callable[[int, float], None] | None = None, eta: int = 3, seed: int = 0,
+                    options: TrainOptions | None = None, **deprecated: Any) -> TrainedCandidate:
     """``tune``'s objective for one setting: trained the full budget as ``tune`` trains it, scored at each rung.
 
     The function another search engine runs per trial (Ray Tune with ASHA, README "Ray Tune"): the
@@ -374,9 +445,10 @@ def train_candidate(setting: Candidate, model: Any, train: Iterable[Batch], val:
 
     Args:
         setting: the ``Candidate`` (``autoprobe.tuning.candidate(config)`` of sampled keys).
-        model, train, val, task, steps, eta, lr, optimizer, lr_factor, score, rules, seed, device,
-            ignore_index: as ``autoprobe.tune``'s.
+        model, train, val, task, steps, eta, seed, options: as ``autoprobe.tune``'s.
         report: called with ``(steps trained, validation score)`` at the end of each rung.
+        **deprecated: ``lr``, ``optimizer``, ``lr_factor``, ``score``, ``rules``, ``device``, ``ignore_index``,
+            the keywords before ``TrainOptions``: still accepted, with a ``DeprecationWarning``.
 
     Returns:
         A ``TrainedCandidate``: the trained model (the ``Probed`` or, for output-only, the plain
@@ -395,10 +467,10 @@ def train_candidate(setting: Candidate, model: Any, train: Iterable[Batch], val:
         >>> done.row.steps, len(done.row.scores)
         (9, 3)
     """
-    run = Runner(model, reiterable("train", train), reiterable("val", val), task=task, lr=lr, optimizer=optimizer,
-                 lr_factor=lr_factor, score=score, rules=rules, seed=seed, device=str(device),
-                 ignore_index=ignore_index, full_steps=steps, weights=None)
-    dev = torch.device(device)
+    options = TrainOptions.of(options, deprecated, "train_candidate")
+    run = Runner(model, reiterable("train", train), reiterable("val", val), task=task, options=options, seed=seed,
+                 full_steps=steps, weights=None)
+    dev = torch.device(options.device)
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         for rung in rungs(steps, eta):
             run.advance(setting, rung)

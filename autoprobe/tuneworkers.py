@@ -19,7 +19,7 @@ import torch
 
 from .errors import UsageError
 from .tuneengine import Plan, WorkerStats, open_storage, optuna_module, pruner, work
-from .tunetrain import Runner
+from .tunetrain import RunnerSetup
 
 __all__ = ["check_picklable", "spawn"]
 
@@ -48,7 +48,7 @@ def spawn(workers: int, payload: dict[str, Any], spec: tuple[str, str], name: st
 
     Args:
         workers: how many processes.
-        payload: ``model``, ``train``, ``val``, ``weights``, ``options`` (the ``Runner``'s keywords),
+        payload: ``model``, ``train``, ``val``, ``weights``, ``setup`` (the ``Runner``'s ``RunnerSetup``),
             ``plan`` and ``threads`` (intra-op threads per worker).
         spec: the study's storage (``tuneengine.open_storage``).
         name: the study's name.
@@ -122,10 +122,10 @@ def _worker_main(payload: dict[str, Any], spec: tuple[str, str], name: str, line
         plan: Plan = payload["plan"]
         store = open_storage(optuna, spec)
         study = optuna.load_study(study_name=name, storage=store,
-                                  sampler=optuna.samplers.RandomSampler(seed=payload["options"]["seed"]),
+                                  sampler=optuna.samplers.RandomSampler(seed=payload["setup"].seed),
                                   pruner=pruner(optuna, plan.rung_steps, plan.eta))
-        run = Runner(payload["model"], payload["train"], payload["val"], weights=payload["weights"],
-                     **payload["options"])
+        setup: RunnerSetup = payload["setup"]
+        run = setup.runner(payload["model"], payload["train"], payload["val"], payload["weights"])
         start.wait(timeout=_START_TIMEOUT_S)
         stats = work(optuna, study, store, run, plan, lines.put, rank, size)
         results.put(("ok", stats._replace(cpu_s=time.process_time())))

@@ -88,11 +88,11 @@ from .tunehp import candidate, hp_space
 from .tunerecords import CandidateResult, TrainedCandidate, TuneCost, TuneResult
 from .tunespace import (DEFAULT_SEARCH, OUTPUT, SEARCH_KEYS, Candidate, TuneTask, check_options, draw, rungs,
                         search_space)
-from .tunetrain import Batch, Runner, Scorer, reiterable, train_candidate
+from .tunetrain import Batch, Runner, RunnerSetup, TrainOptions, reiterable, train_candidate
 from .tuneworkers import check_picklable, spawn
 
-__all__ = ["Candidate", "CandidateResult", "TrainedCandidate", "TuneCost", "TuneResult", "SEARCH_KEYS",
-           "DEFAULT_SEARCH", "tune", "hp_space", "candidate", "train_candidate"]
+__all__ = ["Candidate", "CandidateResult", "TrainedCandidate", "TrainOptions", "TuneCost", "TuneResult",
+           "SEARCH_KEYS", "DEFAULT_SEARCH", "tune", "hp_space", "candidate", "train_candidate"]
 
 # The fingerprint's format: a study of another format is another search.
 _FORMAT = 2
@@ -108,18 +108,13 @@ def tune(
     search: Mapping[str, Sequence[Any]] | None = None,
     max_cost: float = 3.5,
     eta: int = 3,
-    lr: float = 1e-3,
-    optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None,
-    lr_factor: Callable[[int], float] | None = None,
-    score: Scorer | None = None,
-    rules: str | None = None,
     seed: int = 0,
+    options: TrainOptions | None = None,
     state: str | Path | None = None,
-    device: str | torch.device = "cpu",
-    progress: bool | Callable[[str], None] = True,
-    ignore_index: int = -100,
     storage: str | None = None,
     workers: int = 1,
+    progress: bool | Callable[[str], None] = True,
+    **deprecated: Any,
 ) -> TuneResult:
     """Search output-only training, DSN and iMacHSR settings on validation with successive halving.
 
@@ -132,7 +127,7 @@ def tune(
             ``torch.manual_seed(seed)``), or a model, deep-copied per candidate (never trained itself).
         train: re-iterable (a list, a ``DataLoader``) of ``(inputs, targets)`` batches; each
             candidate starts at its first batch and cycles through it. A one-shot iterator is refused.
-        val: re-iterable of ``(inputs, targets)`` batches, scored by ``score``.
+        val: re-iterable of ``(inputs, targets)`` batches, scored by ``options.score``.
         task: ``"classification"`` (targets (B,)) or ``"dense"`` (targets (B, *S)).
         steps: training steps of one full run, the budget the survivors train.
         search: key -> values to search, keys from ``SEARCH_KEYS``; missing keys take
@@ -143,32 +138,28 @@ def tune(
             ``math.inf`` for no bound. A candidate whose next rung would not fit is stopped.
         eta: successive halving's factor: each rung keeps 1/eta of the candidates and trains eta
             times longer.
-        lr: AdamW's learning rate, constant (when ``optimizer`` is None).
-        optimizer: a factory ``params -> Optimizer``, instead of AdamW(lr).
-        lr_factor: ``step -> factor`` on each parameter group's initial learning rate at that step
-            of the full run (warm-up, cosine decay); a function of the step, so a candidate that
-            continues from a checkpoint follows the full run's schedule. None: constant.
-        score: ``(model, val) -> float``, higher is better; default accuracy (classification)
-            or mean IoU over the classes present in truth or prediction (dense).
-        rules: the rule pack for automatic points; default ``"dense"`` for dense tasks.
         seed: initial weights, the draw of candidates when the space exceeds the cost bound.
+        options: how each candidate trains and is scored (``TrainOptions``: the learning rate, an
+            optimizer or learning-rate schedule of your own, the score, the rule pack, the device,
+            the ignored target value); default ``TrainOptions()``.
         state: a file holding the study (an Optuna journal; each rung's weights in ``<state>.d/``);
             a rerun with the same arguments resumes, skipping finished rungs. One search per file.
-        device: where to train, ``"cpu"`` or ``"cuda"``.
-        progress: print one line per finished rung to stderr (True), nothing (False), or call this
-            (in this process, also with ``workers > 1``).
-        ignore_index: target value the losses and the default score leave out.
         storage: an Optuna RDB URL (``"sqlite:///tune.db"``, ``"postgresql://..."``) holding the
             study, so that several calls, on one machine or many, share one search: each call
             trains the candidates nobody else has taken. Not with ``state``.
         workers: worker processes on this machine sharing the study (spawned; they share a journal
             in a temporary folder unless ``state`` or ``storage`` is given). With ``workers > 1``
-            ``model`` (a factory), ``train``, ``val``, ``score``, ``optimizer`` and ``lr_factor``
-            must be picklable (defined at module level, no lambdas), and a calling script needs the
-            ``if __name__ == "__main__":`` guard (spawned workers import it); the choice is the same
+            ``model`` (a factory), ``train``, ``val`` and the ``options``' ``score``, ``optimizer``
+            and ``lr_factor`` must be picklable (defined at module level, no lambdas), and a calling
+            script needs the ``if __name__ == "__main__":`` guard (spawned workers import it); the choice is the same
             as with one worker. Output-only's rungs fill the workers' waits at the rungs' barriers,
             and with a finite ``max_cost`` the unit is measured on output-only's first steps and one
             more validation pass (``score`` is called for it; counted in the cost).
+        progress: print one line per finished rung to stderr (True), nothing (False), or call this
+            (in this process, also with ``workers > 1``).
+        **deprecated: ``lr``, ``optimizer``, ``lr_factor``, ``score``, ``rules``, ``device``,
+            ``ignore_index``, the keywords before ``TrainOptions``: still accepted, each with a
+            ``DeprecationWarning``.
 
     Returns:
         A ``TuneResult``.
@@ -181,6 +172,7 @@ def tune(
     Example:
         See the module docstring.
     """
+    train_options = TrainOptions.of(options, deprecated, "tune")
     optuna = optuna_module()
     space = search_space(search)
     check_options(task, steps, max_cost, eta)
@@ -202,17 +194,17 @@ def tune(
         raise UsageError("tune: the training set is empty. "
                          "Hint: pass a list or DataLoader of (inputs, targets) batches.")
     if workers > 1:
-        check_picklable(workers, model=model, train=train_batches, val=val_batches, score=score,
-                        optimizer=optimizer, lr_factor=lr_factor)
+        check_picklable(workers, model=model, train=train_batches, val=val_batches, score=train_options.score,
+                        optimizer=train_options.optimizer, lr_factor=train_options.lr_factor)
     rung_steps = rungs(steps, eta)
     candidates, dropped = draw(space, rung_steps, eta, steps, max_cost, seed)
     plan = Plan(tuple(candidates), tuple(rung_steps), eta, steps, float(max_cost),
                 rebuild=workers > 1 or storage is not None, share=storage is None)
     say = _progress(progress)
-    fingerprint = json.dumps([_FORMAT, [c.label for c in candidates], rung_steps, seed, lr, task, float(max_cost)])
-    options = dict(task=task, lr=lr, optimizer=optimizer, lr_factor=lr_factor, score=score, rules=rules, seed=seed,
-                   device=str(device), ignore_index=ignore_index, full_steps=steps)
-    dev = torch.device(device)
+    fingerprint = json.dumps([_FORMAT, [c.label for c in candidates], rung_steps, seed, train_options.lr, task,
+                              float(max_cost)])
+    setup = RunnerSetup(task=task, options=train_options, seed=seed, full_steps=steps)
+    dev = torch.device(train_options.device)
     cpu0, wall0 = time.process_time(), time.perf_counter()
     verbosity = optuna.logging.get_verbosity()
     # Optuna logs every trial at INFO; tune reports its own progress. Restored below.
@@ -246,12 +238,12 @@ def tune(
         if state is not None:
             reclaim(optuna, study)  # one search per state file: a rerun takes over the rungs an interrupt left
         enqueue(study, candidates)
-        run = Runner(model, train_batches, val_batches, weights=weights, **options)
+        run = setup.runner(model, train_batches, val_batches, weights)
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             if workers == 1:
                 stats = [work(optuna, study, store, run, plan, say, alone=storage is None)]
             else:
-                payload = dict(model=model, train=train_batches, val=val_batches, weights=weights, options=options,
+                payload = dict(model=model, train=train_batches, val=val_batches, weights=weights, setup=setup,
                                plan=plan, threads=torch.get_num_threads())
                 stats = spawn(workers, payload, spec, name, say)
             wait(study, lambda t: t.state.is_finished(), alone=storage is None)  # other machines' (storage=)

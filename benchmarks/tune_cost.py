@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     """Measure and print the conversion factors and the default search's cost."""
     import torch
 
-    from autoprobe import tune
+    from autoprobe import TrainOptions, tune
     from autoprobe.tunespace import OUTPUT, Candidate
     from autoprobe.tunetrain import Runner
 
@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> None:
     val = [(x[i : i + 256], y[i : i + 256]) for i in range(1024, 1024 + args.val, 256)]
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, load average before: {os.getloadavg()}")
 
-    run = Runner(factory, train, val, task="classification", lr=3e-3, optimizer=None, lr_factor=None, score=None,
-                 rules=None, seed=0, device="cpu", ignore_index=-100, full_steps=args.steps, weights=None)
+    run = Runner(factory, train, val, task="classification", options=TrainOptions(lr=3e-3), seed=0,
+                 full_steps=args.steps, weights=None)
     probe = max(30, args.steps // 9)
     settings = [OUTPUT, Candidate("dsn", 0.2), Candidate("imachsr", 0.2, 0.01)]
     for c in settings:  # the order alternates in a second pass, so drift in the load does not favour one
@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{s.build_s / s.builds / unit:12.4f} {s.validation_s / s.passes / unit:11.4f}")
 
     t0 = time.perf_counter()
-    result = tune(factory, train, val, task="classification", steps=args.steps, lr=3e-3, progress=False)
+    result = tune(factory, train, val, task="classification", steps=args.steps, options=TrainOptions(lr=3e-3),
+                  progress=False)
     wall = time.perf_counter() - t0
     c = result.cost
     stopped = [row for row in result.table if row.error and row.error.startswith("over budget")]

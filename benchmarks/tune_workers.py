@@ -15,7 +15,10 @@ For each two-worker run it also prints what the synchronous halving schedule its
 (``schedule_steps``): the search's training steps over the wall time, in steps, of the rungs dealt
 over two workers, output-only filling the barriers, so the gap left to 2x is split into the
 schedule's share and the processes'; and beside it what the engine allowed before output-only
-filled the barriers (and, with a finite ``max_cost``, before the unit's early measure).
+filled the barriers (and, with a finite ``max_cost``, before the unit's early measure). Last, what
+the machine itself allows (``machine_ceiling``): one output-only training alone in a process, then
+two at once in two processes that share nothing; on two cores that share their caches and memory
+bus, two processes do less than twice the work of one, whatever the schedule.
 
 Usage:
     python benchmarks/tune_workers.py                  # steps=90, 2 repeats
@@ -31,7 +34,7 @@ import os
 import statistics
 import time
 
-__all__ = ["factory", "main"]
+__all__ = ["factory", "machine_ceiling", "main"]
 
 
 def factory():  # noqa: ANN201
@@ -141,11 +144,50 @@ def schedule_steps(table, rung_steps, workers: int, unit: str | None = "probe", 
     return finish
 
 
+def _timed_training(steps: int, start, results) -> None:  # noqa: ANN001
+    """A process's entry: one output-only training of ``steps`` steps (its rungs' validation included), timed from
+    when every process of the measurement is ready (``start``, a barrier), so no process's start is in it."""
+    import torch
+
+    from autoprobe import TrainOptions
+    from autoprobe.tunespace import OUTPUT
+    from autoprobe.tuning import train_candidate
+
+    torch.set_num_threads(1)
+    train, val = _data()
+    start.wait()
+    t0 = time.perf_counter()
+    train_candidate(OUTPUT, factory, train, val, task="classification", steps=steps, options=TrainOptions(lr=3e-3))
+    results.put(time.perf_counter() - t0)
+
+
+def machine_ceiling(steps: int) -> tuple[float, list[float]]:
+    """The same training alone in one process, then in two processes at once (spawned, one thread each): what this
+    machine gives two processes that share nothing, the most two workers could get from any schedule.
+
+    Returns:
+        The wall seconds alone, and of each of the two at once.
+    """
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    timings = []
+    for n in (1, 2):
+        start, results = ctx.Barrier(n), ctx.Queue()
+        procs = [ctx.Process(target=_timed_training, args=(steps, start, results)) for _ in range(n)]
+        for p in procs:
+            p.start()
+        timings.append([results.get() for _ in procs])
+        for p in procs:
+            p.join()
+    return timings[0][0], timings[1]
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the comparison and print one line per run and the median ratio."""
     import torch
 
-    from autoprobe import tune
+    from autoprobe import TrainOptions, tune
     from autoprobe.tunespace import rungs
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -166,7 +208,8 @@ def main(argv: list[str] | None = None) -> None:
     for repeat in range(args.repeats):
         for workers in ((1, 2) if repeat % 2 == 0 else (2, 1)):
             t0 = time.perf_counter()
-            result = tune(factory, train, val, task="classification", steps=args.steps, lr=3e-3, search=search,
+            result = tune(factory, train, val, task="classification", steps=args.steps,
+                          options=TrainOptions(lr=3e-3), search=search,
                           workers=workers, progress=False, max_cost=max_cost)
             wall = time.perf_counter() - t0
             times[workers].append(wall)
@@ -188,10 +231,16 @@ def main(argv: list[str] | None = None) -> None:
     fixed = {}
     for workers in (1, 2):
         t0 = time.perf_counter()
-        tune(factory, train, val, task="classification", steps=3, lr=3e-3, search=SEARCH, workers=workers,
-             progress=False, max_cost=math.inf)  # the small search: the fixed cost, not the training
+        tune(factory, train, val, task="classification", steps=3, options=TrainOptions(lr=3e-3), search=SEARCH,
+             workers=workers, progress=False, max_cost=math.inf)  # the small search: the fixed cost, not the training
         fixed[workers] = time.perf_counter() - t0
     print(f"fixed cost (steps=3): workers=1 {fixed[1]:.2f} s, workers=2 {fixed[2]:.2f} s")
+    # Two processes on this machine's two cores each run slower than one alone (they share the caches and
+    # the memory bus): that, not the schedule, caps what any number of workers can give here.
+    alone, together = machine_ceiling(args.steps)
+    ceiling = 2 * alone / max(together)
+    print(f"machine: one output-only training of {args.steps} steps alone {alone:.2f} s, two at once "
+          f"{' and '.join(f'{t:.2f}' for t in together)} s: two processes do {ceiling:.2f}x the work of one")
     same = results[1] == results[2]
     one, two = statistics.median(times[1]), statistics.median(times[2])
     print(f"median wall: 1 worker {one:.2f} s, 2 workers {two:.2f} s, ratio (1 / 2) {one / two:.2f}x; "

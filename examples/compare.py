@@ -515,11 +515,12 @@ def _tune(spec: RunSpec, data, device: str):
         state.parent.mkdir(parents=True, exist_ok=True)
     return autoprobe.tune(
         lambda: build_model(spec.model), _TrainBatches(data.train, spec), val_batches,
-        task="dense" if spec.task == "seg" else "classification", steps=spec.steps, seed=spec.seed,
-        optimizer=lambda params: torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=WEIGHT_DECAY),
-        lr_factor=_lr_lambda(spec.steps), device=device, state=state,
-        rules="dense" if spec.task == "seg" else "default",
-        score=lambda model, batches: _score_val(model, batches, spec.task),
+        task="dense" if spec.task == "seg" else "classification", steps=spec.steps, seed=spec.seed, state=state,
+        options=autoprobe.TrainOptions(
+            optimizer=lambda params: torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=WEIGHT_DECAY),
+            lr_factor=_lr_lambda(spec.steps), device=device, rules="dense" if spec.task == "seg" else "default",
+            score=lambda model, batches: _score_val(model, batches, spec.task),
+        ),
     )
 
 

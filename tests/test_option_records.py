@@ -94,3 +94,63 @@ def test_an_old_make_objective_keyword_still_works_and_names_the_record() -> Non
     assert old.alpha == new.alpha == {"a": 0.4, "b": 0.4}
     with pytest.raises(InstrumentError, match="not both"):
         make_objective("dsn", ["a"], alpha=0.4, options=LossOptions())
+
+
+# ------------------------------------------------------------------------------------------------ tune's record
+
+
+def _tiny_search() -> dict:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 1, 8, 8, generator=gen)
+    y = (x[:, 0, :4].mean((1, 2)) > 0).long()
+    return dict(model=lambda: nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+                                            nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)),
+                train=[(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)], val=[(x[64:], y[64:])],
+                task="classification", steps=9, max_cost=float("inf"), progress=False,
+                search={"objective": ["output", "dsn"], "alpha": [0.3], "points": [1], "schedule": ["constant"]})
+
+
+def _accuracy(model: nn.Module, batches) -> float:  # noqa: ANN001
+    return sum(float((model(x).argmax(1) == y).float().mean()) for x, y in batches)
+
+
+def test_an_old_tune_keyword_still_works_and_names_the_record() -> None:
+    pytest.importorskip("optuna")
+    with pytest.warns(DeprecationWarning) as seen:
+        old = autoprobe.tune(**_tiny_search(), lr=3e-3, score=_accuracy)
+    assert sorted(str(w.message) for w in seen) == [
+        "tune(lr=...) is deprecated; pass options=TrainOptions(lr=...).",
+        "tune(score=...) is deprecated; pass options=TrainOptions(score=...).",
+    ]
+    assert all(w.filename == __file__ for w in seen)  # the user's line, not autoprobe's
+    new = autoprobe.tune(**_tiny_search(), options=autoprobe.TrainOptions(lr=3e-3, score=_accuracy))
+    assert old.table == new.table and old.chosen == new.chosen  # the same search, scored by the same function
+    with pytest.raises(UsageError, match="not both"):
+        autoprobe.tune(**_tiny_search(), lr=3e-3, options=autoprobe.TrainOptions())
+    with pytest.raises(TypeError, match="unexpected keyword argument 'learning_rate'"):
+        autoprobe.tune(**_tiny_search(), learning_rate=3e-3)
+    with pytest.raises(UsageError, match=r"lr=0 must be a positive number"):
+        autoprobe.TrainOptions(lr=0)
+    with pytest.raises(UsageError, match=r"score=0.5 must be a callable"):
+        autoprobe.TrainOptions(score=0.5)  # type: ignore[arg-type]
+
+
+def test_public_functions_take_about_twelve_parameters() -> None:
+    """Issue 27's bound, over every public function of the package and of ``autoprobe.tuning``. ``tune`` takes 14:
+    the data (model, train, val), the budget (task, steps, search, max_cost, eta, seed), where the study lives and
+    who works on it (state, storage, workers), progress, and the ``TrainOptions`` record that took its seven
+    training keywords (it took 20)."""
+    from autoprobe import tuning
+
+    allowed = {"tune": 14}
+    functions = {name: getattr(autoprobe, name) for name in autoprobe.__all__}
+    functions.update({name: getattr(tuning, name) for name in tuning.__all__})
+    over = {}
+    for name, function in functions.items():
+        if not pyinspect.isfunction(function):
+            continue
+        named = [p for p in pyinspect.signature(function).parameters.values()
+                 if p.kind not in (pyinspect.Parameter.VAR_KEYWORD, pyinspect.Parameter.VAR_POSITIONAL)]
+        if len(named) > allowed.get(name, 12):
+            over[name] = len(named)
+    assert not over, over

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import autoprobe
-from autoprobe import UsageError, tune
+from autoprobe import TrainOptions, UsageError, tune
 
 
 class _Detach(nn.Module):
@@ -53,8 +53,8 @@ _HARMFUL = {"objective": ["dsn", "imachsr"], "alpha": [100.0], "lam": [100.0], "
 
 def test_a_known_good_setting_wins_and_its_instrument_arguments_reproduce_it():
     train, val = _data()
-    result = tune(_cut_net, train, val, task="classification", max_cost=math.inf, steps=60, lr=3e-3,
-                  search=_STEM_HEAD, progress=False)
+    result = tune(_cut_net, train, val, task="classification", max_cost=math.inf, steps=60,
+                  options=TrainOptions(lr=3e-3), search=_STEM_HEAD, progress=False)
     assert result.chosen.objective == "dsn" and result.chosen.position == "input"
     assert result.score > result.output_only_score + 0.3
     assert [row.candidate.label for row in result.table] == ["output", "dsn/alpha=1.0/M=1/input/head=linear"]
@@ -66,8 +66,8 @@ def test_a_known_good_setting_wins_and_its_instrument_arguments_reproduce_it():
 
 def test_output_only_is_returned_when_no_candidate_beats_it():
     train, val = _data()
-    result = tune(_plain_net, train, val, task="classification", max_cost=math.inf, steps=60, lr=3e-3,
-                  search=_HARMFUL, progress=False)
+    result = tune(_plain_net, train, val, task="classification", max_cost=math.inf, steps=60,
+                  options=TrainOptions(lr=3e-3), search=_HARMFUL, progress=False)
     assert result.chosen.objective == "output" and result.instrument_kwargs is None
     full = [row.score for row in result.table if row.steps == 60]
     assert len(full) >= 2 and result.score == max(full) == result.output_only_score
@@ -76,8 +76,8 @@ def test_output_only_is_returned_when_no_candidate_beats_it():
 def test_the_same_seed_gives_the_same_table_and_an_interrupted_search_resumes(tmp_path):
     train, val = _data()
     # a decaying learning rate: a resumed candidate must follow the full run's schedule
-    options = dict(task="classification", max_cost=math.inf, steps=18, lr=3e-3, search=_HARMFUL, progress=False, seed=1,
-                   lr_factor=lambda step: 1 - step / 18)
+    options = dict(task="classification", max_cost=math.inf, steps=18, search=_HARMFUL, progress=False, seed=1,
+                   options=TrainOptions(lr=3e-3, lr_factor=lambda step: 1 - step / 18))
     first = tune(_plain_net, train, val, **options)
     assert tune(_plain_net, train, val, **options) == first
 
@@ -139,8 +139,8 @@ def test_a_gated_candidate_is_one_more_setting_and_trains():
     train, val = _data()
     search = {"objective": ["dsn"], "alpha": [0.3], "points": [1], "position": ["auto"], "schedule": ["constant"],
               "gate": [None, "cosine"]}
-    result = tune(_plain_net, train, val, task="classification", max_cost=math.inf, steps=20, lr=3e-3,
-                  search=search, progress=False)
+    result = tune(_plain_net, train, val, task="classification", max_cost=math.inf, steps=20,
+                  options=TrainOptions(lr=3e-3), search=search, progress=False)
     labels = [row.candidate.label for row in result.table]
     assert labels == ["output", "dsn/alpha=0.3/M=1/auto", "dsn/alpha=0.3/M=1/auto/gate=cosine"]
     assert all(row.error is None and row.scores for row in result.table)
@@ -170,7 +170,7 @@ def _fresh_run(factory, kwargs, train, steps, lr, seed=0):
 
 def test_the_result_holds_the_chosen_model_trained_as_a_fresh_run_of_its_setting(tmp_path):
     train, val = _data()
-    kwargs = dict(task="classification", max_cost=math.inf, steps=60, lr=3e-3,
+    kwargs = dict(task="classification", max_cost=math.inf, steps=60, options=TrainOptions(lr=3e-3),
                   search=_STEM_HEAD, progress=False)
     result = tune(_cut_net, train, val, **kwargs)
     assert result.chosen.objective == "dsn" and isinstance(result.model, autoprobe.Probed)
@@ -184,16 +184,16 @@ def test_the_result_holds_the_chosen_model_trained_as_a_fresh_run_of_its_setting
     again = tune(_cut_net, train, val, state=state, **kwargs)
     assert all(torch.equal(again.model.state_dict()[k], first.model.state_dict()[k]) for k in want)
     # Output-only winning returns the plain model, trained.
-    plain = tune(_plain_net, train, val, task="classification", max_cost=math.inf, steps=60, lr=3e-3,
-                 search=_HARMFUL, progress=False)
+    plain = tune(_plain_net, train, val, task="classification", max_cost=math.inf, steps=60,
+                 options=TrainOptions(lr=3e-3), search=_HARMFUL, progress=False)
     assert plain.chosen.objective == "output" and not isinstance(plain.model, autoprobe.Probed)
     assert isinstance(plain.model, nn.Sequential)
 
 
 def test_the_cost_is_measured_whole_in_units_of_one_output_only_run():
     train, val = _data()
-    result = tune(_cut_net, train, val, task="classification", max_cost=math.inf, steps=60, lr=3e-3,
-                  search=_STEM_HEAD, progress=False)
+    result = tune(_cut_net, train, val, task="classification", max_cost=math.inf, steps=60,
+                  options=TrainOptions(lr=3e-3), search=_STEM_HEAD, progress=False)
     cost = result.cost
     assert cost.steps == result.cost_steps == 2 * 60  # two candidates, each trained the full budget once
     assert cost.validation_passes == sum(len(row.scores) for row in result.table) == 6
@@ -227,8 +227,8 @@ def test_the_default_search_stays_within_max_cost_measured_validation_included(w
     train = [(x[i : i + 32], y[i : i + 32]) for i in range(0, 2048, 32)]
     val = _Val([(x[i : i + 512], y[i : i + 512]) for i in range(2048, 2048 + 32768, 512)])
     lines: list[str] = []
-    result = tune(_plain_net, train, val, task="classification", steps=180, lr=3e-3, progress=lines.append,
-                  workers=workers)
+    result = tune(_plain_net, train, val, task="classification", steps=180, progress=lines.append,
+                  options=TrainOptions(lr=3e-3), workers=workers)
     cost, table = result.cost, result.table
     assert len(table) == 10 and result.dropped == 36 - 9  # the draw by steps alone: 9 and output-only
     assert cost.validation_passes == sum(len(row.scores) for row in table) + (workers > 1)  # the early measure's

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import autoprobe
-from autoprobe import UsageError, tune
+from autoprobe import TrainOptions, UsageError, tune
 from autoprobe.tuning import candidate, hp_space
 
 
@@ -61,8 +61,8 @@ def test_output_only_is_a_trial_never_pruned_and_another_wins_only_if_strictly_h
     # at the full budget iMacHSR ties output-only (output-only chosen) or beats it by 1e-6 (chosen).
     script = _Scripted([0.0, 0.5, 0.6, 0.1, 0.7, 0.2, last])
     state = tmp_path / "study.journal"
-    result = tune(_net, train, val, task="classification", max_cost=math.inf, steps=18, search=_TWO, score=script,
-                  state=state, progress=False)
+    result = tune(_net, train, val, task="classification", max_cost=math.inf, steps=18, search=_TWO,
+                  options=TrainOptions(score=script), state=state, progress=False)
     trials = _trials(state)
     assert trials["output"].state == optuna.trial.TrialState.COMPLETE
     assert trials["output"].intermediate_values == {2: 0.0, 6: 0.1, 18: 0.2}
@@ -96,8 +96,8 @@ class _Accuracy:
 def test_two_worker_processes_choose_as_one_train_each_rung_once_and_prune_on_the_whole_rung(tmp_path):
     train, val = _data()
     log = tmp_path / "pids"
-    options = dict(task="classification", max_cost=math.inf, steps=18, lr=3e-3, search=_TWO, seed=3)
-    one = tune(_net, train, val, progress=False, score=_Accuracy(log), **options)
+    options = dict(task="classification", max_cost=math.inf, steps=18, search=_TWO, seed=3)
+    one = tune(_net, train, val, progress=False, options=TrainOptions(lr=3e-3, score=_Accuracy(log)), **options)
     assert set(log.read_text().split()) == {str(os.getpid())}
     log.unlink()
     # The first rung's winner (DSN, dealt to the second worker) reports late: a worker that pruned
@@ -108,7 +108,7 @@ def test_two_worker_processes_choose_as_one_train_each_rung_once_and_prune_on_th
     lines: list[str] = []
     state = tmp_path / "two.journal"
     two = tune(_net, train, val, progress=lines.append, workers=2, state=state,
-               score=_Accuracy(log, slow_at=winner.scores[0]), **options)
+               options=TrainOptions(lr=3e-3, score=_Accuracy(log, slow_at=winner.scores[0])), **options)
     pids = log.read_text().split()
     assert len(set(pids)) == 2 and str(os.getpid()) not in pids  # two worker processes trained and scored
     assert two == one  # the same table (scores bit-equal), the same choice: the pruner saw whole rungs
@@ -130,13 +130,14 @@ def test_output_only_is_trained_by_a_worker_a_barrier_would_idle(tmp_path):
     with its share of the rung (output-only, iMacHSR), trains output-only's later rungs meanwhile
     instead of waiting at the barrier, and the table is still one worker's, bit-equal."""
     train, val = _data()
-    options = dict(task="classification", max_cost=math.inf, steps=18, lr=3e-3, search=_TWO, seed=3)
-    one = tune(_net, train, val, progress=False, score=_Accuracy(tmp_path / "one"), **options)
+    options = dict(task="classification", max_cost=math.inf, steps=18, search=_TWO, seed=3)
+    one = tune(_net, train, val, progress=False, options=TrainOptions(lr=3e-3, score=_Accuracy(tmp_path / "one")),
+               **options)
     output, winner, loser = one.table
     assert winner.scores[0] not in output.scores + loser.scores  # only the winner's first rung is slow
     state = tmp_path / "two.journal"
     two = tune(_net, train, val, progress=False, workers=2, state=state,
-               score=_Accuracy(tmp_path / "two", slow_at=winner.scores[0]), **options)
+               options=TrainOptions(lr=3e-3, score=_Accuracy(tmp_path / "two", slow_at=winner.scores[0])), **options)
     assert two == one
     trials = _trials(state)
     # user attribute "trained": [step, pid, wall clock at the rung's end] per rung, whoever trained it
@@ -154,14 +155,14 @@ def test_a_first_rung_waits_for_output_only_only_as_long_as_the_unit_needs(tmp_p
     bound it waits for nothing. Output-only's rung continues bit-equal: the table is one worker's."""
     train, val = _data()
     # steps=27: a first rung of 3 steps, one to warm up and one timed for the measure.
-    options = dict(task="classification", max_cost=max_cost, steps=27, lr=3e-3, search=_TWO, seed=3)
-    one = tune(_net, train, val, progress=False, **options)
+    options = dict(task="classification", max_cost=max_cost, steps=27, search=_TWO, seed=3)
+    one = tune(_net, train, val, progress=False, options=TrainOptions(lr=3e-3), **options)
     state = tmp_path / "two.journal"
     # The first worker's first scoring after the measure's (its first with no bound) is output-only's
     # first rung: a second late, so that rung ends a second after the unit could be known.
     probe = autoprobe.tuneengine.probe_steps(3) if math.isfinite(max_cost) else None
-    two = tune(_net, train, val, progress=False, workers=2, state=state, score=_SlowCall(1 + (probe is not None)),
-               **options)
+    two = tune(_net, train, val, progress=False, workers=2, state=state,
+               options=TrainOptions(lr=3e-3, score=_SlowCall(1 + (probe is not None))), **options)
     trials = _trials(state)
     first_rung_end = next(end for step, _, end in trials["output"].user_attrs["trained"] if step == 3)
     admitted = [t.user_attrs["admitted_at"] for label, t in trials.items() if label != "output"]
@@ -180,9 +181,8 @@ def test_the_early_measure_leaves_output_onlys_first_rung_bit_equal():
     train, val = _data()
 
     def runner(score):
-        return tunetrain.Runner(_dropout_net, train, val, task="classification", lr=3e-3, optimizer=None,
-                                lr_factor=None, score=score, rules=None, seed=0, device="cpu", ignore_index=-100,
-                                full_steps=27, weights=None)
+        return tunetrain.Runner(_dropout_net, train, val, task="classification",
+                                options=TrainOptions(lr=3e-3, score=score), seed=0, full_steps=27, weights=None)
 
     def drawing(model, batches):  # a score that uses the global RNG
         torch.rand(3)
@@ -226,7 +226,8 @@ def test_workers_refuse_what_cannot_be_pickled():
 def test_an_rdb_storage_shares_the_study_so_a_second_call_trains_nothing(tmp_path):
     train, val = _data()
     url = f"sqlite:///{tmp_path / 'tune.db'}"
-    options = dict(task="classification", max_cost=math.inf, steps=18, lr=3e-3, search=_TWO, progress=False)
+    options = dict(task="classification", max_cost=math.inf, steps=18, options=TrainOptions(lr=3e-3), search=_TWO,
+                   progress=False)
     first = tune(_net, train, val, storage=url, **options)
     assert first == tune(_net, train, val, **options)  # the same search as in memory
     built = []
@@ -295,9 +296,8 @@ def test_a_worker_prunes_only_once_the_whole_rung_has_reported():
     mine = tuneengine.claim(optuna, study, store, 1, 2)
     assert mine.user_attrs["label"] == candidates[1].label
     mine.suggest_categorical("candidate", [c.label for c in candidates])
-    run = tunetrain.Runner(_net, train, val, task="classification", lr=1e-3, optimizer=None, lr_factor=None,
-                           score=lambda model, batches: 0.5, rules=None, seed=0, device="cpu", ignore_index=-100,
-                           full_steps=18, weights=None)
+    run = tunetrain.Runner(_net, train, val, task="classification",
+                           options=TrainOptions(score=lambda model, batches: 0.5), seed=0, full_steps=18, weights=None)
     plan = tuneengine.Plan(tuple(candidates), tuple(rungs), 3, 18, math.inf, False)
     worker = threading.Thread(target=tuneengine.work, args=(optuna, study, store, run, plan, lambda s: None, 0, 2))
     worker.start()
@@ -317,7 +317,8 @@ def test_a_worker_prunes_only_once_the_whole_rung_has_reported():
 
 def test_a_search_interrupted_in_one_process_resumes_with_two_workers(tmp_path):
     train, val = _data()
-    options = dict(task="classification", max_cost=math.inf, steps=18, lr=3e-3, search=_TWO, seed=2)
+    options = dict(task="classification", max_cost=math.inf, steps=18, options=TrainOptions(lr=3e-3), search=_TWO,
+                   seed=2)
     whole = tune(_net, train, val, progress=False, **options)
 
     class Stop(Exception):
@@ -343,7 +344,7 @@ def test_train_candidate_is_tunes_objective_for_one_setting():
     from autoprobe.tuning import train_candidate
 
     train, val = _data()
-    options = dict(task="classification", steps=18, lr=3e-3, seed=2)
+    options = dict(task="classification", steps=18, options=TrainOptions(lr=3e-3), seed=2)
     whole = tune(_net, train, val, search=_TWO, max_cost=math.inf, progress=False, **options)
     dsn = next(row for row in whole.table if row.candidate.objective == "dsn")
     reports: list[tuple[int, float]] = []

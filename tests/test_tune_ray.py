@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import test_tune_optuna
-from autoprobe import tune
+from autoprobe import TrainOptions, tune
 from autoprobe.tuning import candidate, train_candidate
 from test_tune_optuna import _data, _net
 
@@ -28,8 +28,8 @@ def _trainable(config, train, val):
     from ray import tune as rt
 
     torch.set_num_threads(1)  # as this process: kernels sum in the same order, so scores are bit-equal
-    train_candidate(candidate(config), _net, train, val, task="classification", steps=_STEPS, lr=3e-3,
-                    report=lambda step, score: rt.report({"score": score, "step": step}))
+    train_candidate(candidate(config), _net, train, val, task="classification", steps=_STEPS,
+                    options=TrainOptions(lr=3e-3), report=lambda step, score: rt.report({"score": score, "step": step}))
 
 
 def test_ray_tune_asha_runs_tunes_objective_and_the_output_only_guarantee_is_applied(tmp_path):
@@ -52,9 +52,9 @@ def test_ray_tune_asha_runs_tunes_objective_and_the_output_only_guarantee_is_app
         ray.shutdown()
     assert not results.errors
     plain = train_candidate(candidate({"objective": "output"}), _net, train, val, task="classification",
-                            steps=_STEPS, lr=3e-3)
-    whole = tune(_net, train, val, task="classification", steps=_STEPS, lr=3e-3, search=_SEARCH, max_cost=math.inf,
-                 progress=False)
+                            steps=_STEPS, options=TrainOptions(lr=3e-3))
+    whole = tune(_net, train, val, task="classification", steps=_STEPS, options=TrainOptions(lr=3e-3), search=_SEARCH,
+                 max_cost=math.inf, progress=False)
     rows = {row.candidate.label: row for row in whole.table}
     assert plain.row.scores == rows["output"].scores  # the same objective, in this process
     for res in results:

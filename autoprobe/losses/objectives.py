@@ -11,7 +11,6 @@ import abc
 import math
 import dataclasses
 import inspect
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, get_args
@@ -21,6 +20,7 @@ from torch import Tensor, nn
 
 from ..defaults import DEFAULT_HEAD, DEFAULT_OBJECTIVE, AdapterHead, ObjectiveName
 from ..errors import InstrumentError
+from ..legacy import moved_into
 from ..layout import Layout
 from . import _math
 from ._checks import check_max_positions, check_names, check_output_options, check_points, check_positive_float
@@ -719,6 +719,7 @@ def loss_options(options: LossOptions | None, legacy: Mapping[str, Any], call: s
         TypeError: a keyword that is no ``LossOptions`` field, as Python words it.
 
     Example:
+        >>> import warnings
         >>> with warnings.catch_warnings(record=True) as seen:
         ...     warnings.simplefilter("always")
         ...     loss_options(None, {"alpha": 0.4}, "make_objective").alpha
@@ -727,20 +728,7 @@ def loss_options(options: LossOptions | None, legacy: Mapping[str, Any], call: s
         make_objective(alpha=...) is deprecated; pass options=LossOptions(alpha=...).
     """
     keyword = "loss_options" if call == "instrument" else "options"
-    known = {f.name for f in dataclasses.fields(LossOptions)}
-    unknown = [k for k in legacy if k not in known]
-    if unknown:
-        raise TypeError(f"{call}() got an unexpected keyword argument {unknown[0]!r}")
-    if options is not None and not isinstance(options, LossOptions):
-        raise InstrumentError(f"{keyword} must be an autoprobe LossOptions, not {type(options).__name__}.\n"
-                              f"Hint: pass {keyword}=autoprobe.LossOptions(...).")
-    if options is not None and legacy:
-        raise InstrumentError(f"{call} got {keyword}=LossOptions(...) and also {', '.join(sorted(legacy))}: pass one, "
-                              "not both.\nHint: put them all in the LossOptions.")
-    for key in legacy:
-        warnings.warn(f"{call}({key}=...) is deprecated; pass {keyword}=LossOptions({key}=...).", DeprecationWarning,
-                      stacklevel=3)
-    return options if options is not None else LossOptions(**legacy)
+    return moved_into(LossOptions, options, legacy, call, keyword, InstrumentError, stacklevel=4)
 
 
 def make_objective(
