@@ -238,7 +238,7 @@ def test_the_default_search_stays_within_max_cost_measured_validation_included(w
     assert 0.15 < share < 1.0, share  # one pass, in output-only runs
     stopped = [row for row in table if row.error and row.error.startswith("over budget")]
     assert stopped and any("stopped by max_cost" in line for line in lines)
-    assert cost.runs <= 3.5, cost  # the bound, measured: steps, validation passes and builds
+    assert cost.runs <= 3.5, (cost, lines)  # the bound, measured: steps, validation passes and builds
     assert table[0].steps == 180 and result.model is not None
 
 
