@@ -340,6 +340,41 @@ def test_a_search_interrupted_in_one_process_resumes_with_two_workers(tmp_path):
     assert all(torch.equal(resumed.model.state_dict()[k], v) for k, v in whole.model.state_dict().items())
 
 
+class _StopAt:
+    """A progress callback that raises once it has seen ``n`` rung lines (module level: tune passes it nothing
+    to pickle; it runs in the calling process, so the raise terminates the workers mid-rung)."""
+
+    class Stop(Exception):
+        pass
+
+    def __init__(self, n):
+        self.n, self.seen = n, []
+
+    def __call__(self, line):
+        self.seen.append(line)
+        if sum("rung" in seen for seen in self.seen) == self.n:
+            raise self.Stop
+
+
+def test_a_two_worker_search_killed_mid_rung_resumes_with_two_workers(tmp_path):
+    """The workers are terminated while they train (their taken rungs' tokens stay in the state folder, their
+    trials stay running); the rerun reclaims those trials under new numbers, so no token holds them back, and
+    gives the uninterrupted search's table, choice and model."""
+    train, val = _data()
+    options = dict(task="classification", max_cost=math.inf, steps=18, options=TrainOptions(lr=3e-3), search=_TWO,
+                   seed=2)
+    whole = tune(_net, train, val, progress=False, **options)
+    state = tmp_path / "tune.journal"
+    stop = _StopAt(4)  # the first rung's three and one later rung: the other worker is mid-rung
+    with pytest.raises(_StopAt.Stop):
+        tune(_net, train, val, progress=stop, state=state, workers=2, **options)
+    assert any(t.state == optuna.trial.TrialState.RUNNING for t in _trials(state).values())
+    assert list(state.with_name(state.name + ".d").glob("take-*")), "no rung was taken before the kill"
+    resumed = tune(_net, train, val, progress=False, state=state, workers=2, **options)
+    assert resumed == whole
+    assert all(torch.equal(resumed.model.state_dict()[k], v) for k, v in whole.model.state_dict().items())
+
+
 def test_train_candidate_is_tunes_objective_for_one_setting():
     from autoprobe.tuning import train_candidate
 
