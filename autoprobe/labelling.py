@@ -99,29 +99,28 @@ class Labeller:
 
     def call_module(self, node: fx.Node) -> Labels:
         module = self.modules[str(node.target)]
-        found = module_axes(module, node.args, node.kwargs, self._env(node))
+        out = _out_shapes(node.meta.get("tensor_meta"))
+        found = module_axes(module, node.args, node.kwargs, AxisEnv(_labels_of, _shape_of, out, self.batch))
         if not type(module).__module__.startswith("torch.") and not _decided(found):
             found = _run_opaque(node, self.batch, module) or found  # a leaf block fx kept whole
-        return self._data(node, found)
+        return _data(node, found, out)
 
     def call_function(self, node: fx.Node) -> Labels:
-        found = propagate(op_name(node.target), node.args, node.kwargs, self._env(node), node=node.name)
+        out = _out_shapes(node.meta.get("tensor_meta"))
+        env = AxisEnv(_labels_of, _shape_of, out, self.batch)
+        found = propagate(op_name(node.target), node.args, node.kwargs, env, node=node.name)
         if _opaque(node) and not _decided(found):
             found = _run_opaque(node, self.batch) or found
-        return self._data(node, found)
+        return _data(node, found, out)
 
     call_method = call_function
 
-    # -- helpers -------------------------------------------------------------------------------------------------
 
-    def _env(self, node: fx.Node) -> AxisEnv:
-        return AxisEnv(_labels_of, _shape_of, _out_shapes(node.meta.get("tensor_meta")), self.batch)
-
-    @staticmethod
-    def _data(node: fx.Node, found: Labels) -> Labels:
-        # Only tensors computed from the input are data; a parameter's transpose or expand has no labels.
-        fed = any(_labels_of(a) is not None for a in node.all_input_nodes)
-        return _known_rank(found, _out_shapes(node.meta.get("tensor_meta"))) if fed else found
+def _data(node: fx.Node, found: Labels, out: Any) -> Labels:
+    """``found``, as labels that fit the output ``out`` when the node computes from the input: only tensors computed
+    from the input are data (a parameter's transpose or expand keeps what its rule said)."""
+    fed = any(_labels_of(a) is not None for a in node.all_input_nodes)
+    return _known_rank(found, out) if fed else found
 
 
 def _labels_of(value: Any) -> Labels:
