@@ -658,7 +658,7 @@ class _ExportConverter(fx.Interpreter):
     - ``output``: the copied values the program returns.
     """
 
-    def __init__(self, ep: torch.export.ExportedProgram, model: nn.Module, input_name: str = "", batch: int = 1,
+    def __init__(self, ep: torch.export.ExportedProgram, model: nn.Module, input_name: str, batch: int,
                  body: fx.GraphModule | None = None, parent: _ExportConverter | None = None) -> None:
         from torch.export.graph_signature import InputKind
 

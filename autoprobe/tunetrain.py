@@ -188,11 +188,11 @@ class Runner:
                  seed: int, full_steps: int, weights: Path | None) -> None:
         self.model, self.train, self.val, self.task = model, train, val, task
         self.options = options
-        self.lr, self.optimizer, self.lr_factor = options.lr, options.optimizer, options.lr_factor
+        # The options' defaults that depend on the task, resolved once.
         default = accuracy if task == "classification" else miou_scorer(options.ignore_index)
         self.scorer = options.score if options.score is not None else default
         self.rules = options.rules if options.rules is not None else ("dense" if task == "dense" else "default")
-        self.seed, self.device, self.ignore_index = seed, torch.device(options.device), options.ignore_index
+        self.seed, self.device = seed, torch.device(options.device)
         self.weights = weights  # a folder for each rung's weights (a state, or shared by workers), or None
         self.scores: dict[Candidate, list[float]] = {}
         self.steps: dict[Candidate, int] = {}
@@ -218,7 +218,7 @@ class Runner:
 
     def instrument_kwargs(self, c: Candidate) -> dict[str, Any]:
         """``c``'s ``instrument`` arguments for this search's input size, rules and ignore index."""
-        return c.instrument_kwargs(self._input_size, rules=self.rules, ignore_index=self.ignore_index,
+        return c.instrument_kwargs(self._input_size, rules=self.rules, ignore_index=self.options.ignore_index,
                                    selection=self.selections.get(c))
 
     def _charge(self, c: Candidate, spend: Spend) -> None:
@@ -260,7 +260,7 @@ class Runner:
                 return False
         trainable = probed if probed is not None else model
         trainable.to(self.device)
-        opt = (self.optimizer or (lambda p: torch.optim.AdamW(p, lr=self.lr)))(trainable.parameters())
+        opt = (self.options.optimizer or (lambda p: torch.optim.AdamW(p, lr=self.options.lr)))(trainable.parameters())
         for group in opt.param_groups:
             group.setdefault("initial_lr", group["lr"])
         live = _Live(model, trainable, probed, opt, None)
@@ -350,11 +350,11 @@ class Runner:
         for step in range(done, to_steps):
             x, y = next(batches)
             x, y = x.to(self.device), y.to(self.device)
-            if self.lr_factor is not None:
+            if self.options.lr_factor is not None:
                 for group in opt.param_groups:
-                    group["lr"] = group["initial_lr"] * self.lr_factor(step)
+                    group["lr"] = group["initial_lr"] * self.options.lr_factor(step)
             if probed is None:
-                loss = _output_loss(model(x), y, self.ignore_index)
+                loss = _output_loss(model(x), y, self.options.ignore_index)
             else:
                 loss = probed.loss(probed(x), y, progress=min(1.0, step / total)).total
             opt.zero_grad(set_to_none=True)
